@@ -1,0 +1,146 @@
+"""The one dispatch point: backend names -> kernels, per op and per device.
+
+``backend=`` on every public entry point takes one of :data:`BACKENDS` or ``"auto"``.
+``"auto"`` picks the fastest backend available for the tensors' device (``numba`` on CPU,
+``cuda`` on NVIDIA GPUs, ``torch`` where neither applies); the ``FASTNORM_BACKEND`` environment
+variable, when set, replaces that choice. A backend asked for explicitly (by argument or by the
+environment) that cannot run raises ``ValueError`` naming the backends that can.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+import kernels
+
+#: Every backend name fastnorm knows, in order of preference for display.
+BACKENDS: tuple[str, ...] = ("reference", "numba", "cuda", "torch")
+AUTO = "auto"
+ENV_VAR = "FASTNORM_BACKEND"
+
+#: Device type each kernels backend runs on (``torch`` runs wherever torch does).
+_DEVICE_TYPE = {"reference": "cpu", "numba": "cpu", "cuda": "cuda"}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A resolved backend: its name, kernels package and tensor -> array conversion."""
+
+    name: str
+    kernels: ModuleType | None  # None for "torch"
+    as_array: Callable[[torch.Tensor], Any] | None  # zero-copy view for the kernels
+
+    @property
+    def is_torch(self) -> bool:
+        return self.kernels is None
+
+
+def _numpy_view(t: torch.Tensor):
+    return t.detach().numpy()
+
+
+def _cuda_view(t: torch.Tensor):
+    from kernels.numba_cuda import as_device_array
+
+    return as_device_array(t.detach())
+
+
+@functools.cache
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    """(kernels package, None) if ``name`` can run on this machine, else (None, why not)."""
+    if name == "torch":
+        return None, None
+    if name == "cuda" and not torch.cuda.is_available():
+        return None, "no CUDA GPU is usable here (torch.cuda.is_available() is False)"
+    try:
+        module = kernels.load(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == kernels.PACKAGES[name]:
+            return None, "it is not implemented yet in this version of fastnorm"
+        return None, f"it failed to import ({exc})"
+    except ImportError as exc:
+        return None, f"it failed to import ({exc})"
+    if name == "cuda":
+        probe = getattr(module, "is_usable", None)
+        if probe is not None and not probe():
+            return None, "Numba cannot use the GPU (numba.cuda.is_available() is False)"
+    return module, None
+
+
+def _implements(name: str, op: str) -> bool:
+    module, why = _load(name)
+    return why is None and (module is None or kernels.implements(module, op))
+
+
+def backends(op: str | None = None) -> list[str]:
+    """The backends usable on this machine now (for ``op`` if given: a key of ``kernels.OPS``)."""
+    ops = [op] if op is not None else list(kernels.OPS)
+    return [b for b in BACKENDS if any(_implements(b, o) for o in ops)]
+
+
+def _unavailable(name: str, op: str, source: str) -> ValueError:
+    _, why = _load(name)
+    if why is None:
+        why = f"it has no {op} kernels yet"
+    return ValueError(
+        f"backend {name!r}{source} is not available for {op}: {why}. "
+        f"Available here: {', '.join(backends(op))}."
+    )
+
+
+def _unknown(backend: object, source: str, op: str | None) -> ValueError:
+    return ValueError(
+        f"unknown backend {backend!r}{source}: choose 'auto' or one of "
+        f"{', '.join(map(repr, BACKENDS))} (available here: {', '.join(backends(op))})"
+    )
+
+
+def check_name(backend: str, op: str) -> str:
+    """Validate a ``backend=`` argument at construction time (unknown or unusable: ValueError)."""
+    if not isinstance(backend, str) or backend not in BACKENDS + (AUTO,):
+        raise _unknown(backend, "", op)
+    if backend != AUTO and not _implements(backend, op):
+        raise _unavailable(backend, op, "")
+    return backend
+
+
+def resolve(backend: str, op: str, device: torch.device) -> Backend:
+    """Choose the backend that runs ``op`` on tensors of ``device``.
+
+    Args:
+        backend: ``"auto"`` or a name in :data:`BACKENDS`.
+        op: a key of ``kernels.OPS`` ("batch_norm", "sgd", "adagrad", "rmsprop", "adam").
+        device: the device of the input tensor / parameters.
+    """
+    source = ""
+    if backend == AUTO:
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != AUTO:
+            backend, source = env, f" (from {ENV_VAR})"
+    if not isinstance(backend, str) or backend not in BACKENDS + (AUTO,):
+        raise _unknown(backend, source, op)
+    if backend == AUTO:
+        preferred = {"cpu": "numba", "cuda": "cuda"}.get(device.type)
+        backend = preferred if preferred and _implements(preferred, op) else "torch"
+    elif not _implements(backend, op):
+        raise _unavailable(backend, op, source)
+
+    wanted = _DEVICE_TYPE.get(backend)
+    if wanted is not None and device.type != wanted:
+        suggestion = "'cuda' or 'torch'" if device.type == "cuda" else "'torch'"
+        if device.type == "cpu":
+            suggestion = "'numba', 'reference' or 'torch'"
+        raise ValueError(
+            f"backend {backend!r}{source} runs on {wanted.upper()} tensors, but the tensors are on "
+            f"{device}; use backend={suggestion} or move the tensors"
+        )
+    module, _ = _load(backend)
+    as_array = None if module is None else (_cuda_view if backend == "cuda" else _numpy_view)
+    return Backend(backend, module, as_array)

@@ -1,0 +1,135 @@
+"""Functional forms, with the signatures and semantics of ``torch.nn.functional``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import resolve
+from .autograd import BatchNormFunction
+
+__all__ = ["batch_norm"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Batch Normalization per channel, as :func:`torch.nn.functional.batch_norm`.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    In training the mean and the biased variance are those of the batch, over every axis but
+    the channel axis 1, and the running statistics (when given) are updated in place:
+    ``running = (1 - momentum) * running + momentum * stat``, with the unbiased variance for
+    ``running_var``. In eval the running statistics normalise.
+
+    Args:
+        input: ``(N, C)`` or ``(N, C, *spatial)``, float32 or float64 for fastnorm's kernels
+            (any dtype torch supports with ``backend="torch"``).
+        running_mean, running_var: ``(C,)`` buffers, or None (training only).
+        weight, bias: ``(C,)`` affine parameters (gamma, beta), or None.
+        training: use and return batch statistics, and update the running ones.
+        momentum: factor of the running-statistics update (PyTorch's convention:
+            weight of the new value).
+        eps: added to the variance for numerical stability.
+        backend: ``"auto"``, ``"reference"``, ``"numba"``, ``"cuda"`` or ``"torch"``.
+
+    Shape:
+        input and output: ``(N, C, *)``.
+
+    Example:
+        >>> x = torch.randn(64, 256)
+        >>> rm, rv = torch.zeros(256), torch.ones(256)
+        >>> y = batch_norm(x, rm, rv, training=True, backend="reference")
+    """
+    chosen = resolve(backend, "batch_norm", input.device)
+    if chosen.is_torch:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+    _check_arguments(input, running_mean, running_var, weight, bias, training, eps, chosen.name)
+    if input.numel() == 0:
+        # PyTorch: an empty batch gives an empty output (still connected to weight and bias,
+        # whose gradients are zeros) and leaves the running statistics alone.
+        out = input.clone()
+        if weight is not None and weight.numel() > 0:
+            out = out * weight[0]
+        if bias is not None and bias.numel() > 0:
+            out = out + bias[0]
+        return out
+    return BatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, bool(training), momentum, eps, chosen
+    )
+
+
+def _check_arguments(input, running_mean, running_var, weight, bias, training, eps, name) -> None:
+    """PyTorch's checks, in PyTorch's order and words, plus the kernels' dtype limits."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm expects an input of shape (N, C) or (N, C, *spatial), "
+            f"got a {input.dim()}-D input of shape {tuple(input.shape)}"
+        )
+    if training:
+        size = input.size()
+        if math.prod(size[:1] + size[2:]) == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {size}"
+            )
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not training:
+        if running_mean is None:
+            raise RuntimeError("running_mean must be defined in evaluation mode")
+        if running_var is None:
+            raise RuntimeError("running_var must be defined in evaluation mode")
+    elif (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must either both be None or neither be None"
+        )
+
+    channels = input.shape[1]
+    named = {
+        "weight": weight,
+        "bias": bias,
+        "running_mean": running_mean,
+        "running_var": running_var,
+    }
+    for what, t in named.items():
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{what} should contain {channels} elements not {t.numel()}")
+
+    if input.dtype not in _KERNEL_DTYPES:
+        raise TypeError(
+            f"fastnorm's {name!r} backend computes batch_norm in float32 or float64, but the "
+            f"input is {input.dtype}; convert it, or use backend='torch' for other dtypes"
+        )
+    for what, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise RuntimeError(
+                f"mixed dtype: all inputs must share same datatype, but input is {input.dtype} "
+                f"and {what} is {t.dtype}"
+            )
+        if t.device != input.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two devices, "
+                f"{input.device} (input) and {t.device} ({what})!"
+            )

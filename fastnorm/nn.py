@@ -1,0 +1,158 @@
+"""Drop-in ``nn`` modules: ``BatchNorm1d/2d/3d`` and :func:`convert`.
+
+Each class subclasses its torch counterpart (so ``isinstance(m, torch.nn.BatchNorm2d)`` holds,
+and parameters, buffers, ``state_dict`` keys, input checks and error messages are torch's own)
+and adds one keyword, ``backend``, that chooses the kernels of the forward and backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional
+from ._dispatch import check_name
+from ._signature import with_backend_signature
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+
+
+class _FastBatchNorm:
+    """The forward of torch's ``_BatchNorm``, routed through :func:`fastnorm.functional.batch_norm`."""
+
+    backend: str
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        check_name(backend, "batch_norm")
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        # batch statistics in training, and in eval when no running statistics are kept
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return functional.batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):
+    r"""Batch Normalization over ``(N, C)`` or ``(N, C, L)`` input, as :class:`torch.nn.BatchNorm1d`.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias:
+            exactly as :class:`torch.nn.BatchNorm1d` (momentum=None: cumulative average).
+        backend: ``"auto"`` (default), ``"reference"``, ``"numba"``, ``"cuda"`` or ``"torch"``.
+
+    Shape:
+        Input ``(N, C)`` or ``(N, C, L)``; output the same.
+
+    Example:
+        >>> bn = BatchNorm1d(256, backend="reference")
+        >>> y = bn(torch.randn(64, 256))
+    """
+
+    @with_backend_signature(nn.BatchNorm1d)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, backend=backend, **kwargs)
+
+
+class BatchNorm2d(_FastBatchNorm, nn.BatchNorm2d):
+    r"""Batch Normalization over ``(N, C, H, W)`` input, as :class:`torch.nn.BatchNorm2d`.
+
+    Statistics are per channel, over N, H and W. Arguments as :class:`BatchNorm1d`.
+
+    Example:
+        >>> bn = BatchNorm2d(64, backend="reference")
+        >>> y = bn(torch.randn(8, 64, 28, 28))
+    """
+
+    @with_backend_signature(nn.BatchNorm2d)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, backend=backend, **kwargs)
+
+
+class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
+    r"""Batch Normalization over ``(N, C, D, H, W)`` input, as :class:`torch.nn.BatchNorm3d`.
+
+    Arguments as :class:`BatchNorm1d`.
+    """
+
+    @with_backend_signature(nn.BatchNorm3d)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, backend=backend, **kwargs)
+
+
+_DROP_IN = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+
+
+def _converted(bn: nn.Module, backend: str) -> nn.Module:
+    if isinstance(bn, _FastBatchNorm):
+        bn.backend = backend
+        return bn
+    cls = _DROP_IN[type(bn)]
+    new = cls(
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+        device="meta", bias=bn.bias is not None or not bn.affine, backend=backend,
+    )  # fmt: skip
+    # share the very Parameter and buffer objects: an optimizer built before the conversion
+    # keeps updating the same tensors
+    for name, p in bn.named_parameters(recurse=False):
+        setattr(new, name, p)
+    for name, b in bn.named_buffers(recurse=False):
+        setattr(new, name, b)
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        if getattr(bn, name, None) is None:
+            setattr(new, name, None)
+    new.train(bn.training)
+    if hasattr(bn, "qconfig"):
+        new.qconfig = bn.qconfig
+    return new
+
+
+def convert(module: nn.Module, backend: str = "auto") -> nn.Module:
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` inside ``module`` by fastnorm's.
+
+    Weights, buffers (the same tensor objects, so device and dtype are kept), train/eval mode
+    and ``state_dict`` keys are preserved. fastnorm modules already present get ``backend``.
+    Subclasses of torch's BatchNorm other than these three (e.g. ``SyncBatchNorm``, lazy
+    modules, user subclasses) are left as they are.
+
+    Args:
+        module: a model, or a single BatchNorm module.
+        backend: the backend of the converted modules.
+
+    Returns:
+        The converted module (the same object unless ``module`` itself is a BatchNorm).
+
+    Example:
+        >>> import torchvision
+        >>> model = convert(torchvision.models.resnet18(num_classes=10), backend="reference")
+    """
+    check_name(backend, "batch_norm")
+    if type(module) in _DROP_IN or isinstance(module, _FastBatchNorm):
+        return _converted(module, backend)
+    for name, child in module.named_children():
+        new = convert(child, backend)
+        if new is not child:
+            setattr(module, name, new)
+    return module

@@ -1,0 +1,392 @@
+"""Drop-in optimizers: ``SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW``.
+
+Each class subclasses its ``torch.optim`` counterpart, so the constructor (signature, defaults,
+argument checks), ``param_groups``, ``state_dict`` keys, ``zero_grad``, hooks, LR schedulers and
+``add_param_group`` are torch's own; only ``step`` changes. It gathers each group's parameters
+that have a gradient, checks them all before touching anything, creates missing state exactly
+as torch does (``step`` a float32 CPU scalar tensor, buffers ``zeros_like`` the parameter),
+computes the per-step scalars on the host in float64 and calls the backend's kernel once per
+group. With ``backend="torch"`` (and with ``"auto"`` where no fastnorm kernel applies) torch's
+own ``step`` runs, with torch's default implementation for the device.
+
+torch's ``foreach``, ``fused``, ``capturable`` and ``differentiable`` select torch
+implementations: with an explicit fastnorm backend a non-default value is refused (ValueError);
+with ``"auto"`` it selects torch's implementation, as asked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ._dispatch import AUTO, Backend, check_name, resolve
+from ._signature import with_backend_signature
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+_TORCH_ONLY_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_TORCH = Backend("torch", None, None)
+
+
+def _unhooked(step: Callable) -> Callable:
+    """torch wraps ``Optimizer.step`` with its hook runner once a class is instantiated; our
+    ``step`` already runs the hooks, so call torch's without running them a second time."""
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
+
+
+def _torch_only_options(group: dict) -> list[str]:
+    return [f"{k}={group[k]!r}" for k in _TORCH_ONLY_OPTIONS if group.get(k) not in (None, False)]
+
+
+class _KernelOptimizer:
+    """``step`` for torch.optim subclasses whose update runs on fastnorm's kernels."""
+
+    _op: str  # key of kernels.OPS
+    _torch_cls: type[torch.optim.Optimizer]
+    backend: str
+
+    def __init__(self, params, *args, backend: str = "auto", **kwargs) -> None:
+        check_name(backend, self._op)
+        super().__init__(params, *args, **kwargs)
+        self.backend = backend
+        for group in self.param_groups:
+            self._refuse_torch_only_options(group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "backend"):  # torch's __init__ adds the first groups before we are set
+            self._refuse_torch_only_options(self.param_groups[-1])
+
+    def _refuse_torch_only_options(self, group: dict) -> None:
+        asked = _torch_only_options(group)
+        if asked and self.backend not in (AUTO, "torch"):
+            raise ValueError(
+                f"{type(self).__name__}(backend={self.backend!r}) runs fastnorm's own fused "
+                f"update and does not do {', '.join(asked)}; leave them at their defaults, or "
+                f"use backend='torch' for torch's implementation"
+            )
+
+    # -- choosing and checking -------------------------------------------------------------
+
+    def _resolve(self, group: dict, params: list[torch.Tensor]) -> Backend:
+        if _torch_only_options(group):
+            self._refuse_torch_only_options(group)
+            return _TORCH  # "auto" with torch-only options: torch's implementation, as asked
+        devices = {p.device for p in params}
+        chosen = resolve(self.backend, self._op, params[0].device)
+        if chosen.is_torch:
+            return chosen
+        if len(devices) > 1:
+            raise ValueError(
+                f"backend {chosen.name!r} updates a parameter group on one device, but this "
+                f"group has parameters on {sorted(map(str, devices))}"
+            )
+        return chosen
+
+    def _check(self, params: list[torch.Tensor], backend: Backend) -> None:
+        name = type(self).__name__
+        for p in params:
+            g = p.grad
+            if g.is_sparse or p.is_sparse:
+                raise RuntimeError(
+                    f"{name} (fastnorm backend {backend.name!r}) does not support sparse "
+                    f"gradients; use dense gradients or backend='torch'"
+                )
+            if p.is_complex():
+                raise TypeError(
+                    f"{name} (fastnorm backend {backend.name!r}) does not support complex "
+                    f"parameters ({p.dtype}); use backend='torch'"
+                )
+            if p.dtype not in _KERNEL_DTYPES:
+                raise TypeError(
+                    f"{name} (fastnorm backend {backend.name!r}) updates float32 and float64 "
+                    f"parameters, got {p.dtype}; use backend='torch' for other dtypes"
+                )
+            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                raise RuntimeError(
+                    f"{name}: a gradient must match its parameter's dtype, shape and device; got "
+                    f"grad {g.dtype} {tuple(g.shape)} on {g.device} for param {p.dtype} "
+                    f"{tuple(p.shape)} on {p.device}"
+                )
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], float] | None = None):
+        """Perform a single optimization step.
+
+        Args:
+            closure: reevaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            kernel_groups, torch_groups = [], []
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                if not params:
+                    continue
+                backend = self._resolve(group, params)
+                if backend.is_torch:
+                    torch_groups.append(group)
+                    continue
+                self._check(params, backend)
+                kernel_groups.append((group, params, backend))
+            # every check passed before any parameter or state changes
+            if torch_groups:
+                self._torch_step(torch_groups)
+            for group, params, backend in kernel_groups:
+                self._update(group, params, [p.grad for p in params], backend)
+        return loss
+
+    def _torch_step(self, groups: list[dict]) -> None:
+        all_groups = self.param_groups
+        self.param_groups = groups
+        try:
+            _unhooked(self._torch_cls.step)(self)
+        finally:
+            self.param_groups = all_groups
+
+    def _update(self, group, params, grads, backend: Backend) -> None:
+        raise NotImplementedError
+
+    # -- helpers for the subclasses -----------------------------------------------------------
+
+    @staticmethod
+    def _arrays(backend: Backend, tensors: Iterable[torch.Tensor] | None):
+        return None if tensors is None else [backend.as_array(t) for t in tensors]
+
+    def _state_buffers(self, params, key: str) -> list[torch.Tensor]:
+        return [self.state[p][key] for p in params]
+
+    def _advance_steps(self, params) -> list[float]:
+        """step += 1 for every parameter; returns the new step counts (as torch, per parameter)."""
+        steps = []
+        for p in params:
+            step_t = self.state[p]["step"]
+            step_t += 1
+            steps.append(float(step_t))
+        return steps
+
+
+def _zeros_like(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _new_step() -> torch.Tensor:
+    return torch.tensor(0.0, dtype=torch.float32)
+
+
+def _scalar(x) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+class SGD(_KernelOptimizer, torch.optim.SGD):
+    r"""Stochastic gradient descent with momentum, Nesterov, dampening and weight decay.
+
+    .. math::
+        g \leftarrow \nabla + \lambda\theta;\quad
+        b \leftarrow \mu b + (1-\tau) g;\quad
+        \theta \leftarrow \theta - \gamma\,(g + \mu b \text{ if nesterov else } b)
+
+    Args: exactly :class:`torch.optim.SGD`'s, plus ``backend``.
+
+    Example:
+        >>> opt = SGD(model.parameters(), lr=0.1, momentum=0.9, backend="reference")
+    """
+
+    _op = "sgd"
+    _torch_cls = torch.optim.SGD
+
+    @with_backend_signature(torch.optim.SGD)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, backend=backend, **kwargs)
+
+    def _update(self, group, params, grads, backend):
+        momentum = group["momentum"]
+        buffers = first_step = None
+        if momentum != 0:
+            buffers, first_step = [], []
+            for p in params:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                first_step.append(buf is None)
+                if buf is None:
+                    buf = state["momentum_buffer"] = _zeros_like(p)
+                buffers.append(buf)
+        A = self._arrays
+        backend.kernels.sgd_step(
+            A(backend, params), A(backend, grads), A(backend, buffers), first_step,
+            lr=_scalar(group["lr"]), weight_decay=_scalar(group["weight_decay"]),
+            momentum=float(momentum), dampening=float(group["dampening"]),
+            nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
+        )  # fmt: skip
+
+
+class Adagrad(_KernelOptimizer, torch.optim.Adagrad):
+    r"""AdaGrad: per-element learning rates shrinking with the sum of squared gradients.
+
+    .. math::
+        s \leftarrow s + g^2;\quad \theta \leftarrow \theta - \frac{\gamma_t\, g}{\sqrt{s} + \epsilon},
+        \quad \gamma_t = \frac{\gamma}{1 + (t-1)\eta}
+
+    Args: exactly :class:`torch.optim.Adagrad`'s, plus ``backend``.
+
+    Example:
+        >>> opt = Adagrad(model.parameters(), lr=0.01, backend="reference")
+    """
+
+    _op = "adagrad"
+    _torch_cls = torch.optim.Adagrad
+
+    @with_backend_signature(torch.optim.Adagrad)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, backend=backend, **kwargs)
+
+    def _update(self, group, params, grads, backend):
+        for p in params:
+            state = self.state[p]
+            if "sum" not in state:  # added after construction (torch fills state in __init__)
+                state["step"] = _new_step()
+                state["sum"] = torch.full_like(
+                    p, group["initial_accumulator_value"], memory_format=torch.preserve_format
+                )
+        lr, lr_decay = _scalar(group["lr"]), group["lr_decay"]
+        steps = self._advance_steps(params)
+        clrs = [lr / (1 + (t - 1) * lr_decay) for t in steps]
+        A = self._arrays
+        backend.kernels.adagrad_step(
+            A(backend, params), A(backend, grads), A(backend, self._state_buffers(params, "sum")),
+            _host_scalars(backend, clrs, params[0].device),
+            weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+            maximize=bool(group["maximize"]),
+        )  # fmt: skip
+
+
+class RMSprop(_KernelOptimizer, torch.optim.RMSprop):
+    r"""RMSprop: gradients divided by a running root mean square, optionally centred, with momentum.
+
+    .. math::
+        v \leftarrow \alpha v + (1-\alpha) g^2;\quad
+        \theta \leftarrow \theta - \gamma \frac{g}{\sqrt{v - \bar g^2 \text{ (centered)}} + \epsilon}
+
+    Args: exactly :class:`torch.optim.RMSprop`'s, plus ``backend``.
+
+    Example:
+        >>> opt = RMSprop(model.parameters(), lr=0.01, centered=True, backend="reference")
+    """
+
+    _op = "rmsprop"
+    _torch_cls = torch.optim.RMSprop
+
+    @with_backend_signature(torch.optim.RMSprop)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, backend=backend, **kwargs)
+
+    def _update(self, group, params, grads, backend):
+        momentum, centered = group["momentum"], group["centered"]
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = _new_step()
+                state["square_avg"] = _zeros_like(p)
+                if momentum > 0:
+                    state["momentum_buffer"] = _zeros_like(p)
+                if centered:
+                    state["grad_avg"] = _zeros_like(p)
+        self._advance_steps(params)
+        A = self._arrays
+        backend.kernels.rmsprop_step(
+            A(backend, params), A(backend, grads),
+            A(backend, self._state_buffers(params, "square_avg")),
+            A(backend, self._state_buffers(params, "grad_avg")) if centered else None,
+            A(backend, self._state_buffers(params, "momentum_buffer")) if momentum > 0 else None,
+            lr=_scalar(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), momentum=float(momentum),
+            centered=bool(centered), maximize=bool(group["maximize"]),
+        )  # fmt: skip
+
+
+class _AdamUpdate:
+    def _update(self, group, params, grads, backend):
+        amsgrad = group["amsgrad"]
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = _new_step()
+                state["exp_avg"] = _zeros_like(p)
+                state["exp_avg_sq"] = _zeros_like(p)
+                if amsgrad:
+                    state["max_exp_avg_sq"] = _zeros_like(p)
+        lr = _scalar(group["lr"])
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        steps = self._advance_steps(params)
+        step_sizes = [lr / (1 - beta1**t) for t in steps]
+        bc2_sqrts = [math.sqrt(1 - beta2**t) for t in steps]
+        device = params[0].device
+        A = self._arrays
+        backend.kernels.adam_step(
+            A(backend, params), A(backend, grads),
+            A(backend, self._state_buffers(params, "exp_avg")),
+            A(backend, self._state_buffers(params, "exp_avg_sq")),
+            A(backend, self._state_buffers(params, "max_exp_avg_sq")) if amsgrad else None,
+            _host_scalars(backend, step_sizes, device), _host_scalars(backend, bc2_sqrts, device),
+            lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            decoupled_weight_decay=bool(group.get("decoupled_weight_decay", self._decoupled)),
+            amsgrad=bool(amsgrad), maximize=bool(group["maximize"]),
+        )  # fmt: skip
+
+
+class Adam(_AdamUpdate, _KernelOptimizer, torch.optim.Adam):
+    r"""Adam: bias-corrected first and second moment estimates.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) g;\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2;\quad
+        \theta \leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,
+            \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    Args: exactly :class:`torch.optim.Adam`'s (``decoupled_weight_decay=True`` is AdamW),
+        plus ``backend``.
+
+    Example:
+        >>> opt = Adam(model.parameters(), lr=1e-3, backend="reference")
+    """
+
+    _op = "adam"
+    _torch_cls = torch.optim.Adam
+    _decoupled = False
+
+    @with_backend_signature(torch.optim.Adam)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, backend=backend, **kwargs)
+
+
+class AdamW(_AdamUpdate, _KernelOptimizer, torch.optim.AdamW):
+    r"""AdamW: Adam with decoupled weight decay, ``θ ← θ (1 - γλ)`` before the moment update.
+
+    Args: exactly :class:`torch.optim.AdamW`'s, plus ``backend``.
+
+    Example:
+        >>> opt = AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, backend="reference")
+    """
+
+    _op = "adam"
+    _torch_cls = torch.optim.AdamW
+    _decoupled = True
+
+    @with_backend_signature(torch.optim.AdamW)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, backend=backend, **kwargs)
+
+
+def _host_scalars(backend: Backend, values: list[float], device: torch.device):
+    """Per-tensor float64 scalars, as the backend's kernels take them."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if device.type != "cpu":
+        t = t.to(device, non_blocking=True)
+    return backend.as_array(t)

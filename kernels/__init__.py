@@ -1,0 +1,46 @@
+"""Torch-free kernels: arrays in, arrays out.
+
+One sub-package per backend, each exposing the same functions with the same arguments:
+
+=============  ========================  ==========================================
+backend name   package                   runs on
+=============  ========================  ==========================================
+``reference``  :mod:`kernels.reference`  NumPy, any CPU (readable, float64 inside)
+``numba``      :mod:`kernels.numba_cpu`  Numba ``@njit(parallel=True)``, CPU threads
+``cuda``       :mod:`kernels.numba_cuda` Numba ``cuda.jit`` kernels, NVIDIA GPUs
+=============  ========================  ==========================================
+
+BatchNorm: ``batch_norm_forward_train``, ``batch_norm_forward_eval``, ``batch_norm_backward``.
+Optimizers: ``sgd_step``, ``adagrad_step``, ``rmsprop_step``, ``adam_step``.
+
+Nothing here imports torch; the PyTorch face is the :mod:`fastnorm` package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+OPS = {
+    "batch_norm": ("batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward"),
+    "sgd": ("sgd_step",),
+    "adagrad": ("adagrad_step",),
+    "rmsprop": ("rmsprop_step",),
+    "adam": ("adam_step",),
+}
+
+PACKAGES = {
+    "reference": "kernels.reference",
+    "numba": "kernels.numba_cpu",
+    "cuda": "kernels.numba_cuda",
+}
+
+
+def load(backend: str) -> ModuleType:
+    """Import and return the kernels package of ``backend`` (ImportError if it cannot load)."""
+    return importlib.import_module(PACKAGES[backend])
+
+
+def implements(module: ModuleType, op: str) -> bool:
+    """Whether a kernels package has every function of ``op`` (a key of :data:`OPS`)."""
+    return all(hasattr(module, fn) for fn in OPS[op])

@@ -1,0 +1,170 @@
+"""Optimizer updates in NumPy, in place, written to be read.
+
+Book: "Deep Learning from Scratch", section 6.1 (SGD, Momentum, AdaGrad, Adam; RMSprop is
+mentioned beside AdaGrad). The book's classes hold the state in dictionaries; here the state
+arrays are passed in, and every formula is PyTorch's (torch.optim's single-tensor path), in the
+same order of operations, so that a fastnorm optimizer and a torch one stay in lockstep:
+
+* SGD:      g += wd*p;  b = g on the first step, else b = momentum*b + (1-dampening)*g;
+            nesterov: g = g + momentum*b, else g = b;  p -= lr*g
+* Adagrad:  g += wd*p;  s += g*g;  p -= clr * g / (sqrt(s) + eps),  clr = lr / (1 + (t-1)*lr_decay)
+* RMSprop:  g += wd*p;  v = alpha*v + (1-alpha)*g*g;  centered: a = lerp(a, g, 1-alpha),
+            d = sqrt(v - a*a) + eps, else d = sqrt(v) + eps;
+            momentum: b = momentum*b + g/d, p -= lr*b; else p -= lr*g/d
+* Adam(W):  AdamW: p *= 1 - lr*wd (decoupled, before the moments); Adam: g += wd*p;
+            m = lerp(m, g, 1-beta1);  v = beta2*v + (1-beta2)*g*g;  amsgrad: vmax = max(vmax, v);
+            p -= step_size * m / (sqrt(v or vmax) / sqrt(bc2) + eps),
+            step_size = lr / (1 - beta1**t),  bc2 = 1 - beta2**t   (eps added after the division:
+            the book folds the bias correction into lr and adds eps to sqrt(v) instead)
+* maximize negates the gradient first.
+
+Per-tensor scalars that depend on the step count (clr, step_size, sqrt(bc2)) are computed once per
+step on the host in float64 and passed in as arrays, one value per tensor.
+
+Arguments are lists with one array per parameter tensor (any shape; all arrays of a tensor share
+its shape and dtype). Every kernels backend exposes these four functions with these arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# NaN and Inf propagate silently, as in torch
+_quiet = np.errstate(invalid="ignore", divide="ignore", over="ignore")
+
+Arrays = Sequence[np.ndarray]
+
+
+def _lerp_(start: np.ndarray, end: np.ndarray, weight: float) -> None:
+    """start <- start + weight*(end - start), with ATen's two-sided formula for accuracy."""
+    if weight < 0.5:
+        start += weight * (end - start)
+    else:
+        start[...] = end - (end - start) * (1.0 - weight)
+
+
+@_quiet
+def sgd_step(
+    params: Arrays,
+    grads: Arrays,
+    momentum_buffers: Arrays | None,  # one per param when momentum != 0, else None
+    first_step: Sequence[bool] | None,  # per param: its momentum buffer is new this step
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d_p = -g if maximize else g.copy()
+        if weight_decay != 0:
+            d_p = d_p + weight_decay * p
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if first_step[i]:
+                buf[...] = d_p
+            else:
+                buf *= momentum
+                buf += (1 - dampening) * d_p
+            d_p = d_p + momentum * buf if nesterov else buf
+        p += -lr * d_p
+
+
+@_quiet
+def adagrad_step(
+    params: Arrays,
+    grads: Arrays,
+    state_sums: Arrays,
+    clrs: np.ndarray,  # (T,) float64: lr / (1 + (step - 1) * lr_decay) per tensor
+    *,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    for p, g, s, clr in zip(params, grads, state_sums, clrs):
+        g = -g if maximize else g
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        s += g * g
+        std = np.sqrt(s) + eps
+        p += -float(clr) * (g / std)
+
+
+@_quiet
+def rmsprop_step(
+    params: Arrays,
+    grads: Arrays,
+    square_avgs: Arrays,
+    grad_avgs: Arrays | None,  # when centered
+    momentum_buffers: Arrays | None,  # when momentum > 0
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+) -> None:
+    for i, (p, g, v) in enumerate(zip(params, grads, square_avgs)):
+        g = -g if maximize else g
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        v *= alpha
+        v += (1 - alpha) * g * g
+        if centered:
+            a = grad_avgs[i]
+            _lerp_(a, g, 1 - alpha)
+            avg = np.sqrt(v - a * a)
+        else:
+            avg = np.sqrt(v)
+        avg += eps
+        if momentum > 0:
+            buf = momentum_buffers[i]
+            buf *= momentum
+            buf += g / avg
+            p += -lr * buf
+        else:
+            p += -lr * (g / avg)
+
+
+@_quiet
+def adam_step(
+    params: Arrays,
+    grads: Arrays,
+    exp_avgs: Arrays,
+    exp_avg_sqs: Arrays,
+    max_exp_avg_sqs: Arrays | None,  # when amsgrad
+    step_sizes: np.ndarray,  # (T,) float64: lr / (1 - beta1**step) per tensor
+    bias_correction2_sqrts: np.ndarray,  # (T,) float64: sqrt(1 - beta2**step) per tensor
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,  # True for AdamW
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        g = -g if maximize else g
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p *= 1 - lr * weight_decay
+            else:
+                g = g + weight_decay * p
+        _lerp_(m, g, 1 - beta1)
+        v *= beta2
+        v += (1 - beta2) * g * g
+        if amsgrad:
+            vmax = max_exp_avg_sqs[i]
+            np.maximum(vmax, v, out=vmax)
+            denom = np.sqrt(vmax) / float(bias_correction2_sqrts[i]) + eps
+        else:
+            denom = np.sqrt(v) / float(bias_correction2_sqrts[i]) + eps
+        p += -float(step_sizes[i]) * (m / denom)

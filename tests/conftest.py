@@ -1,0 +1,46 @@
+"""Shared fixtures and helpers for the correctness suite."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+#: fastnorm's CPU kernel backends under test; each is compared with torch ("torch" itself is the
+#: yardstick). Listed explicitly so a backend that fails to load fails the suite, not skips it.
+CPU_KERNEL_BACKENDS = ["reference"]
+
+#: (dtype, rtol, atol) for outputs and gradients compared with torch in the same dtype.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (1e-4, 2e-5),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str = ""):
+    """allclose that says where and by how much it failed (NaN matches NaN, inf matches inf)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    same_nonfinite = (a.isnan() & e.isnan()) | (a == e)
+    bad = ~(same_nonfinite | ((a - e).abs() <= atol + rtol * e.abs()))
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        worst = ((a - e).abs() - rtol * e.abs()).nan_to_num(float("inf")).max().item()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {a.numel()} values differ; first at {idx}: "
+            f"{a[idx].item()!r} vs {e[idx].item()!r}; worst excess over rtol {worst:.3e} (atol {atol})"
+        )
+
+
+def tol(dtype: torch.dtype) -> tuple[float, float]:
+    return TOLERANCES[dtype]

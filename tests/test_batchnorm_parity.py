@@ -1,0 +1,200 @@
+"""fastnorm BatchNorm against torch's: outputs, every gradient and the running statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnorm
+from conftest import CPU_KERNEL_BACKENDS, assert_close, tol
+
+# Shape matrix: (input shape, what it exercises)
+SHAPES = [
+    ((2, 3), "smallest legal training batch"),
+    ((64, 256), "the MNIST MLP's first BatchNorm"),
+    ((64, 128), "the MNIST MLP's second BatchNorm"),
+    ((17, 131), "odd batch, prime feature count"),
+    ((5, 1), "a single channel"),
+    ((8, 7, 9), "(N, C, L)"),
+    ((4, 3, 5, 7), "(N, C, H, W), odd spatial sizes"),
+    ((1, 6, 3, 3), "batch of one with spatial > 1: legal in training"),
+    ((2, 4, 3, 5, 3), "(N, C, D, H, W)"),
+    ((3, 1023, 2), "1023 channels"),
+]
+DTYPES = [torch.float32, torch.float64]
+MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+
+# module options: (affine, bias, track_running_stats, momentum)
+OPTIONS = [
+    (True, True, True, 0.1),  # torch's defaults
+    (False, True, True, 0.1),  # no affine parameters
+    (True, False, True, 0.1),  # weight without bias (torch 2.14's bias=False)
+    (True, True, False, 0.1),  # no running statistics: batch stats in eval too
+    (True, True, True, None),  # cumulative moving average
+    (True, True, True, 0.7),
+]
+
+
+def _pair(shape, dtype, affine, bias, track, momentum, backend):
+    name = MODULES[len(shape)]
+    kwargs = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype, bias=bias)
+    ref = getattr(torch.nn, name)(shape[1], **kwargs)
+    ours = getattr(fastnorm.nn, name)(shape[1], backend=backend, **kwargs)
+    if affine:  # non-trivial affine parameters
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            if ref.bias is not None:
+                ref.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _grads(module, x, dy):
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    y.backward(dy)
+    grads = {"x": x.grad}
+    for pname, p in module.named_parameters():
+        grads[pname] = p.grad
+    return y, grads
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=str)
+@pytest.mark.parametrize("affine,bias,track,momentum", OPTIONS)
+def test_module_matches_torch(backend, dtype, shape, affine, bias, track, momentum):
+    rtol, atol = tol(dtype)
+    ref, ours = _pair(shape, dtype, affine, bias, track, momentum, backend)
+    for step in range(3):  # several steps: running statistics and num_batches_tracked evolve
+        x = torch.randn(shape, dtype=dtype) * 3 + 1.5
+        dy = torch.randn(shape, dtype=dtype)
+        y_ref, g_ref = _grads(ref, x, dy)
+        y_ours, g_ours = _grads(ours, x, dy)
+        assert_close(y_ours, y_ref, rtol, atol, f"train output, step {step}")
+        for k in g_ref:
+            assert_close(g_ours[k], g_ref[k], rtol, atol, f"train grad {k}, step {step}")
+        ref.zero_grad(), ours.zero_grad()
+    for key, value in ref.state_dict().items():
+        assert_close(ours.state_dict()[key], value, rtol, atol, f"buffer {key}")
+
+    ref.eval(), ours.eval()
+    x = torch.randn(shape, dtype=dtype)
+    dy = torch.randn(shape, dtype=dtype)
+    y_ref, g_ref = _grads(ref, x, dy)
+    y_ours, g_ours = _grads(ours, x, dy)
+    assert_close(y_ours, y_ref, rtol, atol, "eval output")
+    for k in g_ref:
+        assert_close(g_ours[k], g_ref[k], rtol, atol, f"eval grad {k}")
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda dt: torch.randn(9, 6, dtype=dt).t(),  # (6, 9) transposed (N, C)
+        lambda dt: torch.randn(5, 7, 4, 3, dtype=dt).permute(0, 3, 1, 2),  # permuted (N, C, H, W)
+        lambda dt: torch.randn(4, 6, 5, 5, dtype=dt).to(memory_format=torch.channels_last),
+        lambda dt: torch.randn(8, 10, dtype=dt)[::2, 1::3],  # strided slices
+    ],
+    ids=["transposed", "permuted", "channels_last", "sliced"],
+)
+def test_non_contiguous_inputs(backend, dtype, training, make):
+    rtol, atol = tol(dtype)
+    x = make(dtype)
+    assert not x.is_contiguous()
+    c = x.shape[1]
+    w, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
+    rm, rv = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    xr = x.detach().clone().requires_grad_(True)
+    xo = x.detach().clone().requires_grad_(True)
+    y_ref = F.batch_norm(xr, rm, rv, w, b, training, 0.1, 1e-5)
+    y_ours = fastnorm.functional.batch_norm(xo, rm2, rv2, w, b, training, 0.1, 1e-5, backend=backend)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    y_ours.backward(dy)
+    assert_close(y_ours, y_ref, rtol, atol, "output")
+    assert_close(xo.grad, xr.grad, rtol, atol, "dx")
+    assert_close(rm2, rm, rtol, atol, "running_mean")
+    assert_close(rv2, rv, rtol, atol, "running_var")
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (2, 3, 0)], ids=str)
+def test_empty_batch(backend, shape):
+    """torch: empty output, zero weight/bias gradients, running statistics untouched."""
+    results = []
+    for fn in (
+        lambda *a: F.batch_norm(*a, training=True),
+        lambda *a: fastnorm.functional.batch_norm(*a, training=True, backend=backend),
+    ):
+        x = torch.empty(shape, requires_grad=True)
+        w = torch.ones(3, requires_grad=True)
+        b = torch.zeros(3, requires_grad=True)
+        rm, rv = torch.full((3,), 0.5), torch.full((3,), 2.0)
+        y = fn(x, rm, rv, w, b)
+        y.sum().backward()
+        results.append((y, x.grad, w.grad, b.grad, rm, rv))
+    for ours, ref, what in zip(results[1], results[0], ["y", "dx", "dw", "db", "rm", "rv"]):
+        assert_close(ours, ref, 0, 0, what)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_nan_and_inf_propagate_like_torch(backend):
+    x = torch.randn(6, 4)
+    x[0, 0] = float("nan")  # channel 0: NaN everywhere
+    x[1, 1] = float("inf")  # channel 1: mean inf, variance NaN
+    x[2, 2], x[3, 2] = float("inf"), float("-inf")  # channel 2: NaN
+    out = []
+    for fn in (F.batch_norm, lambda *a, **k: fastnorm.functional.batch_norm(*a, **k, backend=backend)):
+        rm, rv = torch.zeros(4), torch.ones(4)
+        out.append((fn(x, rm, rv, training=True), rm, rv))
+    for ours, ref, what in zip(out[1], out[0], ["y", "running_mean", "running_var"]):
+        assert_close(ours, ref, 1e-5, 1e-6, what)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 2, 5), (2, 3, 2, 3)], ids=str)
+def test_gradcheck_float64(backend, training, affine, shape):
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_(affine)
+    b = torch.randn(c, dtype=torch.float64).requires_grad_(affine)
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b):
+        # running statistics are cloned: gradcheck calls fn many times
+        return fastnorm.functional.batch_norm(
+            x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, backend=backend
+        )
+
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_functional_running_stats_none_in_training(backend):
+    x = torch.randn(10, 5, dtype=torch.float64)
+    y_ref = F.batch_norm(x, None, None, training=True)
+    y = fastnorm.functional.batch_norm(x, None, None, training=True, backend=backend)
+    assert_close(y, y_ref, *tol(torch.float64), "output")
+
+
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_large_offset_input_is_accurate(backend):
+    """mean 1e4, std 1: E[x^2]-E[x]^2 in float32 would cancel catastrophically."""
+    x = torch.randn(4096, 8, dtype=torch.float64) + 1e4
+    x32 = x.float()  # rounded to float32: spacing 1e-3 at 1e4
+    rm64, rv64 = torch.zeros(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+    truth = F.batch_norm(x32.double(), rm64, rv64, training=True)  # float64 on the same values
+    rm32, rv32 = torch.zeros(8), torch.ones(8)
+    y = fastnorm.functional.batch_norm(x32, rm32, rv32, training=True, backend=backend)
+    assert_close(y, truth, 0, 1e-4, "normalised output")
+    assert_close(rm32, rm64, 1e-6, 0, "running_mean")
+    assert_close(rv32, rv64, 1e-5, 0, "running_var")
+
