@@ -15,9 +15,13 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest bench -q -p no:cacheprovider --benchmark-disable
 
 demo: $(STAMP)
 	$(BIN)/python -m fastnorm demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python -m fastnorm bench --out bench/results/cpu.json --title "fastnorm on this machine's CPU"
