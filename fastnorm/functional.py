@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import resolve
-from .autograd import BatchNormFunction
+from .autograd import BatchNormFunction, batch_norm_forward
 
 __all__ = ["batch_norm"]
 
@@ -70,9 +70,20 @@ def batch_norm(
         if bias is not None and bias.numel() > 0:
             out = out + bias[0]
         return out
-    return BatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, bool(training), momentum, eps, chosen
+    training = bool(training)
+    if torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return BatchNormFunction.apply(
+            input, weight, bias, running_mean, running_var, training, momentum, eps, chosen
+        )
+    # no gradient wanted (inference, torch.no_grad): no autograd node to build
+    y, _ = batch_norm_forward(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, chosen, False
     )
+    return y
 
 
 def _check_arguments(input, running_mean, running_var, weight, bias, training, eps, name) -> None:
@@ -105,27 +116,21 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, e
         )
 
     channels = input.shape[1]
-    named = {
-        "weight": weight,
-        "bias": bias,
-        "running_mean": running_mean,
-        "running_var": running_var,
-    }
-    for what, t in named.items():
-        if t is not None and t.numel() != channels:
-            raise RuntimeError(f"{what} should contain {channels} elements not {t.numel()}")
-
-    if input.dtype not in _KERNEL_DTYPES:
+    dtype = input.dtype
+    if dtype not in _KERNEL_DTYPES:
         raise TypeError(
             f"fastnorm's {name!r} backend computes batch_norm in float32 or float64, but the "
-            f"input is {input.dtype}; convert it, or use backend='torch' for other dtypes"
+            f"input is {dtype}; convert it, or use backend='torch' for other dtypes"
         )
-    for what, t in named.items():
+    for what, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):  # fmt: skip
         if t is None:
             continue
-        if t.dtype != input.dtype:
+        if t.numel() != channels:
+            raise RuntimeError(f"{what} should contain {channels} elements not {t.numel()}")
+        if t.dtype != dtype:
             raise RuntimeError(
-                f"mixed dtype: all inputs must share same datatype, but input is {input.dtype} "
+                f"mixed dtype: all inputs must share same datatype, but input is {dtype} "
                 f"and {what} is {t.dtype}"
             )
         if t.device != input.device:

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-#: fastnorm's CPU kernel backends under test; each is compared with torch ("torch" itself is the
-#: yardstick). Listed explicitly so a backend that fails to load fails the suite, not skips it.
-CPU_KERNEL_BACKENDS = ["reference"]
+#: fastnorm's CPU kernel backends under test, per op family; each is compared with torch ("torch"
+#: itself is the yardstick). Listed explicitly so a backend that fails to load fails the suite.
+BN_BACKENDS = ["reference", "numba"]
+OPTIM_BACKENDS = ["reference"]
 
 #: (dtype, rtol, atol) for outputs and gradients compared with torch in the same dtype.
 TOLERANCES = {

@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import fastnorm
-from conftest import CPU_KERNEL_BACKENDS, assert_close
+from conftest import BN_BACKENDS, OPTIM_BACKENDS, assert_close
 from fastnorm._dispatch import resolve
 
 OPTIMIZERS = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
@@ -110,7 +110,7 @@ def test_functional_signature_is_torchs():
 # -- BatchNorm modules --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 def test_state_dict_round_trip_batchnorm2d(backend):
     src = torch.nn.BatchNorm2d(5)
     src.train()
@@ -129,7 +129,7 @@ def test_state_dict_round_trip_batchnorm2d(backend):
     assert int(back.num_batches_tracked) == 4
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize(
     "name,bad_shape", [("BatchNorm1d", (2, 3, 4, 4)), ("BatchNorm2d", (2, 3)), ("BatchNorm3d", (2, 3, 4, 4))]
 )
@@ -141,7 +141,7 @@ def test_wrong_input_dimensions_same_message_as_torch(backend, name, bad_shape):
     assert str(ours.value) == str(theirs.value)
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)], ids=str)
 def test_batch_of_one_in_training_same_message_as_torch(backend, shape):
     cls = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d"}[len(shape)]
@@ -155,7 +155,7 @@ def test_batch_of_one_in_training_same_message_as_torch(backend, shape):
     assert ours_module(torch.randn(shape)).shape == shape  # eval mode: fine
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 def test_functional_bad_arguments(backend):
     bn = fastnorm.functional.batch_norm
     x = torch.randn(4, 3)
@@ -246,7 +246,7 @@ def _loss(model, x):
     return model(x).pow(2).mean()
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_checkpoints_move_between_torch_and_fastnorm(backend, name):
     kwargs = {"lr": 0.05} if name != "SGD" else {"lr": 0.05, "momentum": 0.9}
@@ -276,7 +276,7 @@ def test_checkpoints_move_between_torch_and_fastnorm(backend, name):
     assert ours.state_dict()["param_groups"] == back.state_dict()["param_groups"]
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
 def test_scheduler_closure_zero_grad_and_param_groups(backend):
     models = [_model(torch.float64) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
@@ -312,7 +312,7 @@ def test_scheduler_closure_zero_grad_and_param_groups(backend):
     assert all(p.grad is not None and not p.grad.any() for p in models[1].parameters())
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
 def test_tensor_lr_and_named_parameters(backend):
     model = _model(torch.float64)
     ref_model = copy.deepcopy(model)
@@ -331,7 +331,7 @@ def test_tensor_lr_and_named_parameters(backend):
     assert ours.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
 def test_hooks_run_once_per_step(backend):
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # torch patches its own step too
     p = torch.zeros(3, requires_grad=True)
@@ -362,7 +362,7 @@ def _assert_untouched(params, opt, snap):
     assert repr(opt.state_dict()) == repr(state)
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_bad_gradients_are_refused_before_any_update(backend, name):
     good = torch.randn(4, 3, requires_grad=True)
@@ -391,7 +391,7 @@ def test_bad_gradients_are_refused_before_any_update(backend, name):
         bad.grad = None
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
 @pytest.mark.parametrize("option", ["foreach", "fused", "differentiable"])
 def test_torch_only_options(backend, option):
     p = torch.zeros(3, requires_grad=True)

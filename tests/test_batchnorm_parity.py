@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastnorm
-from conftest import CPU_KERNEL_BACKENDS, assert_close, tol
+from conftest import BN_BACKENDS, assert_close, tol
 
 # Shape matrix: (input shape, what it exercises)
 SHAPES = [
@@ -60,7 +60,7 @@ def _grads(module, x, dy):
     return y, grads
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=str)
 @pytest.mark.parametrize("affine,bias,track,momentum", OPTIONS)
@@ -89,7 +89,7 @@ def test_module_matches_torch(backend, dtype, shape, affine, bias, track, moment
         assert_close(g_ours[k], g_ref[k], rtol, atol, f"eval grad {k}")
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_non_contiguous_inputs(backend, dtype, training, make):
     assert_close(rv2, rv, rtol, atol, "running_var")
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (2, 3, 0)], ids=str)
 def test_empty_batch(backend, shape):
     """torch: empty output, zero weight/bias gradients, running statistics untouched."""
@@ -143,7 +143,7 @@ def test_empty_batch(backend, shape):
         assert_close(ours, ref, 0, 0, what)
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 def test_nan_and_inf_propagate_like_torch(backend):
     x = torch.randn(6, 4)
     x[0, 0] = float("nan")  # channel 0: NaN everywhere
@@ -157,7 +157,7 @@ def test_nan_and_inf_propagate_like_torch(backend):
         assert_close(ours, ref, 1e-5, 1e-6, what)
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(6, 4), (3, 2, 5), (2, 3, 2, 3)], ids=str)
@@ -177,7 +177,7 @@ def test_gradcheck_float64(backend, training, affine, shape):
     assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 def test_functional_running_stats_none_in_training(backend):
     x = torch.randn(10, 5, dtype=torch.float64)
     y_ref = F.batch_norm(x, None, None, training=True)
@@ -185,7 +185,7 @@ def test_functional_running_stats_none_in_training(backend):
     assert_close(y, y_ref, *tol(torch.float64), "output")
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 def test_large_offset_input_is_accurate(backend):
     """mean 1e4, std 1: E[x^2]-E[x]^2 in float32 would cancel catastrophically."""
     x = torch.randn(4096, 8, dtype=torch.float64) + 1e4
@@ -194,7 +194,7 @@ def test_large_offset_input_is_accurate(backend):
     truth = F.batch_norm(x32.double(), rm64, rv64, training=True)  # float64 on the same values
     rm32, rv32 = torch.zeros(8), torch.ones(8)
     y = fastnorm.functional.batch_norm(x32, rm32, rv32, training=True, backend=backend)
-    assert_close(y, truth, 0, 1e-4, "normalised output")
+    assert_close(y, truth, 0, 1e-5, "normalised output")  # torch float32: 7e-3
     assert_close(rm32, rm64, 1e-6, 0, "running_mean")
     assert_close(rv32, rv64, 1e-5, 0, "running_var")
 

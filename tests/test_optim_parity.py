@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastnorm
-from conftest import CPU_KERNEL_BACKENDS, assert_close
+from conftest import OPTIM_BACKENDS, assert_close
 
 # Odd-sized parameters: (shape, what it exercises)
 PARAM_SHAPES = [
@@ -107,7 +107,7 @@ def assert_same_state(ref, ours, ref_params, our_params, dtype, what=""):
                 assert our_state[key] == value
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{o}" for n, o in CASES])
 def test_lockstep_with_torch(backend, dtype, name, options):
