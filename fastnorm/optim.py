@@ -17,8 +17,9 @@ with ``"auto"`` it selects torch's implementation, as asked.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ._dispatch import AUTO, Backend, check_name, resolve
@@ -140,7 +141,8 @@ class _KernelOptimizer:
             if torch_groups:
                 self._torch_step(torch_groups)
             for group, params, backend in kernel_groups:
-                self._update(group, params, [p.grad for p in params], backend)
+                for part in _by_dtype(params):
+                    self._update(group, part, backend)
         return loss
 
     def _torch_step(self, groups: list[dict]) -> None:
@@ -151,26 +153,96 @@ class _KernelOptimizer:
         finally:
             self.param_groups = all_groups
 
-    def _update(self, group, params, grads, backend: Backend) -> None:
+    # -- one kernel call per group (and dtype) ---------------------------------------------------
+
+    _has_step = True  # the optimizer keeps torch's per-parameter "step" counter
+
+    def _update(self, group: dict, params: list[torch.Tensor], backend: Backend) -> None:
+        extra = self._init_states(group, params)
+        rows = self._rows(group, params)
+        steps = [self.state[p]["step"] for p in params] if self._has_step else []
+        table_fn = getattr(backend.kernels, f"{self._op}_step_table", None)
+        if table_fn is not None and _flat(rows, steps):
+            # addresses straight from the tensors: no per-tensor conversion on the host
+            addrs = np.array([[t.data_ptr() for t in row] for row in rows], np.int64)
+            step_addrs = np.array([s.data_ptr() for s in steps], np.int64)
+            step_f64 = bool(steps) and steps[0].dtype == torch.float64
+            numels = tuple(p.numel() for p in params)
+            dtype = _NUMPY_DTYPES[params[0].dtype]
+            self._call_table(table_fn, group, addrs, numels, dtype, step_addrs, step_f64, extra)
+            return
+        # list-of-arrays API: every backend has it (non-contiguous tensors: contiguous copies,
+        # one per tensor even where a row repeats another, written back after the update)
+        step_values = self._advance_steps(steps)
+        copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for row in rows[:1] + rows[2:]:
+            for t in row:
+                if not t.is_contiguous() and id(t) not in copies:
+                    copies[id(t)] = (t, t.contiguous())
+        grads = [g.contiguous() for g in rows[1]]
+
+        def kernel_view(t):
+            return backend.as_array(copies[id(t)][1] if id(t) in copies else t)
+
+        arrays = [[kernel_view(t) for t in row] for row in rows[:1]]
+        arrays += [[backend.as_array(g) for g in grads]] + [[kernel_view(t) for t in row] for row in rows[2:]]
+        self._call_list(backend.kernels, group, arrays, step_values, extra, params[0].device, backend)
+        for original, copy in copies.values():
+            original.copy_(copy)
+
+    def _init_states(self, group: dict, params: list[torch.Tensor]):
+        """Create missing state exactly as torch does; returns what the kernel call needs extra."""
+        raise NotImplementedError
+
+    def _rows(self, group: dict, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """[params, grads, state buffers...]: the table's rows (unused rows repeat another)."""
+        raise NotImplementedError
+
+    def _call_table(self, fn, group, addrs, numels, dtype, step_addrs, step_f64, extra) -> None:
+        raise NotImplementedError
+
+    def _call_list(self, kernels, group, arrays, steps, extra, device, backend) -> None:
         raise NotImplementedError
 
     # -- helpers for the subclasses -----------------------------------------------------------
 
     @staticmethod
-    def _arrays(backend: Backend, tensors: Iterable[torch.Tensor] | None):
-        return None if tensors is None else [backend.as_array(t) for t in tensors]
+    def _advance_steps(steps: list[torch.Tensor]) -> list[float]:
+        """step += 1 for every parameter; returns the new step counts (as torch, per parameter)."""
+        values = []
+        for step_t in steps:
+            step_t += 1
+            values.append(float(step_t))
+        return values
 
-    def _state_buffers(self, params, key: str) -> list[torch.Tensor]:
+    def _buffers(self, params, key: str) -> list[torch.Tensor]:
         return [self.state[p][key] for p in params]
 
-    def _advance_steps(self, params) -> list[float]:
-        """step += 1 for every parameter; returns the new step counts (as torch, per parameter)."""
-        steps = []
-        for p in params:
-            step_t = self.state[p]["step"]
-            step_t += 1
-            steps.append(float(step_t))
-        return steps
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _by_dtype(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    dtype = params[0].dtype
+    if all(p.dtype == dtype for p in params):
+        return [params]
+    parts: dict = {}
+    for p in params:
+        parts.setdefault(p.dtype, []).append(p)
+    return list(parts.values())
+
+
+def _flat(rows: list[list[torch.Tensor]], steps: list[torch.Tensor]) -> bool:
+    """Whether the table path applies: contiguous CPU tensors, step counters of one float dtype."""
+    if rows[0][0].device.type != "cpu":
+        return False
+    if not all(t.is_contiguous() for row in rows for t in row):
+        return False
+    if steps:
+        dtype = steps[0].dtype
+        if dtype not in _KERNEL_DTYPES or any(s.dtype != dtype or s.device.type != "cpu" or s.numel() != 1 for s in steps):
+            return False
+    return True
 
 
 def _zeros_like(p: torch.Tensor) -> torch.Tensor:
@@ -178,7 +250,9 @@ def _zeros_like(p: torch.Tensor) -> torch.Tensor:
 
 
 def _new_step() -> torch.Tensor:
-    return torch.tensor(0.0, dtype=torch.float32)
+    """torch's step counter: a CPU scalar of the default float dtype (float32 unless float64)."""
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(0.0, dtype=dtype)
 
 
 def _scalar(x) -> float:
@@ -206,25 +280,34 @@ class SGD(_KernelOptimizer, torch.optim.SGD):
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
 
-    def _update(self, group, params, grads, backend):
-        momentum = group["momentum"]
-        buffers = first_step = None
-        if momentum != 0:
-            buffers, first_step = [], []
-            for p in params:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                first_step.append(buf is None)
-                if buf is None:
-                    buf = state["momentum_buffer"] = _zeros_like(p)
-                buffers.append(buf)
-        A = self._arrays
-        backend.kernels.sgd_step(
-            A(backend, params), A(backend, grads), A(backend, buffers), first_step,
-            lr=_scalar(group["lr"]), weight_decay=_scalar(group["weight_decay"]),
-            momentum=float(momentum), dampening=float(group["dampening"]),
-            nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
-        )  # fmt: skip
+    _has_step = False
+
+    def _init_states(self, group, params):
+        if group["momentum"] == 0:
+            return [False] * len(params)
+        first_step = []
+        for p in params:
+            state = self.state[p]
+            first_step.append(state.get("momentum_buffer") is None)
+            if first_step[-1]:  # torch clones the gradient here; the kernel copies it
+                state["momentum_buffer"] = _zeros_like(p)
+        return first_step
+
+    def _rows(self, group, params):
+        grads = [p.grad for p in params]
+        return [params, grads, self._buffers(params, "momentum_buffer") if group["momentum"] != 0 else grads]
+
+    def _options(self, group):
+        return dict(lr=_scalar(group["lr"]), weight_decay=_scalar(group["weight_decay"]),
+                    momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+                    nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))  # fmt: skip
+
+    def _call_table(self, fn, group, addrs, numels, dtype, step_addrs, step_f64, extra):
+        fn(addrs, numels, dtype, np.array(extra, np.int8), **self._options(group))
+
+    def _call_list(self, kernels, group, arrays, steps, extra, device, backend):
+        buffers = arrays[2] if group["momentum"] != 0 else None
+        kernels.sgd_step(arrays[0], arrays[1], buffers, extra, **self._options(group))
 
 
 class Adagrad(_KernelOptimizer, torch.optim.Adagrad):
@@ -247,7 +330,7 @@ class Adagrad(_KernelOptimizer, torch.optim.Adagrad):
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
 
-    def _update(self, group, params, grads, backend):
+    def _init_states(self, group, params):
         for p in params:
             state = self.state[p]
             if "sum" not in state:  # added after construction (torch fills state in __init__)
@@ -255,16 +338,19 @@ class Adagrad(_KernelOptimizer, torch.optim.Adagrad):
                 state["sum"] = torch.full_like(
                     p, group["initial_accumulator_value"], memory_format=torch.preserve_format
                 )
+
+    def _rows(self, group, params):
+        return [params, [p.grad for p in params], self._buffers(params, "sum")]
+
+    def _call_table(self, fn, group, addrs, numels, dtype, step_addrs, step_f64, extra):
+        fn(addrs, numels, dtype, step_addrs, step_f64, lr=_scalar(group["lr"]), lr_decay=float(group["lr_decay"]),
+           weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), maximize=bool(group["maximize"]))  # fmt: skip
+
+    def _call_list(self, kernels, group, arrays, steps, extra, device, backend):
         lr, lr_decay = _scalar(group["lr"]), group["lr_decay"]
-        steps = self._advance_steps(params)
-        clrs = [lr / (1 + (t - 1) * lr_decay) for t in steps]
-        A = self._arrays
-        backend.kernels.adagrad_step(
-            A(backend, params), A(backend, grads), A(backend, self._state_buffers(params, "sum")),
-            _host_scalars(backend, clrs, params[0].device),
-            weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
-            maximize=bool(group["maximize"]),
-        )  # fmt: skip
+        clrs = _host_scalars(backend, [lr / (1 + (t - 1) * lr_decay) for t in steps], device)
+        kernels.adagrad_step(arrays[0], arrays[1], arrays[2], clrs, weight_decay=float(group["weight_decay"]),
+                             eps=float(group["eps"]), maximize=bool(group["maximize"]))  # fmt: skip
 
 
 class RMSprop(_KernelOptimizer, torch.optim.RMSprop):
@@ -287,59 +373,73 @@ class RMSprop(_KernelOptimizer, torch.optim.RMSprop):
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
 
-    def _update(self, group, params, grads, backend):
-        momentum, centered = group["momentum"], group["centered"]
+    def _init_states(self, group, params):
         for p in params:
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = _new_step()
                 state["square_avg"] = _zeros_like(p)
-                if momentum > 0:
+                if group["momentum"] > 0:
                     state["momentum_buffer"] = _zeros_like(p)
-                if centered:
+                if group["centered"]:
                     state["grad_avg"] = _zeros_like(p)
-        self._advance_steps(params)
-        A = self._arrays
-        backend.kernels.rmsprop_step(
-            A(backend, params), A(backend, grads),
-            A(backend, self._state_buffers(params, "square_avg")),
-            A(backend, self._state_buffers(params, "grad_avg")) if centered else None,
-            A(backend, self._state_buffers(params, "momentum_buffer")) if momentum > 0 else None,
-            lr=_scalar(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]), momentum=float(momentum),
-            centered=bool(centered), maximize=bool(group["maximize"]),
-        )  # fmt: skip
+
+    def _rows(self, group, params):
+        square_avgs = self._buffers(params, "square_avg")
+        return [params, [p.grad for p in params], square_avgs,
+                self._buffers(params, "grad_avg") if group["centered"] else square_avgs,
+                self._buffers(params, "momentum_buffer") if group["momentum"] > 0 else square_avgs]  # fmt: skip
+
+    def _options(self, group):
+        return dict(lr=_scalar(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
+                    centered=bool(group["centered"]), maximize=bool(group["maximize"]))  # fmt: skip
+
+    def _call_table(self, fn, group, addrs, numels, dtype, step_addrs, step_f64, extra):
+        fn(addrs, numels, dtype, step_addrs, step_f64, **self._options(group))
+
+    def _call_list(self, kernels, group, arrays, steps, extra, device, backend):
+        kernels.rmsprop_step(arrays[0], arrays[1], arrays[2], arrays[3] if group["centered"] else None,
+                             arrays[4] if group["momentum"] > 0 else None, **self._options(group))  # fmt: skip
 
 
 class _AdamUpdate:
-    def _update(self, group, params, grads, backend):
-        amsgrad = group["amsgrad"]
+    """The Adam/AdamW update (AdamW: ``decoupled_weight_decay``)."""
+
+    _decoupled: bool
+
+    def _init_states(self, group, params):
         for p in params:
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = _new_step()
                 state["exp_avg"] = _zeros_like(p)
                 state["exp_avg_sq"] = _zeros_like(p)
-                if amsgrad:
+                if group["amsgrad"]:
                     state["max_exp_avg_sq"] = _zeros_like(p)
-        lr = _scalar(group["lr"])
+
+    def _rows(self, group, params):
+        exp_avg_sqs = self._buffers(params, "exp_avg_sq")
+        return [params, [p.grad for p in params], self._buffers(params, "exp_avg"), exp_avg_sqs,
+                self._buffers(params, "max_exp_avg_sq") if group["amsgrad"] else exp_avg_sqs]  # fmt: skip
+
+    def _options(self, group):
         beta1, beta2 = (_scalar(b) for b in group["betas"])
-        steps = self._advance_steps(params)
-        step_sizes = [lr / (1 - beta1**t) for t in steps]
-        bc2_sqrts = [math.sqrt(1 - beta2**t) for t in steps]
-        device = params[0].device
-        A = self._arrays
-        backend.kernels.adam_step(
-            A(backend, params), A(backend, grads),
-            A(backend, self._state_buffers(params, "exp_avg")),
-            A(backend, self._state_buffers(params, "exp_avg_sq")),
-            A(backend, self._state_buffers(params, "max_exp_avg_sq")) if amsgrad else None,
-            _host_scalars(backend, step_sizes, device), _host_scalars(backend, bc2_sqrts, device),
-            lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            decoupled_weight_decay=bool(group.get("decoupled_weight_decay", self._decoupled)),
-            amsgrad=bool(amsgrad), maximize=bool(group["maximize"]),
-        )  # fmt: skip
+        return dict(lr=_scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]),
+                    decoupled_weight_decay=bool(group.get("decoupled_weight_decay", self._decoupled)),
+                    amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]))  # fmt: skip
+
+    def _call_table(self, fn, group, addrs, numels, dtype, step_addrs, step_f64, extra):
+        fn(addrs, numels, dtype, step_addrs, step_f64, **self._options(group))
+
+    def _call_list(self, kernels, group, arrays, steps, extra, device, backend):
+        options = self._options(group)
+        lr, beta1, beta2 = options["lr"], options["beta1"], options["beta2"]
+        step_sizes = _host_scalars(backend, [lr / (1 - beta1**t) for t in steps], device)
+        bc2_sqrts = _host_scalars(backend, [math.sqrt(1 - beta2**t) for t in steps], device)
+        kernels.adam_step(arrays[0], arrays[1], arrays[2], arrays[3], arrays[4] if group["amsgrad"] else None,
+                          step_sizes, bc2_sqrts, **options)  # fmt: skip
 
 
 class Adam(_AdamUpdate, _KernelOptimizer, torch.optim.Adam):

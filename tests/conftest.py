@@ -11,7 +11,7 @@ import torch
 #: fastnorm's CPU kernel backends under test, per op family; each is compared with torch ("torch"
 #: itself is the yardstick). Listed explicitly so a backend that fails to load fails the suite.
 BN_BACKENDS = ["reference", "numba"]
-OPTIM_BACKENDS = ["reference"]
+OPTIM_BACKENDS = ["reference", "numba"]
 
 #: (dtype, rtol, atol) for outputs and gradients compared with torch in the same dtype.
 TOLERANCES = {

@@ -18,7 +18,7 @@ PARAM_SHAPES = [
     ((1,), "a single value"),
     ((257, 33), "more than a SIMD width per row, prime-ish sizes"),
 ]
-STEPS = 20
+STEPS = 50  # the Numba issue asks 50 lockstep steps (the foundation 20)
 LOCKSTEP_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6)}
 
 
@@ -113,3 +113,41 @@ def assert_same_state(ref, ours, ref_params, our_params, dtype, what=""):
 def test_lockstep_with_torch(backend, dtype, name, options):
     ref, ours, ref_params, our_params = run_lockstep(name, options, backend, dtype)
     assert_same_state(ref, ours, ref_params, our_params, dtype, f"{name}{options}")
+
+
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"])
+def test_some_gradients_missing_mixed_dtypes_and_non_contiguous(backend, name):
+    """Params without .grad on some steps, a float64 param beside float32 ones (one kernel call
+    per dtype), and a transposed (non-contiguous) parameter (contiguous copies, written back)."""
+    options = {"lr": 0.05, "momentum": 0.9} if name in ("SGD", "RMSprop") else {"lr": 0.05}
+    base = [torch.randn(5, 7), torch.randn(9, dtype=torch.float64), torch.randn(6, 4).t(), torch.randn(3)]
+    ref_params = [p.clone() if p.is_contiguous() else p.clone().t().contiguous().t() for p in base]
+    our_params = [p.clone() if p.is_contiguous() else p.clone().t().contiguous().t() for p in base]
+    assert not our_params[2].is_contiguous()
+    ref = getattr(torch.optim, name)(ref_params, **options)
+    ours = getattr(fastnorm.optim, name)(our_params, backend=backend, **options)
+    for step in range(12):
+        for i, (a, b) in enumerate(zip(ref_params, our_params)):
+            if (i + step) % 3 == 0:
+                a.grad = b.grad = None  # skipped this step: no state change, no step count
+                continue
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+    for dtype in (torch.float32, torch.float64):
+        idx = [i for i, p in enumerate(ref_params) if p.dtype == dtype]
+        assert_same_state(ref, ours, [ref_params[i] for i in idx], [our_params[i] for i in idx], dtype, name)
+
+
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
+def test_float64_default_dtype_gives_float64_steps(backend):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref, ours, ref_params, our_params = run_lockstep("Adam", {"lr": 0.01}, backend, torch.float64, steps=5)
+        assert ours.state[our_params[0]]["step"].dtype == torch.float64
+        assert_same_state(ref, ours, ref_params, our_params, torch.float64, "Adam, float64 default")
+    finally:
+        torch.set_default_dtype(previous)

@@ -129,3 +129,15 @@ def test_kernels_api_refuses_bad_arrays_clearly():
     with pytest.raises(ValueError, match="C-contiguous"):
         xt = np.asfortranarray(x)
         nb.batch_norm_forward_eval(xt, None, None, m, inv, 1e-5, y)
+
+
+def test_optimizer_chunk_table_indexes_beyond_int32():
+    """Chunks of a tensor larger than 2**31 elements carry int64 starts and stops (the kernels
+    address elements as base + start * itemsize in int64); checked on the table, without
+    allocating 8 GB per buffer."""
+    huge = 2**31 + 5
+    tensor, start, stop = nb.chunk_table((3, huge), 1 << 20)
+    assert tensor.dtype == start.dtype == stop.dtype == np.int64
+    assert start[-1] == (huge - 1) // (1 << 20) * (1 << 20) and stop[-1] == huge
+    assert stop[-1] > np.iinfo(np.int32).max
+    assert int((stop - start)[tensor == 1].sum()) == huge
