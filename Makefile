@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# the offline MNIST copy, when this machine has it (else torchvision downloads MNIST)
+DATA_DIR ?= $(wildcard ../shared/data/mnist)
+DATA_ARG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .PHONY: install test demo bench clean
 
@@ -18,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest bench -q -p no:cacheprovider --benchmark-disable
 
 demo: $(STAMP)
-	$(BIN)/python -m fastnorm demo
+	$(BIN)/python -m fastnorm demo $(DATA_ARG) --out results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

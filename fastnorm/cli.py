@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo_side_by_side(args: argparse.Namespace) -> int:
     """A side-by-side of every backend on one BatchNorm step and one Adam step."""
     import torch
 
@@ -115,12 +115,180 @@ def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with bad arguments reported on one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _data(args):
+    from .data import MNISTNotFound, load_mnist
+
+    try:
+        return load_mnist(args.data_dir)
+    except MNISTNotFound as exc:
+        raise SystemExit(f"fastnorm: {exc}") from None
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    config = TrainConfig(optimizer=args.optimizer, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                         batch_norm=args.batch_norm, backend=args.backend, seed=args.seed,
+                         train_limit=args.train_limit, test_limit=args.test_limit,
+                         progress=not args.no_progress)  # fmt: skip
+    out = Path(args.out)
+    _, history = train(config, _data(args), out_dir=out, resume=args.resume)
+    last = history.epoch[-1]
+    print(f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}, train acc {100 * last['train_acc']:.2f}%, "
+          f"test acc {100 * last['test_acc']:.2f}%; logs and checkpoint in {out}")  # fmt: skip
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .experiments import compare_backends
+
+    out = Path(args.out)
+    runs = compare_backends(_data(args), out / "compare_backends.png", epochs=args.epochs,
+                            names=_split(args.backends) or None, optimizer=args.optimizer, seed=args.seed,
+                            train_limit=args.train_limit, progress=not args.no_progress)  # fmt: skip
+    table = _backend_table(runs)
+    (out / "compare_backends.md").write_text(table + "\n")
+    print(table)
+    print(f"\nfigure: {runs['figure']}")
+    return 0
+
+
+def _backend_table(runs: dict) -> str:
+    names = [k for k in runs if k != "figure"]
+    base = "torch" if "torch" in names else names[0]
+    lines = ["| backend | seconds per epoch | final train loss | test accuracy | max loss difference vs " + base + " |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name in names:
+        h = runs[name]
+        diff = max(abs(a - b) for a, b in zip(h.step_loss, runs[base].step_loss))
+        secs = sum(e["seconds"] for e in h.epoch) / len(h.epoch)
+        lines.append(f"| {name} | {secs:.2f} | {h.epoch[-1]['train_loss']:.4f} | "
+                     f"{100 * h.epoch[-1]['test_acc']:.2f}% | {diff:.2e} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _bn_table(runs: dict) -> str:
+    lines = ["| model | test accuracy after epoch 1 | final test accuracy | final train loss |", "|---|---:|---:|---:|"]
+    for label in ("with BatchNorm", "without BatchNorm"):
+        h = runs[label]
+        lines.append(f"| {label} | {100 * h.epoch[0]['test_acc']:.2f}% | {100 * h.epoch[-1]['test_acc']:.2f}% | "
+                     f"{h.epoch[-1]['train_loss']:.4f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _figures(args: argparse.Namespace, summary: list[str] | None = None) -> int:
+    from . import experiments as ex
+
+    out = Path(args.out)
+    only = _split(args.only) or ["paths", "init", "bn", "sweep"]
+    unknown = [o for o in only if o not in ("paths", "init", "bn", "sweep")]
+    if unknown:
+        raise SystemExit(f"fastnorm figures: unknown figure {unknown[0]!r}; choose from paths, init, bn, sweep")
+    summary = [] if summary is None else summary
+    if "paths" in only:
+        path = ex.optimizer_paths(out / "optimizer_paths.png", backend=args.backend)
+        summary += ["## Optimizer paths", "", f"![optimizer paths]({path.name})", ""]
+        print(f"figure: {path}")
+    if "init" in only:
+        paths = ex.weight_init_histograms(out)
+        summary += ["## Weight initialisation", ""] + [f"![{p.stem}]({p.name})" for p in paths] + [""]
+        print("figures: " + ", ".join(map(str, paths)))
+    data = _data(args) if ("bn" in only or "sweep" in only) else None
+    if "bn" in only:
+        runs = ex.batchnorm_mnist(data, out / "batchnorm_mnist.png", epochs=args.epochs, backend=args.backend,
+                                  optimizer=args.optimizer, seed=args.seed, train_limit=args.train_limit,
+                                  progress=not args.no_progress)  # fmt: skip
+        table = _bn_table(runs)
+        summary += [f"## BatchNorm on MNIST ({args.epochs} epochs, {args.optimizer})", "", table, "",
+                    f"![batchnorm]({runs['figure'].name})", ""]  # fmt: skip
+        print(table)
+        print(f"figure: {runs['figure']}")
+    if "sweep" in only:
+        sweep = ex.weight_scale_sweep(data, out / "weight_scale_sweep.png", samples=args.sweep_samples,
+                                      epochs=args.sweep_epochs, backend=args.backend, seed=args.seed)  # fmt: skip
+        summary += ["## Weight-scale sweep", "", f"![sweep]({sweep['figure'].name})", ""]
+        print(f"figure: {sweep['figure']}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Experiments 1 and 2, a short BatchNorm-vs-none MNIST run and the backend comparison."""
+    import fastnorm
+
+    from .experiments import compare_backends
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    summary = ["# fastnorm demo", "", f"backends usable here: {', '.join(fastnorm.backends())}", ""]
+    args.only = "paths,init,bn"
+    _figures(args, summary)
+    runs = compare_backends(_data(args), out / "compare_backends.png", epochs=args.compare_epochs,
+                            optimizer=args.optimizer, seed=args.seed, train_limit=args.train_limit,
+                            progress=not args.no_progress)  # fmt: skip
+    table = _backend_table(runs)
+    summary += [f"## Backends side by side ({args.compare_epochs} epoch, {args.optimizer} + BatchNorm)", "", table, "",
+                f"![backends]({runs['figure'].name})", ""]  # fmt: skip
+    print(table)
+    (out / "summary.md").write_text("\n".join(summary))
+    print(f"\ndone in {time.perf_counter() - start:.0f} s: figures and summary.md in {out.resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastnorm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    demo = sub.add_parser("demo", help="compare the backends on one BatchNorm and one Adam step")
-    demo.add_argument("--repeat", type=int, default=20, help="timed calls per backend (default 20)")
+    from ._dispatch import BACKENDS
+    from .train import OPTIMIZERS
+
+    parser = _Parser(prog="fastnorm", description="fastnorm: BatchNorm and optimizer kernels as PyTorch drop-ins, "
+                     "and the experiments of 'Deep Learning from Scratch', chapter 6.")  # fmt: skip
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    def common(p, epochs, optimizer="momentum"):
+        p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (default: $FASTNORM_DATA)")
+        p.add_argument("--out", default="results", help="output folder (default: results)")
+        p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="fastnorm backend (default: auto)")
+        p.add_argument("--optimizer", default=optimizer, choices=list(OPTIMIZERS), help=f"optimizer (default: {optimizer})")
+        p.add_argument("--epochs", type=_positive_int, default=epochs, help=f"epochs (default: {epochs})")
+        p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+        p.add_argument("--train-limit", type=_positive_int, default=None, help="use the first N training images only")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    train = sub.add_parser("train", help="train the MNIST MLP (logs, checkpoints, --resume)")
+    common(train, 10)
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's)")
+    train.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
+    train.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True, help="use BatchNorm (default: yes)")
+    train.add_argument("--test-limit", type=_positive_int, default=None, help="use the first N test images only")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.set_defaults(func=_train)
+
+    compare = sub.add_parser("compare", help="the same training with each backend (experiment 4)")
+    common(compare, 1)
+    compare.add_argument("--backends", default=None, help="comma-separated backends (default: all usable on CPU)")
+    compare.set_defaults(func=_compare)
+
+    figures = sub.add_parser("figures", help="experiments 1-3: optimizer paths, weight init, BatchNorm on MNIST")
+    common(figures, 10)
+    figures.add_argument("--only", default=None, help="comma-separated subset of paths, init, bn, sweep")
+    figures.add_argument("--sweep-samples", type=_positive_int, default=1000, help="images in the weight-scale sweep")
+    figures.add_argument("--sweep-epochs", type=_positive_int, default=20, help="epochs of the weight-scale sweep")
+    figures.set_defaults(func=_figures)
+
+    demo = sub.add_parser("demo", help="the main job: experiments 1-2, a 2-epoch BatchNorm run, the backend comparison")
+    common(demo, 2)
+    demo.add_argument("--compare-epochs", type=_positive_int, default=1, help="epochs of the backend comparison")
     demo.set_defaults(func=_demo)
+
+    side = sub.add_parser("side-by-side", help="every backend on one BatchNorm and one Adam step")
+    side.add_argument("--repeat", type=_positive_int, default=20, help="timed calls per backend (default 20)")
+    side.set_defaults(func=_demo_side_by_side)
 
     bench = sub.add_parser("bench", help="run the benchmark suites and write the speed report")
     bench.add_argument("--ops", help=f"comma-separated subset of {', '.join(BENCH_FILES)} (default: all)")
@@ -133,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--title", help="report title")
     bench.set_defaults(func=_bench)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

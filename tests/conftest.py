@@ -45,3 +45,29 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
 
 def tol(dtype: torch.dtype) -> tuple[float, float]:
     return TOLERANCES[dtype]
+
+
+#: The offline MNIST copy (read-only) that tests and the demo use.
+SHARED_MNIST = (__import__("pathlib").Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist").resolve()
+
+
+@pytest.fixture(scope="session")
+def mnist_cache(tmp_path_factory):
+    """A writable cache for the decompressed IDX files, private to this test session."""
+    import os
+
+    path = tmp_path_factory.mktemp("fastnorm-cache")
+    old = os.environ.get("FASTNORM_CACHE")
+    os.environ["FASTNORM_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FASTNORM_CACHE", None)
+    else:
+        os.environ["FASTNORM_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_cache):
+    from fastnorm.data import load_mnist
+
+    return load_mnist(SHARED_MNIST, download=False)
