@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
+	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest tests/cudasim -q -p no:cacheprovider
 	$(BIN)/python -m pytest bench -q -p no:cacheprovider --benchmark-disable
 
 demo: $(STAMP)

@@ -12,6 +12,7 @@ allocator and the kernels see them through ``__cuda_array_interface__``.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -89,7 +90,7 @@ class CpuArrays:
         if channels_last:
             a = np.moveaxis(a, 1, -1)  # (N, *spatial, C): contiguous for a channels-last tensor
             return a.reshape(-1, a.shape[-1], 1)
-        return a.reshape(a.shape[0], a.shape[1], -1)
+        return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:]))
 
     @staticmethod
     def new(like: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, np.ndarray]:
@@ -100,7 +101,7 @@ class CpuArrays:
             a = pool.empty((shape[0], *shape[2:], shape[1]), dtype)
             return torch.from_numpy(a).movedim(-1, 1), a.reshape(-1, shape[1], 1)
         a = pool.empty(tuple(shape), dtype)
-        return torch.from_numpy(a), a.reshape(shape[0], shape[1], -1)
+        return torch.from_numpy(a), a.reshape(shape[0], shape[1], math.prod(shape[2:]))
 
     @staticmethod
     def new_vector(n: int, like: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
@@ -132,7 +133,7 @@ class CudaArrays:
         if channels_last:
             t = t.movedim(1, -1).reshape(-1, t.shape[1], 1)
         else:
-            t = t.view(t.shape[0], t.shape[1], -1)
+            t = t.view(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
         return self.view(t)
 
     def new(self, like: torch.Tensor, channels_last: bool):

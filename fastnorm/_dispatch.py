@@ -13,6 +13,7 @@ import functools
 import os
 from dataclasses import dataclass
 from types import ModuleType
+import numpy as np
 import torch
 
 import kernels
@@ -61,10 +62,39 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
     except ImportError as exc:
         return None, f"it failed to import ({exc})"
     if name == "cuda":
-        probe = getattr(module, "is_usable", None)
-        if probe is not None and not probe():
+        if not module.is_usable():
             return None, "Numba cannot use the GPU (numba.cuda.is_available() is False)"
+        _connect_cuda(module)
     return module, None
+
+
+def _connect_cuda(module: ModuleType) -> None:
+    """Launch the CUDA kernels on torch's current stream, with scratch from torch's allocator."""
+    from numba import cuda
+
+    streams: dict[int, object] = {}
+
+    def current_stream():
+        handle = torch.cuda.current_stream().cuda_stream
+        stream = streams.get(handle)
+        if stream is None:
+            stream = streams[handle] = cuda.external_stream(handle)
+        return stream
+
+    def allocate(shape, dtype):
+        t = torch.empty(shape, dtype=_TORCH_DTYPES[dtype], device="cuda")
+        return module.as_device_array(t)  # the view keeps the tensor (and its memory) alive
+
+    module.set_stream_provider(current_stream)
+    module.set_allocator(allocate)
+
+
+_TORCH_DTYPES = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.int8): torch.int8,
+}
 
 
 def _implements(name: str, op: str) -> bool:

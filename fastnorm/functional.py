@@ -115,6 +115,11 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, e
             "running_mean and running_var must either both be None or neither be None"
         )
 
+    check_tensors(input, weight, bias, running_mean, running_var, name)
+
+
+def check_tensors(input, weight, bias, running_mean, running_var, name) -> None:
+    """Sizes, dtypes and devices of the per-channel tensors against the input's (torch's words)."""
     channels = input.shape[1]
     dtype = input.dtype
     if dtype not in _KERNEL_DTYPES:

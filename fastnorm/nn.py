@@ -7,14 +7,18 @@ and adds one keyword, ``backend``, that chooses the kernels of the forward and b
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional
-from ._dispatch import check_name
+from ._dispatch import check_name, resolve
 from ._signature import with_backend_signature
+from .distributed import SyncBatchNormFunction
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert"]
 
 
 class _FastBatchNorm:
@@ -27,13 +31,18 @@ class _FastBatchNorm:
         super().__init__(*args, **kwargs)
         self.backend = backend
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
+    def _averaging_factor(self) -> float:
+        """torch's exponential_average_factor; counts the batch when tracking in training."""
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
+        return momentum
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        momentum = self._averaging_factor()
         # batch statistics in training, and in eval when no running statistics are kept
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
@@ -102,18 +111,83 @@ class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
         super().__init__(*args, backend=backend, **kwargs)
 
 
+class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
+    r"""Batch Normalization with statistics over every process of a ``torch.distributed`` group,
+    as :class:`torch.nn.SyncBatchNorm`, on CPU (gloo) as well as GPU (NCCL).
+
+    Local statistics come from the backend's kernels; counts, means and variances are merged
+    across ranks (which may hold different batch sizes, or none) and the backward's two
+    reductions are all-reduced (see :mod:`fastnorm.distributed`). In eval mode, and outside an
+    initialised process group (or with one process), it is plain BatchNorm, as torch's is.
+    ``backend="torch"`` runs torch's own SyncBatchNorm (GPU only when syncing).
+
+    It is not a subclass of :class:`torch.nn.SyncBatchNorm`: DistributedDataParallel refuses
+    modules holding that class on CPU, and this one exists to run there too.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
+            bias: exactly as :class:`torch.nn.SyncBatchNorm`.
+        backend: ``"auto"``, ``"reference"``, ``"numba"``, ``"cuda"`` or ``"torch"``.
+
+    Shape:
+        Input ``(N, C, *)``, N may differ between ranks; output the same.
+
+    Example:
+        >>> model = fastnorm.nn.convert(model, backend="numba", sync=True)
+        >>> model = torch.nn.parallel.DistributedDataParallel(model)
+    """
+
+    @with_backend_signature(nn.SyncBatchNorm)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        bound = _SYNC_SIGNATURE.bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        options = {k: v for k, v in bound.arguments.items() if k != "self"}
+        process_group = options.pop("process_group")
+        super().__init__(**options, backend=backend)
+        self.process_group = process_group
+
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.backend == "torch":
+            return nn.SyncBatchNorm.forward(self, input)
+        need_sync = self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
+        if need_sync:
+            group = self.process_group or torch.distributed.group.WORLD
+            world_size = torch.distributed.get_world_size(group)
+            need_sync = world_size > 1
+        if not need_sync:
+            return super().forward(input)
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        momentum = self._averaging_factor()
+        chosen = resolve(self.backend, "batch_norm", input.device)
+        if chosen.is_torch:  # "auto" where no fastnorm kernel runs: torch's own
+            return nn.SyncBatchNorm.forward(self, input)
+        functional.check_tensors(input, self.weight, self.bias, self.running_mean, self.running_var, chosen.name)
+        track = self.track_running_stats
+        return SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, self.running_mean if track else None,
+            self.running_var if track else None, self.eps, momentum, group, world_size, chosen,
+        )  # fmt: skip
+
+
+_SYNC_SIGNATURE = inspect.signature(nn.SyncBatchNorm.__init__)
 _DROP_IN = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 
-def _converted(bn: nn.Module, backend: str) -> nn.Module:
-    if isinstance(bn, _FastBatchNorm):
-        bn.backend = backend
+def _converted(bn: nn.Module, backend: str, sync: bool, process_group) -> nn.Module:
+    if isinstance(bn, _FastBatchNorm) and (not sync or isinstance(bn, SyncBatchNorm)):
+        bn.backend = backend  # already fastnorm's (a SyncBatchNorm stays one)
         return bn
-    cls = _DROP_IN[type(bn)]
-    new = cls(
-        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-        device="meta", bias=bn.bias is not None or not bn.affine, backend=backend,
-    )  # fmt: skip
+    options = dict(device="meta", bias=bn.bias is not None or not bn.affine, backend=backend)
+    if sync:
+        cls = SyncBatchNorm
+        options["process_group"] = process_group if process_group is not None else getattr(bn, "process_group", None)
+    else:
+        cls = _DROP_IN[type(bn)]
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **options)
     # share the very Parameter and buffer objects: an optimizer built before the conversion
     # keeps updating the same tensors
     for name, p in bn.named_parameters(recurse=False):
@@ -129,17 +203,19 @@ def _converted(bn: nn.Module, backend: str) -> nn.Module:
     return new
 
 
-def convert(module: nn.Module, backend: str = "auto") -> nn.Module:
+def convert(module: nn.Module, backend: str = "auto", sync: bool = False, process_group=None) -> nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` inside ``module`` by fastnorm's.
 
     Weights, buffers (the same tensor objects, so device and dtype are kept), train/eval mode
     and ``state_dict`` keys are preserved. fastnorm modules already present get ``backend``.
-    Subclasses of torch's BatchNorm other than these three (e.g. ``SyncBatchNorm``, lazy
-    modules, user subclasses) are left as they are.
+    Other subclasses of torch's BatchNorm (lazy modules, user subclasses) are left as they are.
 
     Args:
         module: a model, or a single BatchNorm module.
         backend: the backend of the converted modules.
+        sync: convert to :class:`SyncBatchNorm` instead (BatchNorm1d/2d/3d, fastnorm's and
+            torch's SyncBatchNorm alike), as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
+        process_group: the group that SyncBatchNorm synchronises over (default: the whole world).
 
     Returns:
         The converted module (the same object unless ``module`` itself is a BatchNorm).
@@ -149,10 +225,14 @@ def convert(module: nn.Module, backend: str = "auto") -> nn.Module:
         >>> model = convert(torchvision.models.resnet18(num_classes=10), backend="reference")
     """
     check_name(backend, "batch_norm")
-    if type(module) in _DROP_IN or isinstance(module, _FastBatchNorm):
-        return _converted(module, backend)
+    convertible = type(module) in _DROP_IN or isinstance(module, _FastBatchNorm)
+    if sync:
+        convertible = convertible or type(module) is nn.SyncBatchNorm
+    if convertible:
+        return _converted(module, backend, sync, process_group)
     for name, child in module.named_children():
-        new = convert(child, backend)
+        new = convert(child, backend, sync, process_group)
         if new is not child:
             setattr(module, name, new)
     return module
+

@@ -174,6 +174,13 @@ class _KernelOptimizer:
 
     def _update(self, group: dict, params: list[torch.Tensor], backend: Backend) -> None:
         extra = self._init_states(group, params)
+        if self._has_step and params[0].device.type != "cpu":
+            # GPU kernels advance the step counters on the device (torch's capturable layout),
+            # so nothing is read back to the host; a CPU counter (a torch checkpoint) moves there
+            for p in params:
+                state = self.state[p]
+                if state["step"].device != p.device:
+                    state["step"] = state["step"].to(p.device)
         rows = self._rows(group, params)
         steps = [self.state[p]["step"] for p in params] if self._has_step else []
         table_fn = getattr(backend.kernels, f"{self._op}_step_table", None)
@@ -314,14 +321,14 @@ def _by_dtype(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 def _flat(rows: list[list[torch.Tensor]], steps: list[torch.Tensor]) -> bool:
-    """Whether the table path applies: contiguous CPU tensors, step counters of one float dtype."""
-    if rows[0][0].device.type != "cpu":
-        return False
-    if not all(t.is_contiguous() for row in rows for t in row):
+    """Whether the table path applies: contiguous tensors on the parameters' device, step
+    counters of one float dtype beside them."""
+    device = rows[0][0].device
+    if not all(t.is_contiguous() and t.device == device for row in rows for t in row):
         return False
     if steps:
         dtype = steps[0].dtype
-        if dtype not in _KERNEL_DTYPES or any(s.dtype != dtype or s.device.type != "cpu" or s.numel() != 1 for s in steps):
+        if dtype not in _KERNEL_DTYPES or any(s.dtype != dtype or s.device != device or s.numel() != 1 for s in steps):
             return False
     return True
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import nn as fnn
 from . import optim
 from .data import MNIST, batches
 from .models import SimpleNN
@@ -98,14 +99,21 @@ def train(config: TrainConfig, data: MNIST, out_dir: str | os.PathLike | None = 
     ``checkpoint.pt`` after every epoch; ``resume=True`` continues from that checkpoint.
     """
     data = data.subset(config.train_limit, config.test_limit)
+    rank, world = _process_group()
     torch.manual_seed(config.seed)
     model = SimpleNN(use_batch_norm=config.batch_norm, backend=config.backend)
+    net = model
+    if world > 1:  # data parallel: SyncBatchNorm, gradients averaged by DDP, a shard of each batch
+        model = fnn.convert(model, backend=config.backend, sync=True)
+        net = torch.nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(config.optimizer, model.parameters(), config.lr, config.backend)
+    progress = config.progress and rank == 0
+    writer = rank == 0  # every rank may resume from the checkpoint; rank 0 alone writes
     loss_fn = torch.nn.CrossEntropyLoss()
     history, first_epoch = History(), 0
     out = Path(out_dir) if out_dir is not None else None
     ckpt = out / "checkpoint.pt" if out is not None else None
-    if out is not None:
+    if out is not None and writer:
         out.mkdir(parents=True, exist_ok=True)
     if resume:
         if ckpt is None or not ckpt.is_file():
@@ -121,17 +129,19 @@ def train(config: TrainConfig, data: MNIST, out_dir: str | os.PathLike | None = 
 
     model.train()
     n_steps = -(-data.train_images.shape[0] // config.batch_size)
-    epochs = tqdm(range(first_epoch, config.epochs), desc="epochs", disable=not config.progress,
+    epochs = tqdm(range(first_epoch, config.epochs), desc="epochs", disable=not progress,
                   initial=first_epoch, total=config.epochs)  # fmt: skip
     for epoch in epochs:
         gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
         start = time.perf_counter()
         total, correct, seen = 0.0, 0, 0
         steps = tqdm(batches(data.train_images, data.train_labels, config.batch_size, gen), total=n_steps,
-                     desc=f"epoch {epoch + 1}", leave=False, disable=not config.progress)  # fmt: skip
+                     desc=f"epoch {epoch + 1}", leave=False, disable=not progress)  # fmt: skip
         for images, labels in steps:
+            if world > 1:
+                images, labels = images.tensor_split(world)[rank], labels.tensor_split(world)[rank]
             opt.zero_grad(set_to_none=True)
-            logits = model(images)
+            logits = net(images)
             loss = loss_fn(logits, labels)
             loss.backward()
             opt.step()
@@ -151,12 +161,35 @@ def train(config: TrainConfig, data: MNIST, out_dir: str | os.PathLike | None = 
         }
         history.epoch.append(record)
         epochs.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{record['test_acc']:.4f}")
-        if out is not None:
+        if out is not None and writer:
             _write_logs(out, config, history)
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                           "history": history.to_dict(), "config": asdict(config),
                           "torch_rng": torch.get_rng_state()}, ckpt)  # fmt: skip
     return model, history
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _train_worker(rank: int, world: int, config: TrainConfig, data_dir, out_dir, resume: bool) -> None:
+    from .data import load_mnist
+
+    train(config, load_mnist(data_dir), out_dir=out_dir, resume=resume)
+
+
+def train_distributed(config: TrainConfig, nproc: int, data_dir=None, out_dir=None, resume: bool = False) -> None:
+    """:func:`train` on ``nproc`` local processes (gloo): each process takes its shard of every
+    batch, BatchNorm is synchronised (fastnorm.nn.SyncBatchNorm) and DistributedDataParallel
+    averages the gradients, so the run follows single-process training on the full batches.
+    Rank 0 writes the logs and checkpoints."""
+    from .distributed import spawn
+
+    spawn(_train_worker, nproc, config, data_dir, out_dir, resume, timeout_s=300)
 
 
 def _run_identity(config: dict) -> dict:

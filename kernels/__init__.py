@@ -10,7 +10,8 @@ backend name   package                   runs on
 ``cuda``       :mod:`kernels.numba_cuda` Numba ``cuda.jit`` kernels, NVIDIA GPUs
 =============  ========================  ==========================================
 
-BatchNorm: ``batch_norm_forward_train``, ``batch_norm_forward_eval``, ``batch_norm_backward``.
+BatchNorm: ``batch_norm_forward_train``, ``batch_norm_forward_eval``, ``batch_norm_backward``,
+``batch_norm_stats`` (statistics only, for SyncBatchNorm).
 Optimizers: ``sgd_step``, ``adagrad_step``, ``rmsprop_step``, ``adam_step``.
 
 Nothing here imports torch; the PyTorch face is the :mod:`fastnorm` package.
@@ -22,7 +23,7 @@ import importlib
 from types import ModuleType
 
 OPS = {
-    "batch_norm": ("batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward"),
+    "batch_norm": ("batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward", "batch_norm_stats"),
     "sgd": ("sgd_step",),
     "adagrad": ("adagrad_step",),
     "rmsprop": ("rmsprop_step",),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -18,6 +19,13 @@ TOLERANCES = {
     torch.float64: (1e-9, 1e-10),
     torch.float32: (1e-4, 2e-5),
 }
+
+
+# The simulator suite runs in its own process (NUMBA_ENABLE_CUDASIM=1 must precede numba's import).
+collect_ignore = [] if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else ["cudasim"]
+# The GPU suite needs a CUDA device: bench/gpu_check.sh runs it on one.
+if not torch.cuda.is_available():
+    collect_ignore.append("gpu")
 
 
 @pytest.fixture(autouse=True)

@@ -141,3 +141,15 @@ def test_optimizer_chunk_table_indexes_beyond_int32():
     assert start[-1] == (huge - 1) // (1 << 20) * (1 << 20) and stop[-1] == huge
     assert stop[-1] > np.iinfo(np.int32).max
     assert int((stop - start)[tensor == 1].sum()) == huge
+
+
+@pytest.mark.parametrize("shape", [(9, 4, 1), (3, 5, 17), (2000, 40, 1)], ids=str)
+def test_batch_norm_stats_matches_reference(shape):
+    x = (np.random.default_rng(6).standard_normal(shape) * 2 + 5).astype(np.float32)
+    outs = []
+    for k in (ref, nb):
+        mean, var = np.empty(shape[1]), np.empty(shape[1])
+        k.batch_norm_stats(x, mean, var)
+        outs.append((mean, var))
+    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-10, atol=1e-12)

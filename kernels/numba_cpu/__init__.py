@@ -6,7 +6,7 @@ one after another from torch's training loop, never from inside a torch parallel
 two thread pools do not oversubscribe the cores.
 """
 
-from .batchnorm import batch_norm_backward, batch_norm_forward_eval, batch_norm_forward_train
+from .batchnorm import batch_norm_backward, batch_norm_forward_eval, batch_norm_forward_train, batch_norm_stats
 from .optim import (
     adagrad_step,
     adagrad_step_table,
@@ -23,6 +23,7 @@ __all__ = [
     "batch_norm_forward_train",
     "batch_norm_forward_eval",
     "batch_norm_backward",
+    "batch_norm_stats",
     "sgd_step",
     "adagrad_step",
     "rmsprop_step",

@@ -339,6 +339,22 @@ def _backward(dy, x, mean, invstd, weight, has_weight, training, need_sums, need
             _input_grad(dy, x, mean, k1, k2, k3, dx, c0, c1, rows_per_chunk)
 
 
+@twins(fastmath=REASSOC)
+def _stats(x, mean, var, rows_per_chunk, block):
+    # x: (N, C, S); mean, var: (C,) float64 out
+    N, C, S = x.shape
+    n = N * S
+    shift = _shift(x)
+    for c0 in range(0, C, block):
+        c1 = min(C, c0 + block)
+        s1, s2 = _stat_sums(x, shift, c0, c1, rows_per_chunk)
+        for c in range(c0, c1):
+            dm = s1[c - c0] / n
+            v = s2[c - c0] / n - dm * dm
+            mean[c] = shift[c] + dm
+            var[c] = v if not v < 0.0 else 0.0
+
+
 # -- launchers: the kernels API (same names and arguments as kernels.reference) -----------------
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
@@ -378,3 +394,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight, training, dx, dweight, dbia
                       need_sums, need_dx, dy if dx is None else dx, _or_empty(dweight, x.dtype),
                       _or_empty(dbias, x.dtype), _rows_per_chunk(n, c),
                       _channel_block(n, c, s, x.itemsize, 2))  # fmt: skip
+
+
+def batch_norm_stats(x, mean, var):
+    """Per-channel mean and biased variance (float64 outputs); see kernels.reference."""
+    check_arrays(x, x, [])
+    n, c, s = x.shape
+    for a in (mean, var):
+        if not isinstance(a, np.ndarray) or a.shape != (c,) or a.dtype != np.float64:
+            raise ValueError(f"mean and var must be float64 arrays of shape ({c},)")
+    _stats(x.size)(x, mean, var, _rows_per_chunk(n, c), _channel_block(n, c, s, x.itemsize, 1))

@@ -16,7 +16,7 @@ generalises it the way PyTorch does:
 Everything is computed in float64 and written into the caller's float32/float64 outputs, so this
 is both the slow backend and the yardstick the fast ones are tested against.
 
-Every kernels backend exposes these three functions with these arguments; all of them write into
+Every kernels backend exposes these four functions with these arguments; all of them write into
 output arrays the caller allocated (so on a GPU the outputs come from torch's allocator).
 """
 
@@ -134,3 +134,16 @@ def batch_norm_backward(
         dmu = dxc.sum(axis=_AXES)
         dxc = dxc - _per_channel(dmu) / n
     dx[...] = dxc
+
+
+@_quiet
+def batch_norm_stats(
+    x: np.ndarray,  # (N, C, S)
+    mean: np.ndarray,  # (C,) float64 out: per-channel mean
+    var: np.ndarray,  # (C,) float64 out: per-channel biased variance
+) -> None:
+    """Per-channel statistics only (SyncBatchNorm merges them across processes)."""
+    x64 = x.astype(np.float64)
+    mu = x64.mean(axis=_AXES)
+    mean[...] = mu
+    var[...] = ((x64 - _per_channel(mu)) ** 2).mean(axis=_AXES)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GPU validation in one go, for a lent H100/H200 (see the device tool's README):
+#   1. the machine and versions;
+#   2. the GPU parity tests (tests/gpu: cuda backend against torch, real sizes);
+#   3. the benchmark suite for the cuda and torch providers: BatchNorm at (64, 256), (8192, 2048),
+#      (256, 64, 56, 56), (64, 256, 28, 28); optimizers on the MLP, 100M and 1B parameters;
+#      the device-to-device copy roofline; the markdown report and chart.
+# Installs nothing: it uses the machine's python3 (torch, numba, numba-cuda, pytest,
+# pytest-benchmark) with this checkout on PYTHONPATH. Designed to finish in under 8 minutes on an
+# H100. Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else bench/results/gpu)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-bench/results/gpu}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export FASTNORM_CACHE="${FASTNORM_CACHE:-/tmp/fastnorm-cache}"
+start=$(date +%s)
+
+{
+  echo "# machine"; date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+  "$PY" - <<'PY'
+import platform, torch, numba
+try:
+    import numba_cuda; ncv = numba_cuda.__version__
+except Exception:
+    ncv = "n/a"
+import pytest_benchmark
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"numba {numba.__version__}, numba-cuda {ncv}, pytest-benchmark {pytest_benchmark.__version__}")
+print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+import fastnorm
+print("fastnorm backends:", fastnorm.backends())
+PY
+} > "$OUT_DIR/machine.txt" 2>&1
+cat "$OUT_DIR/machine.txt"
+if ! "$PY" -c "import torch, numba.cuda, pytest, pytest_benchmark; assert torch.cuda.is_available()" 2>/dev/null; then
+  echo "gpu_check: this machine lacks a CUDA device or one of torch, numba-cuda, pytest, pytest-benchmark" >&2
+  exit 3
+fi
+
+echo "# parity (tests/gpu)"
+timeout 240 "$PY" -m pytest tests/gpu -q -p no:cacheprovider -rfE > "$OUT_DIR/parity.txt" 2>&1
+parity=$?
+tail -25 "$OUT_DIR/parity.txt"
+
+echo "# benchmarks"
+timeout 300 "$PY" -m fastnorm bench --device cuda --ops batchnorm,optim \
+  --providers cuda,torch,torch-foreach,torch-fused \
+  --shapes 64x256,8192x2048,256x64x56x56,64x256x28x28,mlp,100M,1B \
+  --budget 0.25 --out "$OUT_DIR/gpu.json" --title "fastnorm on $("$PY" -c 'import torch; print(torch.cuda.get_device_name())')" \
+  > "$OUT_DIR/bench.log" 2>&1
+bench=$?
+tail -5 "$OUT_DIR/bench.log"
+echo "gpu_check: parity exit $parity, bench exit $bench, $(( $(date +%s) - start )) s; files in $OUT_DIR"
+[ "$parity" -eq 0 ] && [ "$bench" -eq 0 ]
