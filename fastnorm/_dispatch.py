@@ -1,8 +1,9 @@
 """The one dispatch point: backend names -> kernels, per op and per device.
 
 ``backend=`` on every public entry point takes one of :data:`BACKENDS` or ``"auto"``.
-``"auto"`` picks the fastest backend available for the tensors' device (``numba`` on CPU,
-``cuda`` on NVIDIA GPUs, ``torch`` where neither applies); the ``FASTNORM_BACKEND`` environment
+``"auto"`` picks the fastest backend available for the tensors' device (``numba`` on CPU, but
+``torch`` for CPU BatchNorm inputs under AUTO_CPU_BATCH_NORM_MIN_NUMEL values; ``cuda`` on
+NVIDIA GPUs; ``torch`` where neither applies); the ``FASTNORM_BACKEND`` environment
 variable, when set, replaces that choice. A backend asked for explicitly (by argument or by the
 environment) that cannot run raises ``ValueError`` naming the backends that can.
 """
@@ -147,23 +148,32 @@ def _environment() -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def resolve(backend: str, op: str, device: torch.device) -> Backend:
+#: ``"auto"`` leaves CPU BatchNorm inputs up to this size to torch: there a BatchNorm is a few
+#: microseconds of arithmetic and the Python around fastnorm's kernels costs more than torch's
+#: C++ path (measured: numba 0.4-0.6x torch at the MNIST MLP's (64, 256), 0.85-0.9x at
+#: (1024, 1024); 1.7x and more from (32, 256, 14, 14) on; bench/results/cpu.md).
+AUTO_CPU_BATCH_NORM_MIN_NUMEL = 1_500_000
+
+
+def resolve(backend: str, op: str, device: torch.device, numel: int | None = None) -> Backend:
     """Choose the backend that runs ``op`` on tensors of ``device``.
 
     Args:
         backend: ``"auto"`` or a name in :data:`BACKENDS`.
         op: a key of ``kernels.OPS`` ("batch_norm", "sgd", "adagrad", "rmsprop", "adam").
         device: the device of the input tensor / parameters.
+        numel: the input's size, when it matters to ``"auto"`` (CPU BatchNorm).
     """
-    key = (backend, op, device.type, _environment() if backend == AUTO else None)
+    small = numel is not None and numel < AUTO_CPU_BATCH_NORM_MIN_NUMEL and op == "batch_norm"
+    key = (backend, op, device.type, _environment() if backend == AUTO else None, small)
     chosen = _RESOLVED.get(key)
     if chosen is None:
-        chosen = _resolve(backend, op, device)
+        chosen = _resolve(backend, op, device, small)
         _RESOLVED[key] = chosen
     return chosen
 
 
-def _resolve(backend: str, op: str, device: torch.device) -> Backend:
+def _resolve(backend: str, op: str, device: torch.device, small: bool = False) -> Backend:
     source = ""
     if backend == AUTO:
         env = (_environment() or "").strip()
@@ -172,7 +182,7 @@ def _resolve(backend: str, op: str, device: torch.device) -> Backend:
     if not isinstance(backend, str) or backend not in BACKENDS + (AUTO,):
         raise _unknown(backend, source, op)
     if backend == AUTO:
-        preferred = {"cpu": "numba", "cuda": "cuda"}.get(device.type)
+        preferred = {"cpu": None if small else "numba", "cuda": "cuda"}.get(device.type)
         backend = preferred if preferred and _implements(preferred, op) else "torch"
     elif not _implements(backend, op):
         raise _unavailable(backend, op, source)

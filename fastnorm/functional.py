@@ -56,7 +56,7 @@ def batch_norm(
         >>> rm, rv = torch.zeros(256), torch.ones(256)
         >>> y = batch_norm(x, rm, rv, training=True, backend="reference")
     """
-    chosen = resolve(backend, "batch_norm", input.device)
+    chosen = resolve(backend, "batch_norm", input.device, input.numel())
     if chosen.is_torch:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 

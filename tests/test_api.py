@@ -29,8 +29,12 @@ def test_backends_lists_what_runs_here():
 
 def test_auto_picks_a_fast_backend_for_cpu(monkeypatch):
     monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
-    chosen = resolve("auto", "batch_norm", torch.device("cpu")).name
-    assert chosen == ("numba" if "numba" in fastnorm.backends("batch_norm") else "torch")
+    cpu = torch.device("cpu")
+    assert resolve("auto", "batch_norm", cpu).name == "numba"
+    assert resolve("auto", "batch_norm", cpu, numel=64 * 3136 * 16).name == "numba"  # (64, 64, 28, 28)
+    assert resolve("auto", "batch_norm", cpu, numel=64 * 256).name == "torch"  # the MLP's: torch is faster
+    assert resolve("auto", "adam", cpu).name == "numba"
+    assert resolve("numba", "batch_norm", cpu, numel=64 * 256).name == "numba"  # explicit wins
 
 
 def test_environment_overrides_auto(monkeypatch):
