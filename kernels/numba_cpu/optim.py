@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .._list_api import ListAPI
 from ._validate import FLOAT_DTYPES
 
 CHUNK = 1 << 15  # elements per chunk of the parallel loop (the MLP's weight: 7 chunks)
@@ -236,9 +238,6 @@ def _adam(addrs, ct, cs, ce, steps, step_f64, step_sizes, bc2_sqrts, advance, lr
 
 # -- table entry points (fastnorm's optimizers call these) --------------------------------------
 
-_NO_STEPS = np.zeros(0, np.int64)
-
-
 def _prepare(addrs, numels, dtype, rows: int, *constants):
     """Validate a table; returns (constants in dtype, chunk table)."""
     dtype = np.dtype(dtype)
@@ -308,41 +307,5 @@ def _table(*rows):
     return np.array([[a.ctypes.data for a in row] for row in rows], np.int64).reshape(len(rows), len(first)), numels, dtype
 
 
-def sgd_step(params, grads, momentum_buffers, first_step, *, lr, weight_decay, momentum, dampening, nesterov, maximize):
-    if not params:
-        return
-    rows = [params, grads, momentum_buffers if momentum != 0 else grads]
-    addrs, numels, dtype = _table(*rows)
-    flags = np.array([bool(f) for f in first_step] if momentum != 0 else [0] * len(params), np.int8)
-    sgd_step_table(addrs, numels, dtype, flags, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                   dampening=dampening, nesterov=nesterov, maximize=maximize)  # fmt: skip
-
-
-def adagrad_step(params, grads, state_sums, clrs, *, weight_decay, eps, maximize):
-    if not params:
-        return
-    addrs, numels, dtype = _table(params, grads, state_sums)
-    adagrad_step_table(addrs, numels, dtype, _NO_STEPS, False, clrs, lr=0.0, lr_decay=0.0,
-                       weight_decay=weight_decay, eps=eps, maximize=maximize)  # fmt: skip
-
-
-def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps, weight_decay,
-                 momentum, centered, maximize):  # fmt: skip
-    if not params:
-        return
-    rows = [params, grads, square_avgs, grad_avgs if centered else square_avgs,
-            momentum_buffers if momentum > 0 else square_avgs]  # fmt: skip
-    addrs, numels, dtype = _table(*rows)
-    rmsprop_step_table(addrs, numels, dtype, _NO_STEPS, False, lr=lr, alpha=alpha, eps=eps,
-                       weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize)  # fmt: skip
-
-
-def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes, bias_correction2_sqrts, *,
-              lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize):  # fmt: skip
-    if not params:
-        return
-    rows = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [exp_avg_sqs])
-    addrs, numels, dtype = _table(*rows)
-    adam_step_table(addrs, numels, dtype, _NO_STEPS, False, step_sizes, bias_correction2_sqrts, lr=lr,
-                    beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                    decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)  # fmt: skip
+_API = ListAPI(_table, sys.modules[__name__])
+sgd_step, adagrad_step, rmsprop_step, adam_step = _API.sgd_step, _API.adagrad_step, _API.rmsprop_step, _API.adam_step

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import numpy as np
 from numba import cuda
 
+from .._list_api import ListAPI
 from ._device import BLOCK, SIMULATOR, scratch, stream, upload, view
 
 CHUNK = 1 << 16  # elements per chunk
@@ -294,38 +296,5 @@ def _host(values):
     return values.copy_to_host() if hasattr(values, "copy_to_host") else np.asarray(values, np.float64)
 
 
-def sgd_step(params, grads, momentum_buffers, first_step, *, lr, weight_decay, momentum, dampening, nesterov, maximize):
-    if not params:
-        return
-    addrs, numels, dtype = _table(params, grads, momentum_buffers if momentum != 0 else grads)
-    flags = [bool(f) for f in first_step] if momentum != 0 else [False] * len(params)
-    sgd_step_table(addrs, numels, dtype, flags, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                   dampening=dampening, nesterov=nesterov, maximize=maximize)  # fmt: skip
-
-
-def adagrad_step(params, grads, state_sums, clrs, *, weight_decay, eps, maximize):
-    if not params:
-        return
-    addrs, numels, dtype = _table(params, grads, state_sums)
-    adagrad_step_table(addrs, numels, dtype, [], False, _host(clrs), lr=0.0, lr_decay=0.0,
-                       weight_decay=weight_decay, eps=eps, maximize=maximize)  # fmt: skip
-
-
-def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps, weight_decay,
-                 momentum, centered, maximize):  # fmt: skip
-    if not params:
-        return
-    addrs, numels, dtype = _table(params, grads, square_avgs, grad_avgs if centered else square_avgs,
-                                  momentum_buffers if momentum > 0 else square_avgs)  # fmt: skip
-    rmsprop_step_table(addrs, numels, dtype, [], False, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                       momentum=momentum, centered=centered, maximize=maximize)  # fmt: skip
-
-
-def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes, bias_correction2_sqrts, *,
-              lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize):  # fmt: skip
-    if not params:
-        return
-    addrs, numels, dtype = _table(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else exp_avg_sqs)
-    adam_step_table(addrs, numels, dtype, [], False, _host(step_sizes), _host(bias_correction2_sqrts), lr=lr,
-                    beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                    decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)  # fmt: skip
+_API = ListAPI(_table, sys.modules[__name__], _host)
+sgd_step, adagrad_step, rmsprop_step, adam_step = _API.sgd_step, _API.adagrad_step, _API.rmsprop_step, _API.adam_step
