@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 DATA_DIR ?= $(wildcard ../shared/data/mnist)
 DATA_ARG := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test demo bench clean
 
 install: $(STAMP)
 
@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest tests -q
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest tests/cudasim -q -p no:cacheprovider
 	$(BIN)/python -m pytest bench -q -p no:cacheprovider --benchmark-disable

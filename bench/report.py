@@ -70,7 +70,7 @@ def rows_by_case(records: list[dict]) -> dict:
         if r["op"] != "roofline":
             table[r["op"]][r["case"]].append(r)
     for op, cases in table.items():
-        for case, rows in cases.items():
+        for _case, rows in cases.items():
             torch_rows = [r for r in rows if _is_torch(r["provider"])]
             best = min((r["median"] for r in torch_rows), default=None)
             default = next((r["median"] for r in rows if r["provider"] == _default_torch(op)), None)

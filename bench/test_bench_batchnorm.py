@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
+from conftest import measure
 
 import fastnorm
-from conftest import measure
 
 # (shape, what it is); quick: part of --bench-quick
 SHAPES = [
@@ -65,6 +65,7 @@ def test_batchnorm(benchmark, use_provider, device, budget, mode, shape, provide
     dy = torch.randn(shape, device=device)
 
     if mode == "forward_train":
+
         def fn():
             return bn(x)
     elif mode == "forward_eval":

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TORCH_OPTIM_VARIANTS, measure
-from fastnorm.models import SimpleNN
 from test_bench_optim import make_optimizer
+
+from fastnorm.book.models import SimpleNN
 
 BN_PROVIDERS = ["reference", "numba", "cuda", "torch"]
 OPT_PROVIDERS = ["reference", "numba", "cuda", *TORCH_OPTIM_VARIANTS]

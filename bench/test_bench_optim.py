@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TORCH_OPTIM_VARIANTS, measure
 
 import fastnorm
-from conftest import TORCH_OPTIM_VARIANTS, measure
 
 # (id, optimizer class name, options, bytes per float32 parameter); quick: in --bench-quick
 CONFIGS = [

@@ -13,7 +13,6 @@ import numba
 import numpy as np
 import pytest
 import torch
-
 from conftest import measure
 
 N = 50_000_000  # 200 MB per float32 array

@@ -11,9 +11,9 @@ CPU kernels and Numba CUDA kernels, next to PyTorch's own implementation:
 >>> model = fastnorm.nn.convert(model)       # swap every BatchNorm of a model
 """
 
-from . import functional, models, nn, optim
+from . import functional, nn, optim
 from ._dispatch import BACKENDS, backends
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backends", "functional", "models", "nn", "optim", "__version__"]
+__all__ = ["BACKENDS", "backends", "functional", "nn", "optim", "__version__"]

@@ -85,7 +85,7 @@ class CpuArrays:
     def view(t: torch.Tensor) -> np.ndarray:
         return t.detach().numpy() if t.requires_grad else t.numpy()
 
-    def ncs(self, t: torch.Tensor, channels_last: bool) -> np.ndarray:
+    def kernel_array(self, t: torch.Tensor, channels_last: bool) -> np.ndarray:
         a = self.view(t)
         if channels_last:
             a = np.moveaxis(a, 1, -1)  # (N, *spatial, C): contiguous for a channels-last tensor
@@ -93,7 +93,7 @@ class CpuArrays:
         return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:]))
 
     @staticmethod
-    def new(like: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, np.ndarray]:
+    def empty_like(like: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, np.ndarray]:
         """An uninitialised tensor shaped like ``like`` (same memory format) and its (N, C, S) array."""
         dtype = _NUMPY_DTYPES[like.dtype]
         shape = like.shape
@@ -104,7 +104,7 @@ class CpuArrays:
         return torch.from_numpy(a), a.reshape(shape[0], shape[1], math.prod(shape[2:]))
 
     @staticmethod
-    def new_vector(n: int, like: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    def empty_vector(n: int, like: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         a = np.empty(n, _NUMPY_DTYPES[like.dtype])
         return torch.from_numpy(a), a
 
@@ -129,23 +129,27 @@ class CudaArrays:
 
         return as_device_array(t.detach())
 
-    def ncs(self, t: torch.Tensor, channels_last: bool):
+    def kernel_array(self, t: torch.Tensor, channels_last: bool):
         if channels_last:
             t = t.movedim(1, -1).reshape(-1, t.shape[1], 1)
         else:
             t = t.view(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
         return self.view(t)
 
-    def new(self, like: torch.Tensor, channels_last: bool):
-        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[like.dim()] if channels_last else torch.contiguous_format
+    def empty_like(self, like: torch.Tensor, channels_last: bool):
+        fmt = (
+            {4: torch.channels_last, 5: torch.channels_last_3d}[like.dim()]
+            if channels_last
+            else torch.contiguous_format
+        )
         t = torch.empty_like(like, memory_format=fmt)
-        return t, self.ncs(t, channels_last)
+        return t, self.kernel_array(t, channels_last)
 
-    def new_vector(self, n: int, like: torch.Tensor):
+    def empty_vector(self, n: int, like: torch.Tensor):
         t = torch.empty(n, dtype=like.dtype, device=like.device)
         return t, self.view(t)
 
-    scratch_vector = new_vector
+    scratch_vector = empty_vector
 
     def eval_constants(self, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float):
         mean = running_mean.detach().clone()

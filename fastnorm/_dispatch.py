@@ -14,6 +14,7 @@ import functools
 import os
 from dataclasses import dataclass
 from types import ModuleType
+
 import numpy as np
 import torch
 
@@ -114,8 +115,7 @@ def _unavailable(name: str, op: str, source: str) -> ValueError:
     if why is None:
         why = f"it has no {op} kernels yet"
     return ValueError(
-        f"backend {name!r}{source} is not available for {op}: {why}. "
-        f"Available here: {', '.join(backends(op))}."
+        f"backend {name!r}{source} is not available for {op}: {why}. Available here: {', '.join(backends(op))}."
     )
 
 

@@ -11,6 +11,9 @@ buffers are cached (a tensor -> NumPy view costs ~2 µs, a lookup ~0.5 µs).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -61,35 +64,46 @@ def _layout(input: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return input.contiguous(), False
 
 
+class SavedForBackward(NamedTuple):
+    """What the forward leaves for the backward: the kernels' arrays (converting the tensors
+    again in the backward costs more than the backward itself at the MLP's sizes)."""
+
+    input: np.ndarray  # (N, C, S) view of the input the kernels read
+    mean: np.ndarray  # (C,) the mean that normalised it (batch mean, or running mean in eval)
+    invstd: np.ndarray  # (C,) 1 / sqrt(var + eps) used in the forward
+    weight: np.ndarray | None  # (C,) gamma, or None
+    channels_last: bool  # the input's memory format (the gradients get the same)
+    keep_alive: tuple  # tensors the arrays above view (GPU)
+
+
 def batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
                        backend: Backend, need_backward: bool):  # fmt: skip
-    """Run the forward kernels. Returns (y, saved): saved is what the backward needs, or None.
-
-    saved = (x, x_array, mean_array, invstd_array, weight_array, channels_last, keep_alive)."""
+    """Run the forward kernels. Returns (y, x, saved): ``x`` is the input as the kernels read it
+    (made dense if it was neither contiguous nor channels-last), ``saved`` what the backward
+    needs, or None when ``need_backward`` is false in eval mode."""
     x, channels_last = _layout(input)
-    arrays, V = backend.arrays, channel_view
-    y, y_arr = arrays.new(x, channels_last)
-    x_arr = arrays.ncs(x, channels_last)
-    w_arr = V(backend, weight)
-    keep = ()
+    arrays = backend.arrays
+    y, y_array = arrays.empty_like(x, channels_last)
+    x_array = arrays.kernel_array(x, channels_last)
+    weight_array = channel_view(backend, weight)
     if training:
         c = x.shape[1]
-        (mean, mean_arr), (invstd, invstd_arr) = arrays.scratch_vector(c, x), arrays.scratch_vector(c, x)
-        keep = (mean, invstd)
+        (mean, mean_array), (invstd, invstd_array) = arrays.scratch_vector(c, x), arrays.scratch_vector(c, x)
+        keep_alive = (mean, invstd)
         backend.kernels.batch_norm_forward_train(
-            x_arr, w_arr, V(backend, bias), V(backend, running_mean), V(backend, running_var),
-            float(momentum), float(eps), y_arr, mean_arr, invstd_arr,
+            x_array, weight_array, channel_view(backend, bias), channel_view(backend, running_mean),
+            channel_view(backend, running_var), float(momentum), float(eps), y_array, mean_array, invstd_array,
         )  # fmt: skip
     else:
         backend.kernels.batch_norm_forward_eval(
-            x_arr, w_arr, V(backend, bias), V(backend, running_mean), V(backend, running_var),
-            float(eps), y_arr,
+            x_array, weight_array, channel_view(backend, bias), channel_view(backend, running_mean),
+            channel_view(backend, running_var), float(eps), y_array,
         )  # fmt: skip
         if not need_backward:
-            return y, None
+            return y, x, None
         # constants of the eval forward, frozen now (the buffers may change later)
-        keep, mean_arr, invstd_arr = arrays.eval_constants(running_mean, running_var, eps)
-    return y, (x, x_arr, mean_arr, invstd_arr, w_arr, channels_last, keep)
+        keep_alive, mean_array, invstd_array = arrays.eval_constants(running_mean, running_var, eps)
+    return y, x, SavedForBackward(x_array, mean_array, invstd_array, weight_array, channels_last, keep_alive)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -119,11 +133,11 @@ class BatchNormFunction(torch.autograd.Function):
         eps: float,
         backend: Backend,
     ) -> torch.Tensor:
-        y, saved = batch_norm_forward(
+        y, x, saved = batch_norm_forward(
             input, weight, bias, running_mean, running_var, training, momentum, eps, backend, True
         )
-        ctx.save_for_backward(saved[0])
-        ctx.saved = saved[1:]
+        ctx.save_for_backward(x)
+        ctx.saved = saved
         ctx.training = training
         ctx.backend = backend
         return y
@@ -132,18 +146,19 @@ class BatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         (x,) = ctx.saved_tensors  # raises if the input was modified in place since the forward
-        x_arr, mean_arr, invstd_arr, w_arr, cl, _ = ctx.saved
+        saved: SavedForBackward = ctx.saved
         backend: Backend = ctx.backend
         arrays = backend.arrays
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        if not grad_output.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()] if cl else torch.contiguous_format):
-            grad_output = grad_output.contiguous(memory_format=_CHANNELS_LAST[x.dim()] if cl else torch.contiguous_format)
+        need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+        layout = _CHANNELS_LAST[x.dim()] if saved.channels_last else torch.contiguous_format
+        if not grad_output.is_contiguous(memory_format=layout):
+            grad_output = grad_output.contiguous(memory_format=layout)
         c = x.shape[1]
-        dx, dx_arr = arrays.new(x, cl) if need_dx else (None, None)
-        dweight, dweight_arr = arrays.new_vector(c, x) if need_dw else (None, None)
-        dbias, dbias_arr = arrays.new_vector(c, x) if need_db else (None, None)
+        dx, dx_array = arrays.empty_like(x, saved.channels_last) if need_dx else (None, None)
+        dweight, dweight_array = arrays.empty_vector(c, x) if need_dweight else (None, None)
+        dbias, dbias_array = arrays.empty_vector(c, x) if need_dbias else (None, None)
         backend.kernels.batch_norm_backward(
-            arrays.ncs(grad_output, cl), x_arr, mean_arr, invstd_arr, w_arr, ctx.training,
-            dx_arr, dweight_arr, dbias_arr,
+            arrays.kernel_array(grad_output, saved.channels_last), saved.input, saved.mean, saved.invstd,
+            saved.weight, ctx.training, dx_array, dweight_array, dbias_array,
         )  # fmt: skip
         return dx, dweight, dbias, None, None, None, None, None, None

@@ -128,7 +128,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _data(args):
-    from .data import MNISTNotFound, load_mnist
+    from .book.data import MNISTNotFound, load_mnist
 
     try:
         return load_mnist(args.data_dir)
@@ -137,7 +137,7 @@ def _data(args):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .book.train import TrainConfig, train
 
     config = TrainConfig(optimizer=args.optimizer, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                          batch_norm=args.batch_norm, backend=args.backend, seed=args.seed,
@@ -145,7 +145,7 @@ def _train(args: argparse.Namespace) -> int:
                          progress=not args.no_progress)  # fmt: skip
     out = Path(args.out)
     if args.nproc > 1:
-        from .train import train_distributed
+        from .book.train import train_distributed
 
         _data(args)  # fail early and clearly if MNIST is missing (and fill the cache once)
         train_distributed(config, args.nproc, args.data_dir, out, args.resume)
@@ -161,7 +161,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .experiments import compare_backends
+    from .book.experiments import compare_backends
 
     out = Path(args.out)
     runs = compare_backends(_data(args), out / "compare_backends.png", epochs=args.epochs,
@@ -198,8 +198,15 @@ def _bn_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def _report(summary: list[str], title: str, table: str, figure: Path) -> None:
+    """A section of summary.md (title, table, figure), and the table and figure path printed."""
+    summary += [f"## {title}", "", table, "", f"![{figure.stem}]({figure.name})", ""]
+    print(table)
+    print(f"figure: {figure}")
+
+
 def _figures(args: argparse.Namespace, summary: list[str] | None = None) -> int:
-    from . import experiments as ex
+    from .book import experiments as ex
 
     out = Path(args.out)
     only = _split(args.only) or ["paths", "init", "bn", "sweep"]
@@ -220,11 +227,8 @@ def _figures(args: argparse.Namespace, summary: list[str] | None = None) -> int:
         runs = ex.batchnorm_mnist(data, out / "batchnorm_mnist.png", epochs=args.epochs, backend=args.backend,
                                   optimizer=args.optimizer, seed=args.seed, train_limit=args.train_limit,
                                   progress=not args.no_progress)  # fmt: skip
-        table = _bn_table(runs)
-        summary += [f"## BatchNorm on MNIST ({args.epochs} epochs, {args.optimizer})", "", table, "",
-                    f"![batchnorm]({runs['figure'].name})", ""]  # fmt: skip
-        print(table)
-        print(f"figure: {runs['figure']}")
+        _report(summary, f"BatchNorm on MNIST ({args.epochs} epochs, {args.optimizer})", _bn_table(runs),
+                runs["figure"])  # fmt: skip
     if "sweep" in only:
         sweep = ex.weight_scale_sweep(data, out / "weight_scale_sweep.png", samples=args.sweep_samples,
                                       epochs=args.sweep_epochs, backend=args.backend, seed=args.seed)  # fmt: skip
@@ -237,7 +241,7 @@ def _demo(args: argparse.Namespace) -> int:
     """Experiments 1 and 2, a short BatchNorm-vs-none MNIST run and the backend comparison."""
     import fastnorm
 
-    from .experiments import compare_backends
+    from .book.experiments import compare_backends
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,10 +252,8 @@ def _demo(args: argparse.Namespace) -> int:
     runs = compare_backends(_data(args), out / "compare_backends.png", epochs=args.compare_epochs,
                             optimizer=args.optimizer, seed=args.seed, train_limit=args.train_limit,
                             progress=not args.no_progress)  # fmt: skip
-    table = _backend_table(runs)
-    summary += [f"## Backends side by side ({args.compare_epochs} epoch, {args.optimizer} + BatchNorm)", "", table, "",
-                f"![backends]({runs['figure'].name})", ""]  # fmt: skip
-    print(table)
+    _report(summary, f"Backends side by side ({args.compare_epochs} epoch, {args.optimizer} + BatchNorm)",
+            _backend_table(runs), runs["figure"])  # fmt: skip
     (out / "summary.md").write_text("\n".join(summary))
     print(f"\ndone in {time.perf_counter() - start:.0f} s: figures and summary.md in {out.resolve()}")
     return 0
@@ -259,7 +261,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ._dispatch import BACKENDS
-    from .train import OPTIMIZERS
+    from .book.train import OPTIMIZERS
 
     parser = _Parser(prog="fastnorm", description="fastnorm: BatchNorm and optimizer kernels as PyTorch drop-ins, "
                      "and the experiments of 'Deep Learning from Scratch', chapter 6.")  # fmt: skip
@@ -268,8 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, epochs, optimizer="momentum"):
         p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (default: $FASTNORM_DATA)")
         p.add_argument("--out", default="results", help="output folder (default: results)")
-        p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="fastnorm backend (default: auto)")
-        p.add_argument("--optimizer", default=optimizer, choices=list(OPTIMIZERS), help=f"optimizer (default: {optimizer})")
+        p.add_argument(
+            "--backend", default="auto", choices=["auto", *BACKENDS], help="fastnorm backend (default: auto)"
+        )
+        p.add_argument(
+            "--optimizer", default=optimizer, choices=list(OPTIMIZERS), help=f"optimizer (default: {optimizer})"
+        )
         p.add_argument("--epochs", type=_positive_int, default=epochs, help=f"epochs (default: {epochs})")
         p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
         p.add_argument("--train-limit", type=_positive_int, default=None, help="use the first N training images only")
@@ -279,11 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(train, 10)
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's)")
     train.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
-    train.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True, help="use BatchNorm (default: yes)")
+    train.add_argument(
+        "--batch-norm", action=argparse.BooleanOptionalAction, default=True, help="use BatchNorm (default: yes)"
+    )
     train.add_argument("--test-limit", type=_positive_int, default=None, help="use the first N test images only")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.add_argument("--nproc", type=_positive_int, default=1,
-                       help="data-parallel processes on this machine (gloo, SyncBatchNorm, DDP; default 1)")  # fmt: skip
+                       help="data-parallel processes here (gloo, SyncBatchNorm, DDP; default 1)")  # fmt: skip
     train.set_defaults(func=_train)
 
     compare = sub.add_parser("compare", help="the same training with each backend (experiment 4)")

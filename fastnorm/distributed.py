@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from kernels.formulas import batchnorm as formulas
+
 from ._dispatch import Backend
 from .autograd import _CHANNELS_LAST, _layout, channel_view
 
@@ -41,7 +43,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         local = torch.zeros(1 + 2 * c, **f64)
         if count > 0:
             mean_l, var_l = torch.empty(c, **f64), torch.empty(c, **f64)
-            backend.kernels.batch_norm_stats(arrays.ncs(x, cl), backend.as_array(mean_l), backend.as_array(var_l))
+            backend.kernels.batch_norm_stats(
+                arrays.kernel_array(x, cl), backend.as_array(mean_l), backend.as_array(var_l)
+            )
             local[0] = count
             local[1 : 1 + c] = mean_l
             local[1 + c :] = var_l * count  # M2
@@ -59,14 +63,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
         mean = (counts * means).sum(0) / total
         m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)  # Chan: exact merge of groups
         var = m2 / total
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_((mean * momentum).to(running_mean.dtype))
-            running_var.mul_(1 - momentum).add_((var * (total / (total - 1)) * momentum).to(running_var.dtype))
+        if running_mean is not None:  # kernels/formulas/batchnorm.py's arithmetic, on tensors
+            running_mean.copy_(formulas.running_update(running_mean.double(), mean, momentum))
+            running_var.copy_(
+                formulas.running_update(running_var.double(), formulas.unbiased_var(var, total), momentum)
+            )
         mean_x, var_x = mean.to(x.dtype), var.to(x.dtype)
-        y, y_arr = arrays.new(x, cl)
+        y, y_arr = arrays.empty_like(x, cl)
         if count > 0:
             backend.kernels.batch_norm_forward_eval(
-                arrays.ncs(x, cl), channel_view(backend, weight), channel_view(backend, bias),
+                arrays.kernel_array(x, cl), channel_view(backend, weight), channel_view(backend, bias),
                 backend.as_array(mean_x), backend.as_array(var_x), float(eps), y_arr,
             )  # fmt: skip
         invstd = torch.rsqrt(var + eps).to(x.dtype)
@@ -91,8 +97,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         sum_dy_xhat = torch.zeros(c, dtype=x.dtype, device=x.device)
         if x.numel() > 0:
             backend.kernels.batch_norm_backward(
-                arrays.ncs(dy, cl), arrays.ncs(x, cl), backend.as_array(mean), backend.as_array(invstd), None,
-                False, None, backend.as_array(sum_dy_xhat), backend.as_array(sum_dy),
+                arrays.kernel_array(dy, cl), arrays.kernel_array(x, cl), backend.as_array(mean),
+                backend.as_array(invstd), None, False, None, backend.as_array(sum_dy_xhat), backend.as_array(sum_dy),
             )  # fmt: skip
         # the input gradient needs the sums over every rank
         sums = torch.cat([sum_dy, sum_dy_xhat / invstd]).double()

@@ -76,13 +76,9 @@ def batch_norm(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        return BatchNormFunction.apply(
-            input, weight, bias, running_mean, running_var, training, momentum, eps, chosen
-        )
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen)
     # no gradient wanted (inference, torch.no_grad): no autograd node to build
-    y, _ = batch_norm_forward(
-        input, weight, bias, running_mean, running_var, training, momentum, eps, chosen, False
-    )
+    y, _, _ = batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen, False)
     return y
 
 
@@ -98,9 +94,7 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, e
     if training:
         size = input.size()
         if math.prod(size[:1] + size[2:]) == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {size}"
-            )
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
@@ -111,9 +105,7 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, e
         if running_var is None:
             raise RuntimeError("running_var must be defined in evaluation mode")
     elif (running_mean is None) != (running_var is None):
-        raise ValueError(
-            "running_mean and running_var must either both be None or neither be None"
-        )
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
 
     check_tensors(input, weight, bias, running_mean, running_var, name)
 
@@ -135,8 +127,7 @@ def check_tensors(input, weight, bias, running_mean, running_var, name) -> None:
             raise RuntimeError(f"{what} should contain {channels} elements not {t.numel()}")
         if t.dtype != dtype:
             raise RuntimeError(
-                f"mixed dtype: all inputs must share same datatype, but input is {dtype} "
-                f"and {what} is {t.dtype}"
+                f"mixed dtype: all inputs must share same datatype, but input is {dtype} and {what} is {t.dtype}"
             )
         if t.device != input.device:
             raise RuntimeError(

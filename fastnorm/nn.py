@@ -235,4 +235,3 @@ def convert(module: nn.Module, backend: str = "auto", sync: bool = False, proces
         if new is not child:
             setattr(module, name, new)
     return module
-

@@ -2,12 +2,25 @@
 
 Each class subclasses its ``torch.optim`` counterpart, so the constructor (signature, defaults,
 argument checks), ``param_groups``, ``state_dict`` keys, ``zero_grad``, hooks, LR schedulers and
-``add_param_group`` are torch's own; only ``step`` changes. It gathers each group's parameters
-that have a gradient, checks them all before touching anything, creates missing state exactly
-as torch does (``step`` a float32 CPU scalar tensor, buffers ``zeros_like`` the parameter),
-computes the per-step scalars on the host in float64 and calls the backend's kernel once per
-group. With ``backend="torch"`` (and with ``"auto"`` where no fastnorm kernel applies) torch's
-own ``step`` runs, with torch's default implementation for the device.
+``add_param_group`` are torch's own; only ``step`` changes. State is created by torch's own
+``_init_group`` (so it exists exactly where torch creates it, and an option toggled mid-run that
+needs state torch never made raises torch's error); the per-step scalars are computed in float64
+and one kernel call updates each group (and dtype). With ``backend="torch"``, and with ``"auto"``
+for any group a fastnorm kernel cannot take (sparse or complex gradients, a dtype the kernels
+lack, torch-only options), torch's own ``step`` runs.
+
+One update path: a per-group plan
+---------------------------------
+At the MNIST MLP's size an update is ~100 µs of arithmetic, so gathering a group's state through
+``self.state[p]`` and ``_init_group`` on every step would cost as much again. A group's plan
+keeps what stays the same from step to step: the parameters with gradients, their state dicts
+and state tensors in table order, and the options that decide which buffers exist. Each step a
+cheap fingerprint revalidates it: the same parameter objects, the same state dict and state
+tensor objects, the same options; then every tensor's data pointer and size (and the parameters'
+and gradients' dtype, layout, device) are read afresh. A plan never trusts an address it did
+not just read, nor a size it did not just check: ``p.data = ...``, ``model.double()``,
+``load_state_dict``, an option toggled or a state entry replaced all rebuild the plan, which
+raises torch's error where torch raises.
 
 torch's ``foreach``, ``fused``, ``capturable`` and ``differentiable`` select torch
 implementations: with an explicit fastnorm backend a non-default value is refused (ValueError);
@@ -16,11 +29,14 @@ with ``"auto"`` it selects torch's implementation, as asked.
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
+import torch.optim.optimizer as _torch_optimizer
 
 from ._dispatch import AUTO, Backend, check_name, resolve
 from ._signature import with_backend_signature
@@ -30,6 +46,7 @@ __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 _TORCH_ONLY_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _TORCH = Backend("torch", None, None)
+_BUFFER_ROWS = 3  # state buffers per table (kernels/_optimizer_api.py: param, grad, 3 buffers)
 
 
 def _unhooked(step: Callable) -> Callable:
@@ -38,83 +55,143 @@ def _unhooked(step: Callable) -> Callable:
     return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
+def _with_step_hooks(step: Callable) -> Callable:
+    """torch's ``Optimizer.profile_hook_step`` (pre- and post-hooks, global and per optimizer,
+    and a profiler record), with the record made only while a profiler runs: it costs ~10 µs
+    per step, a tenth of a small model's update. Marked ``hooked`` so torch does not wrap again."""
+
+    def run(self, args, kwargs):
+        for pre_hook in chain(_torch_optimizer._global_optimizer_pre_hooks.values(),
+                              self._optimizer_step_pre_hooks.values()):  # fmt: skip
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                    )
+                args, kwargs = result
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()
+        for post_hook in chain(self._optimizer_step_post_hooks.values(),
+                               _torch_optimizer._global_optimizer_post_hooks.values()):  # fmt: skip
+            post_hook(self, args, kwargs)
+        return out
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if torch._C._autograd._profiler_enabled():
+            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+                return run(self, args, kwargs)
+        return run(self, args, kwargs)
+
+    wrapper.hooked = True
+    return wrapper
+
+
 def _torch_only_options(group: dict) -> list[str]:
     return [f"{k}={group[k]!r}" for k in _TORCH_ONLY_OPTIONS if group.get(k) not in (None, False)]
 
 
+def _scalar(x) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+@dataclass
+class _Part:
+    """The tensors of a group that share a dtype: one kernel call.
+
+    The kernels update state through aliases (``Tensor.detach()``) taken when the plan was
+    built: they hold the storage they point to, so no later ``.data =``, ``set_`` or resize of a
+    state tensor can leave the kernel an address it does not own. Each step the live state
+    tensors' data pointers are compared with the aliases' (``state_ptrs``): any difference
+    plans again."""
+
+    params: list[torch.Tensor]
+    shapes: list[torch.Size]
+    numels: tuple[int, ...]
+    dtype: torch.dtype
+    buffers: list[list[torch.Tensor] | None]  # aliases, table rows b0..b2; None: unused
+    steps: list[torch.Tensor]  # aliases of the step counters ([] for SGD)
+    live_state: list[torch.Tensor]  # the state tensors themselves, buffers then steps
+    state_ptrs: list[int]  # their data pointers when the plan was built
+    first_step: list[bool]  # SGD: the momentum buffer is new this step
+    new_buffers: list[tuple[torch.Tensor, torch.Tensor]]  # SGD: (param, buffer) to add to the state
+    dense_buffers: bool  # every state buffer contiguous (else they are staged too, see _launch)
+    buffer_ptrs: list[list[int] | None] | None  # the buffer rows' addresses, for a table backend
+    step_ptrs: np.ndarray  # int64 addresses of the step counters
+
+
+@dataclass
+class _Plan:
+    """What a group's update needs from one step to the next (see the module docstring)."""
+
+    state: object  # the optimizer's state mapping it was built against
+    options: tuple  # the group options that decide state and buffers
+    params: list[torch.Tensor]
+    state_dicts: list[tuple[torch.Tensor, dict]]  # (param, its state dict) it relies on
+    entries: list[tuple[dict, str, torch.Tensor]]  # (state dict, key, tensor) it relies on
+    parts: list[_Part]
+    backend: Backend
+
+
 class _KernelOptimizer:
-    """``step`` for torch.optim subclasses whose update runs on fastnorm's kernels."""
+    """``step`` for torch.optim subclasses whose update runs on fastnorm's kernels.
+
+    A subclass declares its kernels op, the lists that torch's ``_init_group`` fills after
+    params and grads (``_state_lists``, in its argument order), which of them are the table's
+    buffer rows (``_table_rows``, in kernels/formulas/optim.py's order), the options that decide
+    which buffers exist, and ``_kernel_options(group)``: the kernel's keyword arguments.
+    """
 
     _op: str  # key of kernels.OPS
     _torch_cls: type[torch.optim.Optimizer]
+    _state_lists: tuple[str, ...]
+    _table_rows: tuple[str, ...]
+    _structural_options: tuple[str, ...] = ()
     backend: str
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._plan_options = (*cls._structural_options, *_TORCH_ONLY_OPTIONS)
 
     def __init__(self, params, *args, backend: str = "auto", **kwargs) -> None:
         check_name(backend, self._op)
-        super().__init__(params, *args, **kwargs)
         self.backend = backend
-        for group in self.param_groups:
-            self._refuse_torch_only_options(group)
+        super().__init__(params, *args, **kwargs)
+
+    def _kernel_options(self, group: dict) -> dict:
+        raise NotImplementedError
+
+    # -- what torch's pickling and deepcopy keep ----------------------------------------------
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)  # load_state_dict passes only state and param_groups: keep the backend
+        backend = state.pop("backend", self.__dict__.get("backend", AUTO))
+        super().__setstate__(state)
+        self.backend = backend
+        self.__dict__.pop("_plans", None)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "backend"):  # torch's __init__ adds the first groups before we are set
-            self._refuse_torch_only_options(self.param_groups[-1])
+        self._refuse_torch_only_options(self.param_groups[-1])
 
     def _refuse_torch_only_options(self, group: dict) -> None:
         asked = _torch_only_options(group)
-        if asked and self.backend not in (AUTO, "torch"):
+        if asked and getattr(self, "backend", AUTO) not in (AUTO, "torch"):
             raise ValueError(
                 f"{type(self).__name__}(backend={self.backend!r}) runs fastnorm's own fused "
                 f"update and does not do {', '.join(asked)}; leave them at their defaults, or "
                 f"use backend='torch' for torch's implementation"
             )
 
-    # -- choosing and checking -------------------------------------------------------------
+    # -- the step -------------------------------------------------------------------------------
 
-    def _resolve(self, group: dict, params: list[torch.Tensor]) -> Backend:
-        if _torch_only_options(group):
-            self._refuse_torch_only_options(group)
-            return _TORCH  # "auto" with torch-only options: torch's implementation, as asked
-        devices = {p.device for p in params}
-        chosen = resolve(self.backend, self._op, params[0].device)
-        if chosen.is_torch:
-            return chosen
-        if len(devices) > 1:
-            raise ValueError(
-                f"backend {chosen.name!r} updates a parameter group on one device, but this "
-                f"group has parameters on {sorted(map(str, devices))}"
-            )
-        return chosen
-
-    def _check(self, params: list[torch.Tensor], backend: Backend) -> None:
-        name = type(self).__name__
-        for p in params:
-            g = p.grad
-            if g.is_sparse or p.is_sparse:
-                raise RuntimeError(
-                    f"{name} (fastnorm backend {backend.name!r}) does not support sparse "
-                    f"gradients; use dense gradients or backend='torch'"
-                )
-            if p.is_complex():
-                raise TypeError(
-                    f"{name} (fastnorm backend {backend.name!r}) does not support complex "
-                    f"parameters ({p.dtype}); use backend='torch'"
-                )
-            if p.dtype not in _KERNEL_DTYPES:
-                raise TypeError(
-                    f"{name} (fastnorm backend {backend.name!r}) updates float32 and float64 "
-                    f"parameters, got {p.dtype}; use backend='torch' for other dtypes"
-                )
-            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                raise RuntimeError(
-                    f"{name}: a gradient must match its parameter's dtype, shape and device; got "
-                    f"grad {g.dtype} {tuple(g.shape)} on {g.device} for param {p.dtype} "
-                    f"{tuple(p.shape)} on {p.device}"
-                )
-
-    # -- the step ---------------------------------------------------------------------------
-
+    @_with_step_hooks
     def step(self, closure: Callable[[], float] | None = None):
         """Perform a single optimization step.
 
@@ -125,40 +202,35 @@ class _KernelOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
-            kernel_groups, torch_groups, planned = [], [], []
-            for group in self.param_groups:
-                params = [p for p in group["params"] if p.grad is not None]
-                if not params:
-                    continue
-                plan = self._plans.get(id(group))
-                if plan is not None and plan.matches(self, group, params):
-                    planned.append((plan, group))
-                    continue
-                backend = self._resolve(group, params)
-                if backend.is_torch:
-                    torch_groups.append(group)
-                    continue
-                self._check(params, backend)
-                kernel_groups.append((group, params, backend))
-            # every check passed before any parameter or state changes
-            if torch_groups:
-                self._torch_step(torch_groups)
-            for plan, group in planned:
-                plan.run(self, group)
-            for group, params, backend in kernel_groups:
-                parts = _by_dtype(params)
-                for part in parts:
-                    self._update(group, part, backend)
-                self._plans[id(group)] = _TablePlan.build(self, group, params, backend) if len(parts) == 1 else None
+        plans = self.__dict__.setdefault("_plans", {})
+        ready, torch_groups = [], []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            plan = plans.get(id(group))
+            arguments = self._arguments(plan) if plan is not None and self._still_valid(plan, group, params) else None
+            if arguments is None:  # first step, or something changed: plan again (torch's errors)
+                with torch.no_grad():
+                    plan = plans[id(group)] = self._build_plan(group, params)
+                arguments = self._arguments(plan, strict=True)
+            if plan.backend.is_torch:
+                torch_groups.append(group)
+            else:
+                ready.append((group, plan, arguments))
+        # every check passed before any parameter or state changes
+        if torch_groups:
+            self._torch_step(torch_groups)
+        for group, plan, arguments in ready:
+            options = self._kernel_options(group)
+            for part, (rows, addrs) in zip(plan.parts, arguments):
+                _launch(plan.backend, self._op, part, rows, addrs, options)
+                if part.new_buffers:  # SGD: the new momentum buffers join the state
+                    for p, buf in part.new_buffers:
+                        self.state[p]["momentum_buffer"] = buf
+                    part.new_buffers = []
+                    part.first_step = [False] * len(part.first_step)
         return loss
-
-    @property
-    def _plans(self) -> dict:
-        plans = self.__dict__.get("_table_plans")
-        if plans is None:
-            plans = self.__dict__["_table_plans"] = {}
-        return plans
 
     def _torch_step(self, groups: list[dict]) -> None:
         all_groups = self.param_groups
@@ -168,183 +240,211 @@ class _KernelOptimizer:
         finally:
             self.param_groups = all_groups
 
-    # -- one kernel call per group (and dtype) ---------------------------------------------------
+    # -- the plan ---------------------------------------------------------------------------------
 
-    _has_step = True  # the optimizer keeps torch's per-parameter "step" counter
+    def _options_key(self, group: dict) -> tuple:
+        return tuple(map(group.get, self._plan_options))
 
-    def _update(self, group: dict, params: list[torch.Tensor], backend: Backend) -> None:
-        extra = self._init_states(group, params)
-        if self._has_step and params[0].device.type != "cpu":
-            # GPU kernels advance the step counters on the device (torch's capturable layout),
-            # so nothing is read back to the host; a CPU counter (a torch checkpoint) moves there
-            for p in params:
-                state = self.state[p]
-                if state["step"].device != p.device:
-                    state["step"] = state["step"].to(p.device)
-        rows = self._rows(group, params)
-        steps = [self.state[p]["step"] for p in params] if self._has_step else []
-        table_fn = getattr(backend.kernels, f"{self._op}_step_table", None)
-        if table_fn is not None and _flat(rows, steps):
-            # addresses straight from the tensors: no per-tensor conversion on the host
-            addrs = np.array([[t.data_ptr() for t in row] for row in rows], np.int64)
-            step_addrs = np.array([s.data_ptr() for s in steps], np.int64)
-            step_f64 = bool(steps) and steps[0].dtype == torch.float64
-            numels = tuple(p.numel() for p in params)
-            dtype = _NUMPY_DTYPES[params[0].dtype]
-            self._call_table(table_fn, group, addrs, numels, dtype, step_addrs, step_f64, extra)
-            return
-        # list-of-arrays API: every backend has it (non-contiguous tensors: contiguous copies,
-        # one per tensor even where a row repeats another, written back after the update)
-        step_values = self._advance_steps(steps)
-        copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for row in rows[:1] + rows[2:]:
-            for t in row:
-                if not t.is_contiguous() and id(t) not in copies:
-                    copies[id(t)] = (t, t.contiguous())
-        grads = [g.contiguous() for g in rows[1]]
+    def _still_valid(self, plan: _Plan, group: dict, params: list[torch.Tensor]) -> bool:
+        """The fingerprint: same objects and options as when the plan was built. (A plan that
+        hands the group to torch is rebuilt every step: under "auto" that choice depends on
+        the gradients, e.g. sparse ones.)"""
+        if plan.backend.is_torch or plan.state is not self.state or plan.options != self._options_key(group):
+            return False
+        if len(params) != len(plan.params) or any(a is not b for a, b in zip(params, plan.params)):
+            return False
+        get = self.state.get
+        return all(get(p) is d for p, d in plan.state_dicts) and all(d.get(key) is t for d, key, t in plan.entries)
 
-        def kernel_view(t):
-            return backend.as_array(copies[id(t)][1] if id(t) in copies else t)
+    def _build_plan(self, group: dict, params: list[torch.Tensor]) -> _Plan:
+        """Choose the backend, create state as torch does, check everything (torch's errors)."""
+        backend = self._resolve(group, params)
+        options = self._options_key(group)
+        if backend.is_torch:
+            return _Plan(self.state, options, params, [], [], [], backend)
+        self._check_gradients(params, backend)
+        lists = {name: [] for name in self._state_lists}
+        got, grads = [], []
+        self._torch_cls._init_group(self, group, got, grads, *lists.values())
+        steps = lists.get("step", [])
+        if params[0].device.type != "cpu":
+            # GPU kernels advance the step counters on the device (torch's capturable layout)
+            for i, p in enumerate(params):
+                if steps[i].device != p.device:
+                    steps[i] = self.state[p]["step"] = steps[i].to(p.device)
+        rows = [lists[name] if lists.get(name) else None for name in self._table_rows]
+        rows += [None] * (_BUFFER_ROWS - len(rows))
+        first_step = [False] * len(params)
+        if self._op == "sgd" and rows[0] is not None:
+            # torch clones the gradient into a new buffer after the update: the kernel writes it
+            # there, and the buffer joins the state when the update runs (see _launch)
+            for i, p in enumerate(params):
+                if rows[0][i] is None:
+                    rows[0][i] = torch.zeros_like(p)
+                    first_step[i] = True
+        for i, p in enumerate(params):
+            self._check_state(p, [row[i] for row in rows if row is not None], steps[i] if steps else None)
+        state_dicts = [(p, self.state[p]) for p in params if p in self.state]
+        entries = [(d, key, t) for _, d in state_dicts for key, t in d.items() if isinstance(t, torch.Tensor)]
+        entries += [(self.state[p], "momentum_buffer", rows[0][i]) for i, p in enumerate(params) if first_step[i]]
+        parts = []
+        table = hasattr(backend.kernels, f"{self._op}_step_table")
+        for index in _by_dtype(params):
+            live_rows = [None if row is None else [row[i] for i in index] for row in rows]
+            live = [t for row in live_rows if row is not None for t in row] + [steps[i] for i in index if steps]
+            dense = all(t.is_contiguous() for row in live_rows if row is not None for t in row)
+            parts.append(_Part(
+                params=[params[i] for i in index], shapes=[params[i].shape for i in index],
+                numels=tuple(params[i].numel() for i in index), dtype=params[index[0]].dtype,
+                buffers=[None if row is None else [t.detach() for t in row] for row in live_rows],
+                steps=[steps[i].detach() for i in index] if steps else [], live_state=live,
+                state_ptrs=[t.data_ptr() for t in live], first_step=[first_step[i] for i in index],
+                new_buffers=[(params[i], rows[0][i]) for i in index if first_step[i]],
+                dense_buffers=dense,
+                buffer_ptrs=[None if row is None else [t.data_ptr() for t in row] for row in live_rows]
+                if table and dense else None,
+                step_ptrs=np.array([steps[i].data_ptr() for i in index] if steps else [], np.int64),
+            ))  # fmt: skip
+        return _Plan(self.state, options, params, state_dicts, entries, parts, backend)
 
-        arrays = [[kernel_view(t) for t in row] for row in rows[:1]]
-        arrays += [[backend.as_array(g) for g in grads]] + [[kernel_view(t) for t in row] for row in rows[2:]]
-        self._call_list(backend.kernels, group, arrays, step_values, extra, params[0].device, backend)
-        for original, copy in copies.values():
-            original.copy_(copy)
+    def _resolve(self, group: dict, params: list[torch.Tensor]) -> Backend:
+        if _torch_only_options(group):
+            self._refuse_torch_only_options(group)
+            return _TORCH  # "auto" with torch-only options: torch's implementation, as asked
+        chosen = resolve(self.backend, self._op, params[0].device)
+        if chosen.is_torch:
+            return chosen
+        unsupported = _unsupported(params)
+        if unsupported:
+            if self.backend == AUTO:
+                return _TORCH  # "auto" never refuses what torch supports
+            raise unsupported[0](f"{type(self).__name__} (fastnorm backend {chosen.name!r}) {unsupported[1]}")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"backend {chosen.name!r} updates a parameter group on one device, but this "
+                f"group has parameters on {sorted(map(str, devices))}"
+            )
+        return chosen
 
-    def _init_states(self, group: dict, params: list[torch.Tensor]):
-        """Create missing state exactly as torch does; returns what the kernel call needs extra."""
-        raise NotImplementedError
+    def _check_gradients(self, params: list[torch.Tensor], backend: Backend) -> None:
+        for p in params:
+            g = p.grad
+            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a gradient must match its parameter's dtype, shape and "
+                    f"device; got grad {g.dtype} {tuple(g.shape)} on {g.device} for param {p.dtype} "
+                    f"{tuple(p.shape)} on {p.device}"
+                )
 
-    def _rows(self, group: dict, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """[params, grads, state buffers...]: the table's rows (unused rows repeat another)."""
-        raise NotImplementedError
+    def _check_state(self, p: torch.Tensor, buffers: list[torch.Tensor], step: torch.Tensor | None) -> None:
+        """State tensors must match their parameter (torch's own kernels raise RuntimeError)."""
+        for t in buffers:
+            if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+                raise RuntimeError(
+                    f"{type(self).__name__}: optimizer state of shape {tuple(t.shape)}, {t.dtype} on "
+                    f"{t.device} does not match its parameter ({tuple(p.shape)}, {p.dtype} on "
+                    f"{p.device}); was the parameter replaced after the optimizer's first step?"
+                )
+        if step is not None and (step.numel() != 1 or step.dtype not in _KERNEL_DTYPES):
+            raise RuntimeError(f"{type(self).__name__}: a step counter must be a float scalar tensor, got {step}")
 
-    def _call_table(self, fn, group, addrs, numels, dtype, step_addrs, step_f64, extra) -> None:
-        raise NotImplementedError
+    def _arguments(self, plan: _Plan, strict: bool = False) -> list[tuple] | None:
+        """Per part, (the five table rows of tensors, the address table or None), checked now
+        against the plan before any update: the parameters and gradients (shape, dtype, device,
+        dense layout) and every state tensor's data pointer. None if something changed since
+        the plan was built (the caller plans again), or with ``strict`` the error."""
+        arguments = []
+        on_gpu = plan.backend.name == "cuda"
+        for part in plan.parts:
+            params, dtype = part.params, part.dtype
+            grads = [p.grad for p in params]
+            if (
+                [p.shape for p in params] != part.shapes
+                or [g.shape for g in grads] != part.shapes
+                or any(t.dtype is not dtype or t.is_cuda is not on_gpu for t in (*params, *grads))
+                or any(g.layout is not torch.strided for g in grads)
+                or [t.data_ptr() for t in part.live_state] != part.state_ptrs
+            ):
+                if strict:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: parameters, gradients and state must be dense tensors that "
+                        f"match in shape, dtype and device"
+                    )
+                return None
+            rows = [params, grads, *(grads if row is None else row for row in part.buffers)]
+            addrs = None
+            if part.buffer_ptrs is not None and all(t.is_contiguous() for t in (*params, *grads)):
+                grad_ptrs = [g.data_ptr() for g in grads]
+                buffer_ptrs = [grad_ptrs if row is None else row for row in part.buffer_ptrs]
+                addrs = np.array([[p.data_ptr() for p in params], grad_ptrs, *buffer_ptrs], np.int64)
+            arguments.append((rows, addrs))
+        return arguments
 
-    def _call_list(self, kernels, group, arrays, steps, extra, device, backend) -> None:
-        raise NotImplementedError
 
-    # -- helpers for the subclasses -----------------------------------------------------------
+def _unsupported(params: list[torch.Tensor]):
+    """(exception type, why) if a kernel cannot update these parameters, else None."""
+    for p in params:
+        g = p.grad
+        if g.is_sparse or p.is_sparse:
+            return RuntimeError, "does not support sparse gradients; use dense gradients or backend='torch'"
+        if p.is_complex():
+            return TypeError, f"does not support complex parameters ({p.dtype}); use backend='torch'"
+        if p.dtype not in _KERNEL_DTYPES:
+            return TypeError, f"updates float32 and float64 parameters, got {p.dtype}; use backend='torch'"
+    return None
 
-    @staticmethod
-    def _advance_steps(steps: list[torch.Tensor]) -> list[float]:
-        """step += 1 for every parameter; returns the new step counts (as torch, per parameter)."""
-        values = []
-        for step_t in steps:
-            step_t += 1
-            values.append(float(step_t))
-        return values
 
-    def _buffers(self, params, key: str) -> list[torch.Tensor]:
-        return [self.state[p][key] for p in params]
+def _by_dtype(params: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of the parameters of each dtype, in first-seen order."""
+    parts: dict = {}
+    for i, p in enumerate(params):
+        parts.setdefault(p.dtype, []).append(i)
+    return list(parts.values())
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-class _TablePlan:
-    """What stays the same from one step to the next for a group on a table backend.
-
-    At the MNIST MLP's size the update itself takes ~100 µs; gathering the state of six
-    parameters through ``self.state[p]`` (a Python-level ``Tensor.__hash__`` each), checking
-    them and building the address table took longer. A plan keeps the state tensors of the
-    group (holding them, so no address can dangle), and each step it re-checks what can change:
-    the same parameters have gradients, every state entry is still the same tensor, and every
-    gradient is a dense tensor of the parameters' dtype and shape. Then it reads the addresses
-    afresh and calls the kernel once. Anything else falls back to the full path, which rebuilds
-    the plan (and raises the clear errors).
-    """
-
-    __slots__ = ("params", "state", "entries", "rows", "steps", "numels", "dtype", "torch_dtype", "fn", "extra", "backend")
-
-    @classmethod
-    def build(cls, opt, group, params, backend) -> _TablePlan | None:
-        fn = getattr(backend.kernels, f"{opt._op}_step_table", None)
-        if fn is None:
-            return None
-        rows = opt._rows(group, params)
-        steps = [opt.state[p]["step"] for p in params] if opt._has_step else []
-        if not _flat(rows, steps):
-            return None
-        plan = cls()
-        plan.params = list(params)
-        plan.state = opt.state
-        plan.entries = [(opt.state[p], key, value) for p in params for key, value in opt.state[p].items()]
-        plan.rows = rows[2:]  # state rows; params and grads are read each step
-        plan.steps = steps
-        plan.numels = tuple(p.numel() for p in params)
-        plan.torch_dtype = params[0].dtype
-        plan.dtype = _NUMPY_DTYPES[plan.torch_dtype]
-        plan.fn = fn
-        plan.extra = [False] * len(params)  # SGD: every momentum buffer exists from now on
-        plan.backend = backend
-        return plan
-
-    def matches(self, opt, group, params) -> bool:
-        if opt.state is not self.state or len(params) != len(self.params):
-            return False
-        if any(a is not b for a, b in zip(params, self.params)):
-            return False
-        if any(d.get(key) is not value for d, key, value in self.entries):
-            return False
-        dtype = self.torch_dtype
-        for p in params:
-            g = p.grad
-            if g.dtype is not dtype or g.layout is not torch.strided or not g.is_contiguous() or g.shape != p.shape:
-                return False
-            if not p.is_contiguous():
-                return False
-        return True
-
-    def run(self, opt, group) -> None:
-        params = self.params
-        addrs = np.array(
-            [[p.data_ptr() for p in params], [p.grad.data_ptr() for p in params],
-             *([t.data_ptr() for t in row] for row in self.rows)],
-            np.int64,
-        )  # fmt: skip
-        step_addrs = np.array([s.data_ptr() for s in self.steps], np.int64)
-        step_f64 = bool(self.steps) and self.steps[0].dtype == torch.float64
-        opt._call_table(self.fn, group, addrs, self.numels, self.dtype, step_addrs, step_f64, self.extra)
+def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Tensor]], addrs: np.ndarray | None,
+            options: dict) -> None:  # fmt: skip
+    """One kernel call for a part: the address table for the compiled backends (``addrs``, or
+    built here), arrays for the reference. A non-contiguous tensor is updated through a
+    contiguous copy, written back after."""
+    staged = []
+    if addrs is None:
+        candidates = (*tensors[0], *tensors[1])
+        if not part.dense_buffers:
+            candidates = {id(t): t for row in tensors for t in row}.values()
+        staged = [(t, t.contiguous()) for t in candidates if not t.is_contiguous()]
+        if staged:
+            copies = {id(t): c for t, c in staged}
+            tensors = [[copies.get(id(t), t) for t in row] for row in tensors]
+    table = getattr(backend.kernels, f"{op}_step_table", None)
+    if table is not None:
+        if addrs is None:
+            addrs = np.array([[t.data_ptr() for t in row] for row in tensors], np.int64)
+        dtype = _NUMPY_DTYPES[part.dtype]
+        if op == "sgd":
+            table(addrs, part.numels, dtype, part.first_step, **options)
+        else:
+            table(addrs, part.numels, dtype, part.step_ptrs, part.steps[0].dtype == torch.float64, **options)
+    else:
+        arrays = [[backend.as_array(t) for t in row] for row in tensors]
+        buffers = [None if row is None else arrays[2 + i] for i, row in enumerate(part.buffers)]
+        if op == "sgd":
+            backend.kernels.sgd_step(arrays[0], arrays[1], buffers[0], part.first_step, **options)
+        else:
+            steps = [backend.as_array(s) for s in part.steps]
+            getattr(backend.kernels, f"{op}_step")(arrays[0], arrays[1], *buffers[: _ROWS_OF[op]], steps, **options)
+    for original, copy in staged:
+        original.copy_(copy)
 
 
-def _by_dtype(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    dtype = params[0].dtype
-    if all(p.dtype == dtype for p in params):
-        return [params]
-    parts: dict = {}
-    for p in params:
-        parts.setdefault(p.dtype, []).append(p)
-    return list(parts.values())
+_ROWS_OF = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3}
 
 
-def _flat(rows: list[list[torch.Tensor]], steps: list[torch.Tensor]) -> bool:
-    """Whether the table path applies: contiguous tensors on the parameters' device, step
-    counters of one float dtype beside them."""
-    device = rows[0][0].device
-    if not all(t.is_contiguous() and t.device == device for row in rows for t in row):
-        return False
-    if steps:
-        dtype = steps[0].dtype
-        if dtype not in _KERNEL_DTYPES or any(s.dtype != dtype or s.device != device or s.numel() != 1 for s in steps):
-            return False
-    return True
-
-
-def _zeros_like(p: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _new_step() -> torch.Tensor:
-    """torch's step counter: a CPU scalar of the default float dtype (float32 unless float64)."""
-    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    return torch.tensor(0.0, dtype=dtype)
-
-
-def _scalar(x) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+# -- the optimizers ---------------------------------------------------------------------------------
 
 
 class SGD(_KernelOptimizer, torch.optim.SGD):
@@ -363,39 +463,18 @@ class SGD(_KernelOptimizer, torch.optim.SGD):
 
     _op = "sgd"
     _torch_cls = torch.optim.SGD
+    _state_lists = ("momentum_buffer",)
+    _table_rows = ("momentum_buffer",)
+    _structural_options = ("momentum",)
 
     @with_backend_signature(torch.optim.SGD)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
 
-    _has_step = False
-
-    def _init_states(self, group, params):
-        if group["momentum"] == 0:
-            return [False] * len(params)
-        first_step = []
-        for p in params:
-            state = self.state[p]
-            first_step.append(state.get("momentum_buffer") is None)
-            if first_step[-1]:  # torch clones the gradient here; the kernel copies it
-                state["momentum_buffer"] = _zeros_like(p)
-        return first_step
-
-    def _rows(self, group, params):
-        grads = [p.grad for p in params]
-        return [params, grads, self._buffers(params, "momentum_buffer") if group["momentum"] != 0 else grads]
-
-    def _options(self, group):
+    def _kernel_options(self, group: dict) -> dict:
         return dict(lr=_scalar(group["lr"]), weight_decay=_scalar(group["weight_decay"]),
                     momentum=float(group["momentum"]), dampening=float(group["dampening"]),
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))  # fmt: skip
-
-    def _call_table(self, fn, group, addrs, numels, dtype, step_addrs, step_f64, extra):
-        fn(addrs, numels, dtype, np.array(extra, np.int8), **self._options(group))
-
-    def _call_list(self, kernels, group, arrays, steps, extra, device, backend):
-        buffers = arrays[2] if group["momentum"] != 0 else None
-        kernels.sgd_step(arrays[0], arrays[1], buffers, extra, **self._options(group))
 
 
 class Adagrad(_KernelOptimizer, torch.optim.Adagrad):
@@ -413,32 +492,17 @@ class Adagrad(_KernelOptimizer, torch.optim.Adagrad):
 
     _op = "adagrad"
     _torch_cls = torch.optim.Adagrad
+    _state_lists = ("sum", "step")
+    _table_rows = ("sum",)
 
     @with_backend_signature(torch.optim.Adagrad)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
 
-    def _init_states(self, group, params):
-        for p in params:
-            state = self.state[p]
-            if "sum" not in state:  # added after construction (torch fills state in __init__)
-                state["step"] = _new_step()
-                state["sum"] = torch.full_like(
-                    p, group["initial_accumulator_value"], memory_format=torch.preserve_format
-                )
-
-    def _rows(self, group, params):
-        return [params, [p.grad for p in params], self._buffers(params, "sum")]
-
-    def _call_table(self, fn, group, addrs, numels, dtype, step_addrs, step_f64, extra):
-        fn(addrs, numels, dtype, step_addrs, step_f64, lr=_scalar(group["lr"]), lr_decay=float(group["lr_decay"]),
-           weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), maximize=bool(group["maximize"]))  # fmt: skip
-
-    def _call_list(self, kernels, group, arrays, steps, extra, device, backend):
-        lr, lr_decay = _scalar(group["lr"]), group["lr_decay"]
-        clrs = _host_scalars(backend, [lr / (1 + (t - 1) * lr_decay) for t in steps], device)
-        kernels.adagrad_step(arrays[0], arrays[1], arrays[2], clrs, weight_decay=float(group["weight_decay"]),
-                             eps=float(group["eps"]), maximize=bool(group["maximize"]))  # fmt: skip
+    def _kernel_options(self, group: dict) -> dict:
+        return dict(lr=_scalar(group["lr"]), lr_decay=float(group["lr_decay"]),
+                    weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+                    maximize=bool(group["maximize"]))  # fmt: skip
 
 
 class RMSprop(_KernelOptimizer, torch.optim.RMSprop):
@@ -456,78 +520,35 @@ class RMSprop(_KernelOptimizer, torch.optim.RMSprop):
 
     _op = "rmsprop"
     _torch_cls = torch.optim.RMSprop
+    _state_lists = ("square_avg", "momentum_buffer", "grad_avg", "step")
+    _table_rows = ("square_avg", "grad_avg", "momentum_buffer")
+    _structural_options = ("momentum", "centered")
 
     @with_backend_signature(torch.optim.RMSprop)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
 
-    def _init_states(self, group, params):
-        for p in params:
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = _new_step()
-                state["square_avg"] = _zeros_like(p)
-                if group["momentum"] > 0:
-                    state["momentum_buffer"] = _zeros_like(p)
-                if group["centered"]:
-                    state["grad_avg"] = _zeros_like(p)
-
-    def _rows(self, group, params):
-        square_avgs = self._buffers(params, "square_avg")
-        return [params, [p.grad for p in params], square_avgs,
-                self._buffers(params, "grad_avg") if group["centered"] else square_avgs,
-                self._buffers(params, "momentum_buffer") if group["momentum"] > 0 else square_avgs]  # fmt: skip
-
-    def _options(self, group):
+    def _kernel_options(self, group: dict) -> dict:
         return dict(lr=_scalar(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
                     centered=bool(group["centered"]), maximize=bool(group["maximize"]))  # fmt: skip
 
-    def _call_table(self, fn, group, addrs, numels, dtype, step_addrs, step_f64, extra):
-        fn(addrs, numels, dtype, step_addrs, step_f64, **self._options(group))
-
-    def _call_list(self, kernels, group, arrays, steps, extra, device, backend):
-        kernels.rmsprop_step(arrays[0], arrays[1], arrays[2], arrays[3] if group["centered"] else None,
-                             arrays[4] if group["momentum"] > 0 else None, **self._options(group))  # fmt: skip
-
 
 class _AdamUpdate:
-    """The Adam/AdamW update (AdamW: ``decoupled_weight_decay``)."""
+    """What Adam and AdamW share (AdamW: ``decoupled_weight_decay``)."""
 
+    _op = "adam"
+    _state_lists = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+    _table_rows = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _structural_options = ("amsgrad",)
     _decoupled: bool
 
-    def _init_states(self, group, params):
-        for p in params:
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = _new_step()
-                state["exp_avg"] = _zeros_like(p)
-                state["exp_avg_sq"] = _zeros_like(p)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = _zeros_like(p)
-
-    def _rows(self, group, params):
-        exp_avg_sqs = self._buffers(params, "exp_avg_sq")
-        return [params, [p.grad for p in params], self._buffers(params, "exp_avg"), exp_avg_sqs,
-                self._buffers(params, "max_exp_avg_sq") if group["amsgrad"] else exp_avg_sqs]  # fmt: skip
-
-    def _options(self, group):
+    def _kernel_options(self, group: dict) -> dict:
         beta1, beta2 = (_scalar(b) for b in group["betas"])
         return dict(lr=_scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]),
                     decoupled_weight_decay=bool(group.get("decoupled_weight_decay", self._decoupled)),
                     amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]))  # fmt: skip
-
-    def _call_table(self, fn, group, addrs, numels, dtype, step_addrs, step_f64, extra):
-        fn(addrs, numels, dtype, step_addrs, step_f64, **self._options(group))
-
-    def _call_list(self, kernels, group, arrays, steps, extra, device, backend):
-        options = self._options(group)
-        lr, beta1, beta2 = options["lr"], options["beta1"], options["beta2"]
-        step_sizes = _host_scalars(backend, [lr / (1 - beta1**t) for t in steps], device)
-        bc2_sqrts = _host_scalars(backend, [math.sqrt(1 - beta2**t) for t in steps], device)
-        kernels.adam_step(arrays[0], arrays[1], arrays[2], arrays[3], arrays[4] if group["amsgrad"] else None,
-                          step_sizes, bc2_sqrts, **options)  # fmt: skip
 
 
 class Adam(_AdamUpdate, _KernelOptimizer, torch.optim.Adam):
@@ -545,7 +566,6 @@ class Adam(_AdamUpdate, _KernelOptimizer, torch.optim.Adam):
         >>> opt = Adam(model.parameters(), lr=1e-3, backend="reference")
     """
 
-    _op = "adam"
     _torch_cls = torch.optim.Adam
     _decoupled = False
 
@@ -563,18 +583,9 @@ class AdamW(_AdamUpdate, _KernelOptimizer, torch.optim.AdamW):
         >>> opt = AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, backend="reference")
     """
 
-    _op = "adam"
     _torch_cls = torch.optim.AdamW
     _decoupled = True
 
     @with_backend_signature(torch.optim.AdamW)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
-
-
-def _host_scalars(backend: Backend, values: list[float], device: torch.device):
-    """Per-tensor float64 scalars, as the backend's kernels take them."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if device.type != "cpu":
-        t = t.to(device, non_blocking=True)
-    return backend.as_array(t)

@@ -29,6 +29,11 @@ OPS = {
     "rmsprop": ("rmsprop_step",),
     "adam": ("adam_step",),
 }
+#: Every backend's public functions, per module (the compiled backends add the optimizers' table
+#: entry points, ``<op>_step_table``, which fastnorm's optimizers prefer when present).
+BATCH_NORM_API = OPS["batch_norm"]
+OPTIMIZER_API = ("sgd_step", "adagrad_step", "rmsprop_step", "adam_step")
+TABLE_API = tuple(f"{name}_table" for name in OPTIMIZER_API)
 
 PACKAGES = {
     "reference": "kernels.reference",

@@ -56,7 +56,9 @@ def tol(dtype: torch.dtype) -> tuple[float, float]:
 
 
 #: The offline MNIST copy (read-only) that tests and the demo use.
-SHARED_MNIST = (__import__("pathlib").Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist").resolve()
+SHARED_MNIST = (
+    __import__("pathlib").Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
+).resolve()
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +78,6 @@ def mnist_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mnist(mnist_cache):
-    from fastnorm.data import load_mnist
+    from fastnorm.book.data import load_mnist
 
     return load_mnist(SHARED_MNIST, download=False)

@@ -8,9 +8,10 @@ import inspect
 import pytest
 import torch
 import torchvision
+from conftest import BN_BACKENDS, OPTIM_BACKENDS, assert_close
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import fastnorm
-from conftest import BN_BACKENDS, OPTIM_BACKENDS, assert_close
 from fastnorm._dispatch import resolve
 
 OPTIMIZERS = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
@@ -165,24 +166,40 @@ def test_functional_bad_arguments(backend):
     x = torch.randn(4, 3)
     rm, rv = torch.zeros(3), torch.ones(3)
     cases = [
-        (lambda: bn(x, rm, rv, torch.ones(4), training=True, backend=backend), RuntimeError,
-         "weight should contain 3 elements not 4"),
-        (lambda: bn(x, rm, rv, None, torch.ones(2), training=True, backend=backend), RuntimeError,
-         "bias should contain 3 elements not 2"),
-        (lambda: bn(x, torch.zeros(5), rv, training=True, backend=backend), RuntimeError,
-         "running_mean should contain 3 elements not 5"),
-        (lambda: bn(x, None, None, training=False, backend=backend), RuntimeError,
-         "running_mean must be defined in evaluation mode"),
+        (
+            lambda: bn(x, rm, rv, torch.ones(4), training=True, backend=backend),
+            RuntimeError,
+            "weight should contain 3 elements not 4",
+        ),
+        (
+            lambda: bn(x, rm, rv, None, torch.ones(2), training=True, backend=backend),
+            RuntimeError,
+            "bias should contain 3 elements not 2",
+        ),
+        (
+            lambda: bn(x, torch.zeros(5), rv, training=True, backend=backend),
+            RuntimeError,
+            "running_mean should contain 3 elements not 5",
+        ),
+        (
+            lambda: bn(x, None, None, training=False, backend=backend),
+            RuntimeError,
+            "running_mean must be defined in evaluation mode",
+        ),
         (lambda: bn(x, rm, None, training=True, backend=backend), ValueError, "both be None"),
-        (lambda: bn(x, rm, rv, training=True, eps=0.0, backend=backend), ValueError,
-         "eps must be positive"),
-        (lambda: bn(x.half(), rm.half(), rv.half(), training=True, backend=backend), TypeError,
-         "float32 or float64.*torch.float16"),
-        (lambda: bn(torch.ones(4, 3, dtype=torch.long), None, None, training=True, backend=backend),
-         TypeError, "torch.int64"),
+        (lambda: bn(x, rm, rv, training=True, eps=0.0, backend=backend), ValueError, "eps must be positive"),
+        (
+            lambda: bn(x.half(), rm.half(), rv.half(), training=True, backend=backend),
+            TypeError,
+            "float32 or float64.*torch.float16",
+        ),
+        (
+            lambda: bn(torch.ones(4, 3, dtype=torch.long), None, None, training=True, backend=backend),
+            TypeError,
+            "torch.int64",
+        ),
         (lambda: bn(x.double(), rm, rv, training=True, backend=backend), RuntimeError, "mixed dtype"),
-        (lambda: bn(torch.randn(5), rm, rv, training=True, backend=backend), ValueError,
-         r"\(N, C\).*1-D input"),
+        (lambda: bn(torch.randn(5), rm, rv, training=True, backend=backend), ValueError, r"\(N, C\).*1-D input"),
     ]
     for call, exc, message in cases:
         rm_before, rv_before = rm.clone(), rv.clone()
@@ -250,33 +267,50 @@ def _loss(model, x):
     return model(x).pow(2).mean()
 
 
+def _train(pairs, x, steps: int = 3) -> None:
+    """``steps`` training steps of every (model, optimizer) pair on the same batch."""
+    for _ in range(steps):
+        for model, opt in pairs:
+            opt.zero_grad()
+            _loss(model, x).backward()
+            opt.step()
+
+
+def _same_state(ours, theirs, params_ours, params_theirs) -> None:
+    """Per parameter (paired by position): the same state keys and values."""
+    for p, q in zip(params_ours, params_theirs):
+        s1, s2 = ours.state.get(p, {}), theirs.state.get(q, {})
+        assert set(s1) == set(s2)
+        for key in s1:
+            assert_close(torch.as_tensor(s1[key]), torch.as_tensor(s2[key]), 1e-5, 1e-6, f"state {key}")
+
+
 @pytest.mark.parametrize("backend", OPTIM_BACKENDS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_checkpoints_move_between_torch_and_fastnorm(backend, name):
+    """torch trains and saves, fastnorm resumes; fastnorm saves, torch resumes: each pair of
+    runs stays in lockstep, parameters and state."""
     kwargs = {"lr": 0.05} if name != "SGD" else {"lr": 0.05, "momentum": 0.9}
     x = torch.randn(16, 5)
     a, b = _model(), _model()
     b.load_state_dict(a.state_dict())
     torch_opt = getattr(torch.optim, name)(a.parameters(), **kwargs)
-    for _ in range(3):  # torch trains, saves
-        torch_opt.zero_grad()
-        _loss(a, x).backward()
-        torch_opt.step()
+    _train([(a, torch_opt)], x)
     b.load_state_dict(a.state_dict())
     ours = getattr(fastnorm.optim, name)(b.parameters(), backend=backend, **kwargs)
     ours.load_state_dict(copy.deepcopy(torch_opt.state_dict()))  # as if saved and loaded
-    for _ in range(3):
-        for model, opt in ((a, torch_opt), (b, ours)):
-            opt.zero_grad()
-            _loss(model, x).backward()
-            opt.step()
+    _train([(a, torch_opt), (b, ours)], x)
     for p, q in zip(a.parameters(), b.parameters()):
-        assert_close(q, p, 1e-5, 1e-6, "params after resuming")
-    back = getattr(torch.optim, name)(a.parameters(), **kwargs)
+        assert_close(q, p, 1e-5, 1e-6, "params after fastnorm resumed torch's checkpoint")
+    _same_state(ours, torch_opt, b.parameters(), a.parameters())
+    c = _model()
+    c.load_state_dict(b.state_dict())
+    back = getattr(torch.optim, name)(c.parameters(), **kwargs)
     back.load_state_dict(copy.deepcopy(ours.state_dict()))  # and torch resumes fastnorm's
-    for (_, s1), (_, s2) in zip(sorted(back.state.items(), key=lambda kv: id(kv[0])),
-                                sorted(ours.state.items(), key=lambda kv: id(kv[0]))):  # fmt: skip
-        assert set(s1) == set(s2)
+    _train([(b, ours), (c, back)], x)
+    for p, q in zip(b.parameters(), c.parameters()):
+        assert_close(q, p, 1e-5, 1e-6, "params after torch resumed fastnorm's checkpoint")
+    _same_state(ours, back, b.parameters(), c.parameters())
     assert ours.state_dict()["param_groups"] == back.state_dict()["param_groups"]
 
 
@@ -299,7 +333,8 @@ def test_scheduler_closure_zero_grad_and_param_groups(backend):
                 o.add_param_group({"params": [e], "lr": 0.02})
         losses = []
         for m, o, e, s in zip(models, opts, extra, scheds):
-            def closure(m=m, o=o, e=e):
+
+            def closure(m=m, o=o, e=e, step=step):
                 o.zero_grad(set_to_none=step % 2 == 0)
                 loss = _loss(m, x) + e.pow(2).sum()
                 loss.backward()
@@ -323,11 +358,7 @@ def test_tensor_lr_and_named_parameters(backend):
     ours = fastnorm.optim.AdamW(model.named_parameters(), lr=torch.tensor(0.01), backend=backend)
     ref = torch.optim.AdamW(ref_model.named_parameters(), lr=torch.tensor(0.01))
     x = torch.randn(8, 5, dtype=torch.float64)
-    for _ in range(3):
-        for m, o in ((model, ours), (ref_model, ref)):
-            o.zero_grad()
-            _loss(m, x).backward()
-            o.step()
+    _train([(model, ours), (ref_model, ref)], x)
     for p, q in zip(ref_model.parameters(), model.parameters()):
         # torch keeps a tensor lr as a float32 tensor and computes lr/bias_correction1 in
         # float32; fastnorm computes the per-step scalars in float64: rounding-level differences
@@ -350,6 +381,23 @@ def test_hooks_run_once_per_step(backend):
     torch_backed.register_step_pre_hook(lambda *a: calls.append("torch-pre"))
     torch_backed.step()
     assert calls == ["pre", "post", "torch-pre"]
+    handle = register_optimizer_step_post_hook(lambda *a: calls.append("global-post"))
+    try:
+        opt.step()
+    finally:
+        handle.remove()
+    assert calls[-3:] == ["pre", "post", "global-post"]
+
+
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
+def test_the_profiler_sees_the_step(backend):
+    """The step is recorded as torch records its optimizers' (only while a profiler runs)."""
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    opt = fastnorm.optim.Adam([p], backend=backend)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#Adam.step" in {e.name for e in prof.events()}
 
 
 # -- optimizers: bad input leaves everything untouched --------------------------------------------
@@ -381,7 +429,7 @@ def test_bad_gradients_are_refused_before_any_update(backend, name):
                        lambda p: setattr(p, "grad_dtype", None) or torch.ones(3, dtype=torch.float64),
                        RuntimeError, "must match"),
     }  # fmt: skip
-    for what, (bad, make_grad, exc, message) in cases.items():
+    for _what, (bad, make_grad, exc, message) in cases.items():
         params = [good, bad]
         opt = getattr(fastnorm.optim, name)(params, lr=0.1, backend=backend)
         good.grad = torch.ones_like(good)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BN_BACKENDS, assert_close, tol
 
 import fastnorm
-from conftest import BN_BACKENDS, assert_close, tol
 
 # Shape matrix: (input shape, what it exercises)
 SHAPES = [
@@ -170,9 +170,7 @@ def test_gradcheck_float64(backend, training, affine, shape):
 
     def fn(x, w, b):
         # running statistics are cloned: gradcheck calls fn many times
-        return fastnorm.functional.batch_norm(
-            x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, backend=backend
-        )
+        return fastnorm.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, backend=backend)
 
     assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7)
 
@@ -197,4 +195,3 @@ def test_large_offset_input_is_accurate(backend):
     assert_close(y, truth, 0, 1e-5, "normalised output")  # torch float32: 7e-3
     assert_close(rm32, rm64, 1e-6, 0, "running_mean")
     assert_close(rv32, rv64, 1e-5, 0, "running_var")
-

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import SHARED_MNIST
-from fastnorm import data as fdata
+
+from fastnorm.book import data as fdata
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # its README
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

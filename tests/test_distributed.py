@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED_MNIST, assert_close
 
 import fastnorm
-from conftest import SHARED_MNIST, assert_close
 from fastnorm.distributed import spawn
 
 BACKENDS = ["numba", "reference"]
@@ -36,7 +36,7 @@ def _sync_bn_worker(rank, world, sizes, tail, out_dir):
         with torch.no_grad():
             bn.weight.copy_(w)
             bn.bias.copy_(b)
-        for step in range(2):  # two steps: the running statistics accumulate
+        for _step in range(2):  # two steps: the running statistics accumulate
             x = x_all[lo : lo + sizes[rank]].clone().requires_grad_(True)
             bn.zero_grad()
             y = bn(x)
@@ -74,8 +74,8 @@ def test_sync_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path, sizes, tai
 
 
 def test_ddp_training_matches_single_process(tmp_path, mnist_cache):
-    from fastnorm.data import load_mnist
-    from fastnorm.train import TrainConfig, train, train_distributed
+    from fastnorm.book.data import load_mnist
+    from fastnorm.book.train import TrainConfig, train, train_distributed
 
     config = TrainConfig(optimizer="momentum", epochs=1, backend="numba", train_limit=20 * 64, test_limit=500,
                          progress=False)  # fmt: skip

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastnorm import experiments as ex
-from fastnorm.train import TrainConfig, train
+from fastnorm.book import experiments as ex
+from fastnorm.book.train import TrainConfig, train
 
 
 def _is_png(path, min_bytes=20_000):

@@ -6,12 +6,12 @@ import numba
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import assert_close, tol
 
 import fastnorm
 import kernels.numba_cpu as nb
 import kernels.reference as ref
-from conftest import assert_close, tol
+from kernels.numba_cpu.optim import chunk_table
 
 # Large enough for the parallel kernels (>= 64K values): (shape, layout)
 PARALLEL_SHAPES = [
@@ -22,18 +22,23 @@ PARALLEL_SHAPES = [
 THREADS = sorted({1, 2, numba.config.NUMBA_NUM_THREADS})
 
 
+def _train_step(shape, dtype, backend):
+    """One training forward+backward from seed 1: (y, dx, dw, db, running_mean, running_var)."""
+    torch.manual_seed(1)
+    c = shape[1]
+    x = (torch.randn(shape, dtype=dtype) * 3 + 2).requires_grad_(True)
+    w = (torch.rand(c, dtype=dtype) + 0.5).requires_grad_(True)
+    b = torch.randn(c, dtype=dtype).requires_grad_(True)
+    rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
+    y = fastnorm.functional.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend=backend)
+    y.backward(torch.randn(shape, dtype=dtype))
+    return [t.detach().clone() for t in (y, x.grad, w.grad, b.grad, rm, rv)]
+
+
 def _run(shape, dtype, threads):
     numba.set_num_threads(threads)
     try:
-        torch.manual_seed(1)
-        c = shape[1]
-        x = (torch.randn(shape, dtype=dtype) * 3 + 2).requires_grad_(True)
-        w = (torch.rand(c, dtype=dtype) + 0.5).requires_grad_(True)
-        b = torch.randn(c, dtype=dtype).requires_grad_(True)
-        rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
-        y = fastnorm.functional.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend="numba")
-        y.backward(torch.randn(shape, dtype=dtype))
-        return [t.detach().clone() for t in (y, x.grad, w.grad, b.grad, rm, rv)]
+        return _train_step(shape, dtype, "numba")
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
@@ -54,16 +59,8 @@ def test_results_do_not_depend_on_thread_count(shape, dtype):
 def test_parity_with_torch_at_each_thread_count(shape, threads):
     dtype = torch.float32
     ours = _run(shape, dtype, threads)
-    torch.manual_seed(1)
-    c = shape[1]
-    x = (torch.randn(shape, dtype=dtype) * 3 + 2).requires_grad_(True)
-    w = (torch.rand(c, dtype=dtype) + 0.5).requires_grad_(True)
-    b = torch.randn(c, dtype=dtype).requires_grad_(True)
-    rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
-    y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
-    y.backward(torch.randn(shape, dtype=dtype))
     rtol, atol = tol(dtype)
-    for a, e, what in zip(ours, [y, x.grad, w.grad, b.grad, rm, rv], ["y", "dx", "dw", "db", "rm", "rv"]):
+    for a, e, what in zip(ours, _train_step(shape, dtype, "torch"), ["y", "dx", "dw", "db", "rm", "rv"]):
         # sums over ~65K values: torch's own float32 rounding is ~1e-4 relative here
         assert_close(a, e, 5 * rtol, 20 * atol * (50 if what in ("dw", "db") else 1), what)
 
@@ -136,8 +133,9 @@ def test_optimizer_chunk_table_indexes_beyond_int32():
     address elements as base + start * itemsize in int64); checked on the table, without
     allocating 8 GB per buffer."""
     huge = 2**31 + 5
-    tensor, start, stop = nb.chunk_table((3, huge), 1 << 20)
-    assert tensor.dtype == start.dtype == stop.dtype == np.int64
+    table = chunk_table((3, huge), 1 << 20)
+    assert table.dtype == np.int64
+    tensor, start, stop = table.T
     assert start[-1] == (huge - 1) // (1 << 20) * (1 << 20) and stop[-1] == huge
     assert stop[-1] > np.iinfo(np.int32).max
     assert int((stop - start)[tensor == 1].sum()) == huge

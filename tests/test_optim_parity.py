@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 import torch
+from conftest import OPTIM_BACKENDS, assert_close
 
 import fastnorm
-from conftest import OPTIM_BACKENDS, assert_close
 
 # Odd-sized parameters: (shape, what it exercises)
 PARAM_SHAPES = [
@@ -66,9 +66,13 @@ def _adamw_options():
 
 CASES = [
     (name, options)
-    for name, gen in [("SGD", _sgd_options), ("Adagrad", _adagrad_options),
-                      ("RMSprop", _rmsprop_options), ("Adam", _adam_options),
-                      ("AdamW", _adamw_options)]  # fmt: skip
+    for name, gen in [
+        ("SGD", _sgd_options),
+        ("Adagrad", _adagrad_options),
+        ("RMSprop", _rmsprop_options),
+        ("Adam", _adam_options),
+        ("AdamW", _adamw_options),
+    ]  # fmt: skip
     for options in gen()
 ]
 
@@ -83,7 +87,7 @@ def run_lockstep(name, options, backend, dtype, steps=STEPS, grads=None):
     our_params = [p.clone() for p in ref_params]
     ref = getattr(torch.optim, name)(ref_params, **options)
     ours = getattr(fastnorm.optim, name)(our_params, backend=backend, **options)
-    for step in range(steps):
+    for _step in range(steps):
         for a, b in zip(ref_params, our_params):
             g = torch.randn_like(a)
             a.grad, b.grad = g.clone(), g.clone()

@@ -6,31 +6,9 @@ one after another from torch's training loop, never from inside a torch parallel
 two thread pools do not oversubscribe the cores.
 """
 
-from .batchnorm import batch_norm_backward, batch_norm_forward_eval, batch_norm_forward_train, batch_norm_stats
-from .optim import (
-    adagrad_step,
-    adagrad_step_table,
-    adam_step,
-    adam_step_table,
-    chunk_table,
-    rmsprop_step,
-    rmsprop_step_table,
-    sgd_step,
-    sgd_step_table,
-)
+from .._cache import drop_if_stale
 
-__all__ = [
-    "batch_norm_forward_train",
-    "batch_norm_forward_eval",
-    "batch_norm_backward",
-    "batch_norm_stats",
-    "sgd_step",
-    "adagrad_step",
-    "rmsprop_step",
-    "adam_step",
-    "sgd_step_table",
-    "adagrad_step_table",
-    "rmsprop_step_table",
-    "adam_step_table",
-    "chunk_table",
-]
+drop_if_stale(__path__[0])  # before the kernels load their cached code
+
+from .batchnorm import *
+from .optim import *

@@ -13,8 +13,7 @@ def check_arrays(x, y, per_channel, extra=()) -> None:
     if type(x) is not np.ndarray or x.dtype not in FLOAT_DTYPES or x.ndim != 3:
         if not isinstance(x, np.ndarray) or x.dtype not in FLOAT_DTYPES:
             raise TypeError(
-                "the numba backend computes in float32 or float64, got "
-                f"{getattr(x, 'dtype', type(x).__name__)}"
+                f"the numba backend computes in float32 or float64, got {getattr(x, 'dtype', type(x).__name__)}"
             )
         raise ValueError(f"kernels take (N, C, S) arrays, got shape {x.shape}")
     shape, dtype = x.shape, x.dtype

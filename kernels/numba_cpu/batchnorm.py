@@ -1,7 +1,9 @@
 """Batch Normalization on CPU threads with Numba: fused forward and backward kernels.
 
 Book: "Deep Learning from Scratch", section 6.3; conventions are PyTorch's (see
-kernels/reference/batchnorm.py, the readable version these kernels are tested against).
+kernels/reference/batchnorm.py, the readable version these kernels are tested against). The
+per-channel math (statistics, running statistics, backward coefficients) is
+kernels/formulas/batchnorm.py, shared with the CUDA kernels; this module holds the CPU passes.
 
 Algorithm
 ---------
@@ -48,8 +50,15 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .. import BATCH_NORM_API
+from ..formulas import batchnorm as formulas
+from ..formulas import compiled
 from ._jit import REASSOC, twins
 from ._validate import check_arrays
+
+__all__ = [*BATCH_NORM_API]
+
+_F = compiled(njit(inline="always"), formulas)
 
 MAX_CHUNKS = 64  # row chunks of the (N, C) layout: bounds the partial-sum buffers
 CHUNK_ELEMENTS = 1 << 14  # aim for at least this many elements per chunk
@@ -85,20 +94,21 @@ def _shift(x):  # x: (N, C, S) -> (C,) float64: each channel's first value, 0 if
     C = x.shape[1]
     shift = np.empty(C, np.float64)
     for c in range(C):
-        k = np.float64(x[0, c, 0])
-        shift[c] = k if np.isfinite(k) else 0.0
+        shift[c] = _F.shift_of(np.float64(x[0, c, 0]))
     return shift
 
 
 @njit(inline="always")
-def _stat_sums(x, shift, c0, c1, rows_per_chunk):
-    """float64 sums of (x - shift) and (x - shift)^2 over N and S, for channels c0..c1-1."""
-    N, C, S = x.shape
+def _channel_sums(u, v, center, grad, c0, c1, rows_per_chunk):
+    """float64 sums over N and S for channels c0..c1-1 of (N, C, S) arrays: of d = u - center
+    and d * d (statistics: ``grad`` False), or of u and u * (v - center) (backward: ``grad``)."""
+    N, C, S = u.shape
     nc = c1 - c0
     s1 = np.zeros(nc, np.float64)
     s2 = np.zeros(nc, np.float64)
     if S == 1:  # rows: C-wide partial sums per chunk of rows
-        x2 = x.reshape(N, C)
+        u2 = u.reshape(N, C)
+        v2 = v.reshape(N, C)
         chunks = (N + rows_per_chunk - 1) // rows_per_chunk
         p1 = np.zeros((chunks, nc), np.float64)
         p2 = np.zeros((chunks, nc), np.float64)
@@ -106,30 +116,43 @@ def _stat_sums(x, shift, c0, c1, rows_per_chunk):
             a1 = p1[k]
             a2 = p2[k]
             for i in range(k * rows_per_chunk, min((k + 1) * rows_per_chunk, N)):
-                xi = x2[i]
+                ui = u2[i]
+                vi = v2[i]
                 for c in range(C):
-                    d = np.float64(xi[c]) - shift[c]
-                    a1[c] += d
-                    a2[c] += d * d
+                    if grad:
+                        w = np.float64(ui[c])
+                        a1[c] += w
+                        a2[c] += w * (np.float64(vi[c]) - center[c])
+                    else:
+                        d = np.float64(ui[c]) - center[c]
+                        a1[c] += d
+                        a2[c] += d * d
         for k in range(chunks):
             for c in range(nc):
                 s1[c] += p1[k, c]
                 s2[c] += p2[k, c]
     else:  # planes: one reduction per (n, c) plane
-        x2 = x.reshape(N * C, S)
+        u2 = u.reshape(N * C, S)
+        v2 = v.reshape(N * C, S)
         p1 = np.empty(N * nc, np.float64)
         p2 = np.empty(N * nc, np.float64)
         for q in prange(N * nc):
             n = q // nc
             c = c0 + q - n * nc
-            k = shift[c]
-            xp = x2[n * C + c]
+            k = center[c]
+            up = u2[n * C + c]
+            vp = v2[n * C + c]
             a1 = 0.0
             a2 = 0.0
             for j in range(S):
-                d = np.float64(xp[j]) - k
-                a1 += d
-                a2 += d * d
+                if grad:
+                    w = np.float64(up[j])
+                    a1 += w
+                    a2 += w * (np.float64(vp[j]) - k)
+                else:
+                    d = np.float64(up[j]) - k
+                    a1 += d
+                    a2 += d * d
             p1[q] = a1
             p2[q] = a2
         for q in range(N * nc):
@@ -139,60 +162,10 @@ def _stat_sums(x, shift, c0, c1, rows_per_chunk):
 
 
 @njit(inline="always")
-def _grad_sums(dy, x, mean, c0, c1, rows_per_chunk):
-    """float64 sums of dy and dy * (x - mean) over N and S, for channels c0..c1-1."""
-    N, C, S = x.shape
-    nc = c1 - c0
-    s1 = np.zeros(nc, np.float64)
-    s2 = np.zeros(nc, np.float64)
-    if S == 1:
-        g2 = dy.reshape(N, C)
-        x2 = x.reshape(N, C)
-        chunks = (N + rows_per_chunk - 1) // rows_per_chunk
-        p1 = np.zeros((chunks, nc), np.float64)
-        p2 = np.zeros((chunks, nc), np.float64)
-        for k in prange(chunks):
-            a1 = p1[k]
-            a2 = p2[k]
-            for i in range(k * rows_per_chunk, min((k + 1) * rows_per_chunk, N)):
-                gi = g2[i]
-                xi = x2[i]
-                for c in range(C):
-                    g = np.float64(gi[c])
-                    a1[c] += g
-                    a2[c] += g * (np.float64(xi[c]) - mean[c])
-        for k in range(chunks):
-            for c in range(nc):
-                s1[c] += p1[k, c]
-                s2[c] += p2[k, c]
-    else:
-        g2 = dy.reshape(N * C, S)
-        x2 = x.reshape(N * C, S)
-        p1 = np.empty(N * nc, np.float64)
-        p2 = np.empty(N * nc, np.float64)
-        for q in prange(N * nc):
-            n = q // nc
-            c = c0 + q - n * nc
-            m = mean[c]
-            gp = g2[n * C + c]
-            xp = x2[n * C + c]
-            a1 = 0.0
-            a2 = 0.0
-            for j in range(S):
-                g = np.float64(gp[j])
-                a1 += g
-                a2 += g * (np.float64(xp[j]) - m)
-            p1[q] = a1
-            p2[q] = a2
-        for q in range(N * nc):
-            s1[q % nc] += p1[q]
-            s2[q % nc] += p2[q]
-    return s1, s2
-
-
-@njit(inline="always")
-def _normalize(x, m, m_lo, a, b, y, c0, c1, rows_per_chunk):
-    """y = ((x - m) - m_lo) * a + b for channels c0..c1-1; m, m_lo, a, b: (C,) in x's dtype.
+def _affine_pass(x, dy, backward, m, m_lo, a, b, k1, out, c0, c1, rows_per_chunk):
+    """out = ((x - m) - m_lo) * a + b, plus dy * k1 when ``backward`` (a literal at each call
+    site), for channels c0..c1-1; the per-channel (C,) arrays are in x's dtype.
+    Forward: y (dy unused); backward: dx with m_lo zeros, a = k2, b = k3.
 
     The mean is split into m + m_lo (its rounding error): x - m is exact when x is near m, so
     y keeps float32 accuracy even when |mean| >> std."""
@@ -200,57 +173,35 @@ def _normalize(x, m, m_lo, a, b, y, c0, c1, rows_per_chunk):
     nc = c1 - c0
     if S == 1:
         x2 = x.reshape(N, C)
-        y2 = y.reshape(N, C)
-        chunks = (N + rows_per_chunk - 1) // rows_per_chunk
-        for k in prange(chunks):
-            for i in range(k * rows_per_chunk, min((k + 1) * rows_per_chunk, N)):
-                xi = x2[i]
-                yi = y2[i]
-                for c in range(C):
-                    yi[c] = ((xi[c] - m[c]) - m_lo[c]) * a[c] + b[c]
-    else:
-        x2 = x.reshape(N * C, S)
-        y2 = y.reshape(N * C, S)
-        for q in prange(N * nc):
-            n = q // nc
-            c = c0 + q - n * nc
-            mc, lc, ac, bc = m[c], m_lo[c], a[c], b[c]
-            xp = x2[n * C + c]
-            yp = y2[n * C + c]
-            for j in range(S):
-                yp[j] = ((xp[j] - mc) - lc) * ac + bc
-
-
-@njit(inline="always")
-def _input_grad(dy, x, m, k1, k2, k3, dx, c0, c1, rows_per_chunk):
-    """dx = dy * k1 + (x - m) * k2 + k3 for channels c0..c1-1; k1, k2, k3: (C,) in x's dtype."""
-    N, C, S = x.shape
-    nc = c1 - c0
-    if S == 1:
         g2 = dy.reshape(N, C)
-        x2 = x.reshape(N, C)
-        o2 = dx.reshape(N, C)
+        o2 = out.reshape(N, C)
         chunks = (N + rows_per_chunk - 1) // rows_per_chunk
         for k in prange(chunks):
             for i in range(k * rows_per_chunk, min((k + 1) * rows_per_chunk, N)):
-                gi = g2[i]
                 xi = x2[i]
+                gi = g2[i]
                 oi = o2[i]
                 for c in range(C):
-                    oi[c] = gi[c] * k1[c] + (xi[c] - m[c]) * k2[c] + k3[c]
+                    if backward:
+                        oi[c] = gi[c] * k1[c] + (xi[c] - m[c]) * a[c] + b[c]
+                    else:
+                        oi[c] = ((xi[c] - m[c]) - m_lo[c]) * a[c] + b[c]
     else:
-        g2 = dy.reshape(N * C, S)
         x2 = x.reshape(N * C, S)
-        o2 = dx.reshape(N * C, S)
+        g2 = dy.reshape(N * C, S)
+        o2 = out.reshape(N * C, S)
         for q in prange(N * nc):
             n = q // nc
             c = c0 + q - n * nc
-            mc, c1_, c2_, c3_ = m[c], k1[c], k2[c], k3[c]
-            gp = g2[n * C + c]
+            mc, lc, ac, bc, kc = m[c], m_lo[c], a[c], b[c], k1[c]
             xp = x2[n * C + c]
+            gp = g2[n * C + c]
             op = o2[n * C + c]
             for j in range(S):
-                op[j] = gp[j] * c1_ + (xp[j] - mc) * c2_ + c3_
+                if backward:
+                    op[j] = gp[j] * kc + (xp[j] - mc) * ac + bc
+                else:
+                    op[j] = ((xp[j] - mc) - lc) * ac + bc
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -261,32 +212,27 @@ def _forward_train(x, weight, bias, has_weight, has_bias, running_mean, running_
                    momentum, eps, y, save_mean, save_invstd, rows_per_chunk, block):  # fmt: skip
     # x, y: (N, C, S); weight, bias, running_*: (C,) or empty; save_*: (C,)
     N, C, S = x.shape
-    n = N * S
+    n = np.float64(N * S)
     shift = _shift(x)
     m = np.empty(C, x.dtype)
     m_lo = np.empty(C, x.dtype)
-    a = np.empty(C, x.dtype)
-    b = np.empty(C, x.dtype)
+    scale = np.empty(C, x.dtype)
+    beta = np.empty(C, x.dtype)
     for c0 in range(0, C, block):
         c1 = min(C, c0 + block)
-        s1, s2 = _stat_sums(x, shift, c0, c1, rows_per_chunk)
+        s1, s2 = _channel_sums(x, x, shift, False, c0, c1, rows_per_chunk)
         for c in range(c0, c1):
-            dm = s1[c - c0] / n
-            var = s2[c - c0] / n - dm * dm
-            if var < 0.0:  # rounding; NaN stays NaN
-                var = 0.0
-            mean = shift[c] + dm
-            invstd = 1.0 / math.sqrt(var + eps)
+            mean, var, invstd = _F.statistics(s1[c - c0], s2[c - c0], shift[c], n, eps)
             save_mean[c] = mean
             save_invstd[c] = invstd
             if has_running:
-                running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean
-                running_var[c] = (1.0 - momentum) * running_var[c] + momentum * (var * n / (n - 1))
+                running_mean[c] = _F.running_update(running_mean[c], mean, momentum)
+                running_var[c] = _F.running_update(running_var[c], _F.unbiased_var(var, n), momentum)
             m[c] = mean
             m_lo[c] = mean - np.float64(m[c])
-            a[c] = invstd * weight[c] if has_weight else invstd
-            b[c] = bias[c] if has_bias else 0.0
-        _normalize(x, m, m_lo, a, b, y, c0, c1, rows_per_chunk)
+            scale[c] = _F.scale_of(invstd, weight[c] if has_weight else 1.0)
+            beta[c] = bias[c] if has_bias else 0.0
+        _affine_pass(x, x, False, m, m_lo, scale, beta, scale, y, c0, c1, rows_per_chunk)
 
 
 @twins()
@@ -294,13 +240,13 @@ def _forward_eval(x, weight, bias, has_weight, has_bias, running_mean, running_v
                   rows_per_chunk):  # fmt: skip
     C = x.shape[1]
     m_lo = np.zeros(C, x.dtype)  # running_mean is exact in x's dtype
-    a = np.empty(C, x.dtype)
-    b = np.empty(C, x.dtype)
+    scale = np.empty(C, x.dtype)
+    beta = np.empty(C, x.dtype)
     for c in range(C):
         invstd = 1.0 / math.sqrt(np.float64(running_var[c]) + eps)
-        a[c] = invstd * weight[c] if has_weight else invstd
-        b[c] = bias[c] if has_bias else 0.0
-    _normalize(x, running_mean, m_lo, a, b, y, 0, C, rows_per_chunk)
+        scale[c] = _F.scale_of(invstd, weight[c] if has_weight else 1.0)
+        beta[c] = bias[c] if has_bias else 0.0
+    _affine_pass(x, x, False, running_mean, m_lo, scale, beta, scale, y, 0, C, rows_per_chunk)
 
 
 @twins(fastmath=REASSOC)
@@ -308,51 +254,45 @@ def _backward(dy, x, mean, invstd, weight, has_weight, training, need_sums, need
               dx, dweight, dbias, rows_per_chunk, block):  # fmt: skip
     # dy, x, dx: (N, C, S); mean, invstd, weight: (C,); dweight, dbias: (C,) or empty
     N, C, S = x.shape
-    n = N * S
+    n = np.float64(N * S)
     center = np.empty(C, np.float64)
     for c in range(C):
         center[c] = mean[c]
     k1 = np.empty(C, x.dtype)  # dx = dy * k1 + (x - mean) * k2 + k3
     k2 = np.empty(C, x.dtype)
     k3 = np.empty(C, x.dtype)
+    zeros = np.zeros(C, x.dtype)
     for c0 in range(0, C, block):
         c1 = min(C, c0 + block)
         if need_sums:
-            s_dy, s_dyx = _grad_sums(dy, x, center, c0, c1, rows_per_chunk)
+            s_dy, s_dyx = _channel_sums(dy, x, center, True, c0, c1, rows_per_chunk)
         else:
             s_dy = np.zeros(c1 - c0, np.float64)
             s_dyx = np.zeros(c1 - c0, np.float64)
         for c in range(c0, c1):
+            k1[c], k2[c], k3[c], dw, db = _F.backward_coefficients(
+                s_dy[c - c0], s_dyx[c - c0], n, np.float64(invstd[c]),
+                np.float64(weight[c]) if has_weight else 1.0, training,
+            )  # fmt: skip
             if dbias.size:
-                dbias[c] = s_dy[c - c0]
+                dbias[c] = db
             if dweight.size:
-                dweight[c] = s_dyx[c - c0] * invstd[c]
-            g = np.float64(invstd[c]) * (np.float64(weight[c]) if has_weight else 1.0)
-            k1[c] = g
-            if training:
-                k2[c] = -g * invstd[c] * invstd[c] * (s_dyx[c - c0] / n)
-                k3[c] = -g * (s_dy[c - c0] / n)
-            else:
-                k2[c] = 0.0
-                k3[c] = 0.0
+                dweight[c] = dw
         if need_dx:
-            _input_grad(dy, x, mean, k1, k2, k3, dx, c0, c1, rows_per_chunk)
+            _affine_pass(x, dy, True, mean, zeros, k2, k3, k1, dx, c0, c1, rows_per_chunk)
 
 
 @twins(fastmath=REASSOC)
 def _stats(x, mean, var, rows_per_chunk, block):
     # x: (N, C, S); mean, var: (C,) float64 out
     N, C, S = x.shape
-    n = N * S
+    n = np.float64(N * S)
     shift = _shift(x)
     for c0 in range(0, C, block):
         c1 = min(C, c0 + block)
-        s1, s2 = _stat_sums(x, shift, c0, c1, rows_per_chunk)
+        s1, s2 = _channel_sums(x, x, shift, False, c0, c1, rows_per_chunk)
         for c in range(c0, c1):
-            dm = s1[c - c0] / n
-            v = s2[c - c0] / n - dm * dm
-            mean[c] = shift[c] + dm
-            var[c] = v if not v < 0.0 else 0.0
+            mean[c], var[c], _ = _F.statistics(s1[c - c0], s2[c - c0], shift[c], n, 1.0)
 
 
 # -- launchers: the kernels API (same names and arguments as kernels.reference) -----------------

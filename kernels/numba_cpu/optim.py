@@ -1,80 +1,68 @@
 """Fused multi-tensor optimizer updates on CPU threads with Numba.
 
-Book: "Deep Learning from Scratch", section 6.1; the formulas are torch.optim's, exactly as in
-kernels/reference/optim.py (the readable version these kernels are tested against).
+Book: "Deep Learning from Scratch", section 6.1. The per-element math is kernels/formulas/optim.py
+(shared with the CUDA kernels); this module holds the CPU loop around it.
 
 Design: a chunk table over separate tensors
 -------------------------------------------
 A parameter group's tensors stay where they are (``model.parameters()`` remain ordinary tensors,
 ``zero_grad(set_to_none=True)`` keeps working, checkpoints keep torch's layout). One compiled
-call per group and step receives
+call per group and dtype receives
 
-* ``addrs``: an int64 table (buffers x tensors) of data addresses: parameter, gradient and each
-  state buffer of every tensor (all of one dtype, each dense with the parameter's layout);
+* ``addrs``: an int64 (5, T) table of data addresses, rows parameter, gradient and up to three
+  state buffers of every tensor (all of one dtype, each dense with the parameter's layout); an
+  unused buffer row repeats the gradient row and is never touched;
 * a chunk table: (tensor, start, stop) rows cutting every tensor into pieces of CHUNK elements,
   so that one parallel loop over chunks balances threads across tensors of any sizes (the MLP's
-  10-value bias and its 200,704-value weight alike); starts and stops are int64, so tensors
-  beyond 2**31 elements index correctly;
-* per-tensor step pointers: the step counters (torch's ``state["step"]`` scalar tensors) are
+  10-value bias and its 200,704-value weight alike); int64, so tensors beyond 2**31 elements
+  index correctly;
+* the addresses of the per-tensor step counters (torch's ``state["step"]`` scalar tensors),
   incremented in a serial prologue of the same call, which then computes each tensor's
-  step-dependent scalars (Adam's lr / (1 - beta1^t) and sqrt(1 - beta2^t), Adagrad's
-  lr / (1 + (t-1) lr_decay)) once per tensor in float64, as torch does on the host.
+  step-dependent scalars (formulas ``*_tensor_scalars``) in float64, as torch does on the host.
 
-Inside a chunk every element's whole update (weight decay, moments, bias-corrected step) is one
-pass that reads each buffer once and writes it once, in the parameter's dtype with constants of
-that dtype (an integer literal or a float64 constant would widen float32 vectors, see
-../shared/NUMBA-NOTES.md), under ``error_model="numpy"`` so the divisions vectorise. Option flags
-are loop-invariant branches that LLVM unswitches out of the vectorised loops.
-
-The list-of-arrays functions (``adam_step`` etc., the API every backend shares) build the same
-table from the arrays' addresses; fastnorm's optimizers call the ``*_table`` entry points with
-addresses taken from torch tensors directly, which keeps a step's host work to a few microseconds.
+Inside a chunk every element's whole update is one pass that reads each buffer once and writes
+it once, in the parameter's dtype with constants of that dtype (a float64 constant would widen
+float32 vectors, see ../shared/NUMBA-NOTES.md), under ``error_model="numpy"`` so that divisions
+vectorise. Option flags are loop-invariant branches that LLVM unswitches out of the vectorised
+loop; ``stores(flags)`` comes from the same flags, so an unused buffer row is neither read nor
+written in the loop version that runs.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import sys
 
 import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
+from numba.np.unsafe.ndarray import to_fixed_tuple
 
-from .._list_api import ListAPI
+from .. import OPTIMIZER_API, TABLE_API
+from .._optimizer_api import OptimizerAPI
+from .._pointer import pointer_intrinsic
+from ..formulas import compiled
+from ..formulas import optim as formulas
 from ._validate import FLOAT_DTYPES
+
+__all__ = [*OPTIMIZER_API, *TABLE_API]
 
 CHUNK = 1 << 15  # elements per chunk of the parallel loop (the MLP's weight: 7 chunks)
 
 
-@intrinsic
-def _pointer(typingctx, addr, like):
-    """int64 address -> typed pointer to elements of ``like``'s type (a float32/float64 scalar)."""
-    ptr_type = types.CPointer(like)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(ptr_type))
-
-    return ptr_type(types.int64, like), codegen
+_pointer = pointer_intrinsic(intrinsic, types)
+_FORMULAS = compiled(njit(inline="always"), formulas)
 
 
 @njit(inline="always")
-def _chunk(addr, lo, hi, zero):
-    """The elements lo..hi-1 of the tensor at ``addr`` as a 1-D array."""
-    return numba.carray(_pointer(addr, zero), hi)[lo:hi]
-
-
-@njit(inline="always")
-def _read_step(addr, is_f64):
-    if is_f64:
-        return numba.carray(_pointer(addr, np.float64(0)), 1)[0]
-    return np.float64(numba.carray(_pointer(addr, np.float32(0)), 1)[0])
+def _elements(addr, lo, hi, like):
+    """The elements lo..hi-1 of the tensor at ``addr`` as a 1-D array of ``like``'s type."""
+    return numba.carray(_pointer(addr, like), hi)[lo:hi]
 
 
 @njit(inline="always")
 def _advance_step(addr, is_f64):
-    """step += 1 in the tensor at ``addr`` (float32 or float64 scalar); returns the new value."""
+    """step += 1 in the scalar tensor at ``addr`` (float32 or float64); returns the new value."""
     if is_f64:
         s = numba.carray(_pointer(addr, np.float64(0)), 1)
         s[0] += 1.0
@@ -85,227 +73,106 @@ def _advance_step(addr, is_f64):
 
 
 @functools.lru_cache(maxsize=256)
-def chunk_table(numels: tuple[int, ...], chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tensor index, start, stop) of every chunk, int64. Depends on the sizes only."""
-    tensor, start, stop = [], [], []
-    for t, n in enumerate(numels):
-        for lo in range(0, n, chunk):
-            tensor.append(t)
-            start.append(lo)
-            stop.append(min(n, lo + chunk))
-    as64 = functools.partial(np.array, dtype=np.int64)
-    return as64(tensor), as64(start), as64(stop)
+def chunk_table(numels: tuple[int, ...], chunk: int = CHUNK) -> np.ndarray:
+    """(K, 3) int64 rows (tensor index, start, stop), one per chunk. Depends on the sizes only."""
+    rows = [(t, lo, min(n, lo + chunk)) for t, n in enumerate(numels) for lo in range(0, n, chunk)]
+    return np.array(rows, np.int64).reshape(-1, 3)
 
 
-# -- kernels ----------------------------------------------------------------------------------
-# ``k``: the per-group constants, already in the parameters' dtype (host-computed, so no float64
-# constant widens a float32 loop); ``k[0]`` also types the pointers.
+@njit(inline="always")
+def _update_chunk(update, p, g, b0, b1, b2, n, constants, s0, s1, flags, use0, use1, use2):
+    """n elements: p, g, b*: (n,) arrays; use*: literal booleans at every call site, so that each
+    version of the loop is compiled for exactly the buffers it has (a buffer branch left to
+    LLVM, e.g. amsgrad's NaN-propagating max, kept the loop from vectorising)."""
+    for i in range(n):
+        _FORMULAS.update_element(update, p, g, b0, b1, b2, i, constants, s0, s1, flags, use0, use1, use2)
 
+
+@njit(inline="always")
+def _table_update(update, tensor_scalars, n_constants, has1, has2, addrs, chunks, steps, step_f64, advance, host,
+                  scalars, constant_array, flags, uses):  # fmt: skip
+    """The one CPU loop: advance the steps (serial), then update every chunk (parallel).
+
+    addrs: (5, T) int64; chunks: (K, 3) int64; steps: (T,) int64 addresses; host: float64 tuple;
+    scalars: (T, 2) in the parameters' dtype, filled here when ``advance``; constant_array: the
+    group's n_constants constants in that dtype (made a tuple here: values, not memory the
+    loop's stores might alias; its first element also types the pointers); uses: which buffer
+    rows exist.
+    Buffer 0 exists whenever 1 or 2 does (true of every optimizer): at most five loop versions,
+    fewer where the kernel passes constants has1 / has2 false (buffer 1 / 2 never exists), so
+    that no optimizer compiles loop versions it cannot run."""
+    constants = to_fixed_tuple(constant_array, n_constants)
+    like = constants[0]
+    if advance:
+        for t in range(scalars.shape[0]):
+            scalars[t, 0], scalars[t, 1] = tensor_scalars(_advance_step(steps[t], step_f64), host)
+    use0, use1, use2 = uses
+    for c in prange(chunks.shape[0]):
+        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p = _elements(addrs[0, t], lo, hi, like)
+        g = _elements(addrs[1, t], lo, hi, like)
+        b0 = _elements(addrs[2, t], lo, hi, like)
+        b1 = _elements(addrs[3, t], lo, hi, like)
+        b2 = _elements(addrs[4, t], lo, hi, like)
+        n, s0, s1 = hi - lo, scalars[t, 0], scalars[t, 1]
+        if has2 and has1 and use2 and use1:
+            _update_chunk(update, p, g, b0, b1, b2, n, constants, s0, s1, flags, True, True, True)
+        elif has2 and use2:
+            _update_chunk(update, p, g, b0, b1, b2, n, constants, s0, s1, flags, True, False, True)
+        elif has1 and use1:
+            _update_chunk(update, p, g, b0, b1, b2, n, constants, s0, s1, flags, True, True, False)
+        elif use0:
+            _update_chunk(update, p, g, b0, b1, b2, n, constants, s0, s1, flags, True, False, False)
+        else:
+            _update_chunk(update, p, g, b0, b1, b2, n, constants, s0, s1, flags, False, False, False)
+
+
+# -- one compiled kernel per optimizer: the loop above around the formula ----------------------
 # "contract": fused multiply-adds, as ATen's vectorised add(alpha=...) uses (vec::fmadd); with it
 # the numba SGD stays bit-identical to torch's default through 400 MNIST training steps.
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", nogil=True, fastmath={"contract"})
 
 
 @njit(**_FLAGS)
-def _sgd(addrs, ct, cs, ce, first_step, k, has_wd, momentum_on, nesterov):
-    # addrs rows: param, grad, momentum_buffer (when momentum != 0)
-    # k: sign, lr, weight_decay, momentum, 1 - dampening
-    sign, lr, wd, mu, damp = k[0], k[1], k[2], k[3], k[4]
-    for c in prange(ct.size):
-        t, lo, hi = ct[c], cs[c], ce[c]
-        p = _chunk(addrs[0, t], lo, hi, sign)
-        g = _chunk(addrs[1, t], lo, hi, sign)
-        if not momentum_on:
-            for i in range(hi - lo):
-                d = g[i] * sign
-                if has_wd:
-                    d = d + wd * p[i]
-                p[i] = p[i] - lr * d
-        else:
-            b = _chunk(addrs[2, t], lo, hi, sign)
-            fresh = first_step[t] != 0
-            for i in range(hi - lo):
-                d = g[i] * sign
-                if has_wd:
-                    d = d + wd * p[i]
-                bi = d if fresh else b[i] * mu + damp * d
-                b[i] = bi
-                if nesterov:
-                    d = d + mu * bi
-                else:
-                    d = bi
-                p[i] = p[i] - lr * d
+def _sgd(addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses):
+    _table_update(_FORMULAS.sgd, _FORMULAS.no_tensor_scalars, 5, False, False,
+                  addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses)  # fmt: skip
 
 
 @njit(**_FLAGS)
-def _adagrad(addrs, ct, cs, ce, steps, step_f64, clrs, advance, lr, lr_decay, k, has_wd):
-    # addrs rows: param, grad, sum; k: sign, weight_decay, eps
-    sign, wd, eps = k[0], k[1], k[2]
-    clr = np.empty(clrs.size, k.dtype)
-    for t in range(clrs.size):
-        if advance:
-            step = _advance_step(steps[t], step_f64)
-            clrs[t] = lr / (1.0 + (step - 1.0) * lr_decay)
-        clr[t] = clrs[t]
-    for c in prange(ct.size):
-        t, lo, hi = ct[c], cs[c], ce[c]
-        p = _chunk(addrs[0, t], lo, hi, sign)
-        g = _chunk(addrs[1, t], lo, hi, sign)
-        s = _chunk(addrs[2, t], lo, hi, sign)
-        lr_t = clr[t]
-        for i in range(hi - lo):
-            gi = g[i] * sign
-            if has_wd:
-                gi = gi + wd * p[i]
-            si = s[i] + gi * gi
-            s[i] = si
-            p[i] = p[i] - lr_t * (gi / (np.sqrt(si) + eps))
+def _adagrad(addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses):
+    _table_update(_FORMULAS.adagrad, _FORMULAS.adagrad_tensor_scalars, 3, False, False,
+                  addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses)  # fmt: skip
 
 
 @njit(**_FLAGS)
-def _rmsprop(addrs, ct, cs, ce, steps, step_f64, k, has_wd, low, centered, momentum_on):
-    # addrs rows: param, grad, square_avg, grad_avg (centered), momentum_buffer (momentum > 0)
-    # k: sign, weight_decay, alpha, 1 - alpha, eps, lr, momentum
-    for t in range(steps.size):
-        _advance_step(steps[t], step_f64)
-    sign, wd, a_, w, eps, lr, mu = k[0], k[1], k[2], k[3], k[4], k[5], k[6]
-    for c in prange(ct.size):
-        t, lo, hi = ct[c], cs[c], ce[c]
-        p = _chunk(addrs[0, t], lo, hi, sign)
-        g = _chunk(addrs[1, t], lo, hi, sign)
-        v = _chunk(addrs[2, t], lo, hi, sign)
-        ga = _chunk(addrs[3, t], lo, hi, sign)
-        b = _chunk(addrs[4, t], lo, hi, sign)
-        for i in range(hi - lo):
-            gi = g[i] * sign
-            if has_wd:
-                gi = gi + wd * p[i]
-            vi = v[i] * a_ + w * gi * gi
-            v[i] = vi
-            if centered:
-                # ATen's lerp: start + w*(end-start) if w < 0.5, else end - (end-start)*(1-w)
-                ai = ga[i] + w * (gi - ga[i]) if low else gi - (gi - ga[i]) * a_
-                ga[i] = ai
-                avg = np.sqrt(vi - ai * ai) + eps
-            else:
-                avg = np.sqrt(vi) + eps
-            if momentum_on:
-                bi = b[i] * mu + gi / avg
-                b[i] = bi
-                p[i] = p[i] - lr * bi
-            else:
-                p[i] = p[i] - lr * (gi / avg)
+def _rmsprop(addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses):
+    _table_update(_FORMULAS.rmsprop, _FORMULAS.no_tensor_scalars, 7, True, True,
+                  addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses)  # fmt: skip
 
 
 @njit(**_FLAGS)
-def _adam(addrs, ct, cs, ce, steps, step_f64, step_sizes, bc2_sqrts, advance, lr, beta1, beta2, k,
-          coupled, low, amsgrad):  # fmt: skip
-    # addrs rows: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad)
-    # k: sign, decoupled decay factor (1 - lr*wd, or 1), weight_decay, 1 - beta1, beta1, beta2, 1 - beta2, eps
-    sign, decay, wd, w1, b1, b2, w2, eps = k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]
-    ss = np.empty(step_sizes.size, k.dtype)
-    bc = np.empty(step_sizes.size, k.dtype)
-    for t in range(step_sizes.size):
-        if advance:
-            step = _advance_step(steps[t], step_f64)
-            step_sizes[t] = lr / (1.0 - beta1**step)
-            bc2_sqrts[t] = math.sqrt(1.0 - beta2**step)
-        ss[t] = step_sizes[t]
-        bc[t] = bc2_sqrts[t]
-    for c in prange(ct.size):
-        t, lo, hi = ct[c], cs[c], ce[c]
-        p = _chunk(addrs[0, t], lo, hi, sign)
-        g = _chunk(addrs[1, t], lo, hi, sign)
-        m = _chunk(addrs[2, t], lo, hi, sign)
-        v = _chunk(addrs[3, t], lo, hi, sign)
-        vmax = _chunk(addrs[4, t], lo, hi, sign)
-        ss_t, bc_t = ss[t], bc[t]
-        for i in range(hi - lo):
-            pi = p[i] * decay
-            gi = g[i] * sign
-            if coupled:
-                gi = gi + wd * pi
-            mi = m[i] + w1 * (gi - m[i]) if low else gi - (gi - m[i]) * b1
-            vi = v[i] * b2 + w2 * gi * gi
-            m[i] = mi
-            v[i] = vi
-            if amsgrad:
-                if vi > vmax[i] or vi != vi:  # torch.maximum propagates NaN
-                    vmax[i] = vi
-                vi = vmax[i]
-            p[i] = pi - ss_t * (mi / (np.sqrt(vi) / bc_t + eps))
+def _adam(addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses):
+    _table_update(_FORMULAS.adam, _FORMULAS.adam_tensor_scalars, 8, True, True,
+                  addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses)  # fmt: skip
 
 
-# -- table entry points (fastnorm's optimizers call these) --------------------------------------
+# -- launching (the entry points themselves are kernels/_optimizer_api.py) -----------------------
 
-def _prepare(addrs, numels, dtype, rows: int, *constants):
-    """Validate a table; returns (constants in dtype, chunk table)."""
-    dtype = np.dtype(dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"the numba optimizers update float32 or float64 tensors, got {dtype}")
-    numels = tuple(int(n) for n in numels)
-    if addrs.dtype != np.int64 or addrs.shape != (rows, len(numels)):
-        raise ValueError(f"addrs must be an int64 ({rows}, {len(numels)}) table, got {addrs.dtype} {addrs.shape}")
-    return np.array(constants, dtype), chunk_table(numels)
+_KERNELS = {"sgd": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop, "adam": _adam}
+_NO_STEPS = np.zeros(0, np.int64)
 
 
-def _sign(maximize: bool) -> float:
-    return -1.0 if maximize else 1.0
+def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses) -> None:
+    scalars = np.zeros((len(numels), 2), dtype)  # filled from the steps, or SGD's first-step flags
+    if first_step is not None:
+        scalars[:, 0] = np.asarray(first_step, bool)
+    steps = _NO_STEPS if first_step is not None else step_addrs
+    _KERNELS[op](addrs, chunk_table(numels), steps, step_f64, first_step is None, host, scalars, constants, flags, uses)
 
 
-def sgd_step_table(addrs, numels, dtype, first_step, *, lr, weight_decay, momentum, dampening, nesterov, maximize):
-    """SGD over a table of tensors: addrs rows param, grad, momentum_buffer (repeat the grad row
-    when momentum == 0); first_step: int8 (T,), 1 where a momentum buffer is new."""
-    k, (ct, cs, ce) = _prepare(addrs, numels, dtype, 3, _sign(maximize), lr, weight_decay, momentum, 1.0 - dampening)
-    _sgd(addrs, ct, cs, ce, first_step, k, weight_decay != 0, momentum != 0, bool(nesterov))
-
-
-def adagrad_step_table(addrs, numels, dtype, steps, step_f64, clrs=None, *, lr, lr_decay, weight_decay, eps, maximize):
-    """Adagrad over a table: rows param, grad, sum. ``steps``: int64 (T,) addresses of the step
-    counters, advanced here and turned into clr = lr / (1 + (step-1) lr_decay); or ``clrs`` given."""
-    k, (ct, cs, ce) = _prepare(addrs, numels, dtype, 3, _sign(maximize), weight_decay, eps)
-    advance = clrs is None
-    clrs = np.empty(len(numels)) if advance else np.ascontiguousarray(clrs, np.float64)
-    _adagrad(addrs, ct, cs, ce, steps, bool(step_f64), clrs, advance, float(lr), float(lr_decay), k, weight_decay != 0)
-
-
-def rmsprop_step_table(addrs, numels, dtype, steps, step_f64, *, lr, alpha, eps, weight_decay, momentum, centered, maximize):
-    """RMSprop over a table: rows param, grad, square_avg, grad_avg, momentum_buffer (unused rows
-    may repeat square_avg); the step counters at ``steps`` are advanced."""
-    k, (ct, cs, ce) = _prepare(addrs, numels, dtype, 5, _sign(maximize), weight_decay, alpha, 1.0 - alpha, eps, lr, momentum)
-    _rmsprop(addrs, ct, cs, ce, steps, bool(step_f64), k, weight_decay != 0, 1.0 - alpha < 0.5, bool(centered), momentum > 0)
-
-
-def adam_step_table(addrs, numels, dtype, steps, step_f64, step_sizes=None, bias_correction2_sqrts=None, *,
-                    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize):  # fmt: skip
-    """Adam/AdamW over a table: rows param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (repeat
-    exp_avg_sq without amsgrad). The step counters at ``steps`` are advanced here and the bias
-    corrections computed from them in float64; or ``step_sizes`` and ``bias_correction2_sqrts`` given."""
-    decay = 1.0 - lr * weight_decay if decoupled_weight_decay else 1.0
-    k, (ct, cs, ce) = _prepare(addrs, numels, dtype, 5, _sign(maximize), decay, weight_decay, 1.0 - beta1,
-                               beta1, beta2, 1.0 - beta2, eps)  # fmt: skip
-    advance = step_sizes is None
-    t = len(numels)
-    step_sizes = np.empty(t) if advance else np.ascontiguousarray(step_sizes, np.float64)
-    bc2 = np.empty(t) if advance else np.ascontiguousarray(bias_correction2_sqrts, np.float64)
-    _adam(addrs, ct, cs, ce, steps, bool(step_f64), step_sizes, bc2, advance, float(lr), float(beta1),
-          float(beta2), k, weight_decay != 0 and not decoupled_weight_decay, 1.0 - beta1 < 0.5, bool(amsgrad))  # fmt: skip
-
-
-# -- the list-of-arrays API shared by every backend ----------------------------------------------
-
-
-def _table(*rows):
-    """int64 address table of lists of arrays (all C-contiguous, one dtype, matching sizes)."""
-    first = rows[0]
-    dtype = first[0].dtype if first else np.dtype(np.float32)
-    numels = tuple(a.size for a in first)
-    for row in rows:
-        for a, n in zip(row, numels):
-            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.size != n or not a.flags.c_contiguous:
-                raise ValueError("every array must be a C-contiguous array of its parameter's dtype and size")
-    return np.array([[a.ctypes.data for a in row] for row in rows], np.int64).reshape(len(rows), len(first)), numels, dtype
-
-
-_API = ListAPI(_table, sys.modules[__name__])
+_API = OptimizerAPI("numba", FLOAT_DTYPES, _launch, lambda a: a.ctypes.data,
+                    lambda a: isinstance(a, np.ndarray) and a.flags.c_contiguous)  # fmt: skip
 sgd_step, adagrad_step, rmsprop_step, adam_step = _API.sgd_step, _API.adagrad_step, _API.rmsprop_step, _API.adam_step
+sgd_step_table, adagrad_step_table = _API.sgd_step_table, _API.adagrad_step_table
+rmsprop_step_table, adam_step_table = _API.rmsprop_step_table, _API.adam_step_table

@@ -7,36 +7,10 @@ stream given by ``set_stream_provider`` and takes its scratch memory from ``set_
 (``NUMBA_ENABLE_CUDASIM=1``) the same kernels run on the CPU, which is how CI tests them.
 """
 
-from ._device import SIMULATOR, address, as_device_array, is_usable, set_allocator, set_stream_provider
-from .batchnorm import batch_norm_backward, batch_norm_forward_eval, batch_norm_forward_train, batch_norm_stats
-from .optim import (
-    adagrad_step,
-    adagrad_step_table,
-    adam_step,
-    adam_step_table,
-    rmsprop_step,
-    rmsprop_step_table,
-    sgd_step,
-    sgd_step_table,
-)
+from .._cache import drop_if_stale
 
-__all__ = [
-    "SIMULATOR",
-    "address",
-    "as_device_array",
-    "is_usable",
-    "set_allocator",
-    "set_stream_provider",
-    "batch_norm_forward_train",
-    "batch_norm_forward_eval",
-    "batch_norm_backward",
-    "batch_norm_stats",
-    "sgd_step",
-    "adagrad_step",
-    "rmsprop_step",
-    "adam_step",
-    "sgd_step_table",
-    "adagrad_step_table",
-    "rmsprop_step_table",
-    "adam_step_table",
-]
+drop_if_stale(__path__[0])  # before the kernels load their cached code
+
+from ._device import SIMULATOR, address, as_device_array, is_usable, set_allocator, set_stream_provider
+from .batchnorm import *
+from .optim import *

@@ -22,6 +22,8 @@ import os
 import numpy as np
 from numba import cuda
 
+from .._pointer import pointer_intrinsic
+
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 #: threads per block of the elementwise and per-channel kernels (the simulator runs every thread
 #: as a Python thread: keep its blocks small)
@@ -99,14 +101,7 @@ else:
         from numba import carray, types
         from numba.extending import intrinsic
 
-    @intrinsic
-    def _pointer(typingctx, addr, like):
-        ptr_type = types.CPointer(like)
-
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_value_type(ptr_type))
-
-        return ptr_type(types.int64, like), codegen
+    _pointer = pointer_intrinsic(intrinsic, types)
 
     @cuda.jit(device=True, inline="always")
     def view(addr, n, like):

@@ -1,7 +1,8 @@
 """Batch Normalization on NVIDIA GPUs with ``numba.cuda.jit`` kernels.
 
 Book: "Deep Learning from Scratch", section 6.3; conventions are PyTorch's (kernels/reference is
-the readable version, kernels/numba_cpu the CPU one; the same contract and tests).
+the readable version, kernels/numba_cpu the CPU one; the same contract and tests). The
+per-channel math is kernels/formulas/batchnorm.py, shared with the CPU kernels.
 
 Statistics (training forward), three launches on the caller's stream:
 1. partial sums: a grid of (channel tile, G) blocks, G splitting each channel's N*S values so
@@ -29,13 +30,19 @@ import math
 import numpy as np
 from numba import cuda
 
+from .. import BATCH_NORM_API
+from ..formulas import batchnorm as formulas
+from ..formulas import compiled
 from ._device import BLOCK, SIMULATOR, WARP, scratch, stream
+
+__all__ = [*BATCH_NORM_API]
 
 ROW_TILE, ROW_LANES = 32, 8  # (N, C) layout: 32 channels x 8 rows per block
 TARGET_BLOCKS = 1024  # aim for this many blocks in the partial-sum grid (~8 per SM on an H100)
 
 _jit = cuda.jit if SIMULATOR else cuda.jit(cache=True)
 _device = cuda.jit(device=True) if SIMULATOR else cuda.jit(device=True, inline="always")
+_F = compiled(_device, formulas)
 
 
 # -- block reductions ---------------------------------------------------------------------------
@@ -172,11 +179,21 @@ def _shift(x, shift):
     """shift[c] = x[0, c, 0] if finite else 0 (thread per channel)."""
     c = cuda.grid(1)
     if c < shift.shape[0]:
-        k = np.float64(x[0, c, 0])
-        shift[c] = k if math.isfinite(k) else 0.0
+        shift[c] = _F.shift_of(np.float64(x[0, c, 0]))
 
 
 # -- finalize (thread per channel) ---------------------------------------------------------------
+
+
+@_device
+def _merge(p1, p2, c):
+    """Channel c's sums: the G partial sums of a (C, G) grid, added."""
+    s1 = 0.0
+    s2 = 0.0
+    for g in range(p1.shape[1]):
+        s1 += p1[c, g]
+        s2 += p2[c, g]
+    return s1, s2
 
 
 @_jit
@@ -186,25 +203,16 @@ def _finalize_train(p1, p2, shift, count, eps, momentum, running_mean, running_v
     c = cuda.grid(1)
     if c >= p1.shape[0]:
         return
-    s1 = 0.0
-    s2 = 0.0
-    for g in range(p1.shape[1]):
-        s1 += p1[c, g]
-        s2 += p2[c, g]
-    dm = s1 / count
-    var = s2 / count - dm * dm
-    if var < 0.0:  # rounding; NaN stays NaN
-        var = 0.0
-    mean = shift[c] + dm
-    invstd = 1.0 / math.sqrt(var + eps)
+    s1, s2 = _merge(p1, p2, c)
+    mean, var, invstd = _F.statistics(s1, s2, shift[c], count, eps)
     save_mean[c] = mean
     save_invstd[c] = invstd
     if has_running:
-        running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean
-        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * (var * count / (count - 1.0))
+        running_mean[c] = _F.running_update(running_mean[c], mean, momentum)
+        running_var[c] = _F.running_update(running_var[c], _F.unbiased_var(var, count), momentum)
     coef[0, c] = mean
     coef[1, c] = mean - np.float64(coef[0, c])
-    coef[2, c] = invstd * weight[c] if has_weight else invstd
+    coef[2, c] = _F.scale_of(invstd, weight[c] if has_weight else 1.0)
     coef[3, c] = bias[c] if has_bias else 0.0
 
 
@@ -216,7 +224,7 @@ def _finalize_eval(running_mean, running_var, eps, weight, has_weight, bias, has
     invstd = 1.0 / math.sqrt(np.float64(running_var[c]) + eps)
     coef[0, c] = running_mean[c]
     coef[1, c] = 0.0
-    coef[2, c] = invstd * weight[c] if has_weight else invstd
+    coef[2, c] = _F.scale_of(invstd, weight[c] if has_weight else 1.0)
     coef[3, c] = bias[c] if has_bias else 0.0
 
 
@@ -227,20 +235,22 @@ def _finalize_backward(p1, p2, count, invstd, weight, has_weight, training, dwei
     c = cuda.grid(1)
     if c >= invstd.shape[0]:
         return
-    s_dy = 0.0
-    s_dyx = 0.0
-    for g in range(p1.shape[1]):
-        s_dy += p1[c, g]
-        s_dyx += p2[c, g]
-    inv = np.float64(invstd[c])
+    s_dy, s_dyx = _merge(p1, p2, c)
+    coef[0, c], coef[1, c], coef[2, c], dw, db = _F.backward_coefficients(
+        s_dy, s_dyx, count, np.float64(invstd[c]), np.float64(weight[c]) if has_weight else 1.0, training
+    )
     if has_dbias:
-        dbias[c] = s_dy
+        dbias[c] = db
     if has_dweight:
-        dweight[c] = s_dyx * inv
-    k1 = inv * (np.float64(weight[c]) if has_weight else 1.0)
-    coef[0, c] = k1
-    coef[1, c] = -k1 * inv * inv * (s_dyx / count) if training else 0.0
-    coef[2, c] = -k1 * (s_dy / count) if training else 0.0
+        dweight[c] = dw
+
+
+@_jit
+def _finalize_stats(p1, p2, shift, count, mean, var):
+    c = cuda.grid(1)
+    if c < p1.shape[0]:
+        s1, s2 = _merge(p1, p2, c)
+        mean[c], var[c], _ = _F.statistics(s1, s2, shift[c], count, 1.0)
 
 
 # -- elementwise (grid-stride) ----------------------------------------------------------------------
@@ -347,8 +357,10 @@ def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps, y):
     st = stream()
     coef = scratch((4, c), x.dtype)
     dt = x.dtype
-    _finalize_eval[_per_channel(c), BLOCK, st](running_mean, running_var, float(eps), _or_empty(weight, dt),
-                                               weight is not None, _or_empty(bias, dt), bias is not None, coef)  # fmt: skip
+    _finalize_eval[_per_channel(c), BLOCK, st](
+        running_mean, running_var, float(eps), _or_empty(weight, dt), weight is not None, _or_empty(bias, dt),
+        bias is not None, coef,
+    )  # fmt: skip
     total = n * c * s
     _normalize[_grid_stride(total), BLOCK, st](x.reshape(total), coef, s, y.reshape(total))
 
@@ -376,22 +388,6 @@ def batch_norm_backward(dy, x, mean, invstd, weight, training, dx, dweight, dbia
         total = n * c * s
         _input_grad[_grid_stride(total), BLOCK, st](dy.reshape(total), x.reshape(total), mean, coef, s,
                                                     dx.reshape(total))  # fmt: skip
-
-
-@_jit
-def _finalize_stats(p1, p2, shift, count, mean, var):
-    c = cuda.grid(1)
-    if c >= p1.shape[0]:
-        return
-    s1 = 0.0
-    s2 = 0.0
-    for g in range(p1.shape[1]):
-        s1 += p1[c, g]
-        s2 += p2[c, g]
-    dm = s1 / count
-    v = s2 / count - dm * dm
-    mean[c] = shift[c] + dm
-    var[c] = v if not v < 0.0 else 0.0
 
 
 def batch_norm_stats(x, mean, var):

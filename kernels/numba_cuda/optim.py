@@ -1,35 +1,40 @@
 """Fused multi-tensor optimizer updates on NVIDIA GPUs with ``numba.cuda.jit``.
 
-The same design as kernels/numba_cpu/optim.py (read its header): a parameter group is one table
-of data addresses (buffers x tensors) and one chunk table (tensor, start, stop); one launch
-updates every element of every tensor of the group, blocks striding over chunks and threads over
-a chunk's elements (coalesced), each element's whole update in one pass in the parameters' dtype.
+Book: "Deep Learning from Scratch", section 6.1. The per-element math is kernels/formulas/optim.py
+(shared with the CPU kernels); this module holds the launches. The design is the CPU one (read
+kernels/numba_cpu/optim.py): a parameter group is one (5, T) table of data addresses and one
+chunk table (tensor, start, stop); one launch updates every element of every tensor of the
+group, blocks striding over chunks and threads over a chunk's elements (coalesced).
 
-Per-step scalars never touch the host: the step counters are device tensors (as torch keeps them
-with ``capturable=True``); a first tiny launch (thread per tensor) advances them and computes each
-tensor's float64 scalars (Adam's lr / (1 - beta1^t), sqrt(1 - beta2^t); Adagrad's
-lr / (1 + (t - 1) lr_decay)) into device scratch, which the update kernel reads. Nothing is read
-back to the host, so a step can be captured in a CUDA graph once the host-side tables are
-kept fixed (the tables are uploaded asynchronously each step, from pageable memory, which does
-not synchronise the device).
+Step counters are device tensors (as torch keeps them with ``capturable=True``): a first tiny
+launch (thread per tensor) advances them and computes each tensor's step-dependent scalars in
+float64 into device scratch, which the update kernel reads. Nothing is read back to the host.
+The address table is uploaded from host memory on every step (asynchronously, on the launch
+stream), and scratch comes from the allocator each step: this is not yet a CUDA-graph-capturable
+step.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import sys
 
 import numpy as np
 from numba import cuda
 
-from .._list_api import ListAPI
-from ._device import BLOCK, SIMULATOR, scratch, stream, upload, view
+from .. import OPTIMIZER_API, TABLE_API
+from .._optimizer_api import OptimizerAPI
+from ..formulas import compiled
+from ..formulas import optim as formulas
+from ._device import BLOCK, SIMULATOR, address, scratch, stream, upload, view
+
+__all__ = [*OPTIMIZER_API, *TABLE_API]
 
 CHUNK = 1 << 16  # elements per chunk
 MAX_BLOCKS = 4096
 
 _jit = cuda.jit if SIMULATOR else cuda.jit(cache=True)
+_inline = cuda.jit(device=True) if SIMULATOR else cuda.jit(device=True, inline="always")
+_FORMULAS = compiled(_inline, formulas)
 
 
 @functools.lru_cache(maxsize=256)
@@ -52,249 +57,105 @@ def _chunk_table(numels: tuple[int, ...]):
     return table
 
 
-# -- per-tensor scalars (thread per tensor) ------------------------------------------------------
+# -- the two loops every optimizer shares ------------------------------------------------------
 
 
-@_jit
-def _advance(steps, step_f64, advance, out):
-    """out[t] = the step count of tensor t after ``step += 1`` (when advance)."""
+@_inline
+def _advance_steps(tensor_scalars, step_addrs, step_f64, host, scalars):
+    """Thread t: step += 1 for tensor t (a float32/float64 device scalar), then its scalars."""
     t = cuda.grid(1)
-    if t < out.shape[0]:
+    if t < scalars.shape[0]:
         if step_f64:
-            s = view(steps[t], 1, np.float64(0))
-            if advance:
-                s[0] += 1.0
-            out[t] = s[0]
+            s = view(step_addrs[t], 1, np.float64(0))
+            s[0] += 1.0
+            step = s[0]
         else:
-            s32 = view(steps[t], 1, np.float32(0))
-            if advance:
-                s32[0] += np.float32(1.0)
-            out[t] = s32[0]
+            s32 = view(step_addrs[t], 1, np.float32(0))
+            s32[0] += np.float32(1.0)
+            step = np.float64(s32[0])
+        scalars[t, 0], scalars[t, 1] = tensor_scalars(step, host)
 
 
-@_jit
-def _adam_scalars(step, lr, beta1, beta2, step_sizes, bc2_sqrts):
-    t = cuda.grid(1)
-    if t < step.shape[0]:
-        step_sizes[t] = lr / (1.0 - beta1 ** step[t])
-        bc2_sqrts[t] = math.sqrt(1.0 - beta2 ** step[t])
-
-
-@_jit
-def _adagrad_scalars(step, lr, lr_decay, clrs):
-    t = cuda.grid(1)
-    if t < step.shape[0]:
-        clrs[t] = lr / (1.0 + (step[t] - 1.0) * lr_decay)
-
-
-# -- updates (blocks over chunks, threads over elements) ----------------------------------------
-
-
-@_jit
-def _sgd(addrs, chunks, first_step, sign, lr, wd, mu, damp, has_wd, momentum_on, nesterov):
+@_inline
+def _table_update(update, addrs, chunks, scalars, constants, flags, uses):
+    """Blocks stride over chunks, threads over a chunk's elements; ``uses``: the buffer rows
+    that exist (the others are neither read nor written)."""
+    like = constants[0]
+    use0, use1, use2 = uses
     k = cuda.blockIdx.x
     while k < chunks.shape[0]:
         t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
-        p = view(addrs[0, t], hi, sign)
-        g = view(addrs[1, t], hi, sign)
-        b = view(addrs[2, t], hi, sign)
-        fresh = first_step[t] != 0
+        p = view(addrs[0, t], hi, like)
+        g = view(addrs[1, t], hi, like)
+        b0 = view(addrs[2, t], hi, like)
+        b1 = view(addrs[3, t], hi, like)
+        b2 = view(addrs[4, t], hi, like)
+        s0, s1 = scalars[t, 0], scalars[t, 1]
         i = lo + cuda.threadIdx.x
         while i < hi:
-            d = g[i] * sign
-            if has_wd:
-                d = d + wd * p[i]
-            if momentum_on:
-                bi = d if fresh else b[i] * mu + damp * d
-                b[i] = bi
-                d = d + mu * bi if nesterov else bi
-            p[i] = p[i] - lr * d
+            _FORMULAS.update_element(update, p, g, b0, b1, b2, i, constants, s0, s1, flags, use0, use1, use2)
             i += cuda.blockDim.x
         k += cuda.gridDim.x
 
 
 @_jit
-def _adagrad(addrs, chunks, clrs, sign, wd, eps, has_wd):
-    k = cuda.blockIdx.x
-    while k < chunks.shape[0]:
-        t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
-        p = view(addrs[0, t], hi, sign)
-        g = view(addrs[1, t], hi, sign)
-        s = view(addrs[2, t], hi, sign)
-        clr = clrs[t]  # per-tensor scalars arrive in the parameters' dtype
-        i = lo + cuda.threadIdx.x
-        while i < hi:
-            gi = g[i] * sign
-            if has_wd:
-                gi = gi + wd * p[i]
-            si = s[i] + gi * gi
-            s[i] = si
-            p[i] = p[i] - clr * (gi / (math.sqrt(si) + eps))
-            i += cuda.blockDim.x
-        k += cuda.gridDim.x
+def _sgd(addrs, chunks, scalars, constants, flags, uses):
+    _table_update(_FORMULAS.sgd, addrs, chunks, scalars, constants, flags, uses)
 
 
 @_jit
-def _rmsprop(addrs, chunks, sign, wd, alpha, w, eps, lr, mu, has_wd, low, centered, momentum_on):
-    k = cuda.blockIdx.x
-    while k < chunks.shape[0]:
-        t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
-        p = view(addrs[0, t], hi, sign)
-        g = view(addrs[1, t], hi, sign)
-        v = view(addrs[2, t], hi, sign)
-        ga = view(addrs[3, t], hi, sign)
-        b = view(addrs[4, t], hi, sign)
-        i = lo + cuda.threadIdx.x
-        while i < hi:
-            gi = g[i] * sign
-            if has_wd:
-                gi = gi + wd * p[i]
-            vi = v[i] * alpha + w * gi * gi
-            v[i] = vi
-            if centered:
-                ai = ga[i] + w * (gi - ga[i]) if low else gi - (gi - ga[i]) * alpha
-                ga[i] = ai
-                avg = math.sqrt(vi - ai * ai) + eps
-            else:
-                avg = math.sqrt(vi) + eps
-            if momentum_on:
-                bi = b[i] * mu + gi / avg
-                b[i] = bi
-                p[i] = p[i] - lr * bi
-            else:
-                p[i] = p[i] - lr * (gi / avg)
-            i += cuda.blockDim.x
-        k += cuda.gridDim.x
+def _adagrad(addrs, chunks, scalars, constants, flags, uses):
+    _table_update(_FORMULAS.adagrad, addrs, chunks, scalars, constants, flags, uses)
 
 
 @_jit
-def _adam(addrs, chunks, step_sizes, bc2_sqrts, sign, decay, wd, w1, b1, b2, w2, eps, coupled, low, amsgrad):
-    k = cuda.blockIdx.x
-    while k < chunks.shape[0]:
-        t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
-        p = view(addrs[0, t], hi, sign)
-        g = view(addrs[1, t], hi, sign)
-        m = view(addrs[2, t], hi, sign)
-        v = view(addrs[3, t], hi, sign)
-        vmax = view(addrs[4, t], hi, sign)
-        ss = step_sizes[t]  # per-tensor scalars arrive in the parameters' dtype
-        bc = bc2_sqrts[t]
-        i = lo + cuda.threadIdx.x
-        while i < hi:
-            pi = p[i] * decay
-            gi = g[i] * sign
-            if coupled:
-                gi = gi + wd * pi
-            mi = m[i] + w1 * (gi - m[i]) if low else gi - (gi - m[i]) * b1
-            vi = v[i] * b2 + w2 * gi * gi
-            m[i] = mi
-            v[i] = vi
-            if amsgrad:
-                if vi > vmax[i] or vi != vi:  # torch.maximum propagates NaN
-                    vmax[i] = vi
-                vi = vmax[i]
-            p[i] = pi - ss * (mi / (math.sqrt(vi) / bc + eps))
-            i += cuda.blockDim.x
-        k += cuda.gridDim.x
+def _rmsprop(addrs, chunks, scalars, constants, flags, uses):
+    _table_update(_FORMULAS.rmsprop, addrs, chunks, scalars, constants, flags, uses)
 
 
-# -- table entry points (fastnorm's optimizers call these) -----------------------------------------
+@_jit
+def _adam(addrs, chunks, scalars, constants, flags, uses):
+    _table_update(_FORMULAS.adam, addrs, chunks, scalars, constants, flags, uses)
 
 
-def _prepare(addrs, numels, dtype, rows: int, *constants):
-    dtype = np.dtype(dtype)
-    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"the cuda optimizers update float32 or float64 tensors, got {dtype}")
-    numels = tuple(int(n) for n in numels)
-    if addrs.dtype != np.int64 or addrs.shape != (rows, len(numels)):
-        raise ValueError(f"addrs must be an int64 ({rows}, {len(numels)}) table, got {addrs.dtype} {addrs.shape}")
+@_jit
+def _count_steps(step_addrs, step_f64, host, scalars):
+    _advance_steps(_FORMULAS.no_tensor_scalars, step_addrs, step_f64, host, scalars)
+
+
+@_jit
+def _adagrad_steps(step_addrs, step_f64, host, scalars):
+    _advance_steps(_FORMULAS.adagrad_tensor_scalars, step_addrs, step_f64, host, scalars)
+
+
+@_jit
+def _adam_steps(step_addrs, step_f64, host, scalars):
+    _advance_steps(_FORMULAS.adam_tensor_scalars, step_addrs, step_f64, host, scalars)
+
+
+# -- launching (the entry points themselves are kernels/_optimizer_api.py) -----------------------
+
+_KERNELS = {"sgd": (_sgd, None), "adagrad": (_adagrad, _adagrad_steps), "rmsprop": (_rmsprop, _count_steps),
+            "adam": (_adam, _adam_steps)}  # fmt: skip
+
+
+def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses) -> None:
+    kernel, steps_kernel = _KERNELS[op]
+    st = stream()
+    t = len(numels)
+    if first_step is None:  # the step scalars: float64 math on the device, stored in dtype
+        scalars = scratch((t, 2), dtype)
+        steps_kernel[max(1, -(-t // BLOCK)), BLOCK, st](upload(step_addrs), step_f64, host, scalars)
+    else:
+        first = np.zeros((t, 2), dtype)
+        first[:, 0] = np.asarray(first_step, bool)
+        scalars = upload(first)
     chunks = _chunk_table(numels)
-    grid = max(1, min(chunks.shape[0], MAX_BLOCKS))
-    return upload(addrs), chunks, grid, [dtype.type(c) for c in constants]
+    constants = tuple(constants)  # by value, as kernel arguments
+    kernel[max(1, min(chunks.shape[0], MAX_BLOCKS)), BLOCK, st](upload(addrs), chunks, scalars, constants, flags, uses)
 
 
-
-def _steps(steps, step_f64, advance: bool, t: int):
-    """Device float64 (T,) step counts, after advancing the counters at ``steps`` if asked."""
-    out = scratch((t,), np.float64)
-    _advance[max(1, -(-t // BLOCK)), BLOCK, stream()](upload(np.asarray(steps, np.int64)), bool(step_f64), advance, out)
-    return out
-
-
-def _sign(maximize: bool) -> float:
-    return -1.0 if maximize else 1.0
-
-
-def sgd_step_table(addrs, numels, dtype, first_step, *, lr, weight_decay, momentum, dampening, nesterov, maximize):
-    """SGD over a table of device tensors (rows param, grad, momentum_buffer); see numba_cpu."""
-    a, chunks, grid, k = _prepare(addrs, numels, dtype, 3, _sign(maximize), lr, weight_decay, momentum,
-                                  1.0 - dampening)  # fmt: skip
-    flags = upload(np.asarray(first_step, np.int8))
-    _sgd[grid, BLOCK, stream()](a, chunks, flags, *k, weight_decay != 0, momentum != 0, bool(nesterov))
-
-
-def adagrad_step_table(addrs, numels, dtype, steps, step_f64, clrs=None, *, lr, lr_decay, weight_decay, eps, maximize):
-    """Adagrad over a table (rows param, grad, sum); device step counters at ``steps`` advanced
-    on the device, or ``clrs`` (host float64 per tensor) given."""
-    a, chunks, grid, k = _prepare(addrs, numels, dtype, 3, _sign(maximize), weight_decay, eps)
-    t = len(numels)
-    if clrs is None:
-        clr_dev = scratch((t,), dtype)  # computed in float64, stored in the parameters' dtype
-        _adagrad_scalars[max(1, -(-t // BLOCK)), BLOCK, stream()](_steps(steps, step_f64, True, t), float(lr),
-                                                                  float(lr_decay), clr_dev)  # fmt: skip
-    else:
-        clr_dev = upload(np.asarray(clrs, np.float64).astype(dtype))
-    _adagrad[grid, BLOCK, stream()](a, chunks, clr_dev, *k, weight_decay != 0)
-
-
-def rmsprop_step_table(addrs, numels, dtype, steps, step_f64, *, lr, alpha, eps, weight_decay, momentum, centered, maximize):
-    """RMSprop over a table (rows param, grad, square_avg, grad_avg, momentum_buffer)."""
-    a, chunks, grid, k = _prepare(addrs, numels, dtype, 5, _sign(maximize), weight_decay, alpha, 1.0 - alpha,
-                                  eps, lr, momentum)  # fmt: skip
-    if len(steps):
-        _steps(steps, step_f64, True, len(numels))
-    _rmsprop[grid, BLOCK, stream()](a, chunks, *k, weight_decay != 0, 1.0 - alpha < 0.5, bool(centered), momentum > 0)
-
-
-def adam_step_table(addrs, numels, dtype, steps, step_f64, step_sizes=None, bias_correction2_sqrts=None, *,
-                    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize):  # fmt: skip
-    """Adam/AdamW over a table (rows param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq); the step
-    counters at ``steps`` advanced and the bias corrections computed on the device, or given."""
-    decay = 1.0 - lr * weight_decay if decoupled_weight_decay else 1.0
-    a, chunks, grid, k = _prepare(addrs, numels, dtype, 5, _sign(maximize), decay, weight_decay, 1.0 - beta1,
-                                  beta1, beta2, 1.0 - beta2, eps)  # fmt: skip
-    t = len(numels)
-    if step_sizes is None:
-        ss, bc2 = scratch((t,), dtype), scratch((t,), dtype)  # float64 math, stored in dtype
-        _adam_scalars[max(1, -(-t // BLOCK)), BLOCK, stream()](_steps(steps, step_f64, True, t), float(lr),
-                                                               float(beta1), float(beta2), ss, bc2)  # fmt: skip
-    else:
-        ss = upload(np.asarray(step_sizes, np.float64).astype(dtype))
-        bc2 = upload(np.asarray(bias_correction2_sqrts, np.float64).astype(dtype))
-    coupled = weight_decay != 0 and not decoupled_weight_decay
-    _adam[grid, BLOCK, stream()](a, chunks, ss, bc2, *k, coupled, 1.0 - beta1 < 0.5, bool(amsgrad))
-
-
-# -- the list-of-arrays API shared by every backend (device arrays in) ----------------------------
-
-
-def _table(*rows):
-    from ._device import address
-
-    first = rows[0]
-    dtype = np.dtype(first[0].dtype)
-    numels = tuple(int(np.prod(a.shape)) for a in first)
-    for row in rows:
-        for a, n in zip(row, numels):
-            if np.dtype(a.dtype) != dtype or int(np.prod(a.shape)) != n:
-                raise ValueError("every array must have its parameter's dtype and size")
-    return np.array([[address(a) for a in row] for row in rows], np.int64).reshape(len(rows), len(first)), numels, dtype
-
-
-def _host(values):
-    """Per-tensor scalars given as a host sequence or a device array."""
-    return values.copy_to_host() if hasattr(values, "copy_to_host") else np.asarray(values, np.float64)
-
-
-_API = ListAPI(_table, sys.modules[__name__], _host)
+_API = OptimizerAPI("cuda", (np.float32, np.float64), _launch, address, lambda a: True)
 sgd_step, adagrad_step, rmsprop_step, adam_step = _API.sgd_step, _API.adagrad_step, _API.rmsprop_step, _API.adam_step
+sgd_step_table, adagrad_step_table = _API.sgd_step_table, _API.adagrad_step_table
+rmsprop_step_table, adam_step_table = _API.rmsprop_step_table, _API.adam_step_table

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import BATCH_NORM_API
+
+__all__ = [*BATCH_NORM_API]
+
 # NaN and Inf propagate silently, as in torch
 _quiet = np.errstate(invalid="ignore", divide="ignore", over="ignore")
 

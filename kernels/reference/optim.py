@@ -18,8 +18,11 @@ same order of operations, so that a fastnorm optimizer and a torch one stay in l
             the book folds the bias correction into lr and adds eps to sqrt(v) instead)
 * maximize negates the gradient first.
 
-Per-tensor scalars that depend on the step count (clr, step_size, sqrt(bc2)) are computed once per
-step on the host in float64 and passed in as arrays, one value per tensor.
+Adagrad, RMSprop and Adam count steps per tensor, as torch does: ``steps`` holds each tensor's
+counter (a one-element float32 or float64 array, torch's ``state["step"]``), which the function
+advances by one; the step-dependent scalars (clr, step_size, sqrt(bc2)) are then computed from the
+new count in float64 on the host, once per tensor. The elementwise arithmetic runs in the
+parameters' dtype (NumPy keeps float32 arrays float32 against Python floats), as torch's does.
 
 Arguments are lists with one array per parameter tensor (any shape; all arrays of a tensor share
 its shape and dtype). Every kernels backend exposes these four functions with these arguments.
@@ -27,14 +30,25 @@ its shape and dtype). Every kernels backend exposes these four functions with th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from .. import OPTIMIZER_API
+
+__all__ = [*OPTIMIZER_API]
 
 # NaN and Inf propagate silently, as in torch
 _quiet = np.errstate(invalid="ignore", divide="ignore", over="ignore")
 
 Arrays = Sequence[np.ndarray]
+
+
+def _advance(step: np.ndarray) -> float:
+    """step += 1 in place (a one-element array); returns the new count as a Python float."""
+    step += 1
+    return float(step.reshape(-1)[0])
 
 
 def _lerp_(start: np.ndarray, end: np.ndarray, weight: float) -> None:
@@ -79,13 +93,16 @@ def adagrad_step(
     params: Arrays,
     grads: Arrays,
     state_sums: Arrays,
-    clrs: np.ndarray,  # (T,) float64: lr / (1 + (step - 1) * lr_decay) per tensor
+    steps: Arrays,  # per tensor: its step counter, advanced here
     *,
+    lr: float,
+    lr_decay: float,
     weight_decay: float,
     eps: float,
     maximize: bool,
 ) -> None:
-    for p, g, s, clr in zip(params, grads, state_sums, clrs):
+    for p, g, s, step in zip(params, grads, state_sums, steps):
+        clr = lr / (1 + (_advance(step) - 1) * lr_decay)
         g = -g if maximize else g
         if weight_decay != 0:
             g = g + weight_decay * p
@@ -101,6 +118,7 @@ def rmsprop_step(
     square_avgs: Arrays,
     grad_avgs: Arrays | None,  # when centered
     momentum_buffers: Arrays | None,  # when momentum > 0
+    steps: Arrays,  # per tensor: its step counter, advanced here (RMSprop only counts)
     *,
     lr: float,
     alpha: float,
@@ -111,6 +129,7 @@ def rmsprop_step(
     maximize: bool,
 ) -> None:
     for i, (p, g, v) in enumerate(zip(params, grads, square_avgs)):
+        _advance(steps[i])
         g = -g if maximize else g
         if weight_decay != 0:
             g = g + weight_decay * p
@@ -139,8 +158,7 @@ def adam_step(
     exp_avgs: Arrays,
     exp_avg_sqs: Arrays,
     max_exp_avg_sqs: Arrays | None,  # when amsgrad
-    step_sizes: np.ndarray,  # (T,) float64: lr / (1 - beta1**step) per tensor
-    bias_correction2_sqrts: np.ndarray,  # (T,) float64: sqrt(1 - beta2**step) per tensor
+    steps: Arrays,  # per tensor: its step counter, advanced here
     *,
     lr: float,
     beta1: float,
@@ -152,6 +170,9 @@ def adam_step(
     maximize: bool,
 ) -> None:
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        step = _advance(steps[i])
+        step_size = lr / (1 - beta1**step)
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         g = -g if maximize else g
         if weight_decay != 0:
             if decoupled_weight_decay:
@@ -164,7 +185,7 @@ def adam_step(
         if amsgrad:
             vmax = max_exp_avg_sqs[i]
             np.maximum(vmax, v, out=vmax)
-            denom = np.sqrt(vmax) / float(bias_correction2_sqrts[i]) + eps
+            denom = np.sqrt(vmax) / bias_correction2_sqrt + eps
         else:
-            denom = np.sqrt(v) / float(bias_correction2_sqrts[i]) + eps
-        p += -float(step_sizes[i]) * (m / denom)
+            denom = np.sqrt(v) / bias_correction2_sqrt + eps
+        p += -step_size * (m / denom)

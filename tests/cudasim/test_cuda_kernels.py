@@ -7,8 +7,6 @@ boundaries (CHUNK is shrunk to a few elements).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from numba import cuda
@@ -39,15 +37,15 @@ def _bn(k, x, w, b, dy, training, eps=1e-5, momentum=0.1):
     B = None if b is None else dev(b)
     RM, RV = dev(np.linspace(-1, 1, c).astype(x.dtype)), dev(np.linspace(0.5, 2, c).astype(x.dtype))
     if training:
-        M, I = dev(np.empty(c, x.dtype)), dev(np.empty(c, x.dtype))
-        k.batch_norm_forward_train(X, W, B, RM, RV, momentum, eps, Y, M, I)
+        M, INV = dev(np.empty(c, x.dtype)), dev(np.empty(c, x.dtype))
+        k.batch_norm_forward_train(X, W, B, RM, RV, momentum, eps, Y, M, INV)
     else:
         k.batch_norm_forward_eval(X, W, B, RM, RV, eps, Y)
         rm, rv = host(RM), host(RV)
-        M, I = dev(rm.copy()), dev((1 / np.sqrt(rv.astype(np.float64) + eps)).astype(x.dtype))
+        M, INV = dev(rm.copy()), dev((1 / np.sqrt(rv.astype(np.float64) + eps)).astype(x.dtype))
     DX, DW, DB = dev(np.empty_like(x)), dev(np.empty(c, x.dtype)), dev(np.empty(c, x.dtype))
-    k.batch_norm_backward(dev(dy), X, M, I, W, training, DX, DW, DB)
-    return [host(a) for a in (Y, M, I, RM, RV, DX, DW, DB)]
+    k.batch_norm_backward(dev(dy), X, M, INV, W, training, DX, DW, DB)
+    return [host(a) for a in (Y, M, INV, RM, RV, DX, DW, DB)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -96,15 +94,11 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(cuda_optim, "CHUNK", 16)  # 70 values = 5 chunks; chunks end at tensor ends
 
 
-def _scalars(step, lr, beta1, beta2, count):
-    return (np.full(count, lr / (1 - beta1**step)), np.full(count, math.sqrt(1 - beta2**step)))
-
-
 CASES = [
     ("sgd", dict(lr=0.1, weight_decay=0.01, momentum=0.9, dampening=0.0, nesterov=True, maximize=False)),
     ("sgd", dict(lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=True)),
     ("sgd", dict(lr=0.1, weight_decay=0.0, momentum=0.5, dampening=0.3, nesterov=False, maximize=False)),
-    ("adagrad", dict(weight_decay=0.05, eps=1e-10, maximize=True)),
+    ("adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.05, eps=1e-10, maximize=True)),
     ("rmsprop", dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.02, momentum=0.9, centered=True, maximize=False)),
     ("rmsprop", dict(lr=0.01, alpha=0.3, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=True, maximize=True)),
     ("adam", dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled_weight_decay=True,
@@ -125,19 +119,19 @@ def test_optimizer_kernels_match_reference(small_chunks, name, options, dtype):
         dev = cuda.to_device if k is kc else np.copy
         params = [dev(p.copy()) for p in start]
         states = [[dev(np.zeros_like(p)) for p in start] for _ in range(3)]
+        steps = [dev(np.zeros(1, np.float32)) for _ in start]
         for step, gs in enumerate(grads, 1):
             g = [dev(x) for x in gs]
             if name == "sgd":
                 k.sgd_step(params, g, states[0], [step == 1] * len(params), **options)
             elif name == "adagrad":
-                k.adagrad_step(params, g, states[0], np.full(len(params), 0.1 / (1 + (step - 1) * 0.01)), **options)
+                k.adagrad_step(params, g, states[0], steps, **options)
             elif name == "rmsprop":
-                k.rmsprop_step(params, g, states[0], states[1], states[2], **options)
+                k.rmsprop_step(params, g, states[0], states[1], states[2], steps, **options)
             else:
-                ss, bc2 = _scalars(step, options["lr"], options["beta1"], options["beta2"], len(params))
-                k.adam_step(params, g, states[0], states[1], states[2], ss, bc2, **options)
+                k.adam_step(params, g, states[0], states[1], states[2], steps, **options)
         host = (lambda a: a.copy_to_host()) if k is kc else (lambda a: a)
-        results.append([host(a) for a in params + sum(states, [])])
+        results.append([host(a) for a in params + sum(states, []) + steps])
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for a, e in zip(*results):
         np.testing.assert_allclose(a, e, rtol=tol, atol=tol)
@@ -154,15 +148,15 @@ def test_adam_table_advances_device_steps(small_chunks):
     m = [cuda.to_device(np.zeros_like(p)) for p in params]
     v = [cuda.to_device(np.zeros_like(p)) for p in params]
     steps = [cuda.to_device(np.array([3.0], np.float32)) for _ in params]  # resumed at step 3
-    addrs = np.array([[kc.address(a) for a in row] for row in (dev_p, dev_g, m, v, v)], np.int64)
+    addrs = np.array([[kc.address(a) for a in row] for row in (dev_p, dev_g, m, v, dev_g)], np.int64)
     step_addrs = np.array([kc.address(s) for s in steps], np.int64)
     options = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
                    amsgrad=False, maximize=False)  # fmt: skip
     kc.adam_step_table(addrs, [p.size for p in params], np.float32, step_addrs, False, **options)
     assert all(s.copy_to_host()[0] == 4.0 for s in steps)
     ref_m, ref_v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
-    ss, bc2 = _scalars(4, 1e-2, 0.9, 0.999, len(params))
-    ref.adam_step(params, grads, ref_m, ref_v, None, ss, bc2, **options)
+    ref_steps = [np.array([3.0], np.float32) for _ in params]
+    ref.adam_step(params, grads, ref_m, ref_v, None, ref_steps, **options)
     for a, e in zip(dev_p, params):
         np.testing.assert_allclose(a.copy_to_host(), e, rtol=1e-6, atol=1e-7)
 
@@ -172,12 +166,12 @@ def test_adagrad_table_steps_and_sgd_flags(small_chunks):
     g = [cuda.to_device(np.full(40, 2.0))]
     s = [cuda.to_device(np.zeros(40))]
     steps = [cuda.to_device(np.array([0.0]))]
-    addrs = np.array([[kc.address(a[0])] for a in (p, g, s)], np.int64)
+    addrs = np.array([[kc.address(a[0])] for a in (p, g, s, g, g)], np.int64)
     kc.adagrad_step_table(addrs, [40], np.float64, np.array([kc.address(steps[0])]), True, lr=0.5, lr_decay=0.1,
                           weight_decay=0.0, eps=0.0, maximize=False)  # fmt: skip
     assert steps[0].copy_to_host()[0] == 1.0
     np.testing.assert_allclose(p[0].copy_to_host(), 1 - 0.5 * 2 / 2)  # clr = 0.5 at step 1
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match="float32 or float64 tensors, got float16"):
         kc.sgd_step_table(addrs, [40], np.float16, [1], lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0,
                           nesterov=False, maximize=False)  # fmt: skip
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close
 
 import fastnorm
-from conftest import assert_close
 
 DEV = torch.device("cuda")
 

@@ -25,9 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from . import optim  # noqa: E402
-from . import nn as fnn  # noqa: E402
-from ._dispatch import backends  # noqa: E402
+from .. import nn as fnn  # noqa: E402
+from .. import optim  # noqa: E402
+from .._dispatch import backends  # noqa: E402
 from .data import MNIST, batches  # noqa: E402
 from .train import TrainConfig, train  # noqa: E402
 
@@ -49,7 +49,9 @@ def f_xy(x, y):
     return x**2 / 20.0 + y**2
 
 
-def optimizer_path(cls_name: str, options: dict, steps: int = 30, start=(-7.0, 2.0), backend: str = "auto") -> np.ndarray:
+def optimizer_path(
+    cls_name: str, options: dict, steps: int = 30, start=(-7.0, 2.0), backend: str = "auto"
+) -> np.ndarray:
     """The (steps + 1, 2) path of a fastnorm optimizer minimising :func:`f_xy`."""
     xy = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     opt = getattr(optim, cls_name)([xy], backend=backend, **options)
@@ -241,8 +243,9 @@ def weight_scale_sweep(data: MNIST, out: Path, samples: int = 1000, epochs: int 
 # -- 4. backends side by side -----------------------------------------------------------------------
 
 
-def compare_backends(data: MNIST, out: Path, epochs: int = 1, names: list[str] | None = None, optimizer: str = "momentum",
-                     seed: int = 0, train_limit: int | None = None, progress: bool = True) -> dict:  # fmt: skip
+def compare_backends(data: MNIST, out: Path, epochs: int = 1, names: list[str] | None = None,
+                     optimizer: str = "momentum", seed: int = 0, train_limit: int | None = None,
+                     progress: bool = True) -> dict:  # fmt: skip
     """The same run (seed, batches) with each backend: loss curves and seconds per epoch.
 
     Returns {backend: history, ..., "figure": path}. CUDA is skipped (the data lives on the CPU).

@@ -80,7 +80,7 @@ def _stage(folder: Path, raw: Path) -> bool:
         if dst.is_file() and _md5(dst) == MNIST_FILES[name]:
             continue
         tmp = dst.with_suffix(".partial")
-        with (gzip.open(src, "rb") if src.suffix == ".gz" else open(src, "rb")) as fin, open(tmp, "wb") as fout:
+        with gzip.open(src, "rb") if src.suffix == ".gz" else open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
         if _md5(tmp) != MNIST_FILES[name]:
             tmp.unlink()

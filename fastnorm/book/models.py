@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import nn as fnn
+from .. import nn as fnn
 
 
 class SimpleNN(nn.Module):

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import nn as fnn
-from . import optim
+from .. import nn as fnn
+from .. import optim
 from .data import MNIST, batches
 from .models import SimpleNN
 
@@ -187,7 +187,7 @@ def train_distributed(config: TrainConfig, nproc: int, data_dir=None, out_dir=No
     batch, BatchNorm is synchronised (fastnorm.nn.SyncBatchNorm) and DistributedDataParallel
     averages the gradients, so the run follows single-process training on the full batches.
     Rank 0 writes the logs and checkpoints."""
-    from .distributed import spawn
+    from ..distributed import spawn
 
     spawn(_train_worker, nproc, config, data_dir, out_dir, resume, timeout_s=300)
 
