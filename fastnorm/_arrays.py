@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
+import threading
+import weakref
 
 import numpy as np
 import torch
@@ -27,52 +28,61 @@ class BufferPool:
 
     torch's CPU allocator hands large blocks back to the OS, so every fresh output of tens of MB
     is paid again in page faults (here: allocating and filling 67 MB took 34 ms against 5 ms
-    for refilling a warm buffer). A pooled buffer is free again when nothing but the pool refers
-    to it: the tensor made from it by ``torch.from_numpy`` (and every view of that tensor) keeps
-    a reference to the array, so ``sys.getrefcount`` tells when the last one died.
+    for refilling a warm buffer). The pool keeps such blocks: :meth:`empty` hands out a fresh
+    NumPy view of a free block, and the block is free again when that view dies, which is when
+    the last tensor (or view) made from it by ``torch.from_numpy`` dies: torch's storage holds
+    the view, and ``weakref.finalize`` on the view gives the block back. Thread-safe: blocks are
+    taken and given back under a lock.
 
     Buffers of at least ``min_bytes`` are pooled, up to ``max_bytes`` in all
-    (``FASTNORM_CPU_POOL_MB``, default 1024; 0 disables the pool).
+    (``FASTNORM_CPU_POOL_MB``, default 1024; 0 disables the pool). Benchmarks that compare with
+    torch should say so: fastnorm's large outputs reuse warm pages where torch's take page faults.
     """
 
     def __init__(self, min_bytes: int = 1 << 20, max_bytes: int | None = None) -> None:
         if max_bytes is None:
             max_bytes = int(os.environ.get("FASTNORM_CPU_POOL_MB", "1024")) << 20
         self.min_bytes, self.max_bytes = min_bytes, max_bytes
-        self._buffers: dict[tuple, list[np.ndarray]] = {}
-        self._bytes = 0
+        self._free: dict[tuple, list[np.ndarray]] = {}
+        self._bytes = 0  # owned by the pool: free and handed out
+        self._lock = threading.RLock()  # reentrant: a finalizer may run inside empty()
 
     def empty(self, shape: tuple, dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
-        count = 1
-        for n in shape:
-            count *= n
+        count = math.prod(shape)
         nbytes = count * dtype.itemsize
         if nbytes < self.min_bytes or self.max_bytes <= 0:
             return np.empty(shape, dtype)
         key = (count, dtype)
-        buffers = self._buffers.setdefault(key, [])
-        for i in range(len(buffers)):
-            if sys.getrefcount(buffers[i]) == 2:  # only the pool's list refers to it
-                return buffers[i].reshape(shape)
-        if self._bytes + nbytes > self.max_bytes:
-            self._release()
-        buffer = np.empty(count, dtype)
-        if self._bytes + nbytes <= self.max_bytes:
-            buffers.append(buffer)
-            self._bytes += nbytes
-        return buffer.reshape(shape)
+        with self._lock:
+            free = self._free.get(key)
+            block = free.pop() if free else None
+            if block is None:
+                if self._bytes + nbytes > self.max_bytes:
+                    return np.empty(shape, dtype)  # over budget: not pooled
+                self._bytes += nbytes
+        if block is None:
+            block = np.empty(count, dtype)
+        view = block.reshape(shape)  # a new view object, which lives as long as its tensors
+        weakref.finalize(view, self._give_back, key, block)
+        return view
 
-    def _release(self) -> None:
-        """Drop the buffers nobody uses."""
-        for key, buffers in self._buffers.items():
-            kept = [b for b in buffers if sys.getrefcount(b) > 3]  # list + loop variable + call
-            self._bytes -= sum(b.nbytes for b in buffers) - sum(b.nbytes for b in kept)
-            self._buffers[key] = kept
+    def _give_back(self, key: tuple, block: np.ndarray) -> None:
+        with self._lock:
+            self._free.setdefault(key, []).append(block)
+
+    def in_use(self) -> int:
+        """Bytes handed out and still referenced."""
+        with self._lock:
+            free = sum(b.nbytes for blocks in self._free.values() for b in blocks)
+            return self._bytes - free
 
     def clear(self) -> None:
-        self._buffers.clear()
-        self._bytes = 0
+        """Forget the free blocks (blocks in use return to the pool when their views die)."""
+        with self._lock:
+            freed = sum(b.nbytes for blocks in self._free.values() for b in blocks)
+            self._free.clear()
+            self._bytes -= freed
 
 
 pool = BufferPool()
@@ -121,13 +131,20 @@ class CpuArrays:
 
 
 class CudaArrays:
-    """Numba device-array views of CUDA tensors (``__cuda_array_interface__``)."""
+    """Views of CUDA tensors as the cuda kernels take them: ``kernels.numba_cuda.DeviceView``
+    (address, shape, dtype, and the tensor, kept alive), built from the tensor's own fields in a
+    microsecond where Numba's ``as_cuda_array`` took tens on a GPU machine's host."""
 
     @staticmethod
     def view(t: torch.Tensor):
-        from kernels.numba_cuda import as_device_array
+        from kernels.numba_cuda import DeviceView, as_view
 
-        return as_device_array(t.detach())
+        dtype = _NUMPY_DTYPES.get(t.dtype)
+        if dtype is None:
+            return as_view(t.detach())  # the kernels' checks name the dtype
+        if not t.is_contiguous():
+            raise ValueError("the cuda kernels need C-contiguous arrays")
+        return DeviceView(t.data_ptr(), tuple(t.shape), dtype, t)
 
     def kernel_array(self, t: torch.Tensor, channels_last: bool):
         if channels_last:

@@ -10,6 +10,7 @@ environment) that cannot run raises ``ValueError`` naming the backends that can.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -43,9 +44,22 @@ class Backend:
     def is_torch(self) -> bool:
         return self.kernels is None
 
+    @property
+    def device_type(self) -> str | None:
+        """The device type its kernels run on (None for torch: wherever torch does)."""
+        return _DEVICE_TYPE.get(self.name)
+
     def as_array(self, t: torch.Tensor):
         """Zero-copy view of ``t`` for the kernels."""
         return self.arrays.view(t)
+
+    def device_guard(self, t: torch.Tensor):
+        """The context kernels on ``t`` run in: on a GPU, ``t``'s device is made current, so the
+        launch stream and scratch memory are that device's (whatever device is current)."""
+        return torch.cuda.device(t.device) if self.name == "cuda" else _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()
 
 
 @functools.cache
@@ -74,18 +88,20 @@ def _connect_cuda(module: ModuleType) -> None:
     """Launch the CUDA kernels on torch's current stream, with scratch from torch's allocator."""
     from numba import cuda
 
-    streams: dict[int, object] = {}
+    streams: dict[tuple[int, int], object] = {}
 
     def current_stream():
-        handle = torch.cuda.current_stream().cuda_stream
-        stream = streams.get(handle)
+        current = torch.cuda.current_stream()
+        key = (current.device_index, current.cuda_stream)  # the default stream's handle is 0 on every device
+        stream = streams.get(key)
         if stream is None:
-            stream = streams[handle] = cuda.external_stream(handle)
+            stream = streams[key] = cuda.external_stream(key[1])
+            stream.device_index = key[0]  # lets the kernels' fast launch path pick the device's compiled kernel
         return stream
 
     def allocate(shape, dtype):
         t = torch.empty(shape, dtype=_TORCH_DTYPES[dtype], device="cuda")
-        return module.as_device_array(t)  # the view keeps the tensor (and its memory) alive
+        return module.DeviceView(t.data_ptr(), shape, dtype, t)  # the view keeps the tensor (its memory) alive
 
     module.set_stream_provider(current_stream)
     module.set_allocator(allocate)

@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._dispatch import Backend
 
@@ -25,8 +24,8 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 class _ViewCache:
     """Kernel-array views of small long-lived tensors (BatchNorm's weight, bias, running stats).
 
-    An entry is reused while the tensor object and its data pointer are unchanged (so
-    ``param.data = ...`` or a ``load_state_dict`` that swaps storage is seen). Entries hold a
+    An entry is reused while the tensor object, its data pointer, shape and dtype are unchanged
+    (so ``param.data = ...``, ``resize_`` or a ``load_state_dict`` that swaps storage is seen). Entries hold a
     reference to their tensor; the cache is emptied when it reaches ``capacity`` entries.
     """
 
@@ -41,13 +40,13 @@ class _ViewCache:
         if entries is None:
             entries = self._entries[backend.name] = {}
         entry = entries.get(id(t))
-        ptr = t.data_ptr()
-        if entry is not None and entry[0] is t and entry[1] == ptr:
+        key = (t.data_ptr(), t.shape, t.dtype)
+        if entry is not None and entry[0] is t and entry[1] == key:
             return entry[2]
         if len(entries) >= self.capacity:
             entries.clear()
         view = backend.as_array(t)
-        entries[id(t)] = (t, ptr, view)
+        entries[id(t)] = (t, key, view)
         return view
 
 
@@ -116,8 +115,11 @@ class BatchNormFunction(torch.autograd.Function):
 
     Inputs are validated by :func:`fastnorm.functional.batch_norm`; call that, not this.
     The kernels' arrays are kept on ``ctx`` (converting again in the backward costs more than
-    the backward itself at the MLP's sizes); the input is also saved with ``save_for_backward``
-    so that an in-place change of it before the backward is detected, as in torch.
+    the backward itself at the MLP's sizes). The tensors torch's own BatchNorm saves (input,
+    weight, running statistics) are saved with ``save_for_backward`` too, so that an in-place
+    change of any of them before the backward raises torch's error. A backward with
+    ``create_graph=True`` computes the gradients with differentiable torch operations from the
+    same saved tensors, so that second derivatives are torch's (the kernels have no graph).
     """
 
     @staticmethod
@@ -133,23 +135,28 @@ class BatchNormFunction(torch.autograd.Function):
         eps: float,
         backend: Backend,
     ) -> torch.Tensor:
-        y, x, saved = batch_norm_forward(
-            input, weight, bias, running_mean, running_var, training, momentum, eps, backend, True
-        )
-        ctx.save_for_backward(x)
+        with backend.device_guard(input):
+            y, x, saved = batch_norm_forward(
+                input, weight, bias, running_mean, running_var, training, momentum, eps, backend, True
+            )
+        ctx.save_for_backward(x, weight, running_mean, running_var)
         ctx.saved = saved
         ctx.training = training
+        ctx.eps = eps
         ctx.backend = backend
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        (x,) = ctx.saved_tensors  # raises if the input was modified in place since the forward
+        # raises torch's error if the input, weight or running statistics changed in place
+        x, weight, _, _ = ctx.saved_tensors
         saved: SavedForBackward = ctx.saved
+        need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            grads = _differentiable_backward(ctx, grad_output, x, weight, saved)
+            return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *[None] * 6)
         backend: Backend = ctx.backend
         arrays = backend.arrays
-        need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
         layout = _CHANNELS_LAST[x.dim()] if saved.channels_last else torch.contiguous_format
         if not grad_output.is_contiguous(memory_format=layout):
             grad_output = grad_output.contiguous(memory_format=layout)
@@ -157,8 +164,30 @@ class BatchNormFunction(torch.autograd.Function):
         dx, dx_array = arrays.empty_like(x, saved.channels_last) if need_dx else (None, None)
         dweight, dweight_array = arrays.empty_vector(c, x) if need_dweight else (None, None)
         dbias, dbias_array = arrays.empty_vector(c, x) if need_dbias else (None, None)
-        backend.kernels.batch_norm_backward(
-            arrays.kernel_array(grad_output, saved.channels_last), saved.input, saved.mean, saved.invstd,
-            saved.weight, ctx.training, dx_array, dweight_array, dbias_array,
-        )  # fmt: skip
+        with backend.device_guard(x):
+            backend.kernels.batch_norm_backward(
+                arrays.kernel_array(grad_output, saved.channels_last), saved.input, saved.mean, saved.invstd,
+                saved.weight, ctx.training, dx_array, dweight_array, dbias_array,
+            )  # fmt: skip
         return dx, dweight, dbias, None, None, None, None, None, None
+
+
+def _differentiable_backward(ctx, dy, x, weight, saved: SavedForBackward):
+    """(dx, dweight, dbias) as differentiable functions of x, weight and dy (double backward)."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if ctx.training:  # the statistics are functions of x
+        mean = x.mean(dims, keepdim=True)
+        invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + ctx.eps)
+    else:  # the eval forward's constants
+        mean = torch.as_tensor(saved.mean, device=x.device).view(shape)
+        invstd = torch.as_tensor(saved.invstd, device=x.device).view(shape)
+    xhat = (x - mean) * invstd
+    scale = invstd if weight is None else invstd * weight.view(shape)
+    dbias = dy.sum(dims)
+    dweight = (dy * xhat).sum(dims)
+    if ctx.training:
+        dx = scale * (dy - dy.mean(dims, keepdim=True) - xhat * (dy * xhat).mean(dims, keepdim=True))
+    else:
+        dx = scale * dy
+    return dx, dweight, dbias

@@ -35,85 +35,95 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size,
                 backend: Backend):  # fmt: skip
-        x, cl = _layout(input)
-        arrays = backend.arrays
-        c = x.shape[1]
-        count = x.numel() // c if c else 0
-        f64 = dict(dtype=torch.float64, device=x.device)
-        local = torch.zeros(1 + 2 * c, **f64)
-        if count > 0:
-            mean_l, var_l = torch.empty(c, **f64), torch.empty(c, **f64)
-            backend.kernels.batch_norm_stats(
-                arrays.kernel_array(x, cl), backend.as_array(mean_l), backend.as_array(var_l)
-            )
-            local[0] = count
-            local[1 : 1 + c] = mean_l
-            local[1 + c :] = var_l * count  # M2
-        gathered = [torch.empty_like(local) for _ in range(world_size)]
-        dist.all_gather(gathered, local, group=process_group)
-        stats = torch.stack(gathered)  # (world, 1 + 2C)
-        counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + c], stats[:, 1 + c :]
-        total = counts.sum()
-        total_n = int(total.item())
-        if total_n <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {input.size()} "
-                f"on this rank and {total_n} value(s) per channel over the process group"
-            )
-        mean = (counts * means).sum(0) / total
-        m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)  # Chan: exact merge of groups
-        var = m2 / total
-        if running_mean is not None:  # kernels/formulas/batchnorm.py's arithmetic, on tensors
-            running_mean.copy_(formulas.running_update(running_mean.double(), mean, momentum))
-            running_var.copy_(
-                formulas.running_update(running_var.double(), formulas.unbiased_var(var, total), momentum)
-            )
-        mean_x, var_x = mean.to(x.dtype), var.to(x.dtype)
-        y, y_arr = arrays.empty_like(x, cl)
-        if count > 0:
-            backend.kernels.batch_norm_forward_eval(
-                arrays.kernel_array(x, cl), channel_view(backend, weight), channel_view(backend, bias),
-                backend.as_array(mean_x), backend.as_array(var_x), float(eps), y_arr,
-            )  # fmt: skip
-        invstd = torch.rsqrt(var + eps).to(x.dtype)
-        ctx.save_for_backward(x, weight, mean_x, invstd)
-        ctx.total = total_n
-        ctx.channels_last = cl
-        ctx.process_group = process_group
-        ctx.backend = backend
-        return y
+        with backend.device_guard(input):
+            return _sync_forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, process_group,
+                                 world_size, backend)  # fmt: skip
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        x, weight, mean, invstd = ctx.saved_tensors
-        backend: Backend = ctx.backend
-        arrays = backend.arrays
-        cl = ctx.channels_last
-        fmt = _CHANNELS_LAST[x.dim()] if cl else torch.contiguous_format
-        dy = grad_output.contiguous(memory_format=fmt)
-        c = x.shape[1]
-        sum_dy = torch.zeros(c, dtype=x.dtype, device=x.device)
-        sum_dy_xhat = torch.zeros(c, dtype=x.dtype, device=x.device)
-        if x.numel() > 0:
-            backend.kernels.batch_norm_backward(
-                arrays.kernel_array(dy, cl), arrays.kernel_array(x, cl), backend.as_array(mean),
-                backend.as_array(invstd), None, False, None, backend.as_array(sum_dy_xhat), backend.as_array(sum_dy),
-            )  # fmt: skip
-        # the input gradient needs the sums over every rank
-        sums = torch.cat([sum_dy, sum_dy_xhat / invstd]).double()
-        dist.all_reduce(sums, group=ctx.process_group)
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx = None
-        if need_dx:
-            shape = _channel_shape(x)
-            g_dy = (sums[:c] / ctx.total).to(x.dtype).view(shape)
-            g_dyx = (sums[c:] / ctx.total).to(x.dtype).view(shape)
-            inv = invstd.view(shape)
-            scale = inv if weight is None else inv * weight.view(shape)
-            dx = (dy - g_dy - (x - mean.view(shape)) * inv * inv * g_dyx) * scale
-        return (dx, sum_dy_xhat if need_dw else None, sum_dy if need_db else None,
-                None, None, None, None, None, None, None)  # fmt: skip
+        with ctx.backend.device_guard(grad_output):
+            return _sync_backward(ctx, grad_output)
+
+
+def _sync_forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size,
+                  backend: Backend):  # fmt: skip
+    x, cl = _layout(input)
+    arrays = backend.arrays
+    c = x.shape[1]
+    count = x.numel() // c if c else 0
+    f64 = dict(dtype=torch.float64, device=x.device)
+    local = torch.zeros(1 + 2 * c, **f64)
+    if count > 0:
+        mean_l, var_l = torch.empty(c, **f64), torch.empty(c, **f64)
+        mean_array, var_array = backend.as_array(mean_l), backend.as_array(var_l)
+        backend.kernels.batch_norm_stats(arrays.kernel_array(x, cl), mean_array, var_array)
+        local[0] = count
+        local[1 : 1 + c] = mean_l
+        local[1 + c :] = var_l * count  # M2
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local, group=process_group)
+    stats = torch.stack(gathered)  # (world, 1 + 2C)
+    counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + c], stats[:, 1 + c :]
+    total = counts.sum()
+    total_n = int(total.item())
+    if total_n <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()} "
+            f"on this rank and {total_n} value(s) per channel over the process group"
+        )
+    mean = (counts * means).sum(0) / total
+    m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)  # Chan: exact merge of groups
+    var = m2 / total
+    if running_mean is not None:  # kernels/formulas/batchnorm.py's arithmetic, on tensors
+        running_mean.copy_(formulas.running_update(running_mean.double(), mean, momentum))
+        unbiased = formulas.unbiased_var(var, total)
+        running_var.copy_(formulas.running_update(running_var.double(), unbiased, momentum))
+    mean_x, var_x = mean.to(x.dtype), var.to(x.dtype)
+    y, y_arr = arrays.empty_like(x, cl)
+    if count > 0:
+        backend.kernels.batch_norm_forward_eval(
+            arrays.kernel_array(x, cl), channel_view(backend, weight), channel_view(backend, bias),
+            backend.as_array(mean_x), backend.as_array(var_x), float(eps), y_arr,
+        )  # fmt: skip
+    invstd = torch.rsqrt(var + eps).to(x.dtype)
+    ctx.save_for_backward(x, weight, mean_x, invstd)
+    ctx.total = total_n
+    ctx.channels_last = cl
+    ctx.process_group = process_group
+    ctx.backend = backend
+    return y
+
+
+def _sync_backward(ctx, grad_output):
+    x, weight, mean, invstd = ctx.saved_tensors
+    backend: Backend = ctx.backend
+    arrays = backend.arrays
+    cl = ctx.channels_last
+    fmt = _CHANNELS_LAST[x.dim()] if cl else torch.contiguous_format
+    dy = grad_output.contiguous(memory_format=fmt)
+    c = x.shape[1]
+    sum_dy = torch.zeros(c, dtype=x.dtype, device=x.device)
+    sum_dy_xhat = torch.zeros(c, dtype=x.dtype, device=x.device)
+    if x.numel() > 0:
+        backend.kernels.batch_norm_backward(
+            arrays.kernel_array(dy, cl), arrays.kernel_array(x, cl), backend.as_array(mean),
+            backend.as_array(invstd), None, False, None, backend.as_array(sum_dy_xhat), backend.as_array(sum_dy),
+        )  # fmt: skip
+    # the input gradient needs the sums over every rank
+    sums = torch.cat([sum_dy, sum_dy_xhat / invstd]).double()
+    dist.all_reduce(sums, group=ctx.process_group)
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx = None
+    if need_dx:
+        shape = _channel_shape(x)
+        g_dy = (sums[:c] / ctx.total).to(x.dtype).view(shape)
+        g_dyx = (sums[c:] / ctx.total).to(x.dtype).view(shape)
+        inv = invstd.view(shape)
+        scale = inv if weight is None else inv * weight.view(shape)
+        dx = (dy - g_dy - (x - mean.view(shape)) * inv * inv * g_dyx) * scale
+    return (dx, sum_dy_xhat if need_dw else None, sum_dy if need_db else None,
+            None, None, None, None, None, None, None)  # fmt: skip
 
 
 # -- running a function on N local processes (CPU: gloo on 127.0.0.1) -------------------------------

@@ -110,12 +110,17 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, e
     check_tensors(input, weight, bias, running_mean, running_var, name)
 
 
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """A dtype fastnorm's kernels do not compute in. A TypeError, and a NotImplementedError as
+    torch's own "batch_norm not implemented for 'Long'" is, so that code catching either works."""
+
+
 def check_tensors(input, weight, bias, running_mean, running_var, name) -> None:
     """Sizes, dtypes and devices of the per-channel tensors against the input's (torch's words)."""
     channels = input.shape[1]
     dtype = input.dtype
     if dtype not in _KERNEL_DTYPES:
-        raise TypeError(
+        raise UnsupportedDtypeError(
             f"fastnorm's {name!r} backend computes batch_norm in float32 or float64, but the "
             f"input is {dtype}; convert it, or use backend='torch' for other dtypes"
         )

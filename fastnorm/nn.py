@@ -31,22 +31,28 @@ class _FastBatchNorm:
         super().__init__(*args, **kwargs)
         self.backend = backend
 
-    def _averaging_factor(self) -> float:
-        """torch's exponential_average_factor; counts the batch when tracking in training."""
+    def _averaging_factor(self) -> tuple[float, bool]:
+        """(torch's exponential_average_factor, whether this call counts a batch). torch counts
+        the batch before the call (so a call that fails still counts); fastnorm counts it after
+        the call succeeded (:meth:`_count_batch`), with the same factor: a failed call changes
+        nothing."""
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        counts = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if counts and self.momentum is None:  # cumulative moving average over the batches so far
+            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        return momentum, counts
+
+    def _count_batch(self, counts: bool) -> None:
+        if counts:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
-        return momentum
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        momentum = self._averaging_factor()
+        momentum, counts = self._averaging_factor()
         # batch statistics in training, and in eval when no running statistics are kept
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        return functional.batch_norm(
+        y = functional.batch_norm(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -57,6 +63,8 @@ class _FastBatchNorm:
             self.eps,
             backend=self.backend,
         )
+        self._count_batch(counts)
+        return y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
@@ -161,19 +169,23 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        momentum = self._averaging_factor()
         chosen = resolve(self.backend, "batch_norm", input.device)
         if chosen.is_torch:  # "auto" where no fastnorm kernel runs: torch's own
             return nn.SyncBatchNorm.forward(self, input)
         functional.check_tensors(input, self.weight, self.bias, self.running_mean, self.running_var, chosen.name)
+        momentum, counts = self._averaging_factor()
         track = self.track_running_stats
-        return SyncBatchNormFunction.apply(
+        y = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.running_mean if track else None,
             self.running_var if track else None, self.eps, momentum, group, world_size, chosen,
         )  # fmt: skip
+        self._count_batch(counts)
+        return y
 
 
 _SYNC_SIGNATURE = inspect.signature(nn.SyncBatchNorm.__init__)
+#: recent torch lets BatchNorm go without a bias (``bias=False``; 2.14 has it, 2.11 does not)
+_BIAS_OPTION = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
 _DROP_IN = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 
@@ -181,7 +193,9 @@ def _converted(bn: nn.Module, backend: str, sync: bool, process_group) -> nn.Mod
     if isinstance(bn, _FastBatchNorm) and (not sync or isinstance(bn, SyncBatchNorm)):
         bn.backend = backend  # already fastnorm's (a SyncBatchNorm stays one)
         return bn
-    options = dict(device="meta", bias=bn.bias is not None or not bn.affine, backend=backend)
+    options = dict(device="meta", backend=backend)
+    if _BIAS_OPTION:
+        options["bias"] = bn.bias is not None or not bn.affine
     if sync:
         cls = SyncBatchNorm
         options["process_group"] = process_group if process_group is not None else getattr(bn, "process_group", None)

@@ -224,7 +224,8 @@ class _KernelOptimizer:
         for group, plan, arguments in ready:
             options = self._kernel_options(group)
             for part, (rows, addrs) in zip(plan.parts, arguments):
-                _launch(plan.backend, self._op, part, rows, addrs, options)
+                with plan.backend.device_guard(part.params[0]):
+                    _launch(plan.backend, self._op, part, rows, addrs, options)
                 if part.new_buffers:  # SGD: the new momentum buffers join the state
                     for p, buf in part.new_buffers:
                         self.state[p]["momentum_buffer"] = buf
@@ -267,11 +268,13 @@ class _KernelOptimizer:
         got, grads = [], []
         self._torch_cls._init_group(self, group, got, grads, *lists.values())
         steps = lists.get("step", [])
-        if params[0].device.type != "cpu":
-            # GPU kernels advance the step counters on the device (torch's capturable layout)
+        if steps and params[0].device.type != "cpu":
+            # the cuda kernels advance the step counters in host memory, where torch keeps them
+            # without capturable=True; a counter found on a GPU (a fused or capturable torch
+            # optimizer's checkpoint) comes back to the CPU, with its value
             for i, p in enumerate(params):
-                if steps[i].device != p.device:
-                    steps[i] = self.state[p]["step"] = steps[i].to(p.device)
+                if steps[i].device.type != "cpu":
+                    steps[i] = self.state[p]["step"] = steps[i].detach().cpu()
         rows = [lists[name] if lists.get(name) else None for name in self._table_rows]
         rows += [None] * (_BUFFER_ROWS - len(rows))
         first_step = [False] * len(params)
@@ -355,7 +358,7 @@ class _KernelOptimizer:
         dense layout) and every state tensor's data pointer. None if something changed since
         the plan was built (the caller plans again), or with ``strict`` the error."""
         arguments = []
-        on_gpu = plan.backend.name == "cuda"
+        on_gpu = plan.backend.device_type == "cuda"
         for part in plan.parts:
             params, dtype = part.params, part.dtype
             grads = [p.grad for p in params]
@@ -437,8 +440,9 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
         else:
             steps = [backend.as_array(s) for s in part.steps]
             getattr(backend.kernels, f"{op}_step")(arrays[0], arrays[1], *buffers[: _ROWS_OF[op]], steps, **options)
-    for original, copy in staged:
-        original.copy_(copy)
+    with torch.no_grad():  # parameters are leaves that require grad (torch's step runs under no_grad too)
+        for original, copy in staged:
+            original.copy_(copy)
 
 
 _ROWS_OF = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3}

@@ -8,11 +8,19 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 #: fastnorm's CPU kernel backends under test, per op family; each is compared with torch ("torch"
 #: itself is the yardstick). Listed explicitly so a backend that fails to load fails the suite.
 BN_BACKENDS = ["reference", "numba"]
 OPTIM_BACKENDS = ["reference", "numba"]
+
+# Differential tests (hypothesis): deterministic in CI, longer on demand
+# (``pytest --hypothesis-profile=long``).
+_FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", derandomize=True, max_examples=40, stateful_step_count=25, **_FUZZ)
+settings.register_profile("long", max_examples=1000, stateful_step_count=60, **_FUZZ)
+settings.load_profile("ci")
 
 #: (dtype, rtol, atol) for outputs and gradients compared with torch in the same dtype.
 TOLERANCES = {

@@ -51,10 +51,10 @@ import numpy as np
 from numba import njit, prange
 
 from .. import BATCH_NORM_API
+from .._validate import check_arrays, check_float64_vectors
 from ..formulas import batchnorm as formulas
 from ..formulas import compiled
 from ._jit import REASSOC, twins
-from ._validate import check_arrays
 
 __all__ = [*BATCH_NORM_API]
 
@@ -340,7 +340,5 @@ def batch_norm_stats(x, mean, var):
     """Per-channel mean and biased variance (float64 outputs); see kernels.reference."""
     check_arrays(x, x, [])
     n, c, s = x.shape
-    for a in (mean, var):
-        if not isinstance(a, np.ndarray) or a.shape != (c,) or a.dtype != np.float64:
-            raise ValueError(f"mean and var must be float64 arrays of shape ({c},)")
+    check_float64_vectors(c, mean, var)
     _stats(x.size)(x, mean, var, _rows_per_chunk(n, c), _channel_block(n, c, s, x.itemsize, 1))

@@ -41,9 +41,9 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 from .. import OPTIMIZER_API, TABLE_API
 from .._optimizer_api import OptimizerAPI
 from .._pointer import pointer_intrinsic
+from .._validate import FLOAT_DTYPES
 from ..formulas import compiled
 from ..formulas import optim as formulas
-from ._validate import FLOAT_DTYPES
 
 __all__ = [*OPTIMIZER_API, *TABLE_API]
 
@@ -72,9 +72,14 @@ def _advance_step(addr, is_f64):
     return np.float64(s32[0])
 
 
+def chunk_table(numels: tuple[int, ...], chunk: int | None = None) -> np.ndarray:
+    """(K, 3) int64 rows (tensor index, start, stop), one per chunk of ``chunk`` (default: the
+    module's CHUNK, read at call time so that tests can shrink it). Depends on the sizes only."""
+    return _chunk_table(numels, CHUNK if chunk is None else chunk)
+
+
 @functools.lru_cache(maxsize=256)
-def chunk_table(numels: tuple[int, ...], chunk: int = CHUNK) -> np.ndarray:
-    """(K, 3) int64 rows (tensor index, start, stop), one per chunk. Depends on the sizes only."""
+def _chunk_table(numels: tuple[int, ...], chunk: int) -> np.ndarray:
     rows = [(t, lo, min(n, lo + chunk)) for t, n in enumerate(numels) for lo in range(0, n, chunk)]
     return np.array(rows, np.int64).reshape(-1, 3)
 

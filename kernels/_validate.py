@@ -1,0 +1,67 @@
+"""Argument checks run before a compiled kernel is called: a clear error, never a Numba typing
+traceback, and never an array of the wrong length handed to a kernel that trusts it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def numpy_dense(a) -> bool:
+    return type(a) is np.ndarray and a.flags.c_contiguous
+
+
+def device_dense(a) -> bool:
+    """A C-contiguous array a numba.cuda kernel can take: a device array (numba's, or anything with
+    ``__cuda_array_interface__``) or a host NumPy array (numba copies it over and back)."""
+    if type(a) is np.ndarray:
+        return a.flags.c_contiguous
+    if hasattr(a, "is_c_contiguous"):  # numba DeviceNDArray (and the simulator's)
+        return a.is_c_contiguous()
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is None:
+        return False
+    strides, shape = cai.get("strides"), cai["shape"]
+    if strides is None:
+        return True
+    expected, step = [], np.dtype(cai["typestr"]).itemsize
+    for n in reversed(shape):
+        expected.append(step)
+        step *= n
+    return all(n == 1 or s == e for n, s, e in zip(shape, strides, reversed(expected)))
+
+
+def check_arrays(x, y, per_channel, extra=(), *, backend: str = "numba", dense: Callable = numpy_dense) -> None:
+    """x, y (and ``extra``): C-contiguous (N, C, S) arrays of one float dtype; ``per_channel``:
+    (C,) arrays of that dtype or None. Cheap on the success path (it runs on every call)."""
+    dtype = np.dtype(getattr(x, "dtype", None) or np.object_)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"the {backend} backend computes in float32 or float64, got {dtype}")
+    shape = tuple(x.shape)
+    if len(shape) != 3:
+        raise ValueError(f"kernels take (N, C, S) arrays, got shape {shape}")
+    for name, a in (("x", x), ("y", y), *(("out", e) for e in extra if e is not None)):
+        if tuple(getattr(a, "shape", ())) != shape or a.dtype != dtype:
+            raise ValueError(f"{name}: expected a {dtype} array of shape {shape}, got {_describe(a)}")
+        if not dense(a):
+            raise ValueError(f"{name}: the {backend} kernels need C-contiguous arrays")
+    c = (shape[1],)
+    for a in per_channel:
+        if a is not None and (tuple(getattr(a, "shape", ())) != c or a.dtype != dtype or not dense(a)):
+            raise ValueError(f"per-channel arrays must be dense {dtype} of shape {c}, got {_describe(a)}")
+
+
+def check_float64_vectors(c: int, *arrays, dense: Callable = numpy_dense) -> None:
+    """Statistics outputs: dense float64 arrays of shape (C,)."""
+    for a in arrays:
+        if tuple(getattr(a, "shape", ())) != (c,) or a.dtype != np.float64 or not dense(a):
+            raise ValueError(f"mean and var must be dense float64 arrays of shape ({c},), got {_describe(a)}")
+
+
+def _describe(a) -> str:
+    if hasattr(a, "dtype") and hasattr(a, "shape"):
+        return f"{a.dtype} array of shape {tuple(a.shape)}"
+    return type(a).__name__

@@ -1,0 +1,219 @@
+"""Differential testing of BatchNorm: torch is the oracle for any sequence of operations.
+
+A hypothesis state machine drives a fastnorm BatchNorm module and its ``torch.nn`` twin (float64)
+through the same random program and compares after every rule: outputs, input and parameter
+gradients, running statistics and ``num_batches_tracked``, or the same exception type. Rules:
+forward+backward on random batches (contiguous or channels-last, several sizes), train/eval
+toggles, momentum changed (``None`` = cumulative average), in-place edits of the weight, bias or
+input between forward and backward (torch raises for what its backward reads), invalid inputs
+(batch of one in training, wrong channel count, integer dtype), double backward
+(``create_graph=True``), and ``state_dict`` / ``load_state_dict`` both ways. Modules are built
+with and without ``affine`` and ``track_running_stats``.
+
+The numba kernels' size thresholds (row chunks, channel blocks) are shrunk while the machine
+runs, so that the small tensors here take every code path the benchmark sizes take.
+
+Where fastnorm is stricter than torch by design, the rule says so: a call that fails validation
+leaves fastnorm's module untouched, where torch has already counted the batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BN_BACKENDS, assert_close
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+import fastnorm
+import kernels.numba_cpu.batchnorm as numba_bn
+
+DTYPE = torch.float64
+TOL = (1e-9, 1e-10)
+# (N, spatial) batch shapes per module dimensionality; N = 1 appears as an invalid training batch
+BATCHES = {1: [(2, ()), (7, ()), (33, ())], 2: [(2, (3, 4)), (5, (1, 1)), (3, (7, 5))]}
+#: the thresholds shrunk while the machine runs: (module, name, small value)
+#: what a forward_backward changes in place between forward and backward ("none" twice: more plain steps)
+EDITS = ["none", "none", "weight", "bias", "input"]
+SMALL_THRESHOLDS = [(numba_bn, "CHUNK_ELEMENTS", 8), (numba_bn, "MAX_CHUNKS", 3), (numba_bn, "BLOCK_BYTES", 96)]
+
+
+def _outcome(fn):
+    try:
+        return fn(), None
+    except Exception as exc:  # noqa: BLE001 - the exception type is the result compared
+        return None, exc
+
+
+def _same_kind(ours, theirs) -> bool:
+    """Both succeeded, or fastnorm's exception is catchable as torch's (an instance of its type)."""
+    return (ours is None) == (theirs is None) and (theirs is None or isinstance(ours, type(theirs)))
+
+
+#: drawn when a machine is built, from the class's ``backends`` (read then, so that another suite
+#: can run the machine on other backends)
+_BACKEND = st.deferred(lambda: st.sampled_from(BatchNormTwins.backends))
+
+
+class BatchNormTwins(RuleBasedStateMachine):
+    #: the backends drawn (tests/cudasim runs this machine with ["cuda"])
+    backends = BN_BACKENDS
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(0)
+        self.saved = [(m, name, getattr(m, name)) for m, name, _ in SMALL_THRESHOLDS]
+        for m, name, value in SMALL_THRESHOLDS:
+            setattr(m, name, value)
+
+    def teardown(self) -> None:
+        for m, name, value in self.saved:
+            setattr(m, name, value)
+
+    @initialize(dims=st.sampled_from([1, 2]), channels=st.sampled_from([1, 3, 5]), backend=_BACKEND,
+                affine=st.booleans(), track=st.booleans(), momentum=st.sampled_from([0.1, None]))  # fmt: skip
+    def build(self, dims, channels, backend, affine, track, momentum):
+        self.dims, self.channels = dims, channels
+        name = f"BatchNorm{dims}d"
+        options = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=DTYPE)
+        self.theirs = getattr(torch.nn, name)(channels, **options)
+        self.ours = getattr(fastnorm.nn, name)(channels, backend=backend, **options)
+        if affine:
+            with torch.no_grad():
+                for m in (self.theirs, self.ours):
+                    m.weight.copy_(torch.linspace(0.5, 1.5, channels, dtype=DTYPE))
+                    m.bias.copy_(torch.linspace(-1, 1, channels, dtype=DTYPE))
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _batch(self, index, channels_last, n=None):
+        size, spatial = BATCHES[self.dims][index % len(BATCHES[self.dims])]
+        shape = (n or size, self.channels, *spatial)
+        x = torch.randn(shape, dtype=DTYPE, generator=self.generator) * 2 + 1
+        if channels_last and len(shape) == 4:
+            x = x.to(memory_format=torch.channels_last)
+        return x
+
+    def _both(self, fn):
+        """``fn(module)`` on both twins: (ours, theirs) results, or the same exception type."""
+        theirs, their_error = _outcome(lambda: fn(self.theirs))
+        ours, our_error = _outcome(lambda: fn(self.ours))
+        assert _same_kind(our_error, their_error), f"torch: {their_error!r}, fastnorm: {our_error!r}"
+        return (ours, theirs), their_error
+
+    def _compare_grads(self, xa, xb):
+        if xb.grad is not None or xa.grad is not None:
+            assert_close(xa.grad, xb.grad, *TOL, "input grad")
+        if self.theirs.affine:
+            for name in ("weight", "bias"):
+                a, b = getattr(self.ours, name).grad, getattr(self.theirs, name).grad
+                assert (a is None) == (b is None), f"{name}.grad"
+                if b is not None:
+                    assert_close(a, b, *TOL, f"{name}.grad")
+
+    # -- rules --------------------------------------------------------------------------------------
+
+    @rule(index=st.integers(0, 2), channels_last=st.booleans(), edit=st.sampled_from(EDITS))
+    def forward_backward(self, index, channels_last, edit):
+        """Forward, then (``edit``) a tensor changed in place, then backward: torch raises where its
+        backward reads the changed tensor (weight, input) and computes as saved otherwise."""
+        x = self._batch(index, channels_last)
+        dy = torch.randn(x.shape, dtype=DTYPE, generator=self.generator)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        (ya, yb), error = self._both(lambda m: m(xa if m is self.ours else xb))
+        if error is not None:
+            return
+        assert_close(ya, yb, *TOL, "output")
+        assert ya.is_contiguous(memory_format=torch.channels_last) == yb.is_contiguous(
+            memory_format=torch.channels_last
+        ), "output memory format"
+        with torch.no_grad():
+            if edit == "input":
+                xa.add_(1.0)
+                xb.add_(1.0)
+            elif edit != "none" and self.theirs.affine:
+                getattr(self.ours, edit).mul_(1.5)
+                getattr(self.theirs, edit).mul_(1.5)
+        for m in (self.ours, self.theirs):
+            m.zero_grad(set_to_none=True)
+        _, error_b = _outcome(lambda: yb.backward(dy))
+        _, error_a = _outcome(lambda: ya.backward(dy))
+        assert _same_kind(error_a, error_b), f"torch: {error_b!r}, fastnorm: {error_a!r}"
+        if error_b is None:
+            self._compare_grads(xa, xb)
+
+    @rule(training=st.booleans())
+    def train_or_eval(self, training):
+        self._both(lambda m: m.train(training))
+
+    @rule(momentum=st.sampled_from([None, 0.0, 0.3, 1.0]))
+    def change_momentum(self, momentum):
+        def change(m):
+            m.momentum = momentum
+
+        self._both(change)
+
+    @rule(kind=st.sampled_from(["batch_of_one", "channels", "integer"]))
+    def invalid_input(self, kind):
+        """torch raises (batch of one only in training); fastnorm raises the same type and leaves
+        its module untouched, where torch has counted the batch already: the twins are re-synced
+        on that counter."""
+        if kind == "batch_of_one":
+            x = self._batch(0, False, n=1)
+            if self.dims == 2:
+                x = x[..., :1, :1].contiguous()
+        elif kind == "channels":
+            x = torch.randn(4, self.channels + 1, *([3, 3] if self.dims == 2 else []), dtype=DTYPE)
+        else:
+            x = torch.ones(4, self.channels, *([3, 3] if self.dims == 2 else []), dtype=torch.int64)
+        before = {k: v.clone() for k, v in self.ours.state_dict().items()}
+        _, error = self._both(lambda m: m(x))
+        if error is not None:
+            after = self.ours.state_dict()
+            for k, v in before.items():
+                assert torch.equal(after[k], v), f"a failed call changed {k}"
+            if self.theirs.num_batches_tracked is not None:
+                self.theirs.num_batches_tracked.copy_(self.ours.num_batches_tracked)
+
+    @rule(index=st.integers(0, 2))
+    def double_backward(self, index):
+        """Second derivatives (create_graph=True) equal torch's."""
+        x = self._batch(index, False)
+        dy = torch.randn(x.shape, dtype=DTYPE, generator=self.generator)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+
+        def second(m):
+            inp = xa if m is self.ours else xb
+            y = m(inp)
+            (g,) = torch.autograd.grad(y, inp, dy, create_graph=True)
+            (h,) = torch.autograd.grad((g * g).sum(), inp)
+            return g, h
+
+        results, error = self._both(second)
+        if error is None:
+            (ga, ha), (gb, hb) = results
+            assert_close(ga, gb, *TOL, "first derivative")
+            assert_close(ha, hb, 1e-8, 1e-9, "second derivative")
+
+    @rule(source=st.sampled_from(["torch", "fastnorm"]))
+    def load_state(self, source):
+        state = (self.theirs if source == "torch" else self.ours).state_dict()
+        self._both(lambda m: m.load_state_dict({k: v.clone() for k, v in state.items()}))
+
+    # -- the comparison after every rule ----------------------------------------------------------
+
+    @invariant()
+    def same_state(self):
+        if not hasattr(self, "theirs"):
+            return
+        a, b = self.ours.state_dict(), self.theirs.state_dict()
+        assert sorted(a) == sorted(b)
+        for key, value in b.items():
+            assert a[key].dtype == value.dtype, key
+            assert_close(a[key], value, *TOL, key)
+        assert self.ours.training == self.theirs.training and self.ours.momentum == self.theirs.momentum
+
+
+TestBatchNormTwins = pytest.mark.fuzz(BatchNormTwins.TestCase)
+TestBatchNormTwins.settings = settings(max_examples=30, stateful_step_count=20)
