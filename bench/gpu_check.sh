@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # GPU validation in one go, for a lent H100/H200 (see the device tool's README):
 #   1. the machine and versions;
-#   2. the GPU parity tests (tests/gpu: cuda backend against torch, real sizes);
+#   2. the GPU parity tests (tests/gpu: cuda backend against torch, real sizes), with the fast
+#      launch path and again with numba-cuda's dispatcher for every launch;
 #   3. the benchmark suite for the cuda and torch providers: BatchNorm at (64, 256), (8192, 2048),
 #      (256, 64, 56, 56), (64, 256, 28, 28); optimizers on the MLP, 100M and 1B parameters;
-#      the device-to-device copy roofline; the markdown report and chart.
+#      the device-to-device copy roofline; the markdown report and chart;
+#   4. bench/gpu_profile.py: per-kernel device time of BatchNorm and optimizer steps, both providers.
 # Installs nothing: it uses the machine's python3 (torch, numba, numba-cuda, pytest,
 # pytest-benchmark) with this checkout on PYTHONPATH. Designed to finish in under 8 minutes on an
 # H100. Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else bench/results/gpu)
 set -uo pipefail
+export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/gpu}}
 mkdir -p "$OUT_DIR"
@@ -31,6 +34,8 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
 import fastnorm
 print("fastnorm backends:", fastnorm.backends())
+from numba import cuda
+cuda.detect()
 PY
 } > "$OUT_DIR/machine.txt" 2>&1
 cat "$OUT_DIR/machine.txt"
@@ -40,17 +45,28 @@ if ! "$PY" -c "import torch, numba.cuda, pytest, pytest_benchmark; assert torch.
 fi
 
 echo "# parity (tests/gpu)"
-timeout 240 "$PY" -m pytest tests/gpu -q -p no:cacheprovider -rfE > "$OUT_DIR/parity.txt" 2>&1
+timeout 170 "$PY" -m pytest tests/gpu -q -p no:cacheprovider -rfE > "$OUT_DIR/parity.txt" 2>&1
 parity=$?
 tail -25 "$OUT_DIR/parity.txt"
+echo "# parity again, every launch through numba-cuda's dispatcher (FASTNORM_CUDA_FAST_LAUNCH=0)"
+FASTNORM_CUDA_FAST_LAUNCH=0 timeout 120 "$PY" -m pytest tests/gpu -q -p no:cacheprovider -rfE \
+  > "$OUT_DIR/parity_dispatcher.txt" 2>&1
+tail -3 "$OUT_DIR/parity_dispatcher.txt"
 
 echo "# benchmarks"
 timeout 300 "$PY" -m fastnorm bench --device cuda --ops batchnorm,optim \
   --providers cuda,torch,torch-foreach,torch-fused \
   --shapes 64x256,8192x2048,256x64x56x56,64x256x28x28,mlp,100M,1B \
-  --budget 0.25 --out "$OUT_DIR/gpu.json" --title "fastnorm on $("$PY" -c 'import torch; print(torch.cuda.get_device_name())')" \
+  --budget 0.2 --out "$OUT_DIR/gpu.json" --title "fastnorm on $("$PY" -c 'import torch; print(torch.cuda.get_device_name())')" \
   > "$OUT_DIR/bench.log" 2>&1
 bench=$?
 tail -5 "$OUT_DIR/bench.log"
+if [ -f "$OUT_DIR/gpu.md" ]; then  # the report names the GPU, its driver and numba-cuda
+  { echo; echo "## machine"; echo; echo '```'; cat "$OUT_DIR/machine.txt"; echo '```'; } >> "$OUT_DIR/gpu.md"
+fi
+
+echo "# profile (kernel tables)"
+timeout 80 "$PY" bench/gpu_profile.py > "$OUT_DIR/profile.txt" 2>&1
+tail -60 "$OUT_DIR/profile.txt"
 echo "gpu_check: parity exit $parity, bench exit $bench, $(( $(date +%s) - start )) s; files in $OUT_DIR"
 [ "$parity" -eq 0 ] && [ "$bench" -eq 0 ]

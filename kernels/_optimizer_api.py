@@ -16,7 +16,8 @@ of the step scalars; their meaning is in kernels/formulas/optim.py) and building
 arrays. Each backend supplies ``run(op, addrs, numels, dtype, step_addrs, step_f64, first_step,
 host, constants, flags, uses)``, which launches its kernel for ``op`` (``constants``: an array in
 ``dtype``; ``first_step`` is None except for SGD, ``step_addrs`` None for SGD; ``uses``: which
-of the three buffer rows exist), ``address(array)`` and ``is_dense(array)``.
+of the three buffer rows exist), ``address(array)`` and ``is_dense(array)`` (and ``step_address(array)`` where the step
+counters live elsewhere than the tensors: the cuda backend keeps them in host memory).
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ def _sign(maximize: bool) -> float:
 
 
 class OptimizerAPI:
-    def __init__(self, backend: str, dtypes: tuple, run: Callable, address: Callable, is_dense: Callable) -> None:
+    def __init__(self, backend: str, dtypes: tuple, run: Callable, address: Callable, is_dense: Callable,
+                 step_address: Callable | None = None) -> None:  # fmt: skip
         self._backend, self._dtypes = backend, tuple(np.dtype(d) for d in dtypes)
         self._launch, self._address, self._is_dense = run, address, is_dense
+        self._step_address = step_address or address
 
     def _run(self, op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses) -> None:
         """Check a table, then launch."""
@@ -73,7 +76,7 @@ class OptimizerAPI:
         for s in steps:
             if int(np.prod(s.shape)) != 1 or np.dtype(s.dtype) != (np.float64 if step_f64 else np.float32):
                 raise ValueError("steps must be one-element float32 (or all float64) arrays, one per tensor")
-        return addrs, numels, dtype, np.array([self._address(s) for s in steps], np.int64), step_f64
+        return addrs, numels, dtype, np.array([self._step_address(s) for s in steps], np.int64), step_f64
 
     # -- tables ---------------------------------------------------------------------------------
 

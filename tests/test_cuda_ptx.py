@@ -5,8 +5,10 @@ but it never types or lowers them: a kernel that the real compiler rejects (an u
 intrinsic, a typing error in a device function, a tuple it cannot pass) would pass there and
 fail on the first GPU. Here numba-cuda's compiler and NVVM build each kernel for the argument
 types fastnorm launches it with, float32 and float64, as the GPU would, and nothing runs.
-It needs libNVVM (the CUDA toolkit); numba-cuda asks the driver for the compute capability,
-which this test supplies (there is no driver without a GPU).
+Each kernel must also store to global memory: once, stores through an array view were
+compiled away, which the simulator cannot see. It needs libNVVM (the CUDA toolkit);
+numba-cuda asks the driver for the compute capability, which this test supplies (there is no
+driver without a GPU).
 """
 
 from __future__ import annotations
@@ -65,33 +67,41 @@ DTYPES = [nt.float32, nt.float64]
 def test_optimizer_kernels_compile(compile_ptx, dtype):
     from kernels.numba_cuda import optim
 
-    # (kernel, number of constants, number of flags): kernels/formulas/optim.py's k and flags
+    # (kernel, number of constants, number of flags): kernels/formulas/optim.py's k and flags;
+    # arguments: address table, chunk table, the two step scalars, constants, flags, uses
     for kernel, constants, flags in [(optim._sgd, 5, 2), (optim._adagrad, 3, 1), (optim._rmsprop, 7, 2),
                                      (optim._adam, 8, 2)]:  # fmt: skip
-        signature = (_a(I64, 2), _a(I64, 2), _a(dtype, 2), nt.UniTuple(dtype, constants), nt.UniTuple(B, flags),
+        signature = (_a(I64, 2), _a(I64, 2), dtype, dtype, nt.UniTuple(dtype, constants), nt.UniTuple(B, flags),
                      nt.UniTuple(B, 3))  # fmt: skip
-        assert ".entry" in compile_ptx(kernel, signature)
-    for kernel in (optim._count_steps, optim._adagrad_steps, optim._adam_steps):
-        assert ".entry" in compile_ptx(kernel, (_a(I64), B, nt.UniTuple(F64, 3), _a(dtype, 2)))
+        ptx = compile_ptx(kernel, signature)
+        assert ".entry" in ptx and "st.global" in ptx, f"{kernel.py_func.__name__} stores nothing"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_batch_norm_kernels_compile(compile_ptx, dtype):
     from kernels.numba_cuda import batchnorm as bn
 
-    x3, x2, x1, p = _a(dtype, 3), _a(dtype, 2), _a(dtype), _a(F64, 2)
+    # every array is an int64 address (A); `dtype` is the typed zero the kernels view them with
+    A, D = I64, dtype
     signatures = {
-        bn._sums_planes: (x3, x3, _a(F64), B, p, p),
-        bn._sums_rows: (x2, x2, _a(F64), B, p, p),
-        bn._shift: (x3, _a(F64)),
-        bn._finalize_train: (p, p, _a(F64), F64, F64, F64, x1, x1, B, x1, B, x1, B, x1, x1, x2),
-        bn._finalize_eval: (x1, x1, F64, x1, B, x1, B, x2),
-        bn._finalize_backward: (p, p, F64, x1, x1, B, B, x1, B, x1, B, x2),
-        bn._finalize_stats: (p, p, _a(F64), F64, _a(F64), _a(F64)),
-        bn._normalize: (x1, x2, I64, x1),
-        bn._input_grad: (x1, x1, x1, x2, I64, x1),
-        bn._to_f64: (x1, _a(F64)),
-        bn._fill_zero: (p,),
+        bn._stats_planes: (A, D, I64, I64, I64, A),
+        bn._grad_planes: (A, A, A, D, I64, I64, I64, A),
+        bn._stats_rows: (A, D, I64, I64, A),
+        bn._grad_rows: (A, A, A, D, I64, I64, A),
+        bn._finalize_train: (A, D, I64, I64, I64, A, I64, F64, F64, A, A, B, A, B, A, B, A, A, A),
+        bn._finalize_eval: (A, A, D, I64, F64, A, B, A, B, A),
+        bn._finalize_backward: (A, I64, D, I64, F64, A, A, A, B, B, A, B, A, B, A),
+        bn._finalize_stats: (A, D, I64, I64, I64, A, I64, A, A),
+        bn._normalize_planes: (A, A, A, D, I64, I64, I64),
+        bn._normalize_flat: (A, A, A, D, I64, I64, I64),
+        bn._input_grad_planes: (A, A, A, D, I64, I64, I64, A),
+        bn._input_grad_flat: (A, A, A, D, I64, I64, I64, A),
     }
     for kernel, signature in signatures.items():
-        assert ".entry" in compile_ptx(kernel, signature), kernel.py_func.__name__
+        ptx = compile_ptx(kernel, signature)
+        assert ".entry" in ptx, kernel.py_func.__name__
+        # every kernel writes its results to global memory: a store the compiler dropped (as it
+        # did for stores through numba's carray at indices it could not prove non-negative)
+        # would pass the simulator and write nothing on a GPU
+        assert "st.global" in ptx, f"{kernel.py_func.__name__}: no store to global memory in the PTX"
+        assert ".local" not in ptx, f"{kernel.py_func.__name__}: local-memory arrays (spills or stack) in the PTX"

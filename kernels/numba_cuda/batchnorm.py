@@ -5,22 +5,28 @@ the readable version, kernels/numba_cpu the CPU one; the same contract and tests
 per-channel math is kernels/formulas/batchnorm.py, shared with the CPU kernels.
 
 Statistics (training forward), three launches on the caller's stream:
-1. partial sums: a grid of (channel tile, G) blocks, G splitting each channel's N*S values so
-   that even a few channels fill the GPU; every thread accumulates, in float64, the shifted sums
-   sum(x - K) and sum((x - K)^2) with K the channel's first value (the Welford-equivalent form
-   whose merge is an addition: Chan's formula with a common shift, exact enough however large
-   |mean| / std), then the block merges them: warp shuffles (``shfl_down_sync``) and shared
-   memory across warps. Layouts: (N, C, S) planes, with threads along S (coalesced), and
-   (N, C) rows, a 32 x 8 block with threads along C (coalesced) and rows merged in shared memory.
+1. partial sums: a grid of (channel or channel tile, G) blocks, G splitting each channel's N*S
+   values so that even a few channels fill the GPU; every thread accumulates, in float64, the
+   shifted sums sum(x - K) and sum((x - K)^2) with K the channel's first value (the
+   Welford-equivalent form whose merge is an addition: Chan's formula with a common shift,
+   exact enough however large |mean| / std), then the block merges them: warp shuffles
+   (``shfl_down_sync``) and shared memory across warps. Layouts: (N, C, S) planes, blocks
+   taking tiles of UNROLL*BLOCK values of one plane, each thread UNROLL coalesced loads in
+   flight (no division per element); and (N, C) rows (S = 1, channels-last), a 32 x 8 block
+   with threads along C (coalesced) and rows merged in shared memory.
 2. finalize, a thread per channel: merges the G partials, writes mean, invstd, the running
    statistics (unbiased variance, on the device: no host round trip) and the per-channel
    coefficients of step 3.
-3. normalize, grid-stride over all elements: y = ((x - mean_hi) - mean_lo) * gamma*invstd + beta.
-Backward: partial sums of dy and dy*(x - mean) (the same grid), a finalize giving dweight,
-dbias and the coefficients, then dx = dy*k1 + (x - mean)*k2 + k3 grid-stride.
+3. normalize: y = ((x - mean_hi) - mean_lo) * gamma*invstd + beta, a block row per (n, c)
+   plane (the channel's coefficients read once) or, for short planes, grid-stride over all.
+Backward: partial sums of dy and dy*(x - mean) (the same grids), a finalize giving dweight,
+dbias and the coefficients, then dx = dy*k1 + (x - mean)*k2 + k3 (the same two layouts).
 
-Outputs are the caller's arrays (allocated by torch in fastnorm); scratch comes from
-``_device.scratch`` (torch's caching allocator in fastnorm).
+Every kernel takes its arrays as addresses (``_device.view``; see kernels/numba_cuda/_device.py
+for why) and the launchers accept anything with ``__cuda_array_interface__``. Outputs are the
+caller's arrays (allocated by torch in fastnorm); scratch comes from ``_device.scratch``
+(torch's caching allocator in fastnorm): one float64 (2, C, G) array of partial sums and one
+(4, C) array of coefficients per call.
 """
 
 from __future__ import annotations
@@ -31,14 +37,17 @@ import numpy as np
 from numba import cuda
 
 from .. import BATCH_NORM_API
+from .._validate import check_arrays, check_float64_vectors, device_dense
 from ..formulas import batchnorm as formulas
 from ..formulas import compiled
-from ._device import BLOCK, SIMULATOR, WARP, scratch, stream
+from ._device import BLOCK, SIMULATOR, WARP, as_view, launch, scratch, view
 
 __all__ = [*BATCH_NORM_API]
 
 ROW_TILE, ROW_LANES = 32, 8  # (N, C) layout: 32 channels x 8 rows per block
 TARGET_BLOCKS = 1024  # aim for this many blocks in the partial-sum grid (~8 per SM on an H100)
+UNROLL = 4  # loads in flight per thread in the partial sums
+PLANE_MIN = 32  # planes at least this long use the plane-per-block-row elementwise kernels
 
 _jit = cuda.jit if SIMULATOR else cuda.jit(cache=True)
 _device = cuda.jit(device=True) if SIMULATOR else cuda.jit(device=True, inline="always")
@@ -102,67 +111,110 @@ else:
 # -- partial sums ---------------------------------------------------------------------------------
 
 
+@_device
+def _pair_stats(u, v, i, k):
+    """Statistics: the shifted value d = u[i] - k and d^2."""
+    d = np.float64(u[i]) - k
+    return d, d * d
+
+
+@_device
+def _pair_grad(u, v, i, k):
+    """Backward: dy = u[i] and dy * (x - mean) with x = v[i], k = mean."""
+    w = np.float64(u[i])
+    return w, w * (np.float64(v[i]) - k)
+
+
+@_device
+def _plane_partials(pair, u, v, k, N, C, S, c):
+    """This thread's share of channel c's two sums over (N, C, S) arrays: work item w (block
+    row g, g + G, ...) is tile w % tiles of plane w // tiles; UNROLL loads per thread per tile."""
+    tid = cuda.threadIdx.x
+    bd = cuda.blockDim.x
+    tile = bd * UNROLL
+    tiles = (S + tile - 1) // tile
+    a = 0.0
+    b = 0.0
+    w = cuda.blockIdx.y
+    while w < N * tiles:
+        n = w // tiles
+        lo = (w - n * tiles) * tile
+        base = (n * C + c) * S
+        i = base + lo + tid
+        if lo + tile <= S:  # a full tile: four independent loads
+            p0, q0 = pair(u, v, i, k)
+            p1, q1 = pair(u, v, i + bd, k)
+            p2, q2 = pair(u, v, i + 2 * bd, k)
+            p3, q3 = pair(u, v, i + 3 * bd, k)
+            a += (p0 + p1) + (p2 + p3)
+            b += (q0 + q1) + (q2 + q3)
+        else:
+            end = base + S
+            while i < end:
+                p0, q0 = pair(u, v, i, k)
+                a += p0
+                b += q0
+                i += bd
+        w += cuda.gridDim.y
+    return a, b
+
+
+@_device
+def _store_block_partials(a, b, sh_a, sh_b, p, C, c):
+    """Block (c, g)'s sums into p: float64 (2, C, G) flat."""
+    a, b = _block_sum2(a, b, sh_a, sh_b)
+    if cuda.threadIdx.x == 0:
+        G = cuda.gridDim.y
+        p[c * G + cuda.blockIdx.y] = a
+        p[(C + c) * G + cuda.blockIdx.y] = b
+
+
 @_jit
-def _sums_planes(u, v, center, grad, p1, p2):
-    """Block (c, g) of a (C, G) grid: partial sums over channel c of (N, C, S) arrays.
-    grad False: sums of d = u - center[c] and d*d (statistics); True: u and u*(v - center[c])."""
+def _stats_planes(x_addr, like, N, C, S, p_addr):
+    """Block (c, g) of a (C, G) grid: partial sums of x - shift[c] and its square."""
     sh_a = cuda.shared.array(BLOCK, np.float64)
     sh_b = cuda.shared.array(BLOCK, np.float64)
     c = cuda.blockIdx.x
-    g = cuda.blockIdx.y
-    n_blocks = cuda.gridDim.y
-    N, C, S = u.shape
-    k = center[c]
-    a = 0.0
-    b = 0.0
-    total = N * S
-    j = g * cuda.blockDim.x + cuda.threadIdx.x
-    step = n_blocks * cuda.blockDim.x
-    while j < total:
-        n = j // S
-        s = j - n * S
-        if grad:
-            w = np.float64(u[n, c, s])
-            a += w
-            b += w * (np.float64(v[n, c, s]) - k)
-        else:
-            d = np.float64(u[n, c, s]) - k
-            a += d
-            b += d * d
-        j += step
-    a, b = _block_sum2(a, b, sh_a, sh_b)
-    if cuda.threadIdx.x == 0:
-        p1[c, g] = a
-        p2[c, g] = b
+    x = view(x_addr, N * C * S, like)
+    k = _F.shift_of(np.float64(x[c * S]))
+    a, b = _plane_partials(_pair_stats, x, x, k, N, C, S, c)
+    _store_block_partials(a, b, sh_a, sh_b, view(p_addr, 2 * C * cuda.gridDim.y, 0.0), C, c)
 
 
 @_jit
-def _sums_rows(u, v, center, grad, p1, p2):
-    """Block (tile, g): channels tile*32 + threadIdx.x of (N, C) arrays, rows threadIdx.y + 8*g
-    + 8*G*i; the 8 row lanes are merged in shared memory."""
-    sh_a = cuda.shared.array((ROW_LANES, ROW_TILE), np.float64)
-    sh_b = cuda.shared.array((ROW_LANES, ROW_TILE), np.float64)
+def _grad_planes(dy_addr, x_addr, mean_addr, like, N, C, S, p_addr):
+    """Block (c, g): partial sums of dy and dy * (x - mean[c])."""
+    sh_a = cuda.shared.array(BLOCK, np.float64)
+    sh_b = cuda.shared.array(BLOCK, np.float64)
+    c = cuda.blockIdx.x
+    k = np.float64(view(mean_addr, C, like)[c])
+    dy = view(dy_addr, N * C * S, like)
+    x = view(x_addr, N * C * S, like)
+    a, b = _plane_partials(_pair_grad, dy, x, k, N, C, S, c)
+    _store_block_partials(a, b, sh_a, sh_b, view(p_addr, 2 * C * cuda.gridDim.y, 0.0), C, c)
+
+
+@_device
+def _row_partials(pair, u, v, k, N, C, c, sh_a, sh_b, p):
+    """Channel c = tile * 32 + threadIdx.x of (N, C) arrays over rows threadIdx.y + 8 * (g +
+    G * i), two rows in flight per thread; the 8 row lanes merged in shared memory."""
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
-    c = cuda.blockIdx.x * ROW_TILE + tx
-    g = cuda.blockIdx.y
-    N, C = u.shape
     a = 0.0
     b = 0.0
     if c < C:
-        k = center[c]
-        n = g * ROW_LANES + ty
+        n = cuda.blockIdx.y * ROW_LANES + ty
         step = cuda.gridDim.y * ROW_LANES
-        while n < N:
-            if grad:
-                w = np.float64(u[n, c])
-                a += w
-                b += w * (np.float64(v[n, c]) - k)
-            else:
-                d = np.float64(u[n, c]) - k
-                a += d
-                b += d * d
-            n += step
+        while n + step < N:
+            p0, q0 = pair(u, v, n * C + c, k)
+            p1, q1 = pair(u, v, (n + step) * C + c, k)
+            a += p0 + p1
+            b += q0 + q1
+            n += 2 * step
+        if n < N:
+            p0, q0 = pair(u, v, n * C + c, k)
+            a += p0
+            b += q0
     sh_a[ty, tx] = a
     sh_b[ty, tx] = b
     cuda.syncthreads()
@@ -170,113 +222,212 @@ def _sums_rows(u, v, center, grad, p1, p2):
         for lane in range(1, ROW_LANES):
             a += sh_a[lane, tx]
             b += sh_b[lane, tx]
-        p1[c, g] = a
-        p2[c, g] = b
+        G = cuda.gridDim.y
+        p[c * G + cuda.blockIdx.y] = a
+        p[(C + c) * G + cuda.blockIdx.y] = b
 
 
 @_jit
-def _shift(x, shift):
-    """shift[c] = x[0, c, 0] if finite else 0 (thread per channel)."""
-    c = cuda.grid(1)
-    if c < shift.shape[0]:
-        shift[c] = _F.shift_of(np.float64(x[0, c, 0]))
+def _stats_rows(x_addr, like, N, C, p_addr):
+    sh_a = cuda.shared.array((ROW_LANES, ROW_TILE), np.float64)
+    sh_b = cuda.shared.array((ROW_LANES, ROW_TILE), np.float64)
+    c = cuda.blockIdx.x * ROW_TILE + cuda.threadIdx.x
+    x = view(x_addr, N * C, like)
+    k = _F.shift_of(np.float64(x[c])) if c < C else 0.0
+    _row_partials(_pair_stats, x, x, k, N, C, c, sh_a, sh_b, view(p_addr, 2 * C * cuda.gridDim.y, 0.0))
+
+
+@_jit
+def _grad_rows(dy_addr, x_addr, mean_addr, like, N, C, p_addr):
+    sh_a = cuda.shared.array((ROW_LANES, ROW_TILE), np.float64)
+    sh_b = cuda.shared.array((ROW_LANES, ROW_TILE), np.float64)
+    c = cuda.blockIdx.x * ROW_TILE + cuda.threadIdx.x
+    k = np.float64(view(mean_addr, C, like)[c]) if c < C else 0.0
+    dy = view(dy_addr, N * C, like)
+    x = view(x_addr, N * C, like)
+    _row_partials(_pair_grad, dy, x, k, N, C, c, sh_a, sh_b, view(p_addr, 2 * C * cuda.gridDim.y, 0.0))
 
 
 # -- finalize (thread per channel) ---------------------------------------------------------------
 
 
 @_device
-def _merge(p1, p2, c):
-    """Channel c's sums: the G partial sums of a (C, G) grid, added."""
+def _merge(p, C, G, c):
+    """Channel c's sums: its G partial sums in p, float64 (2, C, G) flat, added."""
     s1 = 0.0
     s2 = 0.0
-    for g in range(p1.shape[1]):
-        s1 += p1[c, g]
-        s2 += p2[c, g]
+    for g in range(G):
+        s1 += p[c * G + g]
+        s2 += p[(C + c) * G + g]
     return s1, s2
 
 
 @_jit
-def _finalize_train(p1, p2, shift, count, eps, momentum, running_mean, running_var, has_running,
-                    weight, has_weight, bias, has_bias, save_mean, save_invstd, coef):  # fmt: skip
+def _finalize_train(x_addr, like, N, C, S, p_addr, G, eps, momentum, rm_addr, rv_addr, has_running, w_addr,
+                    has_weight, b_addr, has_bias, mean_addr, invstd_addr, coef_addr):  # fmt: skip
     # coef rows (x's dtype): mean_hi, mean_lo, gamma * invstd, beta
     c = cuda.grid(1)
-    if c >= p1.shape[0]:
+    if c >= C:
         return
-    s1, s2 = _merge(p1, p2, c)
-    mean, var, invstd = _F.statistics(s1, s2, shift[c], count, eps)
-    save_mean[c] = mean
-    save_invstd[c] = invstd
+    x = view(x_addr, C * S, like)  # plane 0: the shift the partial sums used
+    s1, s2 = _merge(view(p_addr, 2 * C * G, 0.0), C, G, c)
+    mean, var, invstd = _F.statistics(s1, s2, _F.shift_of(np.float64(x[c * S])), np.float64(N * S), eps)
+    view(mean_addr, C, like)[c] = mean
+    view(invstd_addr, C, like)[c] = invstd
     if has_running:
+        running_mean = view(rm_addr, C, like)
+        running_var = view(rv_addr, C, like)
         running_mean[c] = _F.running_update(running_mean[c], mean, momentum)
-        running_var[c] = _F.running_update(running_var[c], _F.unbiased_var(var, count), momentum)
-    coef[0, c] = mean
-    coef[1, c] = mean - np.float64(coef[0, c])
-    coef[2, c] = _F.scale_of(invstd, weight[c] if has_weight else 1.0)
-    coef[3, c] = bias[c] if has_bias else 0.0
+        running_var[c] = _F.running_update(running_var[c], _F.unbiased_var(var, np.float64(N * S)), momentum)
+    coef = view(coef_addr, 4 * C, like)
+    coef[c] = mean
+    coef[C + c] = mean - np.float64(coef[c])
+    coef[2 * C + c] = _F.scale_of(invstd, view(w_addr, C, like)[c] if has_weight else 1.0)
+    coef[3 * C + c] = view(b_addr, C, like)[c] if has_bias else 0.0
 
 
 @_jit
-def _finalize_eval(running_mean, running_var, eps, weight, has_weight, bias, has_bias, coef):
+def _finalize_eval(rm_addr, rv_addr, like, C, eps, w_addr, has_weight, b_addr, has_bias, coef_addr):
     c = cuda.grid(1)
-    if c >= running_mean.shape[0]:
+    if c >= C:
         return
-    invstd = 1.0 / math.sqrt(np.float64(running_var[c]) + eps)
-    coef[0, c] = running_mean[c]
-    coef[1, c] = 0.0
-    coef[2, c] = _F.scale_of(invstd, weight[c] if has_weight else 1.0)
-    coef[3, c] = bias[c] if has_bias else 0.0
+    invstd = 1.0 / math.sqrt(np.float64(view(rv_addr, C, like)[c]) + eps)
+    coef = view(coef_addr, 4 * C, like)
+    coef[c] = view(rm_addr, C, like)[c]
+    coef[C + c] = 0.0
+    coef[2 * C + c] = _F.scale_of(invstd, view(w_addr, C, like)[c] if has_weight else 1.0)
+    coef[3 * C + c] = view(b_addr, C, like)[c] if has_bias else 0.0
 
 
 @_jit
-def _finalize_backward(p1, p2, count, invstd, weight, has_weight, training, dweight, has_dweight, dbias,
-                       has_dbias, coef):  # fmt: skip
-    # coef rows: k1 (dy), k2 (x - mean), k3 (constant)
+def _finalize_backward(p_addr, G, like, C, count, mean_addr, invstd_addr, w_addr, has_weight, training, dw_addr,
+                       has_dweight, db_addr, has_dbias, coef_addr):  # fmt: skip
+    # coef rows: k1 (dy), k2 (x - mean), k3 (constant), mean; G = 0: no sums needed (zeros)
     c = cuda.grid(1)
-    if c >= invstd.shape[0]:
+    if c >= C:
         return
-    s_dy, s_dyx = _merge(p1, p2, c)
-    coef[0, c], coef[1, c], coef[2, c], dw, db = _F.backward_coefficients(
-        s_dy, s_dyx, count, np.float64(invstd[c]), np.float64(weight[c]) if has_weight else 1.0, training
+    s_dy, s_dyx = _merge(view(p_addr, 2 * C * G, 0.0), C, G, c)
+    weight = np.float64(view(w_addr, C, like)[c]) if has_weight else 1.0
+    k1, k2, k3, dw, db = _F.backward_coefficients(
+        s_dy, s_dyx, count, np.float64(view(invstd_addr, C, like)[c]), weight, training
     )
+    coef = view(coef_addr, 4 * C, like)
+    coef[c] = k1
+    coef[C + c] = k2
+    coef[2 * C + c] = k3
+    coef[3 * C + c] = view(mean_addr, C, like)[c]
     if has_dbias:
-        dbias[c] = db
+        view(db_addr, C, like)[c] = db
     if has_dweight:
-        dweight[c] = dw
+        view(dw_addr, C, like)[c] = dw
 
 
 @_jit
-def _finalize_stats(p1, p2, shift, count, mean, var):
+def _finalize_stats(x_addr, like, N, C, S, p_addr, G, mean_addr, var_addr):
     c = cuda.grid(1)
-    if c < p1.shape[0]:
-        s1, s2 = _merge(p1, p2, c)
-        mean[c], var[c], _ = _F.statistics(s1, s2, shift[c], count, 1.0)
+    if c < C:
+        x = view(x_addr, C * S, like)
+        s1, s2 = _merge(view(p_addr, 2 * C * G, 0.0), C, G, c)
+        mean, var, _ = _F.statistics(s1, s2, _F.shift_of(np.float64(x[c * S])), np.float64(N * S), 1.0)
+        view(mean_addr, C, 0.0)[c] = mean
+        view(var_addr, C, 0.0)[c] = var
 
 
-# -- elementwise (grid-stride) ----------------------------------------------------------------------
+# -- elementwise ------------------------------------------------------------------------------------
 
 
 @_jit
-def _normalize(x, coef, S, y):
-    """y = ((x - m_hi) - m_lo) * a + b over flat (N*C*S,) views; channel (i // S) % C."""
-    C = coef.shape[1]
+def _normalize_planes(x_addr, y_addr, coef_addr, like, planes, C, S):
+    """y = ((x - m_hi) - m_lo) * a + b: block row p (and p + gridDim.y, ...) is plane p of the
+    (N*C, S) arrays, channel p % C; each thread loads UNROLL (= 4) values before it stores."""
+    x = view(x_addr, planes * S, like)
+    y = view(y_addr, planes * S, like)
+    coef = view(coef_addr, 4 * C, like)
+    bd = cuda.blockDim.x
+    start = cuda.blockIdx.x * bd * UNROLL + cuda.threadIdx.x
+    stride = cuda.gridDim.x * bd * UNROLL
+    p = cuda.blockIdx.y
+    while p < planes:
+        c = p % C
+        m_hi, m_lo, a, b = coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c]
+        base = p * S
+        i = start
+        while i < S:
+            i0 = base + i
+            if i + 3 * bd < S:  # four loads in flight (y may alias x: loads first, then stores)
+                x0, x1, x2, x3 = x[i0], x[i0 + bd], x[i0 + 2 * bd], x[i0 + 3 * bd]
+                y[i0] = ((x0 - m_hi) - m_lo) * a + b
+                y[i0 + bd] = ((x1 - m_hi) - m_lo) * a + b
+                y[i0 + 2 * bd] = ((x2 - m_hi) - m_lo) * a + b
+                y[i0 + 3 * bd] = ((x3 - m_hi) - m_lo) * a + b
+            else:
+                j = i
+                while j < S:
+                    y[base + j] = ((x[base + j] - m_hi) - m_lo) * a + b
+                    j += bd
+            i += stride
+        p += cuda.gridDim.y
+
+
+@_jit
+def _normalize_flat(x_addr, y_addr, coef_addr, like, total, C, S):
+    """The same, grid-stride over all elements (short planes, rows): channel (i // S) % C."""
+    x = view(x_addr, total, like)
+    y = view(y_addr, total, like)
+    coef = view(coef_addr, 4 * C, like)
     i = cuda.grid(1)
     step = cuda.gridsize(1)
-    while i < x.shape[0]:
+    while i < total:
         c = (i // S) % C
-        y[i] = ((x[i] - coef[0, c]) - coef[1, c]) * coef[2, c] + coef[3, c]
+        y[i] = ((x[i] - coef[c]) - coef[C + c]) * coef[2 * C + c] + coef[3 * C + c]
         i += step
 
 
 @_jit
-def _input_grad(dy, x, mean, coef, S, dx):
-    """dx = dy * k1 + (x - mean) * k2 + k3 over flat views."""
-    C = coef.shape[1]
+def _input_grad_planes(dy_addr, x_addr, coef_addr, like, planes, C, S, dx_addr):
+    """dx = dy * k1 + (x - mean) * k2 + k3, plane per block row, UNROLL values per thread."""
+    dy = view(dy_addr, planes * S, like)
+    x = view(x_addr, planes * S, like)
+    dx = view(dx_addr, planes * S, like)
+    coef = view(coef_addr, 4 * C, like)
+    bd = cuda.blockDim.x
+    start = cuda.blockIdx.x * bd * UNROLL + cuda.threadIdx.x
+    stride = cuda.gridDim.x * bd * UNROLL
+    p = cuda.blockIdx.y
+    while p < planes:
+        c = p % C
+        k1, k2, k3, mean = coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c]
+        base = p * S
+        i = start
+        while i < S:
+            i0 = base + i
+            if i + 3 * bd < S:
+                g0, g1, g2, g3 = dy[i0], dy[i0 + bd], dy[i0 + 2 * bd], dy[i0 + 3 * bd]
+                x0, x1, x2, x3 = x[i0], x[i0 + bd], x[i0 + 2 * bd], x[i0 + 3 * bd]
+                dx[i0] = g0 * k1 + (x0 - mean) * k2 + k3
+                dx[i0 + bd] = g1 * k1 + (x1 - mean) * k2 + k3
+                dx[i0 + 2 * bd] = g2 * k1 + (x2 - mean) * k2 + k3
+                dx[i0 + 3 * bd] = g3 * k1 + (x3 - mean) * k2 + k3
+            else:
+                j = i
+                while j < S:
+                    dx[base + j] = dy[base + j] * k1 + (x[base + j] - mean) * k2 + k3
+                    j += bd
+            i += stride
+        p += cuda.gridDim.y
+
+
+@_jit
+def _input_grad_flat(dy_addr, x_addr, coef_addr, like, total, C, S, dx_addr):
+    dy = view(dy_addr, total, like)
+    x = view(x_addr, total, like)
+    dx = view(dx_addr, total, like)
+    coef = view(coef_addr, 4 * C, like)
     i = cuda.grid(1)
     step = cuda.gridsize(1)
-    while i < x.shape[0]:
+    while i < total:
         c = (i // S) % C
-        dx[i] = dy[i] * coef[0, c] + (x[i] - mean[c]) * coef[1, c] + coef[2, c]
+        dx[i] = dy[i] * coef[c] + (x[i] - coef[3 * C + c]) * coef[C + c] + coef[2 * C + c]
         i += step
 
 
@@ -291,125 +442,124 @@ def _per_channel(c: int) -> int:
     return max(1, -(-c // BLOCK))
 
 
-def _channel_sums(u, v, center, grad: bool):
-    """(C, G) float64 partial sums over each channel of (N, C, S) device arrays."""
-    n, c, s = u.shape
-    st = stream()
+def _plane_grid(n: int, c: int, s: int) -> tuple[int, int]:
+    """(x, y) blocks of the plane kernels: x across a plane (UNROLL * BLOCK values each), y
+    over planes, about 8192 blocks in all (block rows loop over further planes)."""
+    x = min(-(-s // (BLOCK * UNROLL)), 64)
+    return x, min(n * c, max(1, 8192 // x), 65535)
+
+
+def _partials(x, dy, mean, n: int, c: int, s: int):
+    """Launch the partial sums (statistics of x when dy is None, else the backward's sums of dy
+    and dy * (x - mean)); returns the float64 (2, C, G) scratch and G."""
+    like = x.dtype.type(0)
     if s == 1:
         tiles = -(-c // ROW_TILE)
         g = max(1, min(-(-n // (ROW_LANES * 16)), -(-TARGET_BLOCKS // tiles)))
-        p1, p2 = scratch((c, g), np.float64), scratch((c, g), np.float64)
-        u2 = u.reshape(n, c)
-        v2 = u2 if v is None else v.reshape(n, c)
-        _sums_rows[(tiles, g), (ROW_TILE, ROW_LANES), st](u2, v2, center, grad, p1, p2)
+        p = scratch((2 * c * g,), np.float64)
+        grid, block = (tiles, g), (ROW_TILE, ROW_LANES)
+        if dy is None:
+            launch(_stats_rows, grid, block, x.ptr, like, n, c, p.ptr)
+        else:
+            launch(_grad_rows, grid, block, dy.ptr, x.ptr, mean.ptr, like, n, c, p.ptr)
     else:
-        g = max(1, min(-(-(n * s) // (BLOCK * 4)), -(-TARGET_BLOCKS // c), 65535))
-        p1, p2 = scratch((c, g), np.float64), scratch((c, g), np.float64)
-        _sums_planes[(c, g), BLOCK, st](u, u if v is None else v, center, grad, p1, p2)
-    return p1, p2
+        tiles = -(-s // (BLOCK * UNROLL))
+        g = max(1, min(n * tiles, -(-TARGET_BLOCKS // c), 65535))
+        p = scratch((2 * c * g,), np.float64)
+        if dy is None:
+            launch(_stats_planes, (c, g), BLOCK, x.ptr, like, n, c, s, p.ptr)
+        else:
+            launch(_grad_planes, (c, g), BLOCK, dy.ptr, x.ptr, mean.ptr, like, n, c, s, p.ptr)
+    return p, g
 
 
-_EMPTY: dict = {}
+def _normalize(x, y, coef, n: int, c: int, s: int) -> None:
+    like = x.dtype.type(0)
+    if s >= PLANE_MIN:
+        launch(_normalize_planes, _plane_grid(n, c, s), BLOCK, x.ptr, y.ptr, coef.ptr, like, n * c, c, s)
+    else:
+        launch(_normalize_flat, _grid_stride(n * c * s), BLOCK, x.ptr, y.ptr, coef.ptr, like, n * c * s, c, s)
 
 
-def _or_empty(a, dtype):
-    if a is not None:
-        return a
-    key = np.dtype(dtype)
-    if key not in _EMPTY:
-        _EMPTY[key] = cuda.device_array(1, dtype=key)
-    return _EMPTY[key]
+def _input_grad(dy, x, coef, dx, n: int, c: int, s: int) -> None:
+    like = x.dtype.type(0)
+    if s >= PLANE_MIN:
+        launch(_input_grad_planes, _plane_grid(n, c, s), BLOCK, dy.ptr, x.ptr, coef.ptr, like, n * c, c, s,
+                                                                  dx.ptr)  # fmt: skip
+    else:
+        launch(_input_grad_flat, _grid_stride(n * c * s), BLOCK, dy.ptr, x.ptr, coef.ptr, like, n * c * s, c, s,
+                                                                   dx.ptr)  # fmt: skip
 
 
-def _check(x, *arrays):
-    if x.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"the cuda backend computes in float32 or float64, got {x.dtype}")
-    if len(x.shape) != 3:
-        raise ValueError(f"kernels take (N, C, S) arrays, got shape {x.shape}")
-    for a in arrays:
-        if a is not None and a.dtype != x.dtype:
-            raise ValueError(f"every array must be {x.dtype}, got {a.dtype}")
+def _views(*arrays):
+    return [None if a is None else as_view(a) for a in arrays]
+
+
+def _ptr(a, fallback) -> int:
+    """The address of an optional array (a valid one that is never read when it is absent)."""
+    return fallback.ptr if a is None else a.ptr
+
+
+def _check(x, y, per_channel, extra=(), required=()):
+    check_arrays(x, y, per_channel, extra, backend="cuda", dense=device_dense)
+    for name, a in required:
+        if a is None:
+            raise ValueError(f"{name}: an array is needed (the kernels write or read it)")
 
 
 def batch_norm_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, y, save_mean, save_invstd):
     """Training forward; see kernels.reference.batch_norm_forward_train for the contract."""
-    _check(x, y, weight, bias, running_mean, running_var, save_mean, save_invstd)
+    x, weight, bias, running_mean, running_var, y, save_mean, save_invstd = _views(
+        x, weight, bias, running_mean, running_var, y, save_mean, save_invstd
+    )
+    _check(x, y, [weight, bias, running_mean, running_var, save_mean, save_invstd],
+           required=[("save_mean", save_mean), ("save_invstd", save_invstd)])  # fmt: skip
     n, c, s = x.shape
-    st = stream()
-    shift = scratch((c,), np.float64)
-    _shift[_per_channel(c), BLOCK, st](x, shift)
-    p1, p2 = _channel_sums(x, None, shift, False)
-    coef = scratch((4, c), x.dtype)
-    dt = x.dtype
-    _finalize_train[_per_channel(c), BLOCK, st](
-        p1, p2, shift, float(n * s), float(eps), float(momentum), _or_empty(running_mean, dt),
-        _or_empty(running_var, dt), running_mean is not None, _or_empty(weight, dt), weight is not None,
-        _or_empty(bias, dt), bias is not None, save_mean, save_invstd, coef,
+    p, g = _partials(x, None, None, n, c, s)
+    coef = scratch((4 * c,), x.dtype)
+    launch(_finalize_train, _per_channel(c), BLOCK,
+        x.ptr, x.dtype.type(0), n, c, s, p.ptr, g, float(eps), float(momentum), _ptr(running_mean, coef),
+        _ptr(running_var, coef), running_mean is not None, _ptr(weight, coef), weight is not None,
+        _ptr(bias, coef), bias is not None, save_mean.ptr, save_invstd.ptr, coef.ptr,
     )  # fmt: skip
-    total = n * c * s
-    _normalize[_grid_stride(total), BLOCK, st](x.reshape(total), coef, s, y.reshape(total))
+    _normalize(x, y, coef, n, c, s)
 
 
 def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps, y):
     """Eval forward; see kernels.reference.batch_norm_forward_eval."""
-    _check(x, y, weight, bias, running_mean, running_var)
+    x, weight, bias, running_mean, running_var, y = _views(x, weight, bias, running_mean, running_var, y)
+    _check(x, y, [weight, bias, running_mean, running_var],
+           required=[("running_mean", running_mean), ("running_var", running_var)])  # fmt: skip
     n, c, s = x.shape
-    st = stream()
-    coef = scratch((4, c), x.dtype)
-    dt = x.dtype
-    _finalize_eval[_per_channel(c), BLOCK, st](
-        running_mean, running_var, float(eps), _or_empty(weight, dt), weight is not None, _or_empty(bias, dt),
-        bias is not None, coef,
+    coef = scratch((4 * c,), x.dtype)
+    launch(_finalize_eval, _per_channel(c), BLOCK,
+        running_mean.ptr, running_var.ptr, x.dtype.type(0), c, float(eps), _ptr(weight, coef), weight is not None,
+        _ptr(bias, coef), bias is not None, coef.ptr,
     )  # fmt: skip
-    total = n * c * s
-    _normalize[_grid_stride(total), BLOCK, st](x.reshape(total), coef, s, y.reshape(total))
+    _normalize(x, y, coef, n, c, s)
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight, training, dx, dweight, dbias):
     """Backward; see kernels.reference.batch_norm_backward."""
-    _check(x, dy, mean, invstd, weight, dx, dweight, dbias)
+    dy, x, mean, invstd, weight, dx, dweight, dbias = _views(dy, x, mean, invstd, weight, dx, dweight, dbias)
+    _check(x, dy, [mean, invstd, weight, dweight, dbias], [dx], required=[("mean", mean), ("invstd", invstd)])
     n, c, s = x.shape
-    st = stream()
-    dt = x.dtype
     need_sums = (dx is not None and training) or dweight is not None or dbias is not None
-    center = scratch((c,), np.float64)
-    _to_f64[_per_channel(c), BLOCK, st](mean, center)
-    if need_sums:
-        p1, p2 = _channel_sums(dy, x, center, True)
-    else:
-        p1 = p2 = scratch((c, 1), np.float64)
-        _fill_zero[_per_channel(c), BLOCK, st](p1)
-    coef = scratch((3, c), dt)
-    _finalize_backward[_per_channel(c), BLOCK, st](
-        p1, p2, float(n * s), invstd, _or_empty(weight, dt), weight is not None, bool(training),
-        _or_empty(dweight, dt), dweight is not None, _or_empty(dbias, dt), dbias is not None, coef,
+    coef = scratch((4 * c,), x.dtype)
+    p, g = _partials(x, dy, mean, n, c, s) if need_sums else (coef, 0)
+    launch(_finalize_backward, _per_channel(c), BLOCK,
+        p.ptr, g, x.dtype.type(0), c, float(n * s), mean.ptr, invstd.ptr, _ptr(weight, coef), weight is not None,
+        bool(training), _ptr(dweight, coef), dweight is not None, _ptr(dbias, coef), dbias is not None, coef.ptr,
     )  # fmt: skip
     if dx is not None:
-        total = n * c * s
-        _input_grad[_grid_stride(total), BLOCK, st](dy.reshape(total), x.reshape(total), mean, coef, s,
-                                                    dx.reshape(total))  # fmt: skip
+        _input_grad(dy, x, coef, dx, n, c, s)
 
 
 def batch_norm_stats(x, mean, var):
     """Per-channel mean and biased variance (float64 device outputs); see kernels.reference."""
-    _check(x)
+    x, mean, var = _views(x, mean, var)
+    _check(x, x, [])
     n, c, s = x.shape
-    st = stream()
-    shift = scratch((c,), np.float64)
-    _shift[_per_channel(c), BLOCK, st](x, shift)
-    p1, p2 = _channel_sums(x, None, shift, False)
-    _finalize_stats[_per_channel(c), BLOCK, st](p1, p2, shift, float(n * s), mean, var)
-
-
-@_jit
-def _to_f64(src, dst):
-    c = cuda.grid(1)
-    if c < dst.shape[0]:
-        dst[c] = src[c]
-
-
-@_jit
-def _fill_zero(a):
-    c = cuda.grid(1)
-    if c < a.shape[0]:
-        a[c, 0] = 0.0
+    check_float64_vectors(c, mean, var, dense=device_dense)
+    p, g = _partials(x, None, None, n, c, s)
+    launch(_finalize_stats, _per_channel(c), BLOCK, x.ptr, x.dtype.type(0), n, c, s, p.ptr, g, mean.ptr, var.ptr)

@@ -6,16 +6,17 @@ kernels/numba_cpu/optim.py): a parameter group is one (5, T) table of data addre
 chunk table (tensor, start, stop); one launch updates every element of every tensor of the
 group, blocks striding over chunks and threads over a chunk's elements (coalesced).
 
-Step counters are device tensors (as torch keeps them with ``capturable=True``): a first tiny
-launch (thread per tensor) advances them and computes each tensor's step-dependent scalars in
-float64 into device scratch, which the update kernel reads. Nothing is read back to the host.
-The address table is uploaded from host memory on every step (asynchronously, on the launch
-stream), and scratch comes from the allocator each step: this is not yet a CUDA-graph-capturable
-step.
+Step counters live in host memory, where torch keeps them without ``capturable=True``: the
+host advances them and computes each tensor's step-dependent scalars in float64 (torch's own
+arithmetic), and tensors sharing those scalars (usually all of a group) share one launch, the
+scalars passed by value. The address and chunk tables are uploaded once per distinct content
+and kept (they hold addresses and sizes only: a table is right for any tensors at those
+addresses). A step is then one kernel launch with no host-to-device copy.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import numpy as np
@@ -25,7 +26,7 @@ from .. import OPTIMIZER_API, TABLE_API
 from .._optimizer_api import OptimizerAPI
 from ..formulas import compiled
 from ..formulas import optim as formulas
-from ._device import BLOCK, SIMULATOR, address, scratch, stream, upload, view
+from ._device import BLOCK, SIMULATOR, address, host_address, stream, view
 
 __all__ = [*OPTIMIZER_API, *TABLE_API]
 
@@ -46,14 +47,31 @@ def _chunk_table_host(numels: tuple[int, ...], chunk: int) -> np.ndarray:
 _DEVICE_TABLES: dict = {}
 
 
+def _device_table(host: np.ndarray):
+    """A device copy of a small int64 table, made once per content (at most 256 kept)."""
+    key = (host.shape, host.tobytes())
+    table = _DEVICE_TABLES.get(key)
+    if table is None:
+        if len(_DEVICE_TABLES) >= 256:
+            _DEVICE_TABLES.clear()
+        st = stream()
+        table = cuda.to_device(np.ascontiguousarray(host), stream=st)
+        st.synchronize()  # once per table: later launches on any stream may read it
+        _DEVICE_TABLES[key] = table
+    return table
+
+
+_CHUNK_TABLES: dict = {}
+
+
 def _chunk_table(numels: tuple[int, ...]):
     """The (K, 3) int64 chunk table on the device, uploaded once per set of sizes."""
     key = (numels, CHUNK)
-    table = _DEVICE_TABLES.get(key)
+    table = _CHUNK_TABLES.get(key)
     if table is None:
-        if len(_DEVICE_TABLES) > 64:
-            _DEVICE_TABLES.clear()
-        table = _DEVICE_TABLES[key] = cuda.to_device(_chunk_table_host(numels, CHUNK), stream=stream())
+        if len(_CHUNK_TABLES) >= 64:
+            _CHUNK_TABLES.clear()
+        table = _CHUNK_TABLES[key] = _device_table(_chunk_table_host(numels, CHUNK))
     return table
 
 
@@ -61,23 +79,7 @@ def _chunk_table(numels: tuple[int, ...]):
 
 
 @_inline
-def _advance_steps(tensor_scalars, step_addrs, step_f64, host, scalars):
-    """Thread t: step += 1 for tensor t (a float32/float64 device scalar), then its scalars."""
-    t = cuda.grid(1)
-    if t < scalars.shape[0]:
-        if step_f64:
-            s = view(step_addrs[t], 1, np.float64(0))
-            s[0] += 1.0
-            step = s[0]
-        else:
-            s32 = view(step_addrs[t], 1, np.float32(0))
-            s32[0] += np.float32(1.0)
-            step = np.float64(s32[0])
-        scalars[t, 0], scalars[t, 1] = tensor_scalars(step, host)
-
-
-@_inline
-def _table_update(update, addrs, chunks, scalars, constants, flags, uses):
+def _table_update(update, addrs, chunks, s0, s1, constants, flags, uses):
     """Blocks stride over chunks, threads over a chunk's elements; ``uses``: the buffer rows
     that exist (the others are neither read nor written)."""
     like = constants[0]
@@ -90,7 +92,6 @@ def _table_update(update, addrs, chunks, scalars, constants, flags, uses):
         b0 = view(addrs[2, t], hi, like)
         b1 = view(addrs[3, t], hi, like)
         b2 = view(addrs[4, t], hi, like)
-        s0, s1 = scalars[t, 0], scalars[t, 1]
         i = lo + cuda.threadIdx.x
         while i < hi:
             _FORMULAS.update_element(update, p, g, b0, b1, b2, i, constants, s0, s1, flags, use0, use1, use2)
@@ -99,63 +100,73 @@ def _table_update(update, addrs, chunks, scalars, constants, flags, uses):
 
 
 @_jit
-def _sgd(addrs, chunks, scalars, constants, flags, uses):
-    _table_update(_FORMULAS.sgd, addrs, chunks, scalars, constants, flags, uses)
+def _sgd(addrs, chunks, s0, s1, constants, flags, uses):
+    _table_update(_FORMULAS.sgd, addrs, chunks, s0, s1, constants, flags, uses)
 
 
 @_jit
-def _adagrad(addrs, chunks, scalars, constants, flags, uses):
-    _table_update(_FORMULAS.adagrad, addrs, chunks, scalars, constants, flags, uses)
+def _adagrad(addrs, chunks, s0, s1, constants, flags, uses):
+    _table_update(_FORMULAS.adagrad, addrs, chunks, s0, s1, constants, flags, uses)
 
 
 @_jit
-def _rmsprop(addrs, chunks, scalars, constants, flags, uses):
-    _table_update(_FORMULAS.rmsprop, addrs, chunks, scalars, constants, flags, uses)
+def _rmsprop(addrs, chunks, s0, s1, constants, flags, uses):
+    _table_update(_FORMULAS.rmsprop, addrs, chunks, s0, s1, constants, flags, uses)
 
 
 @_jit
-def _adam(addrs, chunks, scalars, constants, flags, uses):
-    _table_update(_FORMULAS.adam, addrs, chunks, scalars, constants, flags, uses)
-
-
-@_jit
-def _count_steps(step_addrs, step_f64, host, scalars):
-    _advance_steps(_FORMULAS.no_tensor_scalars, step_addrs, step_f64, host, scalars)
-
-
-@_jit
-def _adagrad_steps(step_addrs, step_f64, host, scalars):
-    _advance_steps(_FORMULAS.adagrad_tensor_scalars, step_addrs, step_f64, host, scalars)
-
-
-@_jit
-def _adam_steps(step_addrs, step_f64, host, scalars):
-    _advance_steps(_FORMULAS.adam_tensor_scalars, step_addrs, step_f64, host, scalars)
+def _adam(addrs, chunks, s0, s1, constants, flags, uses):
+    _table_update(_FORMULAS.adam, addrs, chunks, s0, s1, constants, flags, uses)
 
 
 # -- launching (the entry points themselves are kernels/_optimizer_api.py) -----------------------
 
-_KERNELS = {"sgd": (_sgd, None), "adagrad": (_adagrad, _adagrad_steps), "rmsprop": (_rmsprop, _count_steps),
-            "adam": (_adam, _adam_steps)}  # fmt: skip
+# op: (update kernel, the host function giving a tensor's step scalars)
+_KERNELS = {
+    "sgd": (_sgd, None),
+    "adagrad": (_adagrad, formulas.adagrad_tensor_scalars),
+    "rmsprop": (_rmsprop, formulas.no_tensor_scalars),
+    "adam": (_adam, formulas.adam_tensor_scalars),
+}
+
+
+def _advance_host_steps(step_addrs, step_f64: bool) -> list[float]:
+    """step += 1 for each host counter (float32 arithmetic for float32 counters, as torch's);
+    returns the new values."""
+    ctype = ctypes.c_double if step_f64 else ctypes.c_float
+    values = []
+    for addr in step_addrs.tolist():
+        counter = ctype.from_address(addr)
+        counter.value = counter.value + 1.0  # exact in float64, then rounded once to the counter's type
+        values.append(counter.value)
+    return values
 
 
 def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses) -> None:
-    kernel, steps_kernel = _KERNELS[op]
+    kernel, tensor_scalars = _KERNELS[op]
+    if first_step is None:
+        steps = _advance_host_steps(step_addrs, step_f64)
+        cache: dict = {}
+        keys = [cache.get(s) or cache.setdefault(s, tensor_scalars(s, host)) for s in steps]
+    else:  # SGD: s0 != 0 where the momentum buffer is new this step
+        keys = [(1.0 if fresh else 0.0, 0.0) for fresh in first_step]
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
     st = stream()
-    t = len(numels)
-    if first_step is None:  # the step scalars: float64 math on the device, stored in dtype
-        scalars = scratch((t, 2), dtype)
-        steps_kernel[max(1, -(-t // BLOCK)), BLOCK, st](upload(step_addrs), step_f64, host, scalars)
-    else:
-        first = np.zeros((t, 2), dtype)
-        first[:, 0] = np.asarray(first_step, bool)
-        scalars = upload(first)
-    chunks = _chunk_table(numels)
     constants = tuple(constants)  # by value, as kernel arguments
-    kernel[max(1, min(chunks.shape[0], MAX_BLOCKS)), BLOCK, st](upload(addrs), chunks, scalars, constants, flags, uses)
+    for (s0, s1), index in groups.items():
+        if len(index) == len(numels):
+            table, sizes = addrs, numels
+        else:  # tensors whose steps differ: one launch per set of scalars
+            table, sizes = addrs[:, index], tuple(numels[i] for i in index)
+        chunks = _chunk_table(sizes)
+        kernel[max(1, min(chunks.shape[0], MAX_BLOCKS)), BLOCK, st](
+            _device_table(table), chunks, dtype.type(s0), dtype.type(s1), constants, flags, uses
+        )
 
 
-_API = OptimizerAPI("cuda", (np.float32, np.float64), _launch, address, lambda a: True)
+_API = OptimizerAPI("cuda", (np.float32, np.float64), _launch, address, lambda a: True, host_address)
 sgd_step, adagrad_step, rmsprop_step, adam_step = _API.sgd_step, _API.adagrad_step, _API.rmsprop_step, _API.adam_step
 sgd_step_table, adagrad_step_table = _API.sgd_step_table, _API.adagrad_step_table
 rmsprop_step_table, adam_step_table = _API.rmsprop_step_table, _API.adam_step_table

@@ -22,6 +22,7 @@ BN_SHAPES = [
     ((2, 3, 1), "rows: smallest batch"),
     ((300, 37, 1), "rows: 2 channel tiles, 3 row blocks, odd channels"),
     ((3, 4, 37), "planes: odd spatial"),
+    ((4, 3, 5), "short planes: grid-stride elementwise kernels"),
     ((5, 3, 300), "planes: several blocks per channel"),
 ]
 
@@ -119,7 +120,7 @@ def test_optimizer_kernels_match_reference(small_chunks, name, options, dtype):
         dev = cuda.to_device if k is kc else np.copy
         params = [dev(p.copy()) for p in start]
         states = [[dev(np.zeros_like(p)) for p in start] for _ in range(3)]
-        steps = [dev(np.zeros(1, np.float32)) for _ in start]
+        steps = [np.zeros(1, np.float32) for _ in start]  # host memory on every backend
         for step, gs in enumerate(grads, 1):
             g = [dev(x) for x in gs]
             if name == "sgd":
@@ -131,15 +132,16 @@ def test_optimizer_kernels_match_reference(small_chunks, name, options, dtype):
             else:
                 k.adam_step(params, g, states[0], states[1], states[2], steps, **options)
         host = (lambda a: a.copy_to_host()) if k is kc else (lambda a: a)
-        results.append([host(a) for a in params + sum(states, []) + steps])
+        results.append([host(a) for a in params + sum(states, [])] + steps)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for a, e in zip(*results):
         np.testing.assert_allclose(a, e, rtol=tol, atol=tol)
 
 
-def test_adam_table_advances_device_steps(small_chunks):
-    """The table entry point advances float32 step counters on the device and computes the bias
-    corrections there (no host round trip), as fastnorm's optimizer uses it."""
+def test_adam_table_advances_host_steps(small_chunks):
+    """The table entry point advances the float32 step counters in host memory (torch's layout
+    without capturable=True) and computes the bias corrections there; tensors resumed at
+    different steps get their own scalars (one launch per distinct step)."""
     rng = np.random.default_rng(5)
     params = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
     grads = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
@@ -147,29 +149,39 @@ def test_adam_table_advances_device_steps(small_chunks):
     dev_g = [cuda.to_device(g) for g in grads]
     m = [cuda.to_device(np.zeros_like(p)) for p in params]
     v = [cuda.to_device(np.zeros_like(p)) for p in params]
-    steps = [cuda.to_device(np.array([3.0], np.float32)) for _ in params]  # resumed at step 3
+    start = [3.0 if i % 2 else 7.0 for i in range(len(params))]  # resumed at steps 3 and 7
+    steps = [np.array([s], np.float32) for s in start]
     addrs = np.array([[kc.address(a) for a in row] for row in (dev_p, dev_g, m, v, dev_g)], np.int64)
-    step_addrs = np.array([kc.address(s) for s in steps], np.int64)
+    step_addrs = np.array([s.ctypes.data for s in steps], np.int64)
     options = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
                    amsgrad=False, maximize=False)  # fmt: skip
     kc.adam_step_table(addrs, [p.size for p in params], np.float32, step_addrs, False, **options)
-    assert all(s.copy_to_host()[0] == 4.0 for s in steps)
+    assert [s[0] for s in steps] == [x + 1 for x in start]
     ref_m, ref_v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
-    ref_steps = [np.array([3.0], np.float32) for _ in params]
+    ref_steps = [np.array([s], np.float32) for s in start]
     ref.adam_step(params, grads, ref_m, ref_v, None, ref_steps, **options)
     for a, e in zip(dev_p, params):
         np.testing.assert_allclose(a.copy_to_host(), e, rtol=1e-6, atol=1e-7)
+
+
+def test_list_api_wants_host_step_counters():
+    """On a real GPU a device step counter would be read as a host address: refused by type."""
+    from kernels.numba_cuda import _device
+
+    assert _device.host_address(np.zeros(1, np.float32)) > 0
+    with pytest.raises(TypeError, match="host memory"):
+        _device.host_address([0.0])
 
 
 def test_adagrad_table_steps_and_sgd_flags(small_chunks):
     p = [cuda.to_device(np.ones(40, np.float64))]
     g = [cuda.to_device(np.full(40, 2.0))]
     s = [cuda.to_device(np.zeros(40))]
-    steps = [cuda.to_device(np.array([0.0]))]
+    steps = [np.array([0.0])]
     addrs = np.array([[kc.address(a[0])] for a in (p, g, s, g, g)], np.int64)
-    kc.adagrad_step_table(addrs, [40], np.float64, np.array([kc.address(steps[0])]), True, lr=0.5, lr_decay=0.1,
+    kc.adagrad_step_table(addrs, [40], np.float64, np.array([steps[0].ctypes.data]), True, lr=0.5, lr_decay=0.1,
                           weight_decay=0.0, eps=0.0, maximize=False)  # fmt: skip
-    assert steps[0].copy_to_host()[0] == 1.0
+    assert steps[0][0] == 1.0
     np.testing.assert_allclose(p[0].copy_to_host(), 1 - 0.5 * 2 / 2)  # clr = 0.5 at step 1
     with pytest.raises(TypeError, match="float32 or float64 tensors, got float16"):
         kc.sgd_step_table(addrs, [40], np.float16, [1], lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0,

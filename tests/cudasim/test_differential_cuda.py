@@ -1,0 +1,18 @@
+"""The differential machines of tests/test_differential_*.py on the cuda backend, under the
+simulator (fastnorm's cuda path on CPU tensors: see conftest.py), with fewer and shorter runs:
+the simulator runs every GPU thread as a Python thread."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+from test_differential_batchnorm import BatchNormTwins
+from test_differential_optim import OptimizerTwins
+
+OptimizerTwins.backends = ["cuda"]
+BatchNormTwins.backends = ["cuda"]
+
+TestCudaOptimizerTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(OptimizerTwins.TestCase)
+TestCudaOptimizerTwins.settings = settings(max_examples=8, stateful_step_count=10)
+TestCudaBatchNormTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(BatchNormTwins.TestCase)
+TestCudaBatchNormTwins.settings = settings(max_examples=6, stateful_step_count=8)

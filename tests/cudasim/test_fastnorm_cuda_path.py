@@ -1,0 +1,111 @@
+"""fastnorm's cuda path end to end under the simulator: modules, autograd and optimizers with
+backend="cuda" on CPU tensors, against torch.
+
+Under Numba's simulator "device" memory is host memory, so the cuda kernels can run on CPU
+tensors' addresses. Here the dispatcher is told to treat the cuda backend as a CPU one (no
+stream or allocator hooks, no device guard); everything else is the code a GPU runs: the
+DeviceView conversions, the launchers and their arguments, the step counters in host memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnorm
+
+pytestmark = pytest.mark.usefixtures("cuda_backend_on_cpu")
+
+
+def _close(actual, expected, tol, what):
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+# (shape, memory format): rows (N, C), short planes, long planes, channels-last rows
+CASES = [((16, 5), None), ((4, 3, 5, 2), None), ((3, 4, 9, 11), None), ((4, 3, 5, 7), torch.channels_last)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,fmt", CASES, ids=[str(s) for s, _ in CASES])
+def test_batchnorm_module_train_eval_backward(shape, fmt, dtype):
+    torch.manual_seed(0)
+    c = shape[1]
+    cls = {2: "BatchNorm1d", 4: "BatchNorm2d"}[len(shape)]
+    ours = getattr(fastnorm.nn, cls)(c, backend="cuda", dtype=dtype)
+    theirs = getattr(torch.nn, cls)(c, dtype=dtype)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, c, dtype=dtype))
+            m.bias.copy_(torch.linspace(-1, 1, c, dtype=dtype))
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for training in (True, True, False):
+        ours.train(training)
+        theirs.train(training)
+        x = torch.randn(shape, dtype=dtype) * 2 + 3
+        if fmt is not None:
+            x = x.to(memory_format=fmt)
+        dy = torch.randn(shape, dtype=dtype)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = ours(xa), theirs(xb)
+        ya.backward(dy)
+        yb.backward(dy)
+        _close(ya, yb, tol, "y")
+        _close(xa.grad, xb.grad, tol, "dx")
+        _close(ours.running_mean, theirs.running_mean, tol, "running_mean")
+        _close(ours.running_var, theirs.running_var, tol, "running_var")
+    _close(ours.weight.grad, theirs.weight.grad, tol * 10, "dweight")
+    _close(ours.bias.grad, theirs.bias.grad, tol * 10, "dbias")
+
+
+def test_functional_without_affine_or_running_stats():
+    x = torch.randn(6, 4, 3, 8, dtype=torch.float64, requires_grad=True)
+    y = fastnorm.functional.batch_norm(x, None, None, training=True, backend="cuda")
+    _close(y, F.batch_norm(x, None, None, training=True), 1e-10, "y")
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (e,) = torch.autograd.grad(F.batch_norm(x, None, None, training=True).sum(), x)
+    _close(g, e, 1e-9, "dx")
+
+
+OPTIMIZERS = [
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    ("Adagrad", {"lr": 0.05, "lr_decay": 0.01}),
+    ("RMSprop", {"lr": 0.01, "momentum": 0.9}),
+    ("Adam", {"lr": 0.01, "amsgrad": True}),
+    ("AdamW", {"lr": 0.01}),
+]
+
+
+@pytest.mark.parametrize("name,options", OPTIMIZERS, ids=[n for n, _ in OPTIMIZERS])
+def test_optimizers_lockstep_with_torch(name, options):
+    torch.manual_seed(1)
+    shapes = [(7,), (3, 5), (1,)]
+    ref_params = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    our_params = [p.clone() for p in ref_params]
+    ref = getattr(torch.optim, name)(ref_params, **options)
+    ours = getattr(fastnorm.optim, name)(our_params, backend="cuda", **options)
+    for step in range(5):
+        for i, (a, b) in enumerate(zip(ref_params, our_params)):
+            if (i + step) % 4 == 3:  # a parameter without a gradient falls behind: steps differ
+                a.grad = b.grad = None
+                continue
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+    for a, b in zip(ref_params, our_params):
+        _close(b, a, 1e-10, f"{name} parameter")
+        for key, value in ref.state[a].items():
+            mine = ours.state[b][key]
+            assert mine.device == value.device, f"{key} lives on {mine.device}, torch's on {value.device}"
+            _close(mine, value, 1e-10, f"{name} {key}")
+
+
+def test_device_view_of_a_tensor_is_what_the_kernels_see():
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    view = fastnorm._arrays.CudaArrays.view(t)
+    assert (view.ptr, view.shape, view.dtype) == (t.data_ptr(), (3, 4), np.dtype(np.float32))
+    assert view.owner is t
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fastnorm._arrays.CudaArrays.view(t.t())
