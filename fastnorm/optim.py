@@ -285,6 +285,11 @@ class _KernelOptimizer:
                 if rows[0][i] is None:
                     rows[0][i] = torch.zeros_like(p)
                     first_step[i] = True
+        if _state_moved(params, rows, steps):
+            # state of another dtype or device than its parameter (the model was moved with
+            # .to() after the first step) or step counters of mixed dtypes: torch's own update
+            # computes with them as they are; so does this step
+            return _Plan(self.state, options, params, [], [], [], _TORCH)
         for i, p in enumerate(params):
             self._check_state(p, [row[i] for row in rows if row is not None], steps[i] if steps else None)
         state_dicts = [(p, self.state[p]) for p in params if p in self.state]
@@ -446,6 +451,19 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
 
 
 _ROWS_OF = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3}
+_TORCH = Backend("torch", None)
+
+
+def _state_moved(params, rows, steps) -> bool:
+    """True if a state buffer has its parameter's shape but another dtype or device, or the step
+    counters differ in dtype: states torch's update handles and the kernels do not."""
+    for row in rows:
+        if row is None:
+            continue
+        for p, t in zip(params, row):
+            if t.shape == p.shape and (t.dtype != p.dtype or t.device != p.device):
+                return True
+    return len({s.dtype for s in steps}) > 1
 
 
 # -- the optimizers ---------------------------------------------------------------------------------

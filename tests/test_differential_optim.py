@@ -137,10 +137,12 @@ def _parameter(shape, transposed, generator):
     return torch.nn.Parameter(data.t() if transposed else data)  # transposed: non-contiguous
 
 
-def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
+def _tolerance(dtype: torch.dtype, was_float32: bool = False) -> tuple[float, float]:
     """(rtol, atol) of a twin's values: a few float64 roundings; in float32 (after ``model.to``)
-    the reference backend rounds once from float64 where torch rounds every operation."""
-    return (1e-9, 1e-12) if dtype == torch.float64 else (2e-6, 1e-7)
+    the reference backend rounds once from float64 where torch rounds every operation, and the
+    cuda kernels fuse multiply-adds: one float32 ulp, which stays when the model goes back to
+    float64 (``was_float32``)."""
+    return (1e-9, 1e-12) if dtype == torch.float64 and not was_float32 else (2e-6, 1e-7)
 
 
 def _outcome(fn):
@@ -166,6 +168,7 @@ class OptimizerTwins(RuleBasedStateMachine):
         super().__init__()
         self.generator = torch.Generator().manual_seed(0)
         self.schedulers = None
+        self.was_float32 = False  # float32 roundings stay in the values after a trip to float32
         # chunks of 64 values: the 257x3 parameter spans several, with an uneven tail
         self.saved_chunk, numba_optim.CHUNK = numba_optim.CHUNK, 64
 
@@ -206,7 +209,10 @@ class OptimizerTwins(RuleBasedStateMachine):
         with torch.no_grad():
             for p, q in zip(self._params(self.theirs), self._params(self.ours)):
                 q.data = p.data.clone() if p.is_contiguous() else p.data.t().clone().t()
-        self.ours.load_state_dict(copy.deepcopy(self.theirs.state_dict()))
+        # both twins load torch's state: loading casts it to the parameters' dtype, for both alike
+        state = self.theirs.state_dict()
+        self.theirs.load_state_dict(copy.deepcopy(state))
+        self.ours.load_state_dict(copy.deepcopy(state))
 
     # -- rules ------------------------------------------------------------------------------------
 
@@ -295,6 +301,7 @@ class OptimizerTwins(RuleBasedStateMachine):
     @rule(dtype=st.sampled_from([torch.float32, torch.float64]))
     def model_to(self, dtype):
         self._both(lambda _, model: model.to(dtype))
+        self.was_float32 = self.was_float32 or dtype == torch.float32
 
     @rule(kind=st.sampled_from(["OneCycleLR", "StepLR"]))
     def attach_scheduler(self, kind):
@@ -329,7 +336,7 @@ class OptimizerTwins(RuleBasedStateMachine):
         assert len(ours) == len(theirs)
         for p, q in zip(theirs, ours):
             assert q.dtype == p.dtype and q.shape == p.shape
-            assert_close(q, p, *_tolerance(p.dtype), "parameter")
+            assert_close(q, p, *_tolerance(p.dtype, self.was_float32), "parameter")
         a, b = self.theirs.state_dict(), self.ours.state_dict()
         assert a["param_groups"] == b["param_groups"]
         assert sorted(a["state"]) == sorted(b["state"]), "state entries exist where torch's do"
@@ -341,7 +348,7 @@ class OptimizerTwins(RuleBasedStateMachine):
                 if isinstance(value, torch.Tensor):
                     assert mine.dtype == value.dtype, f"{key} dtype"
                     assert mine.device == value.device, f"{key} device"
-                    assert_close(mine, value, *_tolerance(value.dtype), f"state {key}")
+                    assert_close(mine, value, *_tolerance(value.dtype, self.was_float32), f"state {key}")
 
 
 TestOptimizerTwins = pytest.mark.fuzz(OptimizerTwins.TestCase)
