@@ -56,6 +56,16 @@ def batch_norm(
         >>> rm, rv = torch.zeros(256), torch.ones(256)
         >>> y = batch_norm(x, rm, rv, training=True, backend="reference")
     """
+    if torch.compiler.is_compiling():
+        # torch.compile: the registered ops, opaque nodes to the compiler (fastnorm/_compiled.py)
+        from . import _compiled
+
+        name = _compiled.backend_name(backend, input.device, input.numel())
+        if name == "torch":
+            return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        _check_arguments(input, running_mean, running_var, weight, bias, training, eps, name)
+        return _compiled.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, name)
+
     chosen = resolve(backend, "batch_norm", input.device, input.numel())
     if chosen.is_torch:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -191,9 +191,13 @@ class _KernelOptimizer:
 
     # -- the step -------------------------------------------------------------------------------
 
+    @torch.compiler.disable  # NumPy and Numba inside: under torch.compile, the step runs eagerly
     @_with_step_hooks
     def step(self, closure: Callable[[], float] | None = None):
         """Perform a single optimization step.
+
+        Under ``torch.compile`` (a compiled ``optimizer.step`` or a compiled training step) this
+        runs eagerly, a graph break: the kernels are NumPy and Numba code the compiler cannot trace.
 
         Args:
             closure: reevaluates the model and returns the loss (optional).

@@ -1,0 +1,103 @@
+"""torch.compile: fastnorm's BatchNorm as registered ops (fastnorm/_compiled.py), no graph breaks,
+the same values as eager torch; a compiled optimizer step runs eagerly and matches torch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import BN_BACKENDS, assert_close
+
+import fastnorm
+from fastnorm import _compiled
+from fastnorm.book.models import SimpleNN
+
+# (shape, memory format): rows, planes with an odd spatial size, channels-last
+OPCHECK_CASES = [((6, 5), None), ((4, 3, 5, 7), None), ((4, 3, 5, 7), torch.channels_last)]
+
+
+@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape,fmt", OPCHECK_CASES, ids=[f"{s}-{f}" for s, f in OPCHECK_CASES])
+def test_registered_ops_pass_opcheck(backend, training, affine, shape, fmt):
+    torch.manual_seed(0)
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64)
+    if fmt is not None:
+        x = x.to(memory_format=fmt)
+    x.requires_grad_(True)
+    weight = torch.rand(c, dtype=torch.float64, requires_grad=True) + 0.5 if affine else None
+    bias = torch.randn(c, dtype=torch.float64, requires_grad=True) if affine else None
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    args = (x, weight, bias, None if training else rm, None if training else rv, training, 1e-5, backend)
+    torch.library.opcheck(_compiled.batch_norm_op, args)
+    y, mean, invstd, _, _ = _compiled.batch_norm_op(*args)
+    dy = torch.randn(shape, dtype=torch.float64)
+    w = None if weight is None else weight.detach()
+    args = (dy, x.detach(), w, mean.detach(), invstd.detach(), training, backend, True, affine, affine)
+    torch.library.opcheck(_compiled.batch_norm_backward_op, args)
+
+
+def _mlp_twins(backend):
+    torch.manual_seed(0)
+    ours = SimpleNN(use_batch_norm=True, backend=backend).double()
+    theirs = SimpleNN(use_batch_norm=True, backend="torch").double()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _compare_models(ours, theirs, tol, what):
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert_close(a.grad, b.grad, tol, tol, f"{what}: {name}.grad")
+    for (name, a), b in zip(ours.named_buffers(), theirs.buffers()):
+        assert_close(a.double(), b.double(), tol, tol, f"{what}: {name}")
+
+
+@pytest.mark.parametrize("backend", BN_BACKENDS)
+def test_book_mlp_compiles_without_graph_breaks(backend):
+    ours, theirs = _mlp_twins(backend)
+    x = torch.randn(64, 784, dtype=torch.float64)
+    explained = torch._dynamo.explain(copy.deepcopy(ours))(x)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    compiled = torch.compile(ours, fullgraph=True)
+    for _ in range(2):  # training: the running statistics move
+        compiled(x).sum().backward()
+        theirs(x).sum().backward()
+    _compare_models(ours, theirs, 1e-9, "compiled MLP, training")
+    ours.eval()
+    theirs.eval()
+    assert_close(compiled(x), theirs(x), 1e-9, 1e-10, "compiled MLP, eval")
+
+
+def test_converted_resnet18_compiles_fullgraph():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18(num_classes=10).double()
+    ours = fastnorm.nn.convert(copy.deepcopy(theirs), backend="numba")
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y = torch.compile(ours, fullgraph=True)(x)
+    expected = theirs(x)
+    assert_close(y, expected, 1e-8, 1e-9, "resnet18 output")
+    y.sum().backward()
+    expected.sum().backward()
+    _compare_models(ours, theirs, 1e-7, "compiled resnet18")
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_compiled_optimizer_step_matches_torch(name):
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)) for _ in range(2)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = getattr(fastnorm.optim, name)(ours, lr=0.1, backend="numba")
+    ref = getattr(torch.optim, name)(theirs, lr=0.1)
+    step = torch.compile(opt.step)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        assert_close(p, q, 1e-12, 1e-14, f"{name} parameter")
