@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from . import _dispatch
 from ._dispatch import resolve
 from .autograd import _CHANNELS_LAST, _differentiable_backward, batch_norm_forward
 
@@ -151,10 +152,23 @@ torch.library.register_autograd("fastnorm::batch_norm", _backward, setup_context
 
 
 @torch.compiler.assume_constant_result
-def backend_name(backend: str, device: torch.device, numel: int) -> str:
-    """The backend ``backend`` resolves to, called by the compiler while tracing and kept as a
-    constant of the graph (resolving may import a kernels package, which it cannot trace)."""
-    return resolve(backend, "batch_norm", device, numel).name
+def _backend_for_small(backend: str, device: torch.device) -> str:
+    return _dispatch._resolve(backend, "batch_norm", device, True).name
+
+
+@torch.compiler.assume_constant_result
+def _backend_for_large(backend: str, device: torch.device) -> str:
+    return _dispatch._resolve(backend, "batch_norm", device, False).name
+
+
+def backend_name(backend: str, input: torch.Tensor) -> str:
+    """The backend ``backend`` resolves to for ``input``, a constant of the traced graph: the
+    compiler calls the resolution (which may import a kernels package, which it cannot trace)
+    instead of tracing it. Under dynamic shapes the size enters only as a guard on "auto"'s
+    threshold (the branch taken)."""
+    if input.numel() < _dispatch.AUTO_CPU_BATCH_NORM_MIN_NUMEL:
+        return _backend_for_small(backend, input.device)
+    return _backend_for_large(backend, input.device)
 
 
 def batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, backend: str):

@@ -60,7 +60,7 @@ def batch_norm(
         # torch.compile: the registered ops, opaque nodes to the compiler (fastnorm/_compiled.py)
         from . import _compiled
 
-        name = _compiled.backend_name(backend, input.device, input.numel())
+        name = _compiled.backend_name(backend, input)
         if name == "torch":
             return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         _check_arguments(input, running_mean, running_var, weight, bias, training, eps, name)

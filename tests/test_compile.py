@@ -71,6 +71,18 @@ def test_book_mlp_compiles_without_graph_breaks(backend):
     assert_close(compiled(x), theirs(x), 1e-9, 1e-10, "compiled MLP, eval")
 
 
+def test_changing_batch_sizes_recompile_with_dynamic_shapes():
+    """A second batch size makes the compiler mark the batch dimension dynamic: the backend is
+    still resolved at trace time (a guard on "auto"'s size threshold, not a constant size)."""
+    ours, theirs = _mlp_twins("numba")
+    compiled = torch.compile(ours, fullgraph=True)
+    for n in (64, 32, 17):
+        x = torch.randn(n, 784, dtype=torch.float64)
+        assert_close(compiled(x), theirs(x), 1e-9, 1e-10, f"batch of {n}")
+    for (name, a), b in zip(ours.named_buffers(), theirs.buffers()):
+        assert_close(a.double(), b.double(), 1e-9, 1e-9, f"{name} after three batch sizes")
+
+
 def test_converted_resnet18_compiles_fullgraph():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)

@@ -1,0 +1,97 @@
+"""Where the time of a small eager BatchNorm forward+backward goes (the #15 overhead question).
+
+At the book's MLP sizes the numba kernels take ~10 µs per direction while a fastnorm
+forward+backward takes several times that: this script times, side by side and interleaved (the
+machines here are noisy), torch's BatchNorm1d, fastnorm's module on each backend, and the stages
+of fastnorm's numba path one by one (backend resolution, argument checks, array views and
+allocation, each kernel alone, the autograd Function around them), as medians of many rounds.
+
+Usage: python bench/eager_overhead.py [--rounds 300] [--shapes 64x256,64x128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastnorm
+from fastnorm import functional
+from fastnorm._arrays import CpuArrays
+from fastnorm._dispatch import resolve
+
+
+def _median_us(fn, rounds: int, inner: int = 20) -> float:
+    for _ in range(inner * 3):  # warm up (Numba's compile or cache load stays out)
+        fn()
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples) * 1e6
+
+
+def stages(n: int, c: int, rounds: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(n, c, requires_grad=True)
+    dy = torch.randn(n, c)
+    ref = torch.nn.BatchNorm1d(c)
+    mods = {b: fastnorm.nn.BatchNorm1d(c, backend=b) for b in ("numba", "reference", "torch")}
+    backend = resolve("numba", "batch_norm", x.device)
+    k = backend.kernels
+    arrays = CpuArrays()
+    xa = arrays.kernel_array(x.detach(), False)
+    w, b = ref.weight.detach().numpy(), ref.bias.detach().numpy()
+    rm, rv = ref.running_mean.numpy().copy(), ref.running_var.numpy().copy()
+    y_arr, mean, invstd = xa.copy(), w.copy(), w.copy()
+    dx_arr, dw, db = xa.copy(), w.copy(), w.copy()
+    dya = dy.numpy().reshape(n, c, 1)
+
+    def fwd_bwd(m):
+        def run():
+            m(x).backward(dy)
+
+        return run
+
+    cases = {
+        "torch BatchNorm1d fwd+bwd": fwd_bwd(ref),
+        "fastnorm numba fwd+bwd": fwd_bwd(mods["numba"]),
+        "fastnorm torch-backend fwd+bwd": fwd_bwd(mods["torch"]),
+        "fastnorm numba forward, no grad": lambda: mods["numba"](x.detach()),
+        "stage: resolve()": lambda: resolve("numba", "batch_norm", x.device, x.numel()),
+        "stage: argument checks": lambda: functional._check_arguments(
+            x, ref.running_mean, ref.running_var, ref.weight, ref.bias, True, 1e-5, "numba"
+        ),
+        "stage: views + output allocation": lambda: (arrays.kernel_array(x.detach(), False),
+                                                     arrays.empty_like(x, False), arrays.scratch_vector(c, x)),
+        "stage: forward kernel alone": lambda: k.batch_norm_forward_train(xa, w, b, rm, rv, 0.1, 1e-5, y_arr, mean,
+                                                                          invstd),
+        "stage: backward kernel alone": lambda: k.batch_norm_backward(dya, xa, mean, invstd, w, True, dx_arr, dw, db),
+    }  # fmt: skip
+    # interleaved: every case measured in each of a few passes, the median of the passes kept
+    passes = {name: [] for name in cases}
+    for _ in range(3):
+        for name, fn in cases.items():
+            passes[name].append(_median_us(fn, max(rounds // 3, 10)))
+    return {name: statistics.median(v) for name, v in passes.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--shapes", default="64x256,64x128")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}")
+    for shape in args.shapes.split(","):
+        n, c = map(int, shape.split("x"))
+        print(f"\n## BatchNorm1d ({n}, {c}): median µs per call")
+        for name, us in stages(n, c, args.rounds).items():
+            print(f"  {us:8.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
