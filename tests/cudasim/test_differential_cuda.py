@@ -13,6 +13,6 @@ OptimizerTwins.backends = ["cuda"]
 BatchNormTwins.backends = ["cuda"]
 
 TestCudaOptimizerTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(OptimizerTwins.TestCase)
-TestCudaOptimizerTwins.settings = settings(max_examples=8, stateful_step_count=10)
+TestCudaOptimizerTwins.settings = settings(max_examples=6, stateful_step_count=10)
 TestCudaBatchNormTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(BatchNormTwins.TestCase)
-TestCudaBatchNormTwins.settings = settings(max_examples=6, stateful_step_count=8)
+TestCudaBatchNormTwins.settings = settings(max_examples=5, stateful_step_count=8)
