@@ -13,6 +13,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import tempfile
+import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -135,7 +138,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, timeout_s: float, backend: str, fn: Callable, args: tuple):
+def _worker(
+    rank: int, world_size: int, port: int, timeout_s: float, backend: str, fn: Callable, args: tuple, errors: str
+) -> None:
     # share the cores between the processes: torch's and Numba's threads alike
     threads = max(1, (os.cpu_count() or 1) // world_size)
     torch.set_num_threads(threads)
@@ -145,20 +150,53 @@ def _worker(rank: int, world_size: int, port: int, timeout_s: float, backend: st
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
     try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+        try:
+            fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        # when this rank fails, the time it failed: spawn() reports the first failure (the
+        # cause), not the peers' "connection closed" that follows it
+        with open(os.path.join(errors, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{time.time_ns()}\n{traceback.format_exc()}")
+        raise
+
+
+class RankFailed(RuntimeError):
+    """A process of :func:`spawn` failed; the message is the first failing rank's traceback."""
 
 
 def spawn(fn: Callable, nprocs: int, *args, timeout_s: float = 120.0, backend: str = "gloo") -> None:
     """Run ``fn(rank, world_size, *args)`` in ``nprocs`` processes joined in a process group.
 
     A collective that waits longer than ``timeout_s`` (e.g. for a rank that died) raises, so a
-    failure on one rank ends the whole run with that rank's error instead of hanging.
+    failure on one rank ends the whole run with that rank's error instead of hanging: the error
+    raised here (:class:`RankFailed`) names the rank that failed first and carries its traceback
+    (the other ranks' errors, e.g. a closed connection, are consequences).
     ``fn`` must be importable (defined at a module's top level).
     """
-    torch.multiprocessing.spawn(_worker, args=(nprocs, free_port(), timeout_s, backend, fn, args), nprocs=nprocs,
-                                join=True)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="fastnorm-spawn-") as errors:
+        try:
+            torch.multiprocessing.spawn(_worker, args=(nprocs, free_port(), timeout_s, backend, fn, args, errors),
+                                        nprocs=nprocs, join=True)  # fmt: skip
+        except Exception as exc:
+            first = _first_failure(errors)
+            if first is None:
+                raise
+            rank, trace = first
+            raise RankFailed(f"rank {rank} of {nprocs} failed first:\n{trace}") from exc
+
+
+def _first_failure(errors: str) -> tuple[int, str] | None:
+    failures = []
+    for name in os.listdir(errors):
+        with open(os.path.join(errors, name)) as f:
+            stamp, _, trace = f.read().partition("\n")
+        failures.append((int(stamp), int(name[4:-4]), trace))
+    if not failures:
+        return None
+    _, rank, trace = min(failures)
+    return rank, trace
