@@ -35,6 +35,18 @@ def _median_us(fn, rounds: int, inner: int = 20) -> float:
     return statistics.median(samples) * 1e6
 
 
+class _Identity(torch.autograd.Function):
+    """The floor of any Python autograd.Function: a forward and backward that do nothing."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy
+
+
 def stages(n: int, c: int, rounds: int) -> dict[str, float]:
     torch.manual_seed(0)
     x = torch.randn(n, c, requires_grad=True)
@@ -71,6 +83,8 @@ def stages(n: int, c: int, rounds: int) -> dict[str, float]:
         "stage: forward kernel alone": lambda: k.batch_norm_forward_train(xa, w, b, rm, rv, 0.1, 1e-5, y_arr, mean,
                                                                           invstd),
         "stage: backward kernel alone": lambda: k.batch_norm_backward(dya, xa, mean, invstd, w, True, dx_arr, dw, db),
+        "baseline: empty autograd.Function fwd+bwd": lambda: _Identity.apply(x).backward(dy),
+        "baseline: tensor -> NumPy view": lambda: x.detach().numpy(),
     }  # fmt: skip
     # interleaved: every case measured in each of a few passes, the median of the passes kept
     passes = {name: [] for name in cases}
