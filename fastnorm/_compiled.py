@@ -13,8 +13,6 @@ the running statistics by torch ops the compiler sees. ``fastnorm::batch_norm_ba
 backward kernel. Both run the same kernels as the eager path.
 """
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 
@@ -138,8 +136,7 @@ def _backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_batch_mean, _grad_bat
     input, weight, mean, invstd = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops, torch's second derivatives
-        saved = SimpleNamespace(mean=mean, invstd=invstd)
-        dx, dw, db = _differentiable_backward(ctx, grad_y, input, weight, saved)
+        dx, dw, db = _differentiable_backward(ctx.training, ctx.eps, grad_y, input, weight, mean, invstd)
         return (dx if need_x else None, dw if need_w else None, db if need_b else None, *[None] * 5)
     dx, dw, db = batch_norm_backward_op(
         grad_y, input, weight, mean, invstd, ctx.training, ctx.backend, need_x, need_w and weight is not None,

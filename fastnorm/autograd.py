@@ -153,7 +153,7 @@ class BatchNormFunction(torch.autograd.Function):
         saved: SavedForBackward = ctx.saved
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            grads = _differentiable_backward(ctx, grad_output, x, weight, saved)
+            grads = _differentiable_backward(ctx.training, ctx.eps, grad_output, x, weight, saved.mean, saved.invstd)
             return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *[None] * 6)
         backend: Backend = ctx.backend
         arrays = backend.arrays
@@ -172,21 +172,22 @@ class BatchNormFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None
 
 
-def _differentiable_backward(ctx, dy, x, weight, saved: SavedForBackward):
-    """(dx, dweight, dbias) as differentiable functions of x, weight and dy (double backward)."""
+def _differentiable_backward(training, eps, dy, x, weight, saved_mean, saved_invstd):
+    """(dx, dweight, dbias) as differentiable functions of x, weight and dy (double backward).
+    saved_mean, saved_invstd: (C,) arrays or tensors, the eval forward's constants."""
     dims = [0, *range(2, x.dim())]
     shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
-    if ctx.training:  # the statistics are functions of x
+    if training:  # the statistics are functions of x
         mean = x.mean(dims, keepdim=True)
-        invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + ctx.eps)
+        invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
     else:  # the eval forward's constants
-        mean = torch.as_tensor(saved.mean, device=x.device).view(shape)
-        invstd = torch.as_tensor(saved.invstd, device=x.device).view(shape)
+        mean = torch.as_tensor(saved_mean, device=x.device).view(shape)
+        invstd = torch.as_tensor(saved_invstd, device=x.device).view(shape)
     xhat = (x - mean) * invstd
     scale = invstd if weight is None else invstd * weight.view(shape)
     dbias = dy.sum(dims)
     dweight = (dy * xhat).sum(dims)
-    if ctx.training:
+    if training:
         dx = scale * (dy - dy.mean(dims, keepdim=True) - xhat * (dy * xhat).mean(dims, keepdim=True))
     else:
         dx = scale * dy

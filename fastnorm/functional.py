@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve
+from . import _address_autograd
+from ._dispatch import Backend, resolve
 from .autograd import BatchNormFunction, batch_norm_forward
 
 __all__ = ["batch_norm"]
@@ -67,9 +68,13 @@ def batch_norm(
         return _compiled.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, name)
 
     chosen = resolve(backend, "batch_norm", input.device, input.numel())
+    return batch_norm_with(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def batch_norm_with(chosen: Backend, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """:func:`batch_norm` on a resolved backend (eager: the modules resolve it themselves)."""
     if chosen.is_torch:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-
     _check_arguments(input, running_mean, running_var, weight, bias, training, eps, chosen.name)
     if input.numel() == 0:
         # PyTorch: an empty batch gives an empty output (still connected to weight and bias,
@@ -81,6 +86,8 @@ def batch_norm(
             out = out + bias[0]
         return out
     training = bool(training)
+    if _address_autograd.usable(chosen):
+        return _address_path(input, running_mean, running_var, weight, bias, training, momentum, eps, chosen)
     if torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
@@ -89,6 +96,23 @@ def batch_norm(
         return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen)
     # no gradient wanted (inference, torch.no_grad): no autograd node to build
     y, _, _ = batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen, False)
+    return y
+
+
+def _address_path(input, running_mean, running_var, weight, bias, training, momentum, eps, chosen):
+    """The lean CPU path (fastnorm/_address_autograd.py): kernels on tensors' addresses."""
+    if torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return _address_autograd.AddressBatchNormFunction.apply(
+            input, weight, bias, running_mean, running_var, training, momentum, eps, chosen
+        )
+    # no gradient wanted (inference, torch.no_grad): no autograd node to build
+    y, _, _, _ = _address_autograd.forward(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, chosen
+    )
     return y
 
 

@@ -31,39 +31,44 @@ class _FastBatchNorm:
         super().__init__(*args, **kwargs)
         self.backend = backend
 
-    def _averaging_factor(self) -> tuple[float, bool]:
+    def _averaging_factor(self, tracked: torch.Tensor | None) -> tuple[float, bool]:
         """(torch's exponential_average_factor, whether this call counts a batch). torch counts
         the batch before the call (so a call that fails still counts); fastnorm counts it after
-        the call succeeded (:meth:`_count_batch`), with the same factor: a failed call changes
-        nothing."""
-        momentum = 0.0 if self.momentum is None else self.momentum
-        counts = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if counts and self.momentum is None:  # cumulative moving average over the batches so far
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        the call succeeded (``tracked.add_(1)`` in :meth:`forward`), with the same factor: a
+        failed call changes nothing. ``tracked``: the num_batches_tracked buffer (or None)."""
+        momentum = self.momentum
+        counts = self.training and self.track_running_stats and tracked is not None
+        if momentum is None:  # cumulative moving average over the batches so far
+            momentum = 1.0 / (float(tracked) + 1.0) if counts else 0.0
         return momentum, counts
 
-    def _count_batch(self, counts: bool) -> None:
-        if counts:
-            self.num_batches_tracked.add_(1)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            chosen = resolve(self.backend, "batch_norm", input.device, input.numel())
+            if chosen.is_torch:
+                # torch's kernels chosen (backend="torch", or "auto" at a size where torch is
+                # faster): torch's own forward, with nothing of fastnorm's around it
+                return super().forward(input)
         self._check_input_dim(input)
-        momentum, counts = self._averaging_factor()
+        # the module's tensors read from its dicts (as Module.__getattr__ finds them, without
+        # its cost: at the MLP's sizes every microsecond of the forward counts)
+        params, buffers = self._parameters, self._buffers
+        tracked = buffers.get("num_batches_tracked")
+        momentum, counts = self._averaging_factor(tracked)
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         # batch statistics in training, and in eval when no running statistics are kept
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        y = functional.batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            backend=self.backend,
-        )
-        self._count_batch(counts)
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
+        args = (input, running_mean, running_var, params.get("weight"), params.get("bias"), use_batch_stats,
+                momentum, self.eps)  # fmt: skip
+        if compiling:
+            y = functional.batch_norm(*args, backend=self.backend)
+        else:
+            y = functional.batch_norm_with(chosen, *args)
+        if counts:
+            tracked.add_(1)
         return y
 
     def extra_repr(self) -> str:
@@ -173,13 +178,15 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
         if chosen.is_torch:  # "auto" where no fastnorm kernel runs: torch's own
             return nn.SyncBatchNorm.forward(self, input)
         functional.check_tensors(input, self.weight, self.bias, self.running_mean, self.running_var, chosen.name)
-        momentum, counts = self._averaging_factor()
+        tracked = self.num_batches_tracked
+        momentum, counts = self._averaging_factor(tracked)
         track = self.track_running_stats
         y = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.running_mean if track else None,
             self.running_var if track else None, self.eps, momentum, group, world_size, chosen,
         )  # fmt: skip
-        self._count_batch(counts)
+        if counts:
+            tracked.add_(1)
         return y
 
 

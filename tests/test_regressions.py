@@ -256,3 +256,30 @@ def test_two_threads_running_batchnorm_equal_a_sequential_run():
         t.join()
     for got, want in zip(results, expected):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_per_channel_tensors_give_torchs_values(training):
+    """The numba backend reads (C,) vectors on raw addresses: a strided weight, bias or running
+    statistic must be read (and the running statistics written back) as torch does, not
+    refused or misread."""
+    c = 5
+    ours, theirs = fastnorm.nn.BatchNorm1d(c, backend="numba").double(), torch.nn.BatchNorm1d(c).double()
+    for m in (ours, theirs):
+        base = torch.arange(4.0 * c, dtype=torch.float64).view(c, 4)
+        m.weight = torch.nn.Parameter(base[:, 1] / 10)  # stride 4
+        m.bias = torch.nn.Parameter(base[:, 2] / 10)
+        m.running_mean = base[:, 0].clone().unsqueeze(1).expand(c, 2)[:, 0]  # stride 2 view of a copy
+        m.running_var = (base[:, 3] / 20 + 1).clone().unsqueeze(1).expand(c, 2)[:, 1]
+        m.train(training)
+    x = torch.randn(7, c, dtype=torch.float64, requires_grad=True)
+    ya, yb = ours(x), theirs(x)
+    assert ya.grad_fn is not None and "Address" in type(ya.grad_fn).__name__  # the address-level path ran
+    dy = torch.randn_like(ya)
+    ga = torch.autograd.grad(ya, (x, ours.weight, ours.bias), dy)
+    gb = torch.autograd.grad(yb, (x, theirs.weight, theirs.bias), dy)
+    assert_close(ya, yb, 1e-10, 1e-12, "output")
+    for a, b, what in zip(ga, gb, ("dx", "dweight", "dbias")):
+        assert_close(a, b, 1e-10, 1e-12, what)
+    assert_close(ours.running_mean, theirs.running_mean, 1e-12, 1e-14, "running_mean")
+    assert_close(ours.running_var, theirs.running_var, 1e-12, 1e-14, "running_var")

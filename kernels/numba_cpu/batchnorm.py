@@ -47,16 +47,20 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .. import BATCH_NORM_API
+from .._pointer import pointer_intrinsic
 from .._validate import check_arrays, check_float64_vectors
 from ..formulas import batchnorm as formulas
 from ..formulas import compiled
+from . import _jit
 from ._jit import REASSOC, twins
 
-__all__ = [*BATCH_NORM_API]
+__all__ = [*BATCH_NORM_API, "forward_train_at", "forward_eval_at", "backward_at", "plan"]
 
 _F = compiled(njit(inline="always"), formulas)
 
@@ -342,3 +346,81 @@ def batch_norm_stats(x, mean, var):
     n, c, s = x.shape
     check_float64_vectors(c, mean, var)
     _stats(x.size)(x, mean, var, _rows_per_chunk(n, c), _channel_block(n, c, s, x.itemsize, 1))
+
+
+# -- address-level entry points: the same kernels on raw addresses, unchecked --------------------
+# For a caller that has validated its tensors (fastnorm's eager path): at the MNIST MLP's sizes a
+# NumPy view per tensor (~1.5 µs), the entry points' checks and Numba's typing of array arguments
+# cost as much as the kernels themselves. Arguments: ``like`` a scalar of the data's dtype (it
+# types the pointers), then int64 addresses (0 for an absent per-channel array), then the
+# (N, C, S) geometry as the array entry points see it; ``plan`` is :func:`plan` of the shape.
+
+_pointer = pointer_intrinsic(intrinsic, types)
+
+
+@njit(inline="always")
+def _at(addr, like, shape):
+    return numba.carray(_pointer(addr, like), shape)
+
+
+@njit(inline="always")
+def _vector_at(addr, like, c):  # (C,) at addr, or an empty array for address 0
+    return numba.carray(_pointer(addr, like), c if addr != 0 else 0)
+
+
+_forward_train_serial, _forward_train_parallel = _forward_train.serial, _forward_train.parallel
+_forward_eval_serial, _forward_eval_parallel = _forward_eval.serial, _forward_eval.parallel
+_backward_serial, _backward_parallel = _backward.serial, _backward.parallel
+
+
+@njit(cache=True, nogil=True)
+def forward_train_at(like, x, weight, bias, running_mean, running_var, y, save_mean, save_invstd,
+                     n, c, s, momentum, eps, parallel, rows_per_chunk, block):  # fmt: skip
+    xa, ya = _at(x, like, (n, c, s)), _at(y, like, (n, c, s))
+    w, b = _vector_at(weight, like, c), _vector_at(bias, like, c)
+    rm, rv = _vector_at(running_mean, like, c), _vector_at(running_var, like, c)
+    sm, si = _at(save_mean, like, c), _at(save_invstd, like, c)
+    if parallel:
+        _forward_train_parallel(xa, w, b, weight != 0, bias != 0, rm, rv, running_mean != 0, momentum, eps,
+                                ya, sm, si, rows_per_chunk, block)  # fmt: skip
+    else:
+        _forward_train_serial(xa, w, b, weight != 0, bias != 0, rm, rv, running_mean != 0, momentum, eps,
+                              ya, sm, si, rows_per_chunk, block)  # fmt: skip
+
+
+@njit(cache=True, nogil=True)
+def forward_eval_at(like, x, weight, bias, running_mean, running_var, y, n, c, s, eps, parallel, rows_per_chunk):
+    xa, ya = _at(x, like, (n, c, s)), _at(y, like, (n, c, s))
+    w, b = _vector_at(weight, like, c), _vector_at(bias, like, c)
+    rm, rv = _at(running_mean, like, c), _at(running_var, like, c)
+    if parallel:
+        _forward_eval_parallel(xa, w, b, weight != 0, bias != 0, rm, rv, eps, ya, rows_per_chunk)
+    else:
+        _forward_eval_serial(xa, w, b, weight != 0, bias != 0, rm, rv, eps, ya, rows_per_chunk)
+
+
+@njit(cache=True, nogil=True)
+def backward_at(like, dy, x, mean, invstd, weight, training, dx, dweight, dbias, n, c, s, parallel,
+                rows_per_chunk, block):  # fmt: skip
+    """dx, dweight, dbias: addresses, 0 for a gradient not wanted."""
+    dya, xa = _at(dy, like, (n, c, s)), _at(x, like, (n, c, s))
+    m, inv, w = _at(mean, like, c), _at(invstd, like, c), _vector_at(weight, like, c)
+    dxa = _at(dx if dx != 0 else dy, like, (n, c, s))  # unused when dx is not wanted
+    dw, db = _vector_at(dweight, like, c), _vector_at(dbias, like, c)
+    need_dx = dx != 0
+    need_sums = (need_dx and training) or dweight != 0 or dbias != 0
+    if parallel:
+        _backward_parallel(dya, xa, m, inv, w, weight != 0, training, need_sums, need_dx, dxa, dw, db,
+                           rows_per_chunk, block)  # fmt: skip
+    else:
+        _backward_serial(dya, xa, m, inv, w, weight != 0, training, need_sums, need_dx, dxa, dw, db,
+                         rows_per_chunk, block)  # fmt: skip
+
+
+def plan(n: int, c: int, s: int, itemsize: int) -> tuple[bool, int, int, int]:
+    """(parallel, rows_per_chunk, forward block, backward block) of an (N, C, S) problem: what the
+    array entry points compute per call, for the address-level ones (a caller may keep it for a
+    shape; it reads the module's tunables and the thread count now)."""
+    parallel = n * c * s >= _jit.PARALLEL_MIN_ELEMENTS and numba.get_num_threads() > 1
+    return (parallel, _rows_per_chunk(n, c), _channel_block(n, c, s, itemsize, 1),
+            _channel_block(n, c, s, itemsize, 2))  # fmt: skip

@@ -1,0 +1,140 @@
+"""The lean eager path of BatchNorm on CPU: kernels called on tensors' addresses.
+
+At the MNIST MLP's sizes ((64, 256): 16K values) each kernel is a few microseconds of
+arithmetic, and what surrounds it decides the speed (bench/eager_overhead.py): a NumPy view per
+tensor (~1.5 µs), the kernels' own argument checks, Numba's typing of array arguments. A backend
+whose kernels offer address-level entry points (``forward_train_at``, ``forward_eval_at``,
+``backward_at`` and ``plan``: the numba backend) is called here with ``Tensor.data_ptr()``
+integers instead, after :func:`fastnorm.functional.batch_norm` validated the tensors; outputs
+are torch tensors (large ones from fastnorm's CPU buffer pool). The semantics are those of
+:class:`fastnorm.autograd.BatchNormFunction`, which serves the other backends.
+
+Addresses are read from live tensors at each call and used within it; nothing keeps an address.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ._arrays import CpuArrays, pool
+from ._dispatch import Backend
+from .autograd import _CHANNELS_LAST, _differentiable_backward, _layout
+
+_LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
+
+
+def usable(backend: Backend) -> bool:
+    """Whether this path serves a backend: its kernels have address-level entry points."""
+    return hasattr(backend.kernels, "backward_at")
+
+
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or a dense copy of it when strided (the kernels read (C,) vectors with unit stride)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _geometry(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int]:
+    """(N, C, S) as the kernels see x: (N*H*W, C, 1) for channels-last memory."""
+    shape = x.shape
+    c = shape[1]
+    if channels_last:
+        return x.numel() // c, c, 1
+    return shape[0], c, math.prod(shape[2:])
+
+
+def _empty_like(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An output shaped and laid out as x: torch's allocator for small ones, the buffer pool for
+    large ones (warm pages instead of fresh page faults)."""
+    if x.numel() * x.element_size() < pool.min_bytes:
+        # x is dense in its layout: empty_like's preserve_format gives it x's very strides
+        return torch.empty_like(x)
+    return CpuArrays.empty_like(x, channels_last)[0]
+
+
+def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, backend: Backend):
+    """(y, x, stats, launch): x is the input as the kernels read it; stats a (2, C) tensor of the
+    mean and invstd that normalised it in training (the backward's constants), None in eval;
+    launch (channels_last, (N, C, S), plan) what the backward reuses."""
+    kernels = backend.kernels
+    x, channels_last = _layout(input)
+    n, c, s = geometry = _geometry(x, channels_last)
+    itemsize = x.element_size()
+    plan = kernels.plan(n, c, s, itemsize)
+    parallel, rows_per_chunk, block, _ = plan
+    y = _empty_like(x, channels_last)
+    weight, bias, mean_in, var_in = _dense(weight), _dense(bias), _dense(running_mean), _dense(running_var)
+    if training:
+        stats = torch.empty(2, c, dtype=x.dtype)
+        mean = stats.data_ptr()
+        kernels.forward_train_at(
+            _LIKE[x.dtype], x.data_ptr(), _address(weight), _address(bias), _address(mean_in), _address(var_in),
+            y.data_ptr(), mean, mean + c * itemsize, n, c, s, float(momentum), float(eps), parallel,
+            rows_per_chunk, block,
+        )  # fmt: skip
+        if mean_in is not running_mean:  # strided running statistics: updated through a copy
+            running_mean.copy_(mean_in)
+        if var_in is not running_var:
+            running_var.copy_(var_in)
+    else:
+        kernels.forward_eval_at(
+            _LIKE[x.dtype], x.data_ptr(), _address(weight), _address(bias), mean_in.data_ptr(), var_in.data_ptr(),
+            y.data_ptr(), n, c, s, float(eps), parallel, rows_per_chunk,
+        )  # fmt: skip
+        stats = None
+    return y, x, stats, (channels_last, geometry, plan)
+
+
+def _eval_constants(running_mean, running_var, eps) -> torch.Tensor:
+    """(2, C): the running mean and 1/sqrt(running_var + eps) as the eval forward used them
+    (computed in float64, rounded once), copied now: the buffers may change before the backward."""
+    invstd = 1.0 / torch.sqrt(running_var.detach().double() + eps)
+    return torch.stack([running_mean.detach(), invstd.to(running_var.dtype)])
+
+
+class AddressBatchNormFunction(torch.autograd.Function):
+    """Batch Normalization through a backend's address-level kernels (see the module's text).
+
+    Forward and backward as :class:`fastnorm.autograd.BatchNormFunction`: input, weight and
+    running statistics saved with ``save_for_backward`` (torch's error on an in-place change
+    before the backward), a differentiable backward under ``create_graph=True``.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, backend):
+        y, x, stats, launch = forward(input, weight, bias, running_mean, running_var, training, momentum, eps, backend)
+        if stats is None:
+            stats = _eval_constants(running_mean, running_var, eps)
+        ctx.save_for_backward(x, weight, running_mean, running_var)
+        ctx.lean = (stats, launch, training, eps, backend.kernels)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, _, _ = ctx.saved_tensors
+        stats, (channels_last, (n, c, s), plan), training, eps, kernels = ctx.lean
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            grads = _differentiable_backward(training, eps, grad_output, x, weight, stats[0], stats[1])
+            return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *[None] * 6)
+        need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+        layout = _CHANNELS_LAST[x.dim()] if channels_last else torch.contiguous_format
+        if not grad_output.is_contiguous(memory_format=layout):
+            grad_output = grad_output.contiguous(memory_format=layout)
+        dx = _empty_like(x, channels_last) if need_dx else None
+        dweight = torch.empty(c, dtype=x.dtype) if need_dweight else None
+        dbias = torch.empty(c, dtype=x.dtype) if need_dbias else None
+        parallel, rows_per_chunk, _, block = plan
+        weight = _dense(weight)  # held while the kernel reads it
+        mean = stats.data_ptr()
+        kernels.backward_at(
+            _LIKE[x.dtype], grad_output.data_ptr(), x.data_ptr(), mean, mean + c * x.element_size(),
+            _address(weight), training, _address(dx), _address(dweight), _address(dbias), n, c, s, parallel,
+            rows_per_chunk, block,
+        )  # fmt: skip
+        return dx, dweight, dbias, None, None, None, None, None, None
