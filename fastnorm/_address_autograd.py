@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ._arrays import CpuArrays, pool
-from ._dispatch import Backend
+from ._dispatch import Backend, follow_torch_threads
 from .autograd import _CHANNELS_LAST, _differentiable_backward, _layout
 
 _LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
@@ -63,6 +63,7 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
     mean and invstd that normalised it in training (the backward's constants), None in eval;
     launch (channels_last, (N, C, S), plan) what the backward reuses."""
     kernels = backend.kernels
+    follow_torch_threads()
     x, channels_last = _layout(input)
     n, c, s = geometry = _geometry(x, channels_last)
     itemsize = x.element_size()
@@ -130,6 +131,8 @@ class AddressBatchNormFunction(torch.autograd.Function):
         dweight = torch.empty(c, dtype=x.dtype) if need_dweight else None
         dbias = torch.empty(c, dtype=x.dtype) if need_dbias else None
         parallel, rows_per_chunk, _, block = plan
+        if parallel:
+            follow_torch_threads()
         weight = _dense(weight)  # held while the kernel reads it
         mean = stats.data_ptr()
         kernels.backward_at(

@@ -55,11 +55,27 @@ class Backend:
 
     def device_guard(self, t: torch.Tensor):
         """The context kernels on ``t`` run in: on a GPU, ``t``'s device is made current, so the
-        launch stream and scratch memory are that device's (whatever device is current)."""
-        return torch.cuda.device(t.device) if self.name == "cuda" else _NO_GUARD
+        launch stream and scratch memory are that device's (whatever device is current); on the
+        numba backend, Numba's thread count follows ``torch.set_num_threads`` (:func:`follow_torch_threads`)."""
+        if self.name == "cuda":
+            return torch.cuda.device(t.device)
+        if self.name == "numba":
+            follow_torch_threads()
+        return _NO_GUARD
 
 
 _NO_GUARD = contextlib.nullcontext()
+
+
+def follow_torch_threads() -> None:
+    """Numba's thread count (per calling thread, as Numba's setting is) made torch's
+    ``torch.get_num_threads()`` (capped by Numba's pool size), so that ``torch.set_num_threads``
+    governs fastnorm's CPU kernels too. Called before each numba launch (~1 µs)."""
+    import numba
+
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
 
 
 @functools.cache

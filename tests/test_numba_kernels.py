@@ -36,11 +36,13 @@ def _train_step(shape, dtype, backend):
 
 
 def _run(shape, dtype, threads):
-    numba.set_num_threads(threads)
+    """_train_step with ``torch.set_num_threads(threads)``: the setting fastnorm's kernels follow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         return _train_step(shape, dtype, "numba")
     finally:
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -65,7 +67,10 @@ def test_parity_with_torch_at_each_thread_count(shape, threads):
         assert_close(a, e, 5 * rtol, 20 * atol * (50 if what in ("dw", "db") else 1), what)
 
 
-def test_set_num_threads_is_honoured_inside_kernels():
+def test_torch_set_num_threads_governs_the_kernels():
+    """torch.set_num_threads(n) sets the threads of fastnorm's numba kernels: after a fastnorm
+    call Numba's setting on this thread is n, and a parallel Numba loop sees n threads."""
+
     @numba.njit(parallel=True)
     def used_threads(n):
         out = np.zeros(n, np.int64)
@@ -73,11 +78,19 @@ def test_set_num_threads_is_honoured_inside_kernels():
             out[i] = numba.get_thread_id()
         return out
 
-    numba.set_num_threads(1)
+    before = torch.get_num_threads()
     try:
-        assert set(used_threads(1000).tolist()) == {0}
-        _run((1031, 67), torch.float32, 1)  # our kernels run with the same setting
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)  # something else set Numba's
+            _train_step((1031, 67), torch.float32, "numba")
+            assert numba.get_num_threads() == threads
+            assert len(set(used_threads(100_000).tolist())) <= threads
+        torch.set_num_threads(1)
+        _train_step((1031, 67), torch.float32, "numba")
+        assert set(used_threads(100_000).tolist()) == {0}
     finally:
+        torch.set_num_threads(before)
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
