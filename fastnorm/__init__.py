@@ -11,7 +11,7 @@ CPU kernels and Numba CUDA kernels, next to PyTorch's own implementation:
 >>> model = fastnorm.nn.convert(model)       # swap every BatchNorm of a model
 """
 
-from . import functional, nn, optim
+from . import _compiled, _optimizer_ops, functional, nn, optim  # the first two register torch.ops.fastnorm.*
 from ._dispatch import BACKENDS, backends
 
 __version__ = "0.1.0"

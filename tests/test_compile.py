@@ -113,3 +113,91 @@ def test_compiled_optimizer_step_matches_torch(name):
         ref.step()
     for p, q in zip(ours, theirs):
         assert_close(p, q, 1e-12, 1e-14, f"{name} parameter")
+
+
+# -- the optimizer updates and batch_norm_stats as registered ops ---------------------------------
+# parameter sizes: odd, one element, and one beyond a numba chunk boundary is not needed here
+# (the kernels' own tests cover chunking); three tensors make the lists real lists
+SIZES = [(7,), (1,), (3, 5)]
+
+
+def _lists(dtype, n_buffers, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g, dtype=dtype) for s in SIZES]
+    grads = [torch.randn(s, generator=g, dtype=dtype) for s in SIZES]
+    buffers = [[torch.rand(s, generator=g, dtype=dtype) for s in SIZES] for _ in range(n_buffers)]
+    steps = [torch.tensor(3.0) for _ in SIZES]
+    return params, grads, buffers, steps
+
+
+UPDATES = {  # op: (torch optimizer, its options, the op's options, buffer state keys)
+    "adam": (torch.optim.Adam, dict(lr=0.01, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1, amsgrad=True),
+             dict(lr=0.01, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.1, decoupled_weight_decay=False,
+                  amsgrad=True, maximize=False), ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1, maximize=True),
+              dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
+                   amsgrad=False, maximize=True), ("exp_avg", "exp_avg_sq")),
+    "adagrad": (torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-8),
+                dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-8, maximize=False), ("sum",)),
+    "rmsprop": (torch.optim.RMSprop, dict(lr=0.01, alpha=0.9, momentum=0.5, centered=True),
+                dict(lr=0.01, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.5, centered=True, maximize=False),
+                ("square_avg", "grad_avg", "momentum_buffer")),
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+            dict(lr=0.1, weight_decay=0.01, momentum=0.9, dampening=0.0, nesterov=True, maximize=False),
+            ("momentum_buffer",)),
+}  # fmt: skip
+
+
+def _call(name, params, grads, buffers, steps, options, backend):
+    op = "adam" if name == "adamw" else name
+    if op == "adam":
+        if not options["amsgrad"]:
+            buffers = [*buffers, []]
+        return (
+            torch.ops.fastnorm.adam_step,
+            (params, grads, *buffers, steps),
+            dict(options, backend=backend),
+        )
+    if op == "sgd":
+        return (
+            torch.ops.fastnorm.sgd_step,
+            (params, grads, buffers[0], [False] * len(params)),
+            dict(options, backend=backend),
+        )
+    return getattr(torch.ops.fastnorm, f"{op}_step"), (params, grads, *buffers, steps), dict(options, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("name", list(UPDATES))
+def test_optimizer_ops_pass_opcheck_and_match_torch(name, backend):
+    torch_cls, torch_options, options, keys = UPDATES[name]
+    params, grads, buffers, steps = _lists(torch.float64, len(keys))
+    op, args, kwargs = _call(name, params, grads, buffers, steps, options, backend)
+    torch.library.opcheck(op, args, kwargs)  # (runs the op on copies of its arguments)
+
+    # one step from the same state: torch's optimizer and the registered op
+    theirs = [p.clone().requires_grad_(True) for p in params]
+    for t, g in zip(theirs, grads):
+        t.grad = g.clone()
+    opt = torch_cls(theirs, **torch_options)
+    for i, t in enumerate(theirs):
+        opt.state[t] = {"step": steps[i].clone(), **{k: buffers[j][i].clone() for j, k in enumerate(keys)}}
+    opt.step()
+    op(*args, **kwargs)
+    for i, t in enumerate(theirs):
+        assert_close(params[i], t.detach(), 1e-12, 1e-12, f"{name} param {i}")
+        for j, k in enumerate(keys):
+            assert_close(buffers[j][i], opt.state[t][k], 1e-12, 1e-12, f"{name} {k} {i}")
+        if name != "sgd":
+            assert float(steps[i]) == float(opt.state[t]["step"]) == 4.0
+
+
+@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 5, 5)], ids=str)  # rows; planes (odd sizes)
+def test_batch_norm_stats_op(backend, shape):
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    torch.library.opcheck(torch.ops.fastnorm.batch_norm_stats, (x, backend))
+    mean, var = torch.ops.fastnorm.batch_norm_stats(x, backend)
+    dims = [0, *range(2, x.dim())]
+    assert_close(mean, x.mean(dims), 1e-12, 1e-12, "mean")
+    assert_close(var, x.var(dims, unbiased=False), 1e-12, 1e-12, "var")

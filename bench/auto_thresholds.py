@@ -1,0 +1,92 @@
+"""Where does fastnorm's numba backend beat torch on this CPU? The measurements behind ``auto``.
+
+``backend="auto"`` picks, per op and size, the backend that is faster here
+(``fastnorm/_dispatch.py``: AUTO_CPU_BATCH_NORM_MIN_NUMEL, AUTO_CPU_OPTIMIZER_MIN_NUMEL). This
+script measures the crossovers, paired and interleaved round by round (the machines here are
+noisy): BatchNorm1d/2d training forward+backward, numba against torch's module, and one
+optimizer step of each optimizer at several sizes, numba against what ``auto`` would otherwise
+run (torch's own step with the group's options: the for-loop implementation on CPU).
+
+Usage: python bench/auto_thresholds.py [--rounds 60] [--ops batch_norm,optim]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastnorm
+
+BATCH_NORM_SHAPES = [(64, 128), (64, 256), (256, 256), (256, 1024), (1024, 1024), (16, 64, 28, 28), (64, 64, 28, 28)]
+OPTIM_SIZES = [10_000, 235_146, 1_000_000, 4_000_000]  # 235,146: the book's MLP 784-256-128-10
+OPTIMIZERS = {
+    "sgd": ("SGD", dict(lr=0.01)),
+    "sgd momentum": ("SGD", dict(lr=0.01, momentum=0.9)),
+    "adagrad": ("Adagrad", dict(lr=0.01)),
+    "rmsprop": ("RMSprop", dict(lr=0.01)),
+    "adam": ("Adam", dict(lr=1e-3)),
+    "adamw": ("AdamW", dict(lr=1e-3)),
+}
+
+
+def _paired(fns: dict, rounds: int, inner: int) -> dict[str, float]:
+    for fn in fns.values():
+        for _ in range(max(3, inner)):
+            fn()
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[k].append((time.perf_counter() - t0) / inner * 1e6)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def batch_norm(rounds: int) -> None:
+    print("## BatchNorm training fwd+bwd (µs): numba vs torch")
+    for shape in BATCH_NORM_SHAPES:
+        x = torch.randn(shape, requires_grad=True)
+        dy = torch.randn(shape)
+        cls = fastnorm.nn.BatchNorm1d if len(shape) == 2 else fastnorm.nn.BatchNorm2d
+        mods = {b: cls(shape[1], backend=b) for b in ("numba", "torch")}
+        inner = max(1, 200_000 // x.numel())
+        t = _paired({b: (lambda m=m, x=x, dy=dy: m(x).backward(dy)) for b, m in mods.items()}, rounds, inner)
+        print(f"  {str(shape):18s} numel {x.numel():>9,}  numba {t['numba']:9.1f}  torch {t['torch']:9.1f}"
+              f"  speedup {t['torch'] / t['numba']:.2f}x")  # fmt: skip
+
+
+def optim(rounds: int) -> None:
+    print("## optimizer step (µs): numba vs torch's step (auto's alternative)")
+    for name, (cls_name, kwargs) in OPTIMIZERS.items():
+        for numel in OPTIM_SIZES:
+            fns = {}
+            for b in ("numba", "torch"):
+                p = torch.zeros(numel, requires_grad=True)
+                p.grad = torch.randn(numel) * 1e-3
+                opt = getattr(fastnorm.optim, cls_name)([p], backend=b, **kwargs)
+                fns[b] = opt.step
+            inner = max(1, 2_000_000 // numel)
+            t = _paired(fns, rounds, inner)
+            print(f"  {name:13s} {numel:>10,}  numba {t['numba']:9.1f}  torch {t['torch']:9.1f}"
+                  f"  speedup {t['torch'] / t['numba']:.2f}x")  # fmt: skip
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--ops", default="batch_norm,optim")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    ops = args.ops.split(",")
+    if "batch_norm" in ops:
+        batch_norm(args.rounds)
+    if "optim" in ops:
+        optim(args.rounds)
+
+
+if __name__ == "__main__":
+    main()
