@@ -20,8 +20,16 @@ import torch
 
 import fastnorm
 
-BATCH_NORM_SHAPES = [(64, 128), (64, 256), (256, 256), (256, 1024), (1024, 1024), (16, 64, 28, 28), (64, 64, 28, 28)]
-OPTIM_SIZES = [10_000, 235_146, 1_000_000, 4_000_000]  # 235,146: the book's MLP 784-256-128-10
+# (shape, memory format): rows (N, C), planes (N, C, H, W) contiguous and channels-last
+BATCH_NORM_SHAPES = [
+    *[
+        ((n, c), "rows")
+        for n, c in [(64, 128), (64, 256), (256, 256), (256, 1024), (1024, 1024), (2048, 2048), (4096, 2048)]
+    ],
+    *[(s, "planes") for s in [(8, 16, 14, 14), (8, 64, 14, 14), (4, 64, 28, 28), (16, 64, 28, 28), (64, 64, 28, 28)]],
+    *[(s, "channels_last") for s in [(8, 64, 14, 14), (16, 64, 28, 28), (64, 64, 28, 28)]],
+]
+OPTIM_SIZES = [1_000, 10_000, 50_000, 235_146, 1_000_000, 4_000_000]  # 235,146: the book's MLP 784-256-128-10
 OPTIMIZERS = {
     "sgd": ("SGD", dict(lr=0.01)),
     "sgd momentum": ("SGD", dict(lr=0.01, momentum=0.9)),
@@ -48,14 +56,15 @@ def _paired(fns: dict, rounds: int, inner: int) -> dict[str, float]:
 
 def batch_norm(rounds: int) -> None:
     print("## BatchNorm training fwd+bwd (µs): numba vs torch")
-    for shape in BATCH_NORM_SHAPES:
-        x = torch.randn(shape, requires_grad=True)
-        dy = torch.randn(shape)
+    for shape, layout in BATCH_NORM_SHAPES:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.randn(shape).to(memory_format=fmt).requires_grad_()
+        dy = torch.randn(shape).to(memory_format=fmt)
         cls = fastnorm.nn.BatchNorm1d if len(shape) == 2 else fastnorm.nn.BatchNorm2d
         mods = {b: cls(shape[1], backend=b) for b in ("numba", "torch")}
         inner = max(1, 200_000 // x.numel())
         t = _paired({b: (lambda m=m, x=x, dy=dy: m(x).backward(dy)) for b, m in mods.items()}, rounds, inner)
-        print(f"  {str(shape):18s} numel {x.numel():>9,}  numba {t['numba']:9.1f}  torch {t['torch']:9.1f}"
+        print(f"  {str(shape):18s} {layout:13s} numel {x.numel():>9,}  numba {t['numba']:9.1f}  torch {t['torch']:9.1f}"
               f"  speedup {t['torch'] / t['numba']:.2f}x")  # fmt: skip
 
 

@@ -163,7 +163,7 @@ def backend_name(backend: str, input: torch.Tensor) -> str:
     compiler calls the resolution (which may import a kernels package, which it cannot trace)
     instead of tracing it. Under dynamic shapes the size enters only as a guard on "auto"'s
     threshold (the branch taken)."""
-    if input.numel() < _dispatch.AUTO_CPU_BATCH_NORM_MIN_NUMEL:
+    if _dispatch.auto_prefers_torch(_dispatch.batch_norm_kind(input), input.numel()):
         return _backend_for_small(backend, input.device)
     return _backend_for_large(backend, input.device)
 

@@ -2,8 +2,8 @@
 
 ``backend=`` on every public entry point takes one of :data:`BACKENDS` or ``"auto"``.
 ``"auto"`` picks the fastest backend available for the tensors' device (``numba`` on CPU, but
-``torch`` for CPU BatchNorm inputs under AUTO_CPU_BATCH_NORM_MIN_NUMEL values; ``cuda`` on
-NVIDIA GPUs; ``torch`` where neither applies); the ``FASTNORM_BACKEND`` environment
+``torch`` where :data:`AUTO_CPU_MIN_NUMEL` says torch is faster at that op, layout and size;
+``cuda`` on NVIDIA GPUs; ``torch`` where neither applies); the ``FASTNORM_BACKEND`` environment
 variable, when set, replaces that choice. A backend asked for explicitly (by argument or by the
 environment) that cannot run raises ``ValueError`` naming the backends that can.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -180,23 +181,64 @@ def _environment() -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-#: ``"auto"`` leaves CPU BatchNorm inputs up to this size to torch: there a BatchNorm is a few
-#: microseconds of arithmetic and the Python around fastnorm's kernels costs more than torch's
-#: C++ path (measured: numba 0.4-0.6x torch at the MNIST MLP's (64, 256), 0.85-0.9x at
-#: (1024, 1024); 1.7x and more from (32, 256, 14, 14) on; bench/results/cpu.md).
-AUTO_CPU_BATCH_NORM_MIN_NUMEL = 1_500_000
+#: ``"auto"`` on CPU: below this many elements (the BatchNorm input's, or a parameter group's
+#: total) torch's kernels run, from it on numba's. Measured with ``python bench/auto_thresholds.py``
+#: (training forward+backward / one step, numba against the torch code "auto" would otherwise run,
+#: paired and interleaved, 30 rounds, torch 2.15, 2 cores; 2026-11-29), speedup of numba:
+#:
+#: - ``batch_norm`` (an (N, C) input): 0.76-0.86x up to (256, 1024); (1024, 1024) 0.89-1.35x
+#:   (noise); (2048, 2048) 1.83x; (4096, 2048) 2.37x. A few microseconds of arithmetic per call
+#:   where the Python around fastnorm's kernels costs more than torch's C++ path.
+#: - ``batch_norm_planes`` ((N, C, *) contiguous): (8, 16, 14, 14) 0.92x; (8, 64, 14, 14) 1.02x;
+#:   (4, 64, 28, 28) 1.29x; (16, 64, 28, 28) 1.40-2.77x.
+#: - ``batch_norm_channels_last`` (4-D channels-last): 0.76x, 0.84x, 0.96x at 100K, 800K, 3.2M
+#:   elements: torch's at every size until the channels-last kernels improve (issue #17).
+#: - ``sgd`` without momentum: 0.55-0.97x from 1K to 4M elements (torch's step is one ``add_``
+#:   per parameter): torch's at every size.
+#: - ``sgd_momentum``: 0.93x at 1K and 10K, 1.05x at 50K, 1.20x at 235K (the book's MLP).
+#: - ``adagrad``, ``rmsprop``, ``adam`` (Adam and AdamW): 1.48-7.4x from 1K elements on: numba.
+#:
+#: Other dtypes than float32 and other devices use the same values (GPUs: no threshold).
+AUTO_CPU_MIN_NUMEL: dict[str, float] = {
+    "batch_norm": 1_500_000,
+    "batch_norm_planes": 150_000,
+    "batch_norm_channels_last": math.inf,
+    "sgd": math.inf,
+    "sgd_momentum": 50_000,
+    "adagrad": 0,
+    "rmsprop": 0,
+    "adam": 0,
+}
 
 
-def resolve(backend: str, op: str, device: torch.device, numel: int | None = None) -> Backend:
+def batch_norm_kind(input: torch.Tensor) -> str:
+    """The key of :data:`AUTO_CPU_MIN_NUMEL` for a BatchNorm input: its layout."""
+    if input.dim() == 2:
+        return "batch_norm"
+    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+        return "batch_norm_channels_last"
+    return "batch_norm_planes"
+
+
+def auto_prefers_torch(kind: str, numel: int) -> bool:
+    """Whether ``"auto"`` leaves a CPU ``kind`` of work (a key of :data:`AUTO_CPU_MIN_NUMEL`) of
+    ``numel`` elements to torch."""
+    return numel < AUTO_CPU_MIN_NUMEL[kind]
+
+
+def resolve(backend: str, op: str, device: torch.device, numel: int | None = None, kind: str | None = None) -> Backend:
     """Choose the backend that runs ``op`` on tensors of ``device``.
 
     Args:
         backend: ``"auto"`` or a name in :data:`BACKENDS`.
         op: a key of ``kernels.OPS`` ("batch_norm", "sgd", "adagrad", "rmsprop", "adam").
         device: the device of the input tensor / parameters.
-        numel: the input's size, when it matters to ``"auto"`` (CPU BatchNorm).
+        numel: the size of the work (the BatchNorm input's, the parameter group's total), when it
+            matters to ``"auto"``; None: large.
+        kind: the key of :data:`AUTO_CPU_MIN_NUMEL` for this work (default ``op``): the input's
+            layout (:func:`batch_norm_kind`), ``"sgd_momentum"``.
     """
-    small = numel is not None and numel < AUTO_CPU_BATCH_NORM_MIN_NUMEL and op == "batch_norm"
+    small = numel is not None and auto_prefers_torch(kind or op, numel)
     key = (backend, op, device.type, _environment() if backend == AUTO else None, small)
     chosen = _RESOLVED.get(key)
     if chosen is None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _address_autograd
-from ._dispatch import Backend, resolve
+from ._dispatch import Backend, batch_norm_kind, resolve
 from .autograd import BatchNormFunction, batch_norm_forward
 
 __all__ = ["batch_norm"]
@@ -67,7 +67,10 @@ def batch_norm(
         _check_arguments(input, running_mean, running_var, weight, bias, training, eps, name)
         return _compiled.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, name)
 
-    chosen = resolve(backend, "batch_norm", input.device, input.numel())
+    if backend == "auto":  # the size and layout decide (_dispatch.AUTO_CPU_MIN_NUMEL)
+        chosen = resolve(backend, "batch_norm", input.device, input.numel(), batch_norm_kind(input))
+    else:
+        chosen = resolve(backend, "batch_norm", input.device)
     return batch_norm_with(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional
-from ._dispatch import check_name, resolve
+from ._dispatch import AUTO, batch_norm_kind, check_name, resolve
 from ._signature import with_backend_signature
 from .distributed import SyncBatchNormFunction
 
@@ -45,7 +45,10 @@ class _FastBatchNorm:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         compiling = torch.compiler.is_compiling()
         if not compiling:
-            chosen = resolve(self.backend, "batch_norm", input.device, input.numel())
+            if self.backend == AUTO:  # the size and layout decide (_dispatch.AUTO_CPU_MIN_NUMEL)
+                chosen = resolve(AUTO, "batch_norm", input.device, input.numel(), batch_norm_kind(input))
+            else:
+                chosen = resolve(self.backend, "batch_norm", input.device)
             if chosen.is_torch:
                 # torch's kernels chosen (backend="torch", or "auto" at a size where torch is
                 # faster): torch's own forward, with nothing of fastnorm's around it

@@ -7,7 +7,8 @@ argument checks), ``param_groups``, ``state_dict`` keys, ``zero_grad``, hooks, L
 needs state torch never made raises torch's error); the per-step scalars are computed in float64
 and one kernel call updates each group (and dtype). With ``backend="torch"``, and with ``"auto"``
 for any group a fastnorm kernel cannot take (sparse or complex gradients, a dtype the kernels
-lack, torch-only options), torch's own ``step`` runs.
+lack, torch-only options) or that torch updates faster (on CPU: plain SGD, SGD with momentum under
+50K elements; ``fastnorm._dispatch.AUTO_CPU_MIN_NUMEL``), torch's own ``step`` runs.
 
 One update path: a per-group plan
 ---------------------------------
@@ -323,7 +324,11 @@ class _KernelOptimizer:
         if _torch_only_options(group):
             self._refuse_torch_only_options(group)
             return _TORCH  # "auto" with torch-only options: torch's implementation, as asked
-        chosen = resolve(self.backend, self._op, params[0].device)
+        if self.backend == AUTO:  # the size and kind of work decide (_dispatch.AUTO_CPU_MIN_NUMEL)
+            kind = "sgd_momentum" if self._op == "sgd" and group.get("momentum", 0) != 0 else self._op
+            chosen = resolve(AUTO, self._op, params[0].device, sum(p.numel() for p in params), kind)
+        else:
+            chosen = resolve(self.backend, self._op, params[0].device)
         if chosen.is_torch:
             return chosen
         unsupported = _unsupported(params)

@@ -32,10 +32,79 @@ def test_auto_picks_a_fast_backend_for_cpu(monkeypatch):
     monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
     cpu = torch.device("cpu")
     assert resolve("auto", "batch_norm", cpu).name == "numba"
-    assert resolve("auto", "batch_norm", cpu, numel=64 * 3136 * 16).name == "numba"  # (64, 64, 28, 28)
+    assert resolve("auto", "batch_norm", cpu, numel=64 * 3136 * 16, kind="batch_norm_planes").name == "numba"
     assert resolve("auto", "batch_norm", cpu, numel=64 * 256).name == "torch"  # the MLP's: torch is faster
+    assert resolve("auto", "sgd", cpu, numel=10**9).name == "torch"  # plain SGD: never faster here
     assert resolve("auto", "adam", cpu).name == "numba"
     assert resolve("numba", "batch_norm", cpu, numel=64 * 256).name == "numba"  # explicit wins
+
+
+# what "auto" runs on CPU, per op, layout and size (fastnorm/_dispatch.py: AUTO_CPU_MIN_NUMEL,
+# measured by bench/auto_thresholds.py): (module, input shape, memory format, expected backend)
+AUTO_BATCH_NORM_CASES = [
+    (fastnorm.nn.BatchNorm1d, (64, 256), torch.contiguous_format, "torch"),  # the book's MLP
+    (fastnorm.nn.BatchNorm1d, (2048, 1024), torch.contiguous_format, "numba"),  # 2.1M rows
+    (fastnorm.nn.BatchNorm1d, (7, 64, 451), torch.contiguous_format, "numba"),  # 202K planes, odd sizes
+    (fastnorm.nn.BatchNorm2d, (8, 16, 14, 14), torch.contiguous_format, "torch"),  # 25K planes
+    (fastnorm.nn.BatchNorm2d, (4, 64, 28, 28), torch.contiguous_format, "numba"),  # 200K planes
+    (fastnorm.nn.BatchNorm2d, (16, 64, 28, 28), torch.channels_last, "torch"),  # channels-last: torch's
+]
+
+
+@pytest.mark.parametrize("cls, shape, fmt, expected", AUTO_BATCH_NORM_CASES)
+def test_auto_batch_norm_runs_the_faster_backend(monkeypatch, cls, shape, fmt, expected):
+    monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
+    calls = []
+    torch_batch_norm = torch.nn.functional.batch_norm
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *a, **k: calls.append(1) or torch_batch_norm(*a, **k))
+    m = cls(shape[1])
+    twin = (torch.nn.BatchNorm1d if cls is fastnorm.nn.BatchNorm1d else torch.nn.BatchNorm2d)(shape[1])
+    x = torch.randn(shape).to(memory_format=fmt).requires_grad_()
+    y = m(x)
+    ran = "torch" if calls else "numba"
+    assert ran == expected
+    y.sum().backward()
+    torch.testing.assert_close(y, twin(x))
+    torch.testing.assert_close(m.running_var, twin.running_var)
+
+
+# (optimizer, options, number of parameters, expected backend)
+AUTO_OPTIMIZER_CASES = [
+    ("SGD", dict(lr=0.1), 235_146, "torch"),  # plain SGD: torch's add_ is as fast
+    ("SGD", dict(lr=0.1, momentum=0.9), 10_000, "torch"),
+    ("SGD", dict(lr=0.1, momentum=0.9), 235_146, "numba"),  # the book's MLP
+    ("Adagrad", dict(lr=0.1), 1_001, "numba"),
+    ("RMSprop", dict(lr=0.1), 1_001, "numba"),
+    ("Adam", dict(lr=0.1), 1_001, "numba"),
+    ("AdamW", dict(lr=0.1), 235_146, "numba"),
+]
+
+
+@pytest.mark.parametrize("name, options, numel, expected", AUTO_OPTIMIZER_CASES)
+def test_auto_optimizer_runs_the_faster_backend(monkeypatch, name, options, numel, expected):
+    monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
+    launches = []
+    launch = fastnorm.optim._launch
+    monkeypatch.setattr(
+        fastnorm.optim, "_launch", lambda backend, *a: launches.append(backend.name) or launch(backend, *a)
+    )
+    params = [torch.randn(numel - numel // 3, requires_grad=True), torch.randn(numel // 3, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt = getattr(fastnorm.optim, name)(params, **options)
+    ref = getattr(torch.optim, name)(twins, **options)
+    for _ in range(2):
+        for p, q in zip(params, twins):
+            p.grad = q.grad = torch.randn_like(p)
+        opt.step()
+        ref.step()
+    assert (launches[-1] if launches else "torch") == expected
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q)
+    # explicitly named, numba runs at any size
+    explicit = getattr(fastnorm.optim, name)([torch.randn(3, requires_grad=True)], backend="numba", **options)
+    explicit.param_groups[0]["params"][0].grad = torch.ones(3)
+    explicit.step()
+    assert launches[-1] == "numba"
 
 
 def test_environment_overrides_auto(monkeypatch):
