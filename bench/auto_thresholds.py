@@ -2,17 +2,19 @@
 
 ``backend="auto"`` picks, per op and size, the backend that is faster here
 (``fastnorm/_dispatch.py``: AUTO_CPU_BATCH_NORM_MIN_NUMEL, AUTO_CPU_OPTIMIZER_MIN_NUMEL). This
-script measures the crossovers, paired and interleaved round by round (the machines here are
+script measures the crossovers, paired and interleaved round by round in a shuffled order (the machines here are
 noisy): BatchNorm1d/2d training forward+backward, numba against torch's module, and one
 optimizer step of each optimizer at several sizes, numba against what ``auto`` would otherwise
 run (torch's own step with the group's options: the for-loop implementation on CPU).
 
-Usage: python bench/auto_thresholds.py [--rounds 60] [--ops batch_norm,optim]
+Usage: python bench/auto_thresholds.py [--rounds 60] [--ops batch_norm,optim,batch_norm_auto]
+(``batch_norm_auto``: what ``auto`` gives, fastnorm's module against torch's, at the same shapes)
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -45,8 +47,11 @@ def _paired(fns: dict, rounds: int, inner: int) -> dict[str, float]:
         for _ in range(max(3, inner)):
             fn()
     samples = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(0)
     for _ in range(rounds):
-        for k, fn in fns.items():
+        rng.shuffle(order)  # no provider always runs first (after the other one, in its caches)
+        for k in order:
+            fn = fns[k]
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
@@ -66,6 +71,23 @@ def batch_norm(rounds: int) -> None:
         t = _paired({b: (lambda m=m, x=x, dy=dy: m(x).backward(dy)) for b, m in mods.items()}, rounds, inner)
         print(f"  {str(shape):18s} {layout:13s} numel {x.numel():>9,}  numba {t['numba']:9.1f}  torch {t['torch']:9.1f}"
               f"  speedup {t['torch'] / t['numba']:.2f}x")  # fmt: skip
+
+
+def batch_norm_auto(rounds: int) -> None:
+    print("## BatchNorm training fwd+bwd (µs): fastnorm's module with backend='auto' vs torch's nn module")
+    for shape, layout in BATCH_NORM_SHAPES:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.randn(shape).to(memory_format=fmt).requires_grad_()
+        dy = torch.randn(shape).to(memory_format=fmt)
+        two_d = len(shape) == 2
+        mods = {
+            "auto": (fastnorm.nn.BatchNorm1d if two_d else fastnorm.nn.BatchNorm2d)(shape[1]),
+            "torch": (torch.nn.BatchNorm1d if two_d else torch.nn.BatchNorm2d)(shape[1]),
+        }
+        inner = max(1, 200_000 // x.numel())
+        t = _paired({b: (lambda m=m, x=x, dy=dy: m(x).backward(dy)) for b, m in mods.items()}, rounds, inner)
+        print(f"  {str(shape):18s} {layout:13s} numel {x.numel():>9,}  auto {t['auto']:9.1f}  torch {t['torch']:9.1f}"
+              f"  speedup {t['torch'] / t['auto']:.2f}x")  # fmt: skip
 
 
 def optim(rounds: int) -> None:
@@ -93,6 +115,8 @@ def main(argv=None) -> None:
     ops = args.ops.split(",")
     if "batch_norm" in ops:
         batch_norm(args.rounds)
+    if "batch_norm_auto" in ops:
+        batch_norm_auto(args.rounds)
     if "optim" in ops:
         optim(args.rounds)
 
