@@ -93,7 +93,12 @@ class CpuArrays:
 
     @staticmethod
     def view(t: torch.Tensor) -> np.ndarray:
-        return t.detach().numpy() if t.requires_grad else t.numpy()
+        """Zero-copy; bfloat16 as its uint16 bit patterns (NumPy has no bfloat16, kernels/_bits.py)."""
+        if t.requires_grad:
+            t = t.detach()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
 
     def kernel_array(self, t: torch.Tensor, channels_last: bool) -> np.ndarray:
         a = self.view(t)

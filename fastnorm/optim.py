@@ -39,13 +39,19 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from ._dispatch import AUTO, Backend, check_name, resolve
+from kernels._bits import BFLOAT16
+
+from ._dispatch import AUTO, BACKENDS, Backend, _load, check_name, resolve
 from ._signature import with_backend_signature
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
 _TORCH_ONLY_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_STEP_DTYPES = (torch.float32, torch.float64)
+#: parameter dtype -> the kernels' storage dtype (bfloat16 as uint16 bits: kernels/_bits.py)
+_KERNEL_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+                  torch.float16: np.dtype(np.float16), torch.bfloat16: BFLOAT16}  # fmt: skip
+_HALF = (torch.bfloat16, torch.float16)
 _TORCH = Backend("torch", None, None)
 _BUFFER_ROWS = 3  # state buffers per table (kernels/_optimizer_api.py: param, grad, 3 buffers)
 
@@ -110,7 +116,9 @@ class _Part:
     params: list[torch.Tensor]
     shapes: list[torch.Size]
     numels: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype  # the parameters'
+    kernel_dtype: np.dtype  # the kernels' storage dtype: the parameters', or float32 with master weights
+    masters: list[torch.Tensor] | None  # aliases of the float32 master copies (master_weights=True)
     buffers: list[list[torch.Tensor] | None]  # aliases, table rows b0..b2; None: unused
     steps: list[torch.Tensor]  # aliases of the step counters ([] for SGD)
     live_state: list[torch.Tensor]  # the state tensors themselves, buffers then steps
@@ -155,27 +163,82 @@ class _KernelOptimizer:
         super().__init_subclass__(**kwargs)
         cls._plan_options = (*cls._structural_options, *_TORCH_ONLY_OPTIONS)
 
-    def __init__(self, params, *args, backend: str = "auto", **kwargs) -> None:
+    def __init__(self, params, *args, backend: str = "auto", master_weights: bool = False,
+                 stochastic_rounding: bool = False, **kwargs) -> None:  # fmt: skip
         check_name(backend, self._op)
         self.backend = backend
+        self.master_weights, self.stochastic_rounding = bool(master_weights), bool(stochastic_rounding)
+        self._rounding_calls = 0
         super().__init__(params, *args, **kwargs)
+        self._check_precision_options()
+
+    def _check_precision_options(self) -> None:
+        """``master_weights`` / ``stochastic_rounding``: refused where they do not apply."""
+        name = type(self).__name__
+        if self.master_weights and self.stochastic_rounding:
+            raise ValueError(
+                f"{name}: master_weights=True and stochastic_rounding=True are alternatives (a float32 master "
+                f"copy already keeps the updates smaller than one bfloat16 ulp); choose one"
+            )
+        asked = "master_weights=True" if self.master_weights else "stochastic_rounding=True"
+        if not (self.master_weights or self.stochastic_rounding):
+            return
+        if self.backend == "torch":
+            raise ValueError(f"{name}: {asked} is fastnorm's own update; torch's implementation (backend='torch') "
+                             f"has no such option")  # fmt: skip
+        dtypes = {p.dtype for group in self.param_groups for p in group["params"]}
+        wanted = _HALF if self.master_weights else (torch.bfloat16,)
+        if not dtypes & set(wanted):
+            raise ValueError(
+                f"{name}: {asked} applies to {' and '.join(map(str, wanted))} parameters, and these are "
+                f"{', '.join(sorted(map(str, dtypes)))}; convert the model first (model.bfloat16()) or leave it off"
+            )
+
+    def _next_seed(self) -> int:
+        """The stochastic rounding seed of the next kernel launch: a splitmix64 hash of
+        ``torch.initial_seed()`` and this optimizer's launch count (32 bits)."""
+        self._rounding_calls += 1
+        mask = (1 << 64) - 1
+        x = (torch.initial_seed() * 0x9E3779B97F4A7C15 + self._rounding_calls * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return (x ^ (x >> 31)) & 0xFFFFFFFF
 
     def _kernel_options(self, group: dict) -> dict:
         raise NotImplementedError
 
     # -- what torch's pickling and deepcopy keep ----------------------------------------------
 
+    _KEPT = {"backend": AUTO, "master_weights": False, "stochastic_rounding": False, "_rounding_calls": 0}
+
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["backend"] = self.backend
+        for key in self._KEPT:
+            state[key] = getattr(self, key)
         return state
 
     def __setstate__(self, state: dict) -> None:
-        state = dict(state)  # load_state_dict passes only state and param_groups: keep the backend
-        backend = state.pop("backend", self.__dict__.get("backend", AUTO))
+        state = dict(state)  # load_state_dict passes only state and param_groups: keep the options
+        kept = {key: state.pop(key, self.__dict__.get(key, default)) for key, default in self._KEPT.items()}
         super().__setstate__(state)
-        self.backend = backend
+        self.__dict__.update(kept)
         self.__dict__.pop("_plans", None)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, except that with ``master_weights`` the float32 master copies and state of
+        16-bit parameters stay float32 (torch casts every state tensor to its parameter's dtype)."""
+        super().load_state_dict(state_dict)
+        if not getattr(self, "master_weights", False):
+            return
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            if p.dtype not in _HALF or "master_param" not in saved:
+                continue
+            for key, value in saved.items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -229,8 +292,11 @@ class _KernelOptimizer:
         for group, plan, arguments in ready:
             options = self._kernel_options(group)
             for part, (rows, addrs) in zip(plan.parts, arguments):
+                part_options = options
+                if self.stochastic_rounding and part.kernel_dtype == BFLOAT16:
+                    part_options = {**options, "rounding_seed": self._next_seed()}
                 with plan.backend.device_guard(part.params[0]):
-                    _launch(plan.backend, self._op, part, rows, addrs, options)
+                    _launch(plan.backend, self._op, part, rows, addrs, part_options)
                 if part.new_buffers:  # SGD: the new momentum buffers join the state
                     for p, buf in part.new_buffers:
                         self.state[p]["momentum_buffer"] = buf
@@ -272,6 +338,16 @@ class _KernelOptimizer:
         lists = {name: [] for name in self._state_lists}
         got, grads = [], []
         self._torch_cls._init_group(self, group, got, grads, *lists.values())
+        if self.master_weights and self._make_masters(params):  # new float32 state: gather it again
+            lists = {name: [] for name in self._state_lists}
+            got, grads = [], []
+            self._torch_cls._init_group(self, group, got, grads, *lists.values())
+        master = [self.master_weights and p.dtype in _HALF for p in params]
+        if self.stochastic_rounding and any(p.dtype == torch.float16 for p in params):
+            raise ValueError(
+                f"{type(self).__name__}: stochastic_rounding=True rounds bfloat16 parameters; this group has "
+                f"float16 ones (use bfloat16, or master_weights=True)"
+            )
         steps = lists.get("step", [])
         if steps and params[0].device.type != "cpu":
             # the cuda kernels advance the step counters in host memory, where torch keeps them
@@ -288,27 +364,32 @@ class _KernelOptimizer:
             # there, and the buffer joins the state when the update runs (see _launch)
             for i, p in enumerate(params):
                 if rows[0][i] is None:
-                    rows[0][i] = torch.zeros_like(p)
+                    rows[0][i] = torch.zeros_like(p, dtype=torch.float32 if master[i] else p.dtype)
                     first_step[i] = True
-        if _state_moved(params, rows, steps):
+        if _state_moved(params, rows, steps, master):
             # state of another dtype or device than its parameter (the model was moved with
             # .to() after the first step) or step counters of mixed dtypes: torch's own update
             # computes with them as they are; so does this step
             return _Plan(self.state, options, params, [], [], [], _TORCH)
         for i, p in enumerate(params):
-            self._check_state(p, [row[i] for row in rows if row is not None], steps[i] if steps else None)
+            self._check_state(p, [row[i] for row in rows if row is not None], steps[i] if steps else None,
+                              torch.float32 if master[i] else p.dtype)  # fmt: skip
         state_dicts = [(p, self.state[p]) for p in params if p in self.state]
         entries = [(d, key, t) for _, d in state_dicts for key, t in d.items() if isinstance(t, torch.Tensor)]
         entries += [(self.state[p], "momentum_buffer", rows[0][i]) for i, p in enumerate(params) if first_step[i]]
         parts = []
         table = hasattr(backend.kernels, f"{self._op}_step_table")
-        for index in _by_dtype(params):
+        for index in _by_dtype(params, master):
             live_rows = [None if row is None else [row[i] for i in index] for row in rows]
             live = [t for row in live_rows if row is not None for t in row] + [steps[i] for i in index if steps]
+            masters = [self.state[params[i]]["master_param"] for i in index] if master[index[0]] else None
+            live += masters or []
             dense = all(t.is_contiguous() for row in live_rows if row is not None for t in row)
             parts.append(_Part(
                 params=[params[i] for i in index], shapes=[params[i].shape for i in index],
                 numels=tuple(params[i].numel() for i in index), dtype=params[index[0]].dtype,
+                kernel_dtype=np.dtype(np.float32) if masters else _KERNEL_DTYPES[params[index[0]].dtype],
+                masters=None if masters is None else [m.detach() for m in masters],
                 buffers=[None if row is None else [t.detach() for t in row] for row in live_rows],
                 steps=[steps[i].detach() for i in index] if steps else [], live_state=live,
                 state_ptrs=[t.data_ptr() for t in live], first_step=[first_step[i] for i in index],
@@ -320,22 +401,48 @@ class _KernelOptimizer:
             ))  # fmt: skip
         return _Plan(self.state, options, params, state_dicts, entries, parts, backend)
 
+    def _make_masters(self, params: list[torch.Tensor]) -> bool:
+        """master_weights: each 16-bit parameter's state gets ``"master_param"`` (a float32 copy)
+        and its buffers in float32 (exact: they are new, or values of a 16-bit checkpoint).
+        Returns whether any state changed."""
+        changed = False
+        for p in params:
+            if p.dtype not in _HALF:
+                continue
+            state = self.state[p]
+            if "master_param" not in state:
+                state["master_param"] = p.detach().to(torch.float32, copy=True)
+                changed = True
+            for key, t in list(state.items()):
+                if key != "step" and isinstance(t, torch.Tensor) and t.shape == p.shape and t.dtype != torch.float32:
+                    state[key] = t.detach().to(torch.float32)
+                    changed = True
+        return changed
+
     def _resolve(self, group: dict, params: list[torch.Tensor]) -> Backend:
+        precision = self.master_weights or self.stochastic_rounding
+        name = type(self).__name__
         if _torch_only_options(group):
             self._refuse_torch_only_options(group)
+            if precision:
+                raise ValueError(f"{name}: master_weights / stochastic_rounding are fastnorm's own update, which "
+                                 f"does not do {', '.join(_torch_only_options(group))}")  # fmt: skip
             return _TORCH  # "auto" with torch-only options: torch's implementation, as asked
-        if self.backend == AUTO:  # the size and kind of work decide (_dispatch.AUTO_CPU_MIN_NUMEL)
+        if self.backend == AUTO and not precision:  # size and kind decide (_dispatch.AUTO_CPU_MIN_NUMEL)
             kind = "sgd_momentum" if self._op == "sgd" and group.get("momentum", 0) != 0 else self._op
             chosen = resolve(AUTO, self._op, params[0].device, sum(p.numel() for p in params), kind)
         else:
             chosen = resolve(self.backend, self._op, params[0].device)
-        if chosen.is_torch:
+        if chosen.is_torch and not precision:
             return chosen
-        unsupported = _unsupported(params)
+        unsupported = _unsupported(params, chosen, self._op)
         if unsupported:
-            if self.backend == AUTO:
+            if self.backend == AUTO and not precision:
                 return _TORCH  # "auto" never refuses what torch supports
-            raise unsupported[0](f"{type(self).__name__} (fastnorm backend {chosen.name!r}) {unsupported[1]}")
+            if precision and chosen.is_torch:
+                raise ValueError(f"{name}: master_weights / stochastic_rounding need fastnorm's kernels, and none "
+                                 f"here updates these parameters: {unsupported[1]}")  # fmt: skip
+            raise unsupported[0](f"{name} (fastnorm backend {chosen.name!r}) {unsupported[1]}")
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(
@@ -354,16 +461,18 @@ class _KernelOptimizer:
                     f"{tuple(p.shape)} on {p.device}"
                 )
 
-    def _check_state(self, p: torch.Tensor, buffers: list[torch.Tensor], step: torch.Tensor | None) -> None:
-        """State tensors must match their parameter (torch's own kernels raise RuntimeError)."""
+    def _check_state(self, p: torch.Tensor, buffers: list[torch.Tensor], step: torch.Tensor | None,
+                     dtype: torch.dtype) -> None:  # fmt: skip
+        """State tensors must match their parameter (torch's own kernels raise RuntimeError), in
+        ``dtype`` (float32 for master weights)."""
         for t in buffers:
-            if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+            if t.shape != p.shape or t.dtype != dtype or t.device != p.device:
                 raise RuntimeError(
                     f"{type(self).__name__}: optimizer state of shape {tuple(t.shape)}, {t.dtype} on "
                     f"{t.device} does not match its parameter ({tuple(p.shape)}, {p.dtype} on "
                     f"{p.device}); was the parameter replaced after the optimizer's first step?"
                 )
-        if step is not None and (step.numel() != 1 or step.dtype not in _KERNEL_DTYPES):
+        if step is not None and (step.numel() != 1 or step.dtype not in _STEP_DTYPES):
             raise RuntimeError(f"{type(self).__name__}: a step counter must be a float scalar tensor, got {step}")
 
     def _arguments(self, plan: _Plan, strict: bool = False) -> list[tuple] | None:
@@ -389,6 +498,8 @@ class _KernelOptimizer:
                         f"match in shape, dtype and device"
                     )
                 return None
+            if part.masters is not None:  # float32 master weights: the kernel updates those
+                params, grads = part.masters, [g.to(torch.float32) for g in grads]
             rows = [params, grads, *(grads if row is None else row for row in part.buffers)]
             addrs = None
             if part.buffer_ptrs is not None and all(t.is_contiguous() for t in (*params, *grads)):
@@ -399,28 +510,39 @@ class _KernelOptimizer:
         return arguments
 
 
-def _unsupported(params: list[torch.Tensor]):
-    """(exception type, why) if a kernel cannot update these parameters, else None."""
+def _unsupported(params: list[torch.Tensor], chosen: Backend, op: str):
+    """(exception type, why) if ``chosen``'s kernels cannot update these parameters, else None."""
     for p in params:
         g = p.grad
         if g.is_sparse or p.is_sparse:
             return RuntimeError, "does not support sparse gradients; use dense gradients or backend='torch'"
         if p.is_complex():
             return TypeError, f"does not support complex parameters ({p.dtype}); use backend='torch'"
-        if p.dtype not in _KERNEL_DTYPES:
-            return TypeError, f"updates float32 and float64 parameters, got {p.dtype}; use backend='torch'"
+        dtype = _KERNEL_DTYPES.get(p.dtype)
+        if chosen.is_torch or dtype is None or dtype not in chosen.kernels.OPTIMIZER_DTYPES:
+            return ValueError, (
+                f"does not update {p.dtype} parameters on {p.device}; backends that do: "
+                f"{', '.join(_dtype_backends(p.dtype, op))}"
+            )
     return None
 
 
-def _by_dtype(params: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of the parameters of each dtype, in first-seen order."""
+def _dtype_backends(dtype: torch.dtype, op: str) -> list[str]:
+    """The backends usable here whose ``op`` kernels update parameters of ``dtype`` (and torch)."""
+    names = []
+    for name in BACKENDS:
+        module, why = _load(name)
+        if why is None and (module is None or _KERNEL_DTYPES.get(dtype) in getattr(module, "OPTIMIZER_DTYPES", ())):
+            names.append(name)
+    return names
+
+
+def _by_dtype(params: list[torch.Tensor], master: list[bool]) -> list[list[int]]:
+    """Indices of the parameters of each (dtype, kept in a float32 master copy), in first-seen order."""
     parts: dict = {}
     for i, p in enumerate(params):
-        parts.setdefault(p.dtype, []).append(i)
+        parts.setdefault((p.dtype, master[i]), []).append(i)
     return list(parts.values())
-
-
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Tensor]], addrs: np.ndarray | None,
@@ -441,7 +563,7 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
     if table is not None:
         if addrs is None:
             addrs = np.array([[t.data_ptr() for t in row] for row in tensors], np.int64)
-        dtype = _NUMPY_DTYPES[part.dtype]
+        dtype = part.kernel_dtype
         if op == "sgd":
             table(addrs, part.numels, dtype, part.first_step, **options)
         else:
@@ -457,20 +579,24 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
     with torch.no_grad():  # parameters are leaves that require grad (torch's step runs under no_grad too)
         for original, copy in staged:
             original.copy_(copy)
+        if part.masters is not None:  # the 16-bit parameter: its float32 master, rounded once
+            for p, master in zip(part.params, part.masters):
+                p.copy_(master)
 
 
 _ROWS_OF = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3}
 _TORCH = Backend("torch", None)
 
 
-def _state_moved(params, rows, steps) -> bool:
-    """True if a state buffer has its parameter's shape but another dtype or device, or the step
-    counters differ in dtype: states torch's update handles and the kernels do not."""
+def _state_moved(params, rows, steps, master) -> bool:
+    """True if a state buffer has its parameter's shape but another dtype (than the parameter's,
+    or float32 for ``master`` ones) or device, or the step counters differ in dtype: states
+    torch's update handles and the kernels do not."""
     for row in rows:
         if row is None:
             continue
-        for p, t in zip(params, row):
-            if t.shape == p.shape and (t.dtype != p.dtype or t.device != p.device):
+        for p, t, m in zip(params, row, master):
+            if t.shape == p.shape and (t.dtype != (torch.float32 if m else p.dtype) or t.device != p.device):
                 return True
     return len({s.dtype for s in steps}) > 1
 
@@ -498,7 +624,7 @@ class SGD(_KernelOptimizer, torch.optim.SGD):
     _table_rows = ("momentum_buffer",)
     _structural_options = ("momentum",)
 
-    @with_backend_signature(torch.optim.SGD)
+    @with_backend_signature(torch.optim.SGD, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
 
@@ -526,7 +652,7 @@ class Adagrad(_KernelOptimizer, torch.optim.Adagrad):
     _state_lists = ("sum", "step")
     _table_rows = ("sum",)
 
-    @with_backend_signature(torch.optim.Adagrad)
+    @with_backend_signature(torch.optim.Adagrad, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
 
@@ -555,7 +681,7 @@ class RMSprop(_KernelOptimizer, torch.optim.RMSprop):
     _table_rows = ("square_avg", "grad_avg", "momentum_buffer")
     _structural_options = ("momentum", "centered")
 
-    @with_backend_signature(torch.optim.RMSprop)
+    @with_backend_signature(torch.optim.RMSprop, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
 
@@ -600,7 +726,7 @@ class Adam(_AdamUpdate, _KernelOptimizer, torch.optim.Adam):
     _torch_cls = torch.optim.Adam
     _decoupled = False
 
-    @with_backend_signature(torch.optim.Adam)
+    @with_backend_signature(torch.optim.Adam, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
 
@@ -617,6 +743,6 @@ class AdamW(_AdamUpdate, _KernelOptimizer, torch.optim.AdamW):
     _torch_cls = torch.optim.AdamW
     _decoupled = True
 
-    @with_backend_signature(torch.optim.AdamW)
+    @with_backend_signature(torch.optim.AdamW, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)

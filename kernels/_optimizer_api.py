@@ -26,7 +26,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ._bits import BFLOAT16, is_half
+
 ROWS = 5  # param, grad, three state buffers
+
+
+def _name(dtype) -> str:
+    return "bfloat16 (uint16 bits)" if np.dtype(dtype) == BFLOAT16 else str(np.dtype(dtype))
 
 
 def _sign(maximize: bool) -> float:
@@ -40,12 +46,15 @@ class OptimizerAPI:
         self._launch, self._address, self._is_dense = run, address, is_dense
         self._step_address = step_address or address
 
-    def _run(self, op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses) -> None:
+    def _run(self, op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses,
+             seed=None) -> None:  # fmt: skip
         """Check a table, then launch."""
         dtype = np.dtype(dtype)
         if dtype not in self._dtypes:
-            names = " or ".join(str(d) for d in self._dtypes)
+            names = " or ".join(_name(d) for d in self._dtypes)
             raise TypeError(f"the {self._backend} optimizers update {names} tensors, got {dtype}")
+        if seed is not None and dtype != BFLOAT16:
+            raise ValueError(f"stochastic rounding (rounding_seed) applies to bfloat16 storage, got {_name(dtype)}")
         numels = tuple(int(n) for n in numels)
         t = len(numels)
         if not isinstance(addrs, np.ndarray) or addrs.dtype != np.int64 or addrs.shape != (ROWS, t):
@@ -57,8 +66,10 @@ class OptimizerAPI:
         elif len(first_step) != t:
             raise ValueError(f"first_step must hold {t} flags, got {len(first_step)}")
         host = (*map(float, host), 0.0, 0.0, 0.0)[:3]
+        compute = np.float32 if is_half(dtype) else dtype  # 16-bit storage computes in float32
+        extra = () if seed is None else (int(seed) & 0xFFFFFFFF,)
         self._launch(op, addrs, numels, dtype, step_addrs, bool(step_f64), first_step, host,
-                     np.array(constants, dtype), tuple(map(bool, flags)), tuple(map(bool, uses)))  # fmt: skip
+                     np.array(constants, compute), tuple(map(bool, flags)), tuple(map(bool, uses)), *extra)  # fmt: skip
 
     def _table_of(self, rows, steps):
         """(addrs, numels, dtype, step addresses, step_f64) of lists of arrays."""
@@ -81,35 +92,36 @@ class OptimizerAPI:
     # -- tables ---------------------------------------------------------------------------------
 
     def sgd_step_table(self, addrs, numels, dtype, first_step, *, lr, weight_decay, momentum, dampening, nesterov,
-                       maximize):  # fmt: skip
+                       maximize, rounding_seed=None):  # fmt: skip
         """SGD; buffer row 0: momentum_buffer (momentum != 0). ``first_step``: (T,) flags, true
         where a momentum buffer is new this step (it becomes the gradient, as torch clones it)."""
         self._run("sgd", addrs, numels, dtype, None, False, first_step, (),
                   (_sign(maximize), lr, weight_decay, momentum, 1.0 - dampening),
-                  (weight_decay != 0, nesterov), (momentum != 0, False, False))  # fmt: skip
+                  (weight_decay != 0, nesterov), (momentum != 0, False, False), rounding_seed)  # fmt: skip
 
     def adagrad_step_table(self, addrs, numels, dtype, step_addrs, step_f64, *, lr, lr_decay, weight_decay, eps,
-                           maximize):  # fmt: skip
+                           maximize, rounding_seed=None):  # fmt: skip
         """Adagrad; buffer row 0: sum. clr = lr / (1 + (step - 1) * lr_decay) from each new step."""
         self._run("adagrad", addrs, numels, dtype, step_addrs, step_f64, None, (lr, lr_decay),
-                  (_sign(maximize), weight_decay, eps), (weight_decay != 0,), (True, False, False))  # fmt: skip
+                  (_sign(maximize), weight_decay, eps), (weight_decay != 0,), (True, False, False),
+                  rounding_seed)  # fmt: skip
 
     def rmsprop_step_table(self, addrs, numels, dtype, step_addrs, step_f64, *, lr, alpha, eps, weight_decay,
-                           momentum, centered, maximize):  # fmt: skip
+                           momentum, centered, maximize, rounding_seed=None):  # fmt: skip
         """RMSprop; buffer rows: square_avg, grad_avg (centered), momentum_buffer (momentum > 0)."""
         self._run("rmsprop", addrs, numels, dtype, step_addrs, step_f64, None, (),
                   (_sign(maximize), weight_decay, alpha, 1.0 - alpha, eps, lr, momentum),
-                  (weight_decay != 0, 1.0 - alpha < 0.5), (True, centered, momentum > 0))  # fmt: skip
+                  (weight_decay != 0, 1.0 - alpha < 0.5), (True, centered, momentum > 0), rounding_seed)  # fmt: skip
 
     def adam_step_table(self, addrs, numels, dtype, step_addrs, step_f64, *, lr, beta1, beta2, eps, weight_decay,
-                        decoupled_weight_decay, amsgrad, maximize):  # fmt: skip
+                        decoupled_weight_decay, amsgrad, maximize, rounding_seed=None):  # fmt: skip
         """Adam/AdamW; buffer rows: exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad); the bias
         corrections come from each new step, in float64."""
         decay = 1.0 - lr * weight_decay if decoupled_weight_decay else 1.0
         self._run("adam", addrs, numels, dtype, step_addrs, step_f64, None, (lr, beta1, beta2),
                   (_sign(maximize), decay, weight_decay, 1.0 - beta1, beta1, beta2, 1.0 - beta2, eps),
                   (weight_decay != 0 and not decoupled_weight_decay, 1.0 - beta1 < 0.5),
-                  (True, True, amsgrad))  # fmt: skip
+                  (True, True, amsgrad), rounding_seed)  # fmt: skip
 
     # -- lists of arrays ------------------------------------------------------------------------
 
@@ -119,14 +131,15 @@ class OptimizerAPI:
         return [params, grads, *(grads if b is None else b for b in buffers)]
 
     def sgd_step(self, params, grads, momentum_buffers, first_step, *, lr, weight_decay, momentum, dampening,
-                 nesterov, maximize):  # fmt: skip
+                 nesterov, maximize, rounding_seed=None):  # fmt: skip
         if not params:
             return
         rows = self._rows(params, grads, momentum_buffers if momentum != 0 else None, None, None)
         addrs, numels, dtype, _, _ = self._table_of(rows, [])
         flags = [bool(f) for f in first_step] if momentum != 0 else [False] * len(params)
         self.sgd_step_table(addrs, numels, dtype, flags, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                            dampening=dampening, nesterov=nesterov, maximize=maximize)  # fmt: skip
+                            dampening=dampening, nesterov=nesterov, maximize=maximize,
+                            rounding_seed=rounding_seed)  # fmt: skip
 
     def adagrad_step(self, params, grads, state_sums, steps, **options):
         if params:

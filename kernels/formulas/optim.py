@@ -42,6 +42,25 @@ def update_element(update, p, g, b0, b1, b2, i, k, s0, s1, flags, use0, use1, us
         b2[i] = v2
 
 
+def update_element_16(update, load, store, p, g, b0, b1, b2, i, k, s0, s1, flags, use0, use1, use2, keys, e):
+    """:func:`update_element` for 16-bit storage (kernels/_bits.py): every value widened to
+    float32 by ``load``, updated in float32 (``k``, ``s0``, ``s1`` are float32), each stored
+    value rounded once by ``store(x, key, e)``. ``keys``: the stochastic rounding keys of rows
+    param, b0, b1, b2; ``e``: the element's index in its tensor (uint32)."""
+    like = k[0]
+    x0 = load(b0[i]) if use0 else like
+    x1 = load(b1[i]) if use1 else like
+    x2 = load(b2[i]) if use2 else like
+    q, v0, v1, v2 = update(load(p[i]), load(g[i]), x0, x1, x2, k, s0, s1, flags, use0, use1, use2)
+    p[i] = store(q, keys[0], e)
+    if use0:
+        b0[i] = store(v0, keys[1], e)
+    if use1:
+        b1[i] = store(v1, keys[2], e)
+    if use2:
+        b2[i] = store(v2, keys[3], e)
+
+
 def no_tensor_scalars(step, host):
     """For updates without step-dependent scalars."""
     return 0.0, 0.0

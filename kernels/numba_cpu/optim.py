@@ -39,13 +39,19 @@ from numba.extending import intrinsic
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .. import OPTIMIZER_API, TABLE_API
+from .._bits import FLOAT16, HALF_DTYPES, is_half
 from .._optimizer_api import OptimizerAPI
 from .._pointer import pointer_intrinsic
 from .._validate import FLOAT_DTYPES
 from ..formulas import compiled
 from ..formulas import optim as formulas
+from ._bits import load_bf16, load_f16, row_key, store_bf16, store_bf16_stochastic, store_f16  # noqa: F401
 
-__all__ = [*OPTIMIZER_API, *TABLE_API]
+__all__ = [*OPTIMIZER_API, *TABLE_API, "OPTIMIZER_DTYPES"]
+
+#: the storage dtypes these optimizers update: float32, float64, float16 and bfloat16 (as uint16
+#: bits, kernels/_bits.py), the 16-bit ones computed in float32
+OPTIMIZER_DTYPES = (*FLOAT_DTYPES, *HALF_DTYPES)
 
 CHUNK = 1 << 15  # elements per chunk of the parallel loop (the MLP's weight: 7 chunks)
 
@@ -132,6 +138,56 @@ def _table_update(update, tensor_scalars, n_constants, has1, has2, addrs, chunks
             _update_chunk(update, p, g, b0, b1, b2, n, constants, s0, s1, flags, False, False, False)
 
 
+@njit(inline="always")
+def _update_chunk16(update, load, store, p, g, b0, b1, b2, lo, n, constants, s0, s1, flags, use0, use1, use2,
+                    keys):  # fmt: skip
+    """:func:`_update_chunk` for 16-bit storage: elements lo..lo+n-1 of their tensor."""
+    base = np.uint32(lo & 0xFFFFFFFF)
+    for i in range(n):
+        _FORMULAS.update_element_16(update, load, store, p, g, b0, b1, b2, i, constants, s0, s1, flags,
+                                    use0, use1, use2, keys, base + np.uint32(i))  # fmt: skip
+
+
+@njit(inline="always")
+def _table_update16(update, tensor_scalars, n_constants, has1, has2, load, store, addrs, chunks, steps, step_f64,
+                    advance, host, scalars, constant_array, flags, uses, seed):  # fmt: skip
+    """:func:`_table_update` for bfloat16 / float16 storage (kernels/_bits.py): ``load`` and
+    ``store`` convert each value to and from float32, the compute dtype of ``scalars`` and
+    ``constant_array``; ``seed`` (uint32): the stochastic rounding generator's, per launch."""
+    constants = to_fixed_tuple(constant_array, n_constants)
+    bits = np.uint16(0)
+    if advance:
+        for t in range(scalars.shape[0]):
+            scalars[t, 0], scalars[t, 1] = tensor_scalars(_advance_step(steps[t], step_f64), host)
+    use0, use1, use2 = uses
+    for c in prange(chunks.shape[0]):
+        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p = _elements(addrs[0, t], lo, hi, bits)
+        g = _elements(addrs[1, t], lo, hi, bits)
+        b0 = _elements(addrs[2, t], lo, hi, bits)
+        b1 = _elements(addrs[3, t], lo, hi, bits)
+        b2 = _elements(addrs[4, t], lo, hi, bits)
+        n, s0, s1 = hi - lo, scalars[t, 0], scalars[t, 1]
+        tt = np.uint32(t)
+        keys = (row_key(seed, tt, np.uint32(0)), row_key(seed, tt, np.uint32(1)), row_key(seed, tt, np.uint32(2)),
+                row_key(seed, tt, np.uint32(3)))  # fmt: skip
+        if has2 and has1 and use2 and use1:
+            _update_chunk16(update, load, store, p, g, b0, b1, b2, lo, n, constants, s0, s1, flags, True, True, True,
+                            keys)  # fmt: skip
+        elif has2 and use2:
+            _update_chunk16(update, load, store, p, g, b0, b1, b2, lo, n, constants, s0, s1, flags, True, False, True,
+                            keys)  # fmt: skip
+        elif has1 and use1:
+            _update_chunk16(update, load, store, p, g, b0, b1, b2, lo, n, constants, s0, s1, flags, True, True, False,
+                            keys)  # fmt: skip
+        elif use0:
+            _update_chunk16(update, load, store, p, g, b0, b1, b2, lo, n, constants, s0, s1, flags, True, False, False,
+                            keys)  # fmt: skip
+        else:
+            _update_chunk16(update, load, store, p, g, b0, b1, b2, lo, n, constants, s0, s1, flags, False, False,
+                            False, keys)  # fmt: skip
+
+
 # -- one compiled kernel per optimizer: the loop above around the formula ----------------------
 # "contract": fused multiply-adds, as ATen's vectorised add(alpha=...) uses (vec::fmadd); with it
 # the numba SGD stays bit-identical to torch's default through 400 MNIST training steps.
@@ -162,21 +218,61 @@ def _adam(addrs, chunks, steps, step_f64, advance, host, scalars, constants, fla
                   addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses)  # fmt: skip
 
 
+# -- the same for 16-bit storage: one kernel per optimizer and storage, compiled when first used --
+# (bfloat16 round-to-nearest, bfloat16 stochastic rounding, float16)
+_ARGS16 = "addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses, seed"
+_OPTIMIZERS16 = {  # op: (update, tensor scalars, number of constants, has buffer 1, has buffer 2)
+    "sgd": ("sgd", "no_tensor_scalars", 5, False, False),
+    "adagrad": ("adagrad", "adagrad_tensor_scalars", 3, False, False),
+    "rmsprop": ("rmsprop", "no_tensor_scalars", 7, True, True),
+    "adam": ("adam", "adam_tensor_scalars", 8, True, True),
+}
+_STORAGES16 = {"bf16": ("load_bf16", "store_bf16"), "bf16_sr": ("load_bf16", "store_bf16_stochastic"),
+               "f16": ("load_f16", "store_f16")}  # fmt: skip
+
+
+def _define16() -> dict:
+    """One top-level kernel per (optimizer, storage), named ``_<op>_<storage>``: written out as
+    source (each needs its own name for Numba's on-disk cache and its own compile-time functions;
+    a closure would share one cache entry)."""
+    kernels = {}
+    for op, (update, scalars, n, has1, has2) in _OPTIMIZERS16.items():
+        for storage, (load, store) in _STORAGES16.items():
+            name = f"_{op}_{storage}"
+            source = (f"def {name}({_ARGS16}):\n"
+                      f"    _table_update16(_FORMULAS.{update}, _FORMULAS.{scalars}, {n}, {has1}, {has2}, "
+                      f"{load}, {store}, {_ARGS16})\n")  # fmt: skip
+            exec(compile(source, __file__, "exec"), globals())  # noqa: S102 - fixed text, no input
+            kernels[(op, storage)] = globals()[name] = njit(**_FLAGS)(globals()[name])
+    return kernels
+
+
+_KERNELS16 = _define16()
+
+
 # -- launching (the entry points themselves are kernels/_optimizer_api.py) -----------------------
 
 _KERNELS = {"sgd": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop, "adam": _adam}
 _NO_STEPS = np.zeros(0, np.int64)
 
 
-def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses) -> None:
-    scalars = np.zeros((len(numels), 2), dtype)  # filled from the steps, or SGD's first-step flags
+def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses,
+            seed=None) -> None:  # fmt: skip
+    half = is_half(dtype)
+    # per-tensor scalars: filled from the steps, or SGD's first-step flags; float32 for 16-bit storage
+    scalars = np.zeros((len(numels), 2), np.float32 if half else dtype)
     if first_step is not None:
         scalars[:, 0] = np.asarray(first_step, bool)
     steps = _NO_STEPS if first_step is not None else step_addrs
-    _KERNELS[op](addrs, chunk_table(numels), steps, step_f64, first_step is None, host, scalars, constants, flags, uses)
+    args = (addrs, chunk_table(numels), steps, step_f64, first_step is None, host, scalars, constants, flags, uses)
+    if not half:
+        _KERNELS[op](*args)
+        return
+    storage = "f16" if np.dtype(dtype) == FLOAT16 else "bf16" if seed is None else "bf16_sr"
+    _KERNELS16[(op, storage)](*args, np.uint32(0 if seed is None else seed))
 
 
-_API = OptimizerAPI("numba", FLOAT_DTYPES, _launch, lambda a: a.ctypes.data,
+_API = OptimizerAPI("numba", OPTIMIZER_DTYPES, _launch, lambda a: a.ctypes.data,
                     lambda a: isinstance(a, np.ndarray) and a.flags.c_contiguous)  # fmt: skip
 sgd_step, adagrad_step, rmsprop_step, adam_step = _API.sgd_step, _API.adagrad_step, _API.rmsprop_step, _API.adam_step
 sgd_step_table, adagrad_step_table = _API.sgd_step_table, _API.adagrad_step_table

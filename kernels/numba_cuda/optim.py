@@ -28,7 +28,10 @@ from ..formulas import compiled
 from ..formulas import optim as formulas
 from ._device import BLOCK, SIMULATOR, address, host_address, stream, view
 
-__all__ = [*OPTIMIZER_API, *TABLE_API]
+__all__ = [*OPTIMIZER_API, *TABLE_API, "OPTIMIZER_DTYPES"]
+
+#: the storage dtypes these optimizers update (16-bit storage: not yet on this backend)
+OPTIMIZER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 CHUNK = 1 << 16  # elements per chunk
 MAX_BLOCKS = 4096
@@ -166,7 +169,7 @@ def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, co
         )
 
 
-_API = OptimizerAPI("cuda", (np.float32, np.float64), _launch, address, lambda a: True, host_address)
+_API = OptimizerAPI("cuda", OPTIMIZER_DTYPES, _launch, address, lambda a: True, host_address)
 sgd_step, adagrad_step, rmsprop_step, adam_step = _API.sgd_step, _API.adagrad_step, _API.rmsprop_step, _API.adam_step
 sgd_step_table, adagrad_step_table = _API.sgd_step_table, _API.adagrad_step_table
 rmsprop_step_table, adam_step_table = _API.rmsprop_step_table, _API.adam_step_table

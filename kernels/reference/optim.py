@@ -26,18 +26,29 @@ parameters' dtype (NumPy keeps float32 arrays float32 against Python floats), as
 
 Arguments are lists with one array per parameter tensor (any shape; all arrays of a tensor share
 its shape and dtype). Every kernels backend exposes these four functions with these arguments.
+
+16-bit storage (float16 arrays, or bfloat16 as uint16 bit patterns: kernels/_bits.py): every
+array is widened to float32, the same float32 code runs, and each stored array (parameters and
+state) is rounded once at the end: to nearest even, or, for bfloat16 with ``rounding_seed``,
+stochastically with the generator every backend shares (the same bits as the numba kernels).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from .. import OPTIMIZER_API
+from .._bits import BFLOAT16, HALF_DTYPES, random16_array, round_into, widen
 
-__all__ = [*OPTIMIZER_API]
+__all__ = [*OPTIMIZER_API, "OPTIMIZER_DTYPES"]
+
+#: the storage dtypes these optimizers update (16-bit ones in float32, rounded once per store)
+OPTIMIZER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), *HALF_DTYPES)
 
 # NaN and Inf propagate silently, as in torch
 _quiet = np.errstate(invalid="ignore", divide="ignore", over="ignore")
@@ -59,6 +70,45 @@ def _lerp_(start: np.ndarray, end: np.ndarray, weight: float) -> None:
         start[...] = end - (end - start) * (1.0 - weight)
 
 
+def _storage(*stored: str):
+    """Run an update written for float32/float64 arrays on 16-bit storage: the list arguments
+    widened to float32 copies, the named ``stored`` lists (parameters first, then the state
+    buffers in table row order) rounded back once. ``rounding_seed`` (bfloat16 only): round
+    stochastically, row r of tensor t drawing ``random16_array(seed, t, r, n)``."""
+
+    def decorate(fn):
+        names = list(inspect.signature(fn).parameters)
+
+        @functools.wraps(fn)
+        def run(*args, rounding_seed: int | None = None, **kwargs):
+            bound = dict(zip(names, args), **kwargs)
+            params = bound[names[0]]
+            dtype = np.dtype(params[0].dtype) if len(params) else np.dtype(np.float32)
+            if dtype not in HALF_DTYPES:
+                if rounding_seed is not None:
+                    raise ValueError(f"stochastic rounding (rounding_seed) applies to bfloat16 storage, got {dtype}")
+                return fn(**bound)
+            if rounding_seed is not None and dtype != BFLOAT16:
+                raise ValueError("stochastic rounding (rounding_seed) applies to bfloat16 storage, got float16")
+            wide = dict(bound)
+            for name in names:
+                value = bound[name]
+                if name != "steps" and name != "first_step" and isinstance(value, (list, tuple)):
+                    wide[name] = [widen(a, dtype) for a in value]
+            fn(**wide)
+            for row, name in enumerate(stored):
+                if bound[name] is None:
+                    continue
+                for t, (out, x) in enumerate(zip(bound[name], wide[name])):
+                    bits = None if rounding_seed is None else random16_array(rounding_seed, t, row, x.size)
+                    round_into(out, x, dtype, bits)
+
+        return run
+
+    return decorate
+
+
+@_storage("params", "momentum_buffers")
 @_quiet
 def sgd_step(
     params: Arrays,
@@ -88,6 +138,7 @@ def sgd_step(
         p += -lr * d_p
 
 
+@_storage("params", "state_sums")
 @_quiet
 def adagrad_step(
     params: Arrays,
@@ -111,6 +162,7 @@ def adagrad_step(
         p += -float(clr) * (g / std)
 
 
+@_storage("params", "square_avgs", "grad_avgs", "momentum_buffers")
 @_quiet
 def rmsprop_step(
     params: Arrays,
@@ -151,6 +203,7 @@ def rmsprop_step(
             p += -lr * (g / avg)
 
 
+@_storage("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 @_quiet
 def adam_step(
     params: Arrays,
