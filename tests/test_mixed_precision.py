@@ -1,0 +1,417 @@
+"""Mixed precision (issue #14): optimizers on bfloat16 and float16 parameters.
+
+By default a 16-bit parameter is updated as torch's ``fused=True`` implementation does it:
+float32 arithmetic, state in the parameter's dtype, one rounding per stored value. The oracle is
+torch's fused optimizer in the same dtype (RMSprop, which torch has no fused version of: torch's
+float32 update on widened copies, rounded once per step, the same rule). Then fastnorm's two
+options: ``stochastic_rounding`` (bfloat16) and ``master_weights`` (float32 master copies).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import OPTIM_BACKENDS, assert_close, tol
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastnorm
+import fastnorm.optim as fopt
+import kernels.reference
+
+HALF = [torch.bfloat16, torch.float16]
+
+# parameter shapes of one group: odd sizes, a one-element tensor, a 2-D weight spanning several
+# of the numba kernel's chunks when CHUNK is shrunk (see _small_chunks)
+SHAPES = [(257, 31), (7,), (1,)]
+
+# (optimizer, options): every option family of each optimizer
+CONFIGS = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.1, maximize=True)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01)),
+    ("RMSprop", dict(lr=0.01)),
+    ("RMSprop", dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01)),
+    ("Adam", dict(lr=1e-2)),
+    ("Adam", dict(lr=1e-2, weight_decay=0.01, amsgrad=True, maximize=True)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
+]
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch):
+    """Several chunks per tensor in the numba loop (its chunk-local element indices matter)."""
+    import kernels.numba_cpu.optim as numba_optim
+
+    monkeypatch.setattr(numba_optim, "CHUNK", 1000)
+
+
+def _params(dtype, shapes=SHAPES):
+    return [(torch.randn(s) * 2).to(dtype).requires_grad_() for s in shapes]
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in units in the last place of two 16-bit tensors (NaN vs NaN: 0)."""
+    ai = a.detach().contiguous().view(torch.int16).to(torch.int32)
+    bi = b.detach().contiguous().view(torch.int16).to(torch.int32)
+    # sign-magnitude -> a monotonic integer line
+    ai = torch.where(ai < 0, -(ai & 0x7FFF), ai)
+    bi = torch.where(bi < 0, -(bi & 0x7FFF), bi)
+    d = (ai - bi).abs()
+    return torch.where(a.isnan() & b.isnan(), torch.zeros_like(d), d)
+
+
+class _WidenedTwin:
+    """torch's own (for-loop) update in float32 on widened copies, rounded once per step: the
+    fused rule, for RMSprop, which torch has no fused implementation of."""
+
+    def __init__(self, params, name, options):
+        self.params = params
+        self.shadow = [p.detach().float().requires_grad_() for p in params]
+        self.opt = getattr(torch.optim, name)(self.shadow, **options)
+
+    def step(self):
+        for p, s in zip(self.params, self.shadow):
+            s.data.copy_(p.detach().float())
+            s.grad = p.grad.float()
+            for key, t in self.opt.state.get(s, {}).items():
+                if key != "step":
+                    t.copy_(t.to(p.dtype).float())  # the 16-bit state, as stored
+        self.opt.step()
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+
+    def state_of(self, i):
+        return {k: v.to(self.params[i].dtype) for k, v in self.opt.state[self.shadow[i]].items() if k != "step"}
+
+
+def _twin(name, options, params):
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    if name == "RMSprop":
+        return twins, _WidenedTwin(twins, name, options)
+    return twins, getattr(torch.optim, name)(twins, fused=True, **options)
+
+
+def _state(opt, params, i):
+    if isinstance(opt, _WidenedTwin):
+        return opt.state_of(i)
+    return {k: v for k, v in opt.state[params[i]].items() if k != "step"}
+
+
+def _compare(ours, theirs, ours_opt, theirs_opt, what, min_fraction=0.99):
+    """At least ``min_fraction`` of all parameter and state values within one ulp of torch's."""
+    distances = []
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        distances.append(_ulps(p, q).flatten())
+        mine = {k: v for k, v in ours_opt.state[p].items() if k != "step"}
+        for key, expected in _state(theirs_opt, theirs, i).items():
+            assert mine[key].dtype == p.dtype, f"{what}: state {key} is {mine[key].dtype}, not {p.dtype}"
+            distances.append(_ulps(mine[key], expected).flatten())
+    d = torch.cat(distances)
+    fraction = (d <= 1).double().mean().item()
+    assert fraction >= min_fraction, f"{what}: {fraction:.4%} of values within one ulp (max {d.max().item()} ulps)"
+
+
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("name, options", CONFIGS, ids=lambda c: str(c))
+def test_matches_torch_fused_in_the_same_dtype(name, options, dtype, backend):
+    params = _params(dtype)
+    twins, ref = _twin(name, options, params)
+    opt = getattr(fastnorm.optim, name)(params, backend=backend, **options)
+    for _ in range(10):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p in params:
+        assert p.dtype == dtype
+    _compare(params, twins, opt, ref, f"{name} {options} {dtype} {backend}")
+
+
+@given(
+    config=st.sampled_from(CONFIGS),
+    dtype=st.sampled_from(HALF),
+    plan=st.lists(st.sampled_from(["step", "step", "lr", "checkpoint", "zero_grad"]), min_size=1, max_size=8),
+)
+def test_differential_against_torch_fused(config, dtype, plan):
+    """Random sequences: steps, the learning rate changed mid-run, a checkpoint round trip into
+    a new optimizer, gradients set to None: fastnorm (numba) stays within one ulp of torch."""
+    name, options = config
+    torch.manual_seed(len(plan))
+    params = _params(dtype, [(33, 5), (3,)])
+    twins, ref = _twin(name, options, params)
+    opt = getattr(fastnorm.optim, name)(params, backend="numba", **options)
+    for action in plan:
+        if action == "step":
+            for p, q in zip(params, twins):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            opt.step()
+            ref.step()
+        elif action == "lr":
+            for group in (*opt.param_groups, *getattr(ref, "opt", ref).param_groups):
+                group["lr"] *= 0.5
+        elif action == "checkpoint":
+            state = copy.deepcopy(opt.state_dict())
+            opt = getattr(fastnorm.optim, name)(params, backend="numba", **options)
+            opt.load_state_dict(state)
+        else:
+            opt.zero_grad()
+            getattr(ref, "opt", ref).zero_grad()
+            for q in twins:
+                q.grad = None
+        if opt.state:
+            _compare(params, twins, opt, ref, f"{name} {options} {dtype} after {action}")
+
+
+# -- stochastic rounding ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
+def test_stochastic_rounding_keeps_updates_below_one_ulp(backend):
+    """The issue's worked example: bfloat16 parameters at 1.0, SGD lr=1e-4, gradient 1, 1000
+    steps. One bfloat16 ulp below 1.0 is 2**-8 = 0.0039 > 1e-4: round-to-nearest never moves;
+    stochastic rounding moves by 1e-4 per step on average, to 0.900."""
+    p = torch.ones(4096, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.ones(4096, dtype=torch.bfloat16, requires_grad=True)
+    sr = fastnorm.optim.SGD([p], lr=1e-4, backend=backend, stochastic_rounding=True)
+    nearest = fastnorm.optim.SGD([q], lr=1e-4, backend=backend)
+    for _ in range(1000):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+        sr.step()
+        nearest.step()
+    assert torch.equal(q, torch.ones_like(q))
+    assert abs(p.float().mean().item() - 0.900) < 0.01
+    assert p.float().std().item() > 0  # rounded both ways
+
+
+def _sr_run(backend, threads=None):
+    torch.manual_seed(123)
+    params = _params(torch.bfloat16, [(300, 7), (5,)])
+    opt = fastnorm.optim.Adam(params, lr=1e-3, backend=backend, stochastic_rounding=True)
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+    finally:
+        torch.set_num_threads(previous)
+    return [p.detach().clone() for p in params] + [
+        opt.state[p][k].clone() for p in params for k in ("exp_avg", "exp_avg_sq")
+    ]
+
+
+def test_stochastic_rounding_is_reproducible_and_the_same_on_every_backend():
+    first, again = _sr_run("numba"), _sr_run("numba")
+    one_thread = _sr_run("numba", threads=1)
+    reference = _sr_run("reference")
+    nearest = [p.detach() for p in _params(torch.bfloat16, [(300, 7), (5,)])]  # not the same values at all
+    for a, b, c, d in zip(first, again, one_thread, reference):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))  # same seed: same bits
+        assert torch.equal(a.view(torch.int16), c.view(torch.int16))  # thread count: no effect
+        assert torch.equal(a.view(torch.int16), d.view(torch.int16))  # one generator for every backend
+    assert not torch.equal(first[0], nearest[0])
+
+
+def test_stochastic_rounding_is_unbiased_for_every_state_buffer():
+    """exp_avg after one Adam step is (1 - beta1) * g: its stochastic roundings average to it."""
+    g = torch.full((100_000,), 0.3, dtype=torch.bfloat16)
+    p = torch.zeros(100_000, dtype=torch.bfloat16, requires_grad=True)
+    opt = fastnorm.optim.Adam([p], lr=1e-3, backend="numba", stochastic_rounding=True)
+    p.grad = g.clone()
+    opt.step()
+    exact = 0.1 * g.float()[0].item()
+    mean = opt.state[p]["exp_avg"].float().mean().item()
+    assert abs(mean - exact) < 1e-4 * exact * 100  # the ulp at 0.03 is 1.2e-4; the mean is far closer
+    assert len(opt.state[p]["exp_avg"].unique()) == 2  # the two neighbours of the exact value
+
+
+# -- master weights ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
+@pytest.mark.parametrize("name, options", [CONFIGS[1], CONFIGS[3], CONFIGS[5], CONFIGS[7]], ids=str)
+def test_master_weights_follow_a_float32_run(name, options, backend):
+    params = _params(torch.bfloat16)
+    shadow = [p.detach().float().requires_grad_() for p in params]
+    opt = getattr(fastnorm.optim, name)(params, backend=backend, master_weights=True, **options)
+    ref = getattr(torch.optim, name)(shadow, **options)
+    for _ in range(5):
+        for p, s in zip(params, shadow):
+            p.grad = torch.randn_like(p)
+            s.grad = p.grad.float()
+        opt.step()
+        ref.step()
+    for p, s in zip(params, shadow):
+        state = opt.state[p]
+        assert state["master_param"].dtype == torch.float32
+        assert all(v.dtype == torch.float32 for k, v in state.items() if k != "step")
+        assert_close(state["master_param"], s, *tol(torch.float32), what="master_param")
+        assert torch.equal(p.detach(), state["master_param"].to(torch.bfloat16))  # rounded once, from the master
+        for key, value in ref.state[s].items():
+            if key != "step":
+                assert_close(state[key], value, *tol(torch.float32), what=key)
+
+
+def test_master_weights_checkpoints_round_trip_and_load_into_torch():
+    params = _params(torch.bfloat16)
+    opt = fastnorm.optim.Adam(params, lr=1e-2, master_weights=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    checkpoint = copy.deepcopy(opt.state_dict())
+    values = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+
+    # uninterrupted
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    uninterrupted = [p.detach().clone() for p in params] + [opt.state[p]["master_param"].clone() for p in params]
+
+    # resumed from the checkpoint in a new fastnorm optimizer: the same bits
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    resumed = fastnorm.optim.Adam(params, lr=1e-2, master_weights=True)
+    resumed.load_state_dict(checkpoint)
+    assert resumed.state[params[0]]["master_param"].dtype == torch.float32
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    resumed.step()
+    after = [p.detach().clone() for p in params] + [resumed.state[p]["master_param"] for p in params]
+    for a, b in zip(uninterrupted, after):
+        assert torch.equal(a, b)
+
+    # torch's optimizer takes it as ordinary state (cast to the parameters' dtype) and steps
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    theirs = torch.optim.Adam(params, lr=1e-2)
+    theirs.load_state_dict(checkpoint)
+    assert theirs.state[params[0]]["exp_avg"].dtype == torch.bfloat16  # torch's own cast
+    assert theirs.state[params[0]]["master_param"].dtype == torch.bfloat16  # kept, unused by torch
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    theirs.step()
+    # torch continues in bfloat16 arithmetic from the rounded values: close to the master run
+    for p, u in zip(params, uninterrupted):
+        assert p.isfinite().all() and (_ulps(p, u) <= 4).double().mean() > 0.99
+
+
+def test_master_weights_start_from_a_torch_checkpoint():
+    params = _params(torch.bfloat16)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    theirs = torch.optim.AdamW(twins, lr=1e-2)
+    for q in twins:
+        q.grad = torch.randn_like(q)
+    theirs.step()
+    opt = fastnorm.optim.AdamW(params, lr=1e-2, master_weights=True)
+    opt.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        for p, q in zip(params, twins):
+            p.copy_(q)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in params:
+        assert opt.state[p]["exp_avg"].dtype == torch.float32 and opt.state[p]["master_param"].dtype == torch.float32
+
+
+def test_mixed_dtype_groups_update_each_part_by_its_rule():
+    """A model with bfloat16 weights and float32 parameters: the float32 ones are updated as
+    always (no master copy), the bfloat16 ones through their float32 masters."""
+    w = torch.randn(10, 3).bfloat16().requires_grad_()
+    b = torch.randn(3).requires_grad_()
+    b_ref = b.detach().clone().requires_grad_()
+    opt = fastnorm.optim.SGD([w, b], lr=0.1, momentum=0.9, master_weights=True, backend="numba")
+    ref = torch.optim.SGD([b_ref], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        b.grad = torch.randn_like(b)
+        b_ref.grad = b.grad.clone()
+        opt.step()
+        ref.step()
+    assert "master_param" in opt.state[w] and "master_param" not in opt.state[b]
+    torch.testing.assert_close(b, b_ref)
+
+
+# -- refusals: where the options do not apply --------------------------------------------------------
+
+
+def test_options_are_refused_where_they_do_not_apply():
+    f32 = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="master_weights=True applies to torch.bfloat16 and torch.float16"):
+        fastnorm.optim.Adam(f32, master_weights=True)
+    with pytest.raises(ValueError, match="stochastic_rounding=True applies to torch.bfloat16"):
+        fastnorm.optim.Adam([torch.zeros(3, dtype=torch.float16, requires_grad=True)], stochastic_rounding=True)
+    bf16 = [torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)]
+    with pytest.raises(ValueError, match="alternatives"):
+        fastnorm.optim.Adam(bf16, master_weights=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="backend='torch'"):
+        fastnorm.optim.Adam(bf16, master_weights=True, backend="torch")
+    with pytest.raises(ValueError, match="does not do fused=True"):
+        opt = fastnorm.optim.Adam(bf16, master_weights=True, fused=True)
+        bf16[0].grad = torch.ones(3, dtype=torch.bfloat16)
+        opt.step()
+    # a float16 parameter in a stochastic-rounding group: refused at the step, nothing changed
+    half = torch.ones(3, dtype=torch.float16, requires_grad=True)
+    opt = fastnorm.optim.SGD([bf16[0], half], lr=0.1, stochastic_rounding=True)
+    bf16[0].grad, half.grad = torch.ones(3, dtype=torch.bfloat16), torch.ones(3, dtype=torch.float16)
+    before = [bf16[0].clone(), half.clone()]
+    with pytest.raises(ValueError, match="float16"):
+        opt.step()
+    assert torch.equal(bf16[0], before[0]) and torch.equal(half, before[1])
+
+
+def test_options_survive_deepcopy_and_pickling():
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    opt = fastnorm.optim.Adam([p], stochastic_rounding=True, backend="reference")
+    for clone in (copy.deepcopy(opt), __import__("pickle").loads(__import__("pickle").dumps(opt))):
+        assert clone.stochastic_rounding and not clone.master_weights and clone.backend == "reference"
+
+
+# -- auto never refuses a dtype torch supports ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_auto_runs_numba_on_16_bit_parameters(monkeypatch, dtype):
+    monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
+    launches = []
+    launch = fopt._launch
+    monkeypatch.setattr(fopt, "_launch", lambda backend, *a: launches.append(backend.name) or launch(backend, *a))
+    p = torch.randn(5000).to(dtype).requires_grad_()
+    opt = fastnorm.optim.Adam([p], lr=1e-3)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert launches == ["numba"]
+
+
+def test_a_backend_without_the_dtype_is_refused_by_name_and_skipped_by_auto(monkeypatch):
+    """(On a GPU, the cuda optimizers have no 16-bit storage yet: the same rule.)"""
+    monkeypatch.setattr(kernels.reference, "OPTIMIZER_DTYPES", kernels.reference.OPTIMIZER_DTYPES[:2])
+    assert "reference" not in fopt._dtype_backends(torch.bfloat16, "adam")
+    assert fopt._dtype_backends(torch.bfloat16, "adam")[-1] == "torch"
+    p = torch.ones(3, dtype=torch.bfloat16, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"does not update torch.bfloat16 parameters.*backends that do: numba, torch"):
+        fastnorm.optim.Adam([p], backend="reference").step()
+    monkeypatch.setenv("FASTNORM_BACKEND", "reference")  # "auto" resolving to it: torch's update instead
+    q = p.detach().clone().requires_grad_()
+    twin = torch.optim.Adam([q], lr=1e-3)
+    opt = fastnorm.optim.Adam([p], lr=1e-3)
+    q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    assert torch.equal(p, q)
