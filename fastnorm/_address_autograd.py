@@ -23,7 +23,13 @@ from ._arrays import CpuArrays, pool
 from ._dispatch import Backend, follow_torch_threads
 from .autograd import _CHANNELS_LAST, _differentiable_backward, _layout
 
-_LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
+# a scalar of the storage type (16-bit: their bits, kernels/numba_cpu/_bits.py) and one of the
+# compute dtype of the per-channel arrays, per input dtype: they type the kernels' pointers
+_LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0), torch.bfloat16: np.uint16(0),
+         torch.float16: np.int16(0)}  # fmt: skip
+_COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32,
+            torch.float16: torch.float32}  # fmt: skip
+_LIKE_C = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 
 
 def usable(backend: Backend) -> bool:
@@ -71,12 +77,14 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
     parallel, rows_per_chunk, block, _ = plan
     y = _empty_like(x, channels_last)
     weight, bias, mean_in, var_in = _dense(weight), _dense(bias), _dense(running_mean), _dense(running_var)
+    compute = _COMPUTE[x.dtype]
+    like_c = _LIKE_C[compute]
     if training:
-        stats = torch.empty(2, c, dtype=x.dtype)
+        stats = torch.empty(2, c, dtype=compute)
         mean = stats.data_ptr()
         kernels.forward_train_at(
-            _LIKE[x.dtype], x.data_ptr(), _address(weight), _address(bias), _address(mean_in), _address(var_in),
-            y.data_ptr(), mean, mean + c * itemsize, n, c, s, float(momentum), float(eps), parallel,
+            _LIKE[x.dtype], like_c, x.data_ptr(), _address(weight), _address(bias), _address(mean_in), _address(var_in),
+            y.data_ptr(), mean, mean + c * stats.element_size(), n, c, s, float(momentum), float(eps), parallel,
             rows_per_chunk, block,
         )  # fmt: skip
         if mean_in is not running_mean:  # strided running statistics: updated through a copy
@@ -85,8 +93,8 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
             running_var.copy_(var_in)
     else:
         kernels.forward_eval_at(
-            _LIKE[x.dtype], x.data_ptr(), _address(weight), _address(bias), mean_in.data_ptr(), var_in.data_ptr(),
-            y.data_ptr(), n, c, s, float(eps), parallel, rows_per_chunk,
+            _LIKE[x.dtype], like_c, x.data_ptr(), _address(weight), _address(bias), mean_in.data_ptr(),
+            var_in.data_ptr(), y.data_ptr(), n, c, s, float(eps), parallel, rows_per_chunk,
         )  # fmt: skip
         stats = None
     return y, x, stats, (channels_last, geometry, plan)
@@ -128,15 +136,17 @@ class AddressBatchNormFunction(torch.autograd.Function):
         if not grad_output.is_contiguous(memory_format=layout):
             grad_output = grad_output.contiguous(memory_format=layout)
         dx = _empty_like(x, channels_last) if need_dx else None
-        dweight = torch.empty(c, dtype=x.dtype) if need_dweight else None
-        dbias = torch.empty(c, dtype=x.dtype) if need_dbias else None
+        compute = stats.dtype  # the per-channel arrays' (float32 for 16-bit input)
+        dweight = torch.empty(c, dtype=compute) if need_dweight else None
+        dbias = torch.empty(c, dtype=compute) if need_dbias else None
         parallel, rows_per_chunk, _, block = plan
         if parallel:
             follow_torch_threads()
         weight = _dense(weight)  # held while the kernel reads it
         mean = stats.data_ptr()
         kernels.backward_at(
-            _LIKE[x.dtype], grad_output.data_ptr(), x.data_ptr(), mean, mean + c * x.element_size(),
+            _LIKE[x.dtype], _LIKE_C[compute], grad_output.data_ptr(), x.data_ptr(), mean,
+            mean + c * stats.element_size(),
             _address(weight), training, _address(dx), _address(dweight), _address(dbias), n, c, s, parallel,
             rows_per_chunk, block,
         )  # fmt: skip

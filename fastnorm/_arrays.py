@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+#: the dtype kernels compute per-channel values in, per storage dtype (16-bit: float32)
+_COMPUTE_DTYPES = {**_NUMPY_DTYPES, torch.bfloat16: np.float32, torch.float16: np.float32}
 
 
 class BufferPool:
@@ -110,8 +112,12 @@ class CpuArrays:
     @staticmethod
     def empty_like(like: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, np.ndarray]:
         """An uninitialised tensor shaped like ``like`` (same memory format) and its (N, C, S) array."""
-        dtype = _NUMPY_DTYPES[like.dtype]
+        dtype = _NUMPY_DTYPES.get(like.dtype)
         shape = like.shape
+        if dtype is None:  # 16-bit storage (NumPy has no bfloat16): a torch tensor and its view
+            fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[like.dim()] if channels_last else None
+            t = torch.empty_like(like, memory_format=fmt or torch.contiguous_format)
+            return t, CpuArrays().kernel_array(t, channels_last)
         if channels_last:
             a = pool.empty((shape[0], *shape[2:], shape[1]), dtype)
             return torch.from_numpy(a).movedim(-1, 1), a.reshape(-1, shape[1], 1)
@@ -120,13 +126,13 @@ class CpuArrays:
 
     @staticmethod
     def empty_vector(n: int, like: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        a = np.empty(n, _NUMPY_DTYPES[like.dtype])
+        a = np.empty(n, _COMPUTE_DTYPES[like.dtype])
         return torch.from_numpy(a), a
 
     @staticmethod
     def scratch_vector(n: int, like: torch.Tensor) -> tuple[None, np.ndarray]:
         """A work array the kernels fill and only fastnorm reads (no tensor needed on CPU)."""
-        return None, np.empty(n, _NUMPY_DTYPES[like.dtype])
+        return None, np.empty(n, _COMPUTE_DTYPES[like.dtype])
 
     def eval_constants(self, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float):
         """(keep_alive, mean, invstd) as the eval forward used them, copied now."""

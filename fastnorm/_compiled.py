@@ -21,6 +21,11 @@ from ._dispatch import resolve
 from .autograd import _CHANNELS_LAST, _differentiable_backward, batch_norm_forward
 
 
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-channel values for input ``dtype``: float32 for 16-bit inputs."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _channels_last(x: torch.Tensor) -> bool:
     fmt = _CHANNELS_LAST.get(x.dim())
     return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
@@ -57,8 +62,8 @@ def batch_norm_op(
     if training:
         # the kernel's running-statistics update with zeros and momentum 1 writes the batch mean
         # and unbiased variance themselves, computed as the eager path computes them
-        batch_mean = torch.zeros(c, dtype=input.dtype, device=input.device)
-        batch_var = torch.zeros(c, dtype=input.dtype, device=input.device)
+        batch_mean = torch.zeros(c, dtype=_compute(input.dtype), device=input.device)
+        batch_var = torch.zeros(c, dtype=_compute(input.dtype), device=input.device)
         with chosen.device_guard(input):
             y, _, saved = batch_norm_forward(input, weight, bias, batch_mean, batch_var, True, 1.0, eps, chosen, True)
     else:
@@ -66,18 +71,24 @@ def batch_norm_op(
             y, _, saved = batch_norm_forward(
                 input, weight, bias, running_mean, running_var, False, 0.0, eps, chosen, True
             )
-        batch_mean = torch.empty(0, dtype=input.dtype, device=input.device)
-        batch_var = torch.empty(0, dtype=input.dtype, device=input.device)
+        batch_mean = torch.empty(0, dtype=_compute(input.dtype), device=input.device)
+        batch_var = torch.empty(0, dtype=_compute(input.dtype), device=input.device)
     mean, invstd = _as_tensor(saved.mean, input).clone(), _as_tensor(saved.invstd, input).clone()
     return y, mean, invstd, batch_mean, batch_var
 
 
 @batch_norm_op.register_fake
 def _(input, weight, bias, running_mean, running_var, training, eps, backend):
-    c = input.shape[1]
-    stat = input.new_empty(c)
-    batch = input.new_empty(c if training else 0)
-    return _like(input), stat, input.new_empty(c), batch, input.new_empty(c if training else 0)
+    c, compute = input.shape[1], _compute(input.dtype)
+    stat = input.new_empty(c, dtype=compute)
+    batch = input.new_empty(c if training else 0, dtype=compute)
+    return (
+        _like(input),
+        stat,
+        input.new_empty(c, dtype=compute),
+        batch,
+        input.new_empty(c if training else 0, dtype=compute),
+    )
 
 
 @torch.library.custom_op("fastnorm::batch_norm_backward", mutates_args=())
@@ -115,11 +126,11 @@ def batch_norm_backward_op(
 
 @batch_norm_backward_op.register_fake
 def _(grad_output, input, weight, mean, invstd, training, backend, need_input_grad, need_weight_grad, need_bias_grad):
-    c = input.shape[1]
+    c, compute = input.shape[1], _compute(input.dtype)
     return (
         _like(input) if need_input_grad else input.new_empty(0),
-        input.new_empty(c if need_weight_grad else 0),
-        input.new_empty(c if need_bias_grad else 0),
+        input.new_empty(c, dtype=compute) if need_weight_grad else input.new_empty(0),
+        input.new_empty(c, dtype=compute) if need_bias_grad else input.new_empty(0),
     )
 
 
@@ -149,13 +160,13 @@ torch.library.register_autograd("fastnorm::batch_norm", _backward, setup_context
 
 
 @torch.compiler.assume_constant_result
-def _backend_for_small(backend: str, device: torch.device) -> str:
-    return _dispatch._resolve(backend, "batch_norm", device, True).name
+def _backend_for_small(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    return _dispatch._resolve(backend, "batch_norm", device, True, dtype).name
 
 
 @torch.compiler.assume_constant_result
-def _backend_for_large(backend: str, device: torch.device) -> str:
-    return _dispatch._resolve(backend, "batch_norm", device, False).name
+def _backend_for_large(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    return _dispatch._resolve(backend, "batch_norm", device, False, dtype).name
 
 
 def backend_name(backend: str, input: torch.Tensor) -> str:
@@ -164,20 +175,31 @@ def backend_name(backend: str, input: torch.Tensor) -> str:
     instead of tracing it. Under dynamic shapes the size enters only as a guard on "auto"'s
     threshold (the branch taken)."""
     if _dispatch.auto_prefers_torch(_dispatch.batch_norm_kind(input), input.numel()):
-        return _backend_for_small(backend, input.device)
-    return _backend_for_large(backend, input.device)
+        return _backend_for_small(backend, input.device, input.dtype)
+    return _backend_for_large(backend, input.device, input.dtype)
 
 
 def batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, backend: str):
     """The compiled path of :func:`fastnorm.functional.batch_norm` (arguments already checked)."""
     if input.numel() == 0:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    half = input.dtype in (torch.bfloat16, torch.float16)
+    if half and any(t is not None and t.dtype == input.dtype for t in (weight, bias, running_mean)):
+        # all in 16 bits: float32 per-channel values, as in the eager path (functional.py)
+        weight = None if weight is None else weight.float()
+        bias = None if bias is None else bias.float()
+        if not training:
+            running_mean, running_var = running_mean.float(), running_var.float()
     y, _, _, batch_mean, batch_var = batch_norm_op(
         input, weight, bias, running_mean if not training else None, running_var if not training else None,
         bool(training), float(eps), backend,
     )  # fmt: skip
     if training and running_mean is not None:
         with torch.no_grad():
-            running_mean.mul_(1.0 - momentum).add_(batch_mean, alpha=momentum)
-            running_var.mul_(1.0 - momentum).add_(batch_var, alpha=momentum)
+            if running_mean.dtype == batch_mean.dtype:
+                running_mean.mul_(1.0 - momentum).add_(batch_mean, alpha=momentum)
+                running_var.mul_(1.0 - momentum).add_(batch_var, alpha=momentum)
+            else:  # 16-bit buffers: updated in float32, rounded once
+                running_mean.copy_(running_mean.float() * (1.0 - momentum) + batch_mean * momentum)
+                running_var.copy_(running_var.float() * (1.0 - momentum) + batch_var * momentum)
     return y

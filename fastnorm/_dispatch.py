@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import kernels
+from kernels._bits import BFLOAT16
 
 from ._arrays import CpuArrays, CudaArrays
 
@@ -226,7 +227,36 @@ def auto_prefers_torch(kind: str, numel: int) -> bool:
     return numel < AUTO_CPU_MIN_NUMEL[kind]
 
 
-def resolve(backend: str, op: str, device: torch.device, numel: int | None = None, kind: str | None = None) -> Backend:
+#: torch dtype -> the kernels' storage dtype (bfloat16 as uint16 bits: kernels/_bits.py)
+KERNEL_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+                 torch.float16: np.dtype(np.float16), torch.bfloat16: BFLOAT16}  # fmt: skip
+_DTYPES_ATTRIBUTE = {"batch_norm": "BATCH_NORM_DTYPES"}  # the optimizers': OPTIMIZER_DTYPES
+
+
+def has_dtype(name: str, op: str, dtype: torch.dtype) -> bool:
+    """Whether backend ``name``'s ``op`` kernels take ``dtype`` (torch: always)."""
+    module, why = _load(name)
+    if why is not None:
+        return False
+    if module is None:
+        return True
+    wanted = KERNEL_DTYPES.get(dtype)
+    return wanted is not None and wanted in getattr(module, _DTYPES_ATTRIBUTE.get(op, "OPTIMIZER_DTYPES"), ())
+
+
+def dtype_backends(op: str, dtype: torch.dtype) -> list[str]:
+    """The backends usable here whose ``op`` kernels take ``dtype`` (torch always among them)."""
+    return [name for name in BACKENDS if _implements(name, op) and has_dtype(name, op, dtype)]
+
+
+def resolve(
+    backend: str,
+    op: str,
+    device: torch.device,
+    numel: int | None = None,
+    kind: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Backend:
     """Choose the backend that runs ``op`` on tensors of ``device``.
 
     Args:
@@ -237,17 +267,22 @@ def resolve(backend: str, op: str, device: torch.device, numel: int | None = Non
             matters to ``"auto"``; None: large.
         kind: the key of :data:`AUTO_CPU_MIN_NUMEL` for this work (default ``op``): the input's
             layout (:func:`batch_norm_kind`), ``"sgd_momentum"``.
+        dtype: the data's floating dtype, when known: ``"auto"`` skips a backend whose kernels
+            lack it (in the end: torch); a backend named explicitly that lacks it raises
+            ValueError naming the backends that have it.
     """
     small = numel is not None and auto_prefers_torch(kind or op, numel)
-    key = (backend, op, device.type, _environment() if backend == AUTO else None, small)
+    key = (backend, op, device.type, _environment() if backend == AUTO else None, small, dtype)
     chosen = _RESOLVED.get(key)
     if chosen is None:
-        chosen = _resolve(backend, op, device, small)
+        chosen = _resolve(backend, op, device, small, dtype)
         _RESOLVED[key] = chosen
     return chosen
 
 
-def _resolve(backend: str, op: str, device: torch.device, small: bool = False) -> Backend:
+def _resolve(
+    backend: str, op: str, device: torch.device, small: bool = False, dtype: torch.dtype | None = None
+) -> Backend:
     source = ""
     if backend == AUTO:
         env = (_environment() or "").strip()
@@ -257,9 +292,17 @@ def _resolve(backend: str, op: str, device: torch.device, small: bool = False) -
         raise _unknown(backend, source, op)
     if backend == AUTO:
         preferred = {"cpu": None if small else "numba", "cuda": "cuda"}.get(device.type)
-        backend = preferred if preferred and _implements(preferred, op) else "torch"
+        usable = preferred and _implements(preferred, op)
+        if usable and dtype in KERNEL_DTYPES and not has_dtype(preferred, op, dtype):
+            usable = False  # "auto" never refuses a dtype torch supports
+        backend = preferred if usable else "torch"
     elif not _implements(backend, op):
         raise _unavailable(backend, op, source)
+    elif dtype in KERNEL_DTYPES and not has_dtype(backend, op, dtype):
+        raise ValueError(
+            f"backend {backend!r}{source} has no {dtype} {op} kernels; backends that have them here: "
+            f"{', '.join(dtype_backends(op, dtype))}"
+        )
 
     wanted = _DEVICE_TYPE.get(backend)
     if wanted is not None and device.type != wanted:

@@ -177,6 +177,9 @@ def _differentiable_backward(training, eps, dy, x, weight, saved_mean, saved_inv
     saved_mean, saved_invstd: (C,) arrays or tensors, the eval forward's constants."""
     dims = [0, *range(2, x.dim())]
     shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    storage = x.dtype
+    if storage in (torch.bfloat16, torch.float16):  # computed in float32, as the kernels do
+        x, dy = x.float(), dy.float()
     if training:  # the statistics are functions of x
         mean = x.mean(dims, keepdim=True)
         invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
@@ -191,4 +194,4 @@ def _differentiable_backward(training, eps, dy, x, weight, saved_mean, saved_inv
         dx = scale * (dy - dy.mean(dims, keepdim=True) - xhat * (dy * xhat).mean(dims, keepdim=True))
     else:
         dx = scale * dy
-    return dx, dweight, dbias
+    return dx.to(storage), dweight, dbias

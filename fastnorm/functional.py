@@ -13,7 +13,8 @@ from .autograd import BatchNormFunction, batch_norm_forward
 
 __all__ = ["batch_norm"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def batch_norm(
@@ -67,10 +68,10 @@ def batch_norm(
         _check_arguments(input, running_mean, running_var, weight, bias, training, eps, name)
         return _compiled.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, name)
 
-    if backend == "auto":  # the size and layout decide (_dispatch.AUTO_CPU_MIN_NUMEL)
-        chosen = resolve(backend, "batch_norm", input.device, input.numel(), batch_norm_kind(input))
+    if backend == "auto":  # the size, layout and dtype decide (_dispatch.AUTO_CPU_MIN_NUMEL)
+        chosen = resolve(backend, "batch_norm", input.device, input.numel(), batch_norm_kind(input), input.dtype)
     else:
-        chosen = resolve(backend, "batch_norm", input.device)
+        chosen = resolve(backend, "batch_norm", input.device, dtype=getattr(input, "dtype", None))
     return batch_norm_with(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -79,6 +80,30 @@ def batch_norm_with(chosen: Backend, input, running_mean, running_var, weight, b
     if chosen.is_torch:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     _check_arguments(input, running_mean, running_var, weight, bias, training, eps, chosen.name)
+    if input.dtype in _HALF and any(t is not None and t.dtype == input.dtype for t in (weight, bias, running_mean)):
+        return _with_float32_parameters(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _kernels_path(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _with_float32_parameters(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """A BatchNorm all in 16 bits (input, weight, bias, running statistics): the kernels keep
+    per-channel values in float32, as torch's do. The parameters enter as float32 (``.float()``:
+    their gradients come back in their dtype through autograd), the running statistics are
+    updated in float32 copies and rounded once into the buffers."""
+
+    def wide(t):
+        return None if t is None else t.float()
+
+    mean32, var32 = wide(running_mean), wide(running_var)
+    y = _kernels_path(chosen, input, mean32, var32, wide(weight), wide(bias), training, momentum, eps)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(mean32)
+            running_var.copy_(var32)
+    return y
+
+
+def _kernels_path(chosen: Backend, input, running_mean, running_var, weight, bias, training, momentum, eps):
     if input.numel() == 0:
         # PyTorch: an empty batch gives an empty output (still connected to weight and bias,
         # whose gradients are zeros) and leaves the running statistics alone.
@@ -158,16 +183,23 @@ def check_tensors(input, weight, bias, running_mean, running_var, name) -> None:
     dtype = input.dtype
     if dtype not in _KERNEL_DTYPES:
         raise UnsupportedDtypeError(
-            f"fastnorm's {name!r} backend computes batch_norm in float32 or float64, but the "
-            f"input is {dtype}; convert it, or use backend='torch' for other dtypes"
+            f"fastnorm's {name!r} backend computes batch_norm in float32, float64, bfloat16 or float16, but "
+            f"the input is {dtype}; convert it, or use backend='torch' for other dtypes"
         )
+    # torch's mixed case: a 16-bit input with float32 weight, bias and running statistics
+    mixed = dtype in _HALF and any(
+        t is not None and t.dtype != dtype for t in (weight, bias, running_mean, running_var)
+    )
     for what, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):  # fmt: skip
         if t is None:
             continue
         if t.numel() != channels:
             raise RuntimeError(f"{what} should contain {channels} elements not {t.numel()}")
-        if t.dtype != dtype:
+        if mixed:
+            if t.dtype != torch.float32:
+                raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+        elif t.dtype != dtype:
             raise RuntimeError(
                 f"mixed dtype: all inputs must share same datatype, but input is {dtype} and {what} is {t.dtype}"
             )

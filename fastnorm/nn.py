@@ -45,10 +45,10 @@ class _FastBatchNorm:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         compiling = torch.compiler.is_compiling()
         if not compiling:
-            if self.backend == AUTO:  # the size and layout decide (_dispatch.AUTO_CPU_MIN_NUMEL)
-                chosen = resolve(AUTO, "batch_norm", input.device, input.numel(), batch_norm_kind(input))
+            if self.backend == AUTO:  # size, layout and dtype decide (_dispatch.AUTO_CPU_MIN_NUMEL)
+                chosen = resolve(AUTO, "batch_norm", input.device, input.numel(), batch_norm_kind(input), input.dtype)
             else:
-                chosen = resolve(self.backend, "batch_norm", input.device)
+                chosen = resolve(self.backend, "batch_norm", input.device, dtype=input.dtype)
             if chosen.is_torch:
                 # torch's kernels chosen (backend="torch", or "auto" at a size where torch is
                 # faster): torch's own forward, with nothing of fastnorm's around it
@@ -178,6 +178,13 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         chosen = resolve(self.backend, "batch_norm", input.device)
+        if input.dtype in (torch.bfloat16, torch.float16):  # not in the synchronised kernels (yet)
+            if self.backend != AUTO:
+                raise ValueError(
+                    f"fastnorm's SyncBatchNorm (backend {self.backend!r}) computes in float32 or float64, the input "
+                    f"is {input.dtype}; use backend='auto' or 'torch' (torch's own SyncBatchNorm)"
+                )
+            chosen = resolve("torch", "batch_norm", input.device)
         if chosen.is_torch:  # "auto" where no fastnorm kernel runs: torch's own
             return nn.SyncBatchNorm.forward(self, input)
         functional.check_tensors(input, self.weight, self.bias, self.running_mean, self.running_var, chosen.name)

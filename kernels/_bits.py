@@ -110,3 +110,20 @@ def round_into(out: np.ndarray, x: np.ndarray, dtype, random_bits: np.ndarray | 
         else:
             rounded = (u + random_bits.reshape(u.shape)) >> np.uint32(16)
     out[...] = rounded.astype(np.uint16).reshape(out.shape)
+
+
+def round_float64_into(out: np.ndarray, x: np.ndarray, dtype) -> None:
+    """``out[...] = x`` (float64) rounded once to storage ``dtype`` (to nearest even): float16
+    directly (NumPy's conversion is correctly rounded); bfloat16 through float32 rounded to odd,
+    which makes the second rounding exact (no double-rounding error)."""
+    x = np.asarray(x, np.float64)
+    if np.dtype(dtype) == FLOAT16:
+        out[...] = x.astype(np.float16)
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = x.astype(np.float32)
+        wide = r.astype(np.float64)
+        inexact = (wide != x) & ~np.isnan(x)
+        r = np.where(inexact & (np.abs(wide) > np.abs(x)), np.nextafter(r, np.float32(0)), r)  # toward zero
+        odd = (np.ascontiguousarray(r, np.float32).view(np.uint32) | inexact.astype(np.uint32)).view(np.float32)
+    round_into(out, odd, BFLOAT16)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ._bits import BFLOAT16, HALF_DTYPES
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -34,12 +36,22 @@ def device_dense(a) -> bool:
     return all(n == 1 or s == e for n, s, e in zip(shape, strides, reversed(expected)))
 
 
-def check_arrays(x, y, per_channel, extra=(), *, backend: str = "numba", dense: Callable = numpy_dense) -> None:
-    """x, y (and ``extra``): C-contiguous (N, C, S) arrays of one float dtype; ``per_channel``:
-    (C,) arrays of that dtype or None. Cheap on the success path (it runs on every call)."""
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype kernels compute and keep per-channel values in for storage ``dtype``: float32
+    for the 16-bit ones (kernels/_bits.py), else the dtype itself."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype in HALF_DTYPES else dtype
+
+
+def check_arrays(x, y, per_channel, extra=(), *, backend: str = "numba", dense: Callable = numpy_dense,
+                 dtypes: tuple = FLOAT_DTYPES) -> None:  # fmt: skip
+    """x, y (and ``extra``): C-contiguous (N, C, S) arrays of one storage dtype among ``dtypes``;
+    ``per_channel``: (C,) arrays of its compute dtype (:func:`compute_dtype`) or None. Cheap on
+    the success path (it runs on every call)."""
     dtype = np.dtype(getattr(x, "dtype", None) or np.object_)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"the {backend} backend computes in float32 or float64, got {dtype}")
+    if dtype not in dtypes:
+        names = " or ".join("bfloat16 (uint16 bits)" if d == BFLOAT16 else str(d) for d in dtypes)
+        raise TypeError(f"the {backend} backend computes in {names}, got {dtype}")
     shape = tuple(x.shape)
     if len(shape) != 3:
         raise ValueError(f"kernels take (N, C, S) arrays, got shape {shape}")
@@ -49,9 +61,10 @@ def check_arrays(x, y, per_channel, extra=(), *, backend: str = "numba", dense: 
         if not dense(a):
             raise ValueError(f"{name}: the {backend} kernels need C-contiguous arrays")
     c = (shape[1],)
+    compute = compute_dtype(dtype)
     for a in per_channel:
-        if a is not None and (tuple(getattr(a, "shape", ())) != c or a.dtype != dtype or not dense(a)):
-            raise ValueError(f"per-channel arrays must be dense {dtype} of shape {c}, got {_describe(a)}")
+        if a is not None and (tuple(getattr(a, "shape", ())) != c or a.dtype != compute or not dense(a)):
+            raise ValueError(f"per-channel arrays must be dense {compute} of shape {c}, got {_describe(a)}")
 
 
 def check_float64_vectors(c: int, *arrays, dense: Callable = numpy_dense) -> None:

@@ -130,8 +130,13 @@ def test_kernels_api_matches_reference(shape, dtype):
 def test_kernels_api_refuses_bad_arrays_clearly():
     x, w, b = _arrays((4, 3), np.float32)
     y, m, inv = np.empty_like(x), np.empty(3, np.float32), np.empty(3, np.float32)
-    with pytest.raises(TypeError, match="float32 or float64, got float16"):
+    with pytest.raises(TypeError, match="float32 or float64 or float16 or bfloat16 .uint16 bits., got int32"):
+        nb.batch_norm_forward_train(x.astype(np.int32), None, None, None, None, 0.1, 1e-5, y, m, inv)
+    with pytest.raises(ValueError, match="y: expected a float16 array"):  # 16-bit input, float32 output
         nb.batch_norm_forward_train(x.astype(np.float16), None, None, None, None, 0.1, 1e-5, y, m, inv)
+    with pytest.raises(ValueError, match="per-channel arrays must be dense float32"):  # 16-bit: float32 ones
+        h = x.astype(np.float16)
+        nb.batch_norm_forward_train(h, w.astype(np.float16), None, None, None, 0.1, 1e-5, np.empty_like(h), m, inv)
     with pytest.raises(ValueError, match=r"\(N, C, S\)"):
         nb.batch_norm_forward_train(x[:, :, 0], None, None, None, None, 0.1, 1e-5, y, m, inv)
     with pytest.raises(ValueError, match="per-channel"):

@@ -53,14 +53,16 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import BATCH_NORM_API
+from .._bits import HALF_DTYPES
 from .._pointer import pointer_intrinsic
-from .._validate import check_arrays, check_float64_vectors
+from .._validate import FLOAT_DTYPES, check_arrays, check_float64_vectors, compute_dtype
 from ..formulas import batchnorm as formulas
 from ..formulas import compiled
 from . import _jit
+from ._bits import narrow, widen
 from ._jit import REASSOC, twins
 
-__all__ = [*BATCH_NORM_API, "forward_train_at", "forward_eval_at", "backward_at", "plan"]
+__all__ = [*BATCH_NORM_API, "forward_train_at", "forward_eval_at", "backward_at", "plan", "BATCH_NORM_DTYPES"]
 
 _F = compiled(njit(inline="always"), formulas)
 
@@ -98,7 +100,7 @@ def _shift(x):  # x: (N, C, S) -> (C,) float64: each channel's first value, 0 if
     C = x.shape[1]
     shift = np.empty(C, np.float64)
     for c in range(C):
-        shift[c] = _F.shift_of(np.float64(x[0, c, 0]))
+        shift[c] = _F.shift_of(np.float64(widen(x[0, c, 0])))
     return shift
 
 
@@ -124,11 +126,11 @@ def _channel_sums(u, v, center, grad, c0, c1, rows_per_chunk):
                 vi = v2[i]
                 for c in range(C):
                     if grad:
-                        w = np.float64(ui[c])
+                        w = np.float64(widen(ui[c]))
                         a1[c] += w
-                        a2[c] += w * (np.float64(vi[c]) - center[c])
+                        a2[c] += w * (np.float64(widen(vi[c])) - center[c])
                     else:
-                        d = np.float64(ui[c]) - center[c]
+                        d = np.float64(widen(ui[c])) - center[c]
                         a1[c] += d
                         a2[c] += d * d
         for k in range(chunks):
@@ -150,11 +152,11 @@ def _channel_sums(u, v, center, grad, c0, c1, rows_per_chunk):
             a2 = 0.0
             for j in range(S):
                 if grad:
-                    w = np.float64(up[j])
+                    w = np.float64(widen(up[j]))
                     a1 += w
-                    a2 += w * (np.float64(vp[j]) - k)
+                    a2 += w * (np.float64(widen(vp[j])) - k)
                 else:
-                    d = np.float64(up[j]) - k
+                    d = np.float64(widen(up[j])) - k
                     a1 += d
                     a2 += d * d
             p1[q] = a1
@@ -168,7 +170,8 @@ def _channel_sums(u, v, center, grad, c0, c1, rows_per_chunk):
 @njit(inline="always")
 def _affine_pass(x, dy, backward, m, m_lo, a, b, k1, out, c0, c1, rows_per_chunk):
     """out = ((x - m) - m_lo) * a + b, plus dy * k1 when ``backward`` (a literal at each call
-    site), for channels c0..c1-1; the per-channel (C,) arrays are in x's dtype.
+    site), for channels c0..c1-1; the per-channel (C,) arrays are in the compute dtype (x's, or
+    float32 for 16-bit storage: elements widened on load, rounded once on store).
     Forward: y (dy unused); backward: dx with m_lo zeros, a = k2, b = k3.
 
     The mean is split into m + m_lo (its rounding error): x - m is exact when x is near m, so
@@ -187,9 +190,9 @@ def _affine_pass(x, dy, backward, m, m_lo, a, b, k1, out, c0, c1, rows_per_chunk
                 oi = o2[i]
                 for c in range(C):
                     if backward:
-                        oi[c] = gi[c] * k1[c] + (xi[c] - m[c]) * a[c] + b[c]
+                        oi[c] = narrow(widen(gi[c]) * k1[c] + (widen(xi[c]) - m[c]) * a[c] + b[c], o2)
                     else:
-                        oi[c] = ((xi[c] - m[c]) - m_lo[c]) * a[c] + b[c]
+                        oi[c] = narrow(((widen(xi[c]) - m[c]) - m_lo[c]) * a[c] + b[c], o2)
     else:
         x2 = x.reshape(N * C, S)
         g2 = dy.reshape(N * C, S)
@@ -203,9 +206,9 @@ def _affine_pass(x, dy, backward, m, m_lo, a, b, k1, out, c0, c1, rows_per_chunk
             op = o2[n * C + c]
             for j in range(S):
                 if backward:
-                    op[j] = gp[j] * kc + (xp[j] - mc) * ac + bc
+                    op[j] = narrow(widen(gp[j]) * kc + (widen(xp[j]) - mc) * ac + bc, o2)
                 else:
-                    op[j] = ((xp[j] - mc) - lc) * ac + bc
+                    op[j] = narrow(((widen(xp[j]) - mc) - lc) * ac + bc, o2)
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -218,10 +221,10 @@ def _forward_train(x, weight, bias, has_weight, has_bias, running_mean, running_
     N, C, S = x.shape
     n = np.float64(N * S)
     shift = _shift(x)
-    m = np.empty(C, x.dtype)
-    m_lo = np.empty(C, x.dtype)
-    scale = np.empty(C, x.dtype)
-    beta = np.empty(C, x.dtype)
+    m = np.empty_like(save_mean)  # the compute dtype: x's, float32 for 16-bit storage
+    m_lo = np.empty_like(save_mean)
+    scale = np.empty_like(save_mean)
+    beta = np.empty_like(save_mean)
     for c0 in range(0, C, block):
         c1 = min(C, c0 + block)
         s1, s2 = _channel_sums(x, x, shift, False, c0, c1, rows_per_chunk)
@@ -243,9 +246,9 @@ def _forward_train(x, weight, bias, has_weight, has_bias, running_mean, running_
 def _forward_eval(x, weight, bias, has_weight, has_bias, running_mean, running_var, eps, y,
                   rows_per_chunk):  # fmt: skip
     C = x.shape[1]
-    m_lo = np.zeros(C, x.dtype)  # running_mean is exact in x's dtype
-    scale = np.empty(C, x.dtype)
-    beta = np.empty(C, x.dtype)
+    m_lo = np.zeros_like(running_mean)  # running_mean is exact in the compute dtype
+    scale = np.empty_like(running_mean)
+    beta = np.empty_like(running_mean)
     for c in range(C):
         invstd = 1.0 / math.sqrt(np.float64(running_var[c]) + eps)
         scale[c] = _F.scale_of(invstd, weight[c] if has_weight else 1.0)
@@ -262,10 +265,10 @@ def _backward(dy, x, mean, invstd, weight, has_weight, training, need_sums, need
     center = np.empty(C, np.float64)
     for c in range(C):
         center[c] = mean[c]
-    k1 = np.empty(C, x.dtype)  # dx = dy * k1 + (x - mean) * k2 + k3
-    k2 = np.empty(C, x.dtype)
-    k3 = np.empty(C, x.dtype)
-    zeros = np.zeros(C, x.dtype)
+    k1 = np.empty_like(invstd)  # dx = dy * k1 + (x - mean) * k2 + k3, in the compute dtype
+    k2 = np.empty_like(invstd)
+    k3 = np.empty_like(invstd)
+    zeros = np.zeros_like(invstd)
     for c0 in range(0, C, block):
         c1 = min(C, c0 + block)
         if need_sums:
@@ -303,55 +306,69 @@ def _stats(x, mean, var, rows_per_chunk, block):
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 
+#: storage dtypes: float32, float64, float16 and bfloat16 (uint16 bits, kernels/_bits.py); the
+#: 16-bit ones are computed in float32, with float32 per-channel arrays
+BATCH_NORM_DTYPES = (*FLOAT_DTYPES, *HALF_DTYPES)
+
 
 def _or_empty(a, dtype):
-    return _EMPTY[dtype] if a is None else a
+    return _EMPTY[compute_dtype(dtype)] if a is None else a
+
+
+def _bits(a):
+    """float16 arrays as int16 bits: the kernels' element type says the storage (_bits.widen)."""
+    return a.view(np.int16) if a is not None and a.dtype == np.float16 else a
+
+
+def _check(x, y, per_channel, extra=()):
+    check_arrays(x, y, per_channel, extra, dtypes=BATCH_NORM_DTYPES)
 
 
 def batch_norm_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, y, save_mean, save_invstd):
     """Training forward; see kernels.reference.batch_norm_forward_train for the contract."""
-    check_arrays(x, y, [weight, bias, running_mean, running_var, save_mean, save_invstd])
+    _check(x, y, [weight, bias, running_mean, running_var, save_mean, save_invstd])
     n, c, s = x.shape
     kernel = _forward_train(x.size)
-    kernel(x, _or_empty(weight, x.dtype), _or_empty(bias, x.dtype), weight is not None, bias is not None,
+    kernel(_bits(x), _or_empty(weight, x.dtype), _or_empty(bias, x.dtype), weight is not None, bias is not None,
            _or_empty(running_mean, x.dtype), _or_empty(running_var, x.dtype), running_mean is not None,
-           float(momentum), float(eps), y, save_mean, save_invstd, _rows_per_chunk(n, c),
+           float(momentum), float(eps), _bits(y), save_mean, save_invstd, _rows_per_chunk(n, c),
            _channel_block(n, c, s, x.itemsize, 1))  # fmt: skip
 
 
 def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps, y):
     """Eval forward; see kernels.reference.batch_norm_forward_eval."""
-    check_arrays(x, y, [weight, bias, running_mean, running_var])
+    _check(x, y, [weight, bias, running_mean, running_var])
     n, c, s = x.shape
-    _forward_eval(x.size)(x, _or_empty(weight, x.dtype), _or_empty(bias, x.dtype), weight is not None,
-                          bias is not None, running_mean, running_var, float(eps), y,
+    _forward_eval(x.size)(_bits(x), _or_empty(weight, x.dtype), _or_empty(bias, x.dtype), weight is not None,
+                          bias is not None, running_mean, running_var, float(eps), _bits(y),
                           _rows_per_chunk(n, c))  # fmt: skip
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight, training, dx, dweight, dbias):
     """Backward; see kernels.reference.batch_norm_backward."""
-    check_arrays(x, dy, [mean, invstd, weight, dweight, dbias], extra=[dx])
+    _check(x, dy, [mean, invstd, weight, dweight, dbias], extra=[dx])
     n, c, s = x.shape
     need_dx = dx is not None
     need_sums = (need_dx and training) or dweight is not None or dbias is not None
-    _backward(x.size)(dy, x, mean, invstd, _or_empty(weight, x.dtype), weight is not None, bool(training),
-                      need_sums, need_dx, dy if dx is None else dx, _or_empty(dweight, x.dtype),
-                      _or_empty(dbias, x.dtype), _rows_per_chunk(n, c),
+    _backward(x.size)(_bits(dy), _bits(x), mean, invstd, _or_empty(weight, x.dtype), weight is not None,
+                      bool(training), need_sums, need_dx, _bits(dy if dx is None else dx),
+                      _or_empty(dweight, x.dtype), _or_empty(dbias, x.dtype), _rows_per_chunk(n, c),
                       _channel_block(n, c, s, x.itemsize, 2))  # fmt: skip
 
 
 def batch_norm_stats(x, mean, var):
     """Per-channel mean and biased variance (float64 outputs); see kernels.reference."""
-    check_arrays(x, x, [])
+    _check(x, x, [])
     n, c, s = x.shape
     check_float64_vectors(c, mean, var)
-    _stats(x.size)(x, mean, var, _rows_per_chunk(n, c), _channel_block(n, c, s, x.itemsize, 1))
+    _stats(x.size)(_bits(x), mean, var, _rows_per_chunk(n, c), _channel_block(n, c, s, x.itemsize, 1))
 
 
 # -- address-level entry points: the same kernels on raw addresses, unchecked --------------------
 # For a caller that has validated its tensors (fastnorm's eager path): at the MNIST MLP's sizes a
 # NumPy view per tensor (~1.5 µs), the entry points' checks and Numba's typing of array arguments
-# cost as much as the kernels themselves. Arguments: ``like`` a scalar of the data's dtype (it
+# cost as much as the kernels themselves. Arguments: ``like`` a scalar of the data's storage type
+# (uint16 for bfloat16 bits, int16 for float16 bits) and ``like_c`` one of the compute dtype (it
 # types the pointers), then int64 addresses (0 for an absent per-channel array), then the
 # (N, C, S) geometry as the array entry points see it; ``plan`` is :func:`plan` of the shape.
 
@@ -374,12 +391,12 @@ _backward_serial, _backward_parallel = _backward.serial, _backward.parallel
 
 
 @njit(cache=True, nogil=True)
-def forward_train_at(like, x, weight, bias, running_mean, running_var, y, save_mean, save_invstd,
+def forward_train_at(like, like_c, x, weight, bias, running_mean, running_var, y, save_mean, save_invstd,
                      n, c, s, momentum, eps, parallel, rows_per_chunk, block):  # fmt: skip
     xa, ya = _at(x, like, (n, c, s)), _at(y, like, (n, c, s))
-    w, b = _vector_at(weight, like, c), _vector_at(bias, like, c)
-    rm, rv = _vector_at(running_mean, like, c), _vector_at(running_var, like, c)
-    sm, si = _at(save_mean, like, c), _at(save_invstd, like, c)
+    w, b = _vector_at(weight, like_c, c), _vector_at(bias, like_c, c)
+    rm, rv = _vector_at(running_mean, like_c, c), _vector_at(running_var, like_c, c)
+    sm, si = _at(save_mean, like_c, c), _at(save_invstd, like_c, c)
     if parallel:
         _forward_train_parallel(xa, w, b, weight != 0, bias != 0, rm, rv, running_mean != 0, momentum, eps,
                                 ya, sm, si, rows_per_chunk, block)  # fmt: skip
@@ -389,10 +406,11 @@ def forward_train_at(like, x, weight, bias, running_mean, running_var, y, save_m
 
 
 @njit(cache=True, nogil=True)
-def forward_eval_at(like, x, weight, bias, running_mean, running_var, y, n, c, s, eps, parallel, rows_per_chunk):
+def forward_eval_at(like, like_c, x, weight, bias, running_mean, running_var, y, n, c, s, eps, parallel,
+                    rows_per_chunk):  # fmt: skip
     xa, ya = _at(x, like, (n, c, s)), _at(y, like, (n, c, s))
-    w, b = _vector_at(weight, like, c), _vector_at(bias, like, c)
-    rm, rv = _at(running_mean, like, c), _at(running_var, like, c)
+    w, b = _vector_at(weight, like_c, c), _vector_at(bias, like_c, c)
+    rm, rv = _at(running_mean, like_c, c), _at(running_var, like_c, c)
     if parallel:
         _forward_eval_parallel(xa, w, b, weight != 0, bias != 0, rm, rv, eps, ya, rows_per_chunk)
     else:
@@ -400,13 +418,13 @@ def forward_eval_at(like, x, weight, bias, running_mean, running_var, y, n, c, s
 
 
 @njit(cache=True, nogil=True)
-def backward_at(like, dy, x, mean, invstd, weight, training, dx, dweight, dbias, n, c, s, parallel,
+def backward_at(like, like_c, dy, x, mean, invstd, weight, training, dx, dweight, dbias, n, c, s, parallel,
                 rows_per_chunk, block):  # fmt: skip
     """dx, dweight, dbias: addresses, 0 for a gradient not wanted."""
     dya, xa = _at(dy, like, (n, c, s)), _at(x, like, (n, c, s))
-    m, inv, w = _at(mean, like, c), _at(invstd, like, c), _vector_at(weight, like, c)
+    m, inv, w = _at(mean, like_c, c), _at(invstd, like_c, c), _vector_at(weight, like_c, c)
     dxa = _at(dx if dx != 0 else dy, like, (n, c, s))  # unused when dx is not wanted
-    dw, db = _vector_at(dweight, like, c), _vector_at(dbias, like, c)
+    dw, db = _vector_at(dweight, like_c, c), _vector_at(dbias, like_c, c)
     need_dx = dx != 0
     need_sums = (need_dx and training) or dweight != 0 or dbias != 0
     if parallel:

@@ -42,7 +42,10 @@ from ..formulas import batchnorm as formulas
 from ..formulas import compiled
 from ._device import BLOCK, SIMULATOR, WARP, as_view, launch, scratch, view
 
-__all__ = [*BATCH_NORM_API]
+__all__ = [*BATCH_NORM_API, "BATCH_NORM_DTYPES"]
+
+#: storage dtypes (16-bit storage: not yet on this backend)
+BATCH_NORM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 ROW_TILE, ROW_LANES = 32, 8  # (N, C) layout: 32 channels x 8 rows per block
 TARGET_BLOCKS = 1024  # aim for this many blocks in the partial-sum grid (~8 per SM on an H100)

@@ -14,7 +14,9 @@ generalises it the way PyTorch does:
 * eps is added to the variance inside the square root (PyTorch's default 1e-5, the book's 1e-6).
 
 Everything is computed in float64 and written into the caller's float32/float64 outputs, so this
-is both the slow backend and the yardstick the fast ones are tested against.
+is both the slow backend and the yardstick the fast ones are tested against. 16-bit storage
+(float16 arrays, or bfloat16 as uint16 bits: kernels/_bits.py) is widened exactly on the way in
+and rounded once on the way out; its per-channel arrays are float32.
 
 Every kernels backend exposes these four functions with these arguments; all of them write into
 output arrays the caller allocated (so on a GPU the outputs come from torch's allocator).
@@ -22,11 +24,48 @@ output arrays the caller allocated (so on a GPU the outputs come from torch's al
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import numpy as np
 
 from .. import BATCH_NORM_API
+from .._bits import HALF_DTYPES, round_float64_into, widen
 
-__all__ = [*BATCH_NORM_API]
+__all__ = [*BATCH_NORM_API, "BATCH_NORM_DTYPES"]
+
+#: storage dtypes (16-bit: float32 per-channel arrays, float64 inside)
+BATCH_NORM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), *HALF_DTYPES)
+
+
+def _storage(inputs: tuple[str, ...], outputs: tuple[str, ...]):
+    """Run a function written for float arrays on 16-bit storage: the ``inputs`` (N, C, S)
+    arrays widened (exactly), the ``outputs`` computed into float64 arrays and rounded once."""
+
+    def decorate(fn):
+        names = list(inspect.signature(fn).parameters)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            bound = dict(zip(names, args), **kwargs)
+            dtype = np.dtype(bound["x"].dtype)
+            if dtype not in HALF_DTYPES:
+                return fn(**bound)
+            wide = dict(bound)
+            for name in inputs:
+                wide[name] = widen(bound[name], dtype)
+            for name in outputs:
+                if bound[name] is not None:
+                    wide[name] = np.empty(bound[name].shape, np.float64)
+            fn(**wide)
+            for name in outputs:
+                if bound[name] is not None:
+                    round_float64_into(bound[name], wide[name], dtype)
+
+        return run
+
+    return decorate
+
 
 # NaN and Inf propagate silently, as in torch
 _quiet = np.errstate(invalid="ignore", divide="ignore", over="ignore")
@@ -39,6 +78,7 @@ def _per_channel(v: np.ndarray) -> np.ndarray:
     return v.reshape(1, -1, 1)
 
 
+@_storage(("x",), ("y",))
 @_quiet
 def batch_norm_forward_train(
     x: np.ndarray,  # (N, C, S) float32/float64
@@ -78,6 +118,7 @@ def batch_norm_forward_train(
         running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased
 
 
+@_storage(("x",), ("y",))
 @_quiet
 def batch_norm_forward_eval(
     x: np.ndarray,  # (N, C, S)
@@ -98,6 +139,7 @@ def batch_norm_forward_eval(
     y[...] = out
 
 
+@_storage(("dy", "x"), ("dx",))
 @_quiet
 def batch_norm_backward(
     dy: np.ndarray,  # (N, C, S) upstream gradient
@@ -140,6 +182,7 @@ def batch_norm_backward(
     dx[...] = dxc
 
 
+@_storage(("x",), ())
 @_quiet
 def batch_norm_stats(
     x: np.ndarray,  # (N, C, S)
