@@ -142,7 +142,7 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(optimizer=args.optimizer, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                          batch_norm=args.batch_norm, backend=args.backend, seed=args.seed,
                          train_limit=args.train_limit, test_limit=args.test_limit,
-                         progress=not args.no_progress)  # fmt: skip
+                         progress=not args.no_progress, dtype=args.dtype, amp=args.amp)  # fmt: skip
     out = Path(args.out)
     if args.nproc > 1:
         from .book.train import train_distributed
@@ -166,7 +166,8 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     runs = compare_backends(_data(args), out / "compare_backends.png", epochs=args.epochs,
                             names=_split(args.backends) or None, optimizer=args.optimizer, seed=args.seed,
-                            train_limit=args.train_limit, progress=not args.no_progress)  # fmt: skip
+                            train_limit=args.train_limit, progress=not args.no_progress, dtype=args.dtype,
+                            amp=args.amp)  # fmt: skip
     table = _backend_table(runs)
     (out / "compare_backends.md").write_text(table + "\n")
     print(table)
@@ -280,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
         p.add_argument("--train-limit", type=_positive_int, default=None, help="use the first N training images only")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="the parameters' dtype, or with --amp autocast's (default: float32)")  # fmt: skip
+        p.add_argument("--amp", action="store_true",
+                       help="mixed precision: float32 parameters, forward under torch.autocast(--dtype)")  # fmt: skip
 
     train = sub.add_parser("train", help="train the MNIST MLP (logs, checkpoints, --resume)")
     common(train, 10)
@@ -341,6 +346,8 @@ def _positive_int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "amp", False) and args.dtype == "float32":
+        parser.error("--amp (autocast) needs a 16-bit --dtype: bfloat16 or float16")
     return args.func(args)
 
 

@@ -29,6 +29,9 @@ def test_help(command):
         (["train", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
         (["compare", "--epochs", "two"], "expected a positive integer, got 'two'"),
         (["nope"], "invalid choice: 'nope'"),
+        (["train", "--dtype", "float8"], "invalid choice: 'float8'"),
+        (["train", "--amp"], "--amp (autocast) needs a 16-bit --dtype"),
+        (["compare", "--amp", "--dtype", "float32"], "--amp (autocast) needs a 16-bit --dtype"),
     ],
 )
 def test_bad_arguments_get_one_clear_line(args, message):
@@ -56,3 +59,19 @@ def test_train_then_resume(tmp_path, mnist_cache):
     done = run("train", "--epochs", "2", "--resume", *common)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [e["epoch"] for e in json.loads((out / "log.json").read_text())["epoch"]] == [1, 2]
+
+
+@pytest.mark.parametrize("precision", [["--dtype", "bfloat16"], ["--dtype", "bfloat16", "--amp"],
+                                       ["--dtype", "float16", "--amp"]], ids=" ".join)  # fmt: skip
+def test_train_in_16_bits(tmp_path, mnist_cache, precision):
+    """--dtype alone: 16-bit parameters (fastnorm's 16-bit kernels); with --amp: float32
+    parameters and the forward under torch.autocast (float16: with a GradScaler)."""
+    out = tmp_path / "run"
+    # 2048 images: 32 steps (float16's GradScaler skips the first few while it finds its scale)
+    done = run("train", "--epochs", "1", "--data-dir", str(SHARED_MNIST), "--out", str(out), "--train-limit",
+               "2048", "--test-limit", "200", "--optimizer", "adam", "--backend", "numba", "--no-progress",
+               *precision)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = json.loads((out / "log.json").read_text())
+    assert log["config"]["dtype"] == precision[1] and log["config"]["amp"] == ("--amp" in precision)
+    assert log["epoch"][0]["test_acc"] > 0.5  # it learned

@@ -415,3 +415,151 @@ def test_a_backend_without_the_dtype_is_refused_by_name_and_skipped_by_auto(monk
     opt.step()
     twin.step()
     assert torch.equal(p, q)
+
+
+# -- BatchNorm ------------------------------------------------------------------------------------
+
+# (module, shape, memory format): rows, planes, channels-last, a 3-D odd shape
+BN_CASES = [
+    (torch.nn.BatchNorm1d, (64, 13), torch.contiguous_format),
+    (torch.nn.BatchNorm1d, (3, 4, 11), torch.contiguous_format),
+    (torch.nn.BatchNorm2d, (6, 5, 7, 7), torch.contiguous_format),
+    (torch.nn.BatchNorm2d, (6, 5, 7, 7), torch.channels_last),
+]
+_FASTNORM_BN = {torch.nn.BatchNorm1d: fastnorm.nn.BatchNorm1d, torch.nn.BatchNorm2d: fastnorm.nn.BatchNorm2d}
+
+
+def _bn_run(module, x, dy):
+    """(y, dx, dweight, dbias, running_mean, running_var, eval y) of a module on 16-bit x."""
+    xa = x.clone().requires_grad_()
+    y = module(xa)
+    y.backward(dy)
+    module.eval()
+    y_eval = module(x)
+    module.train()
+    return [y, xa.grad, module.weight.grad, module.bias.grad, module.running_mean, module.running_var, y_eval]
+
+
+def _ulp(t: torch.Tensor, dtype: torch.dtype) -> float:
+    """One ulp of ``dtype`` at the largest magnitude in ``t``."""
+    return torch.finfo(dtype).eps * max(t.abs().max().item(), torch.finfo(dtype).tiny)
+
+
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
+@pytest.mark.parametrize("param_dtype", ["float32", "same"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("cls, shape, fmt", BN_CASES, ids=str)
+def test_batch_norm_accuracy_against_float64_truth(cls, shape, fmt, dtype, param_dtype, backend):
+    """Every output within 2x torch's own error in the same dtype (or 2 ulps where torch's is
+    smaller), against float64 truth computed on the same 16-bit values; dtypes as torch's:
+    output and dx in the input's dtype, the rest in the parameters'."""
+    pdt = torch.float32 if param_dtype == "float32" else dtype
+    truth_module = cls(shape[1]).double()
+    with torch.no_grad():
+        truth_module.weight.uniform_(0.5, 1.5)
+        truth_module.bias.uniform_(-1, 1)
+    theirs = copy.deepcopy(truth_module).to(pdt)
+    ours = _FASTNORM_BN[cls](shape[1], backend=backend).to(pdt)
+    ours.load_state_dict(theirs.state_dict())
+    truth_module.load_state_dict(theirs.state_dict())  # the same (rounded) parameters
+    x = (torch.randn(shape) * 3 + 2).to(dtype).to(memory_format=fmt)
+    dy = torch.randn(shape).to(dtype).to(memory_format=fmt)
+    truth = _bn_run(truth_module, x.double(), dy.double())
+    mine, torch_out = _bn_run(ours, x, dy), _bn_run(theirs, x, dy)
+    names = ["y", "dx", "dweight", "dbias", "running_mean", "running_var", "eval y"]
+    for name, m, t, e in zip(names, mine, torch_out, truth):
+        assert m.dtype == t.dtype, f"{name}: {m.dtype}, torch gives {t.dtype}"
+        if name in ("y", "dx"):
+            assert m.is_contiguous(memory_format=fmt), name
+        error = (m.double() - e).abs().max().item()
+        bound = max(2 * (t.double() - e).abs().max().item(), 2 * _ulp(e, m.dtype))
+        assert error <= bound, f"{name}: error {error:.3e} > {bound:.3e} (torch's {(t.double() - e).abs().max():.3e})"
+
+
+def test_batch_norm_stays_accurate_for_a_large_mean():
+    """mean 1e2 / std 1 in bfloat16 (ulp 0.5 at 100): the shifted float64 statistics keep the
+    output accurate to the input's own rounding."""
+    x = (torch.randn(256, 8) + 100).bfloat16()
+    y = fastnorm.nn.BatchNorm1d(8, backend="numba")(x)
+    x64 = x.double()
+    truth = (x64 - x64.mean(0)) / torch.sqrt(x64.var(0, unbiased=False) + 1e-5)
+    assert (y.double() - truth).abs().max().item() <= 2 * _ulp(truth, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_auto_runs_numba_batch_norm_in_16_bits(monkeypatch, dtype):
+    monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
+    calls = []
+    torch_batch_norm = torch.nn.functional.batch_norm
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *a, **k: calls.append(1) or torch_batch_norm(*a, **k))
+    x = torch.randn(4, 64, 28, 28).to(dtype)  # 200K values: numba's under auto
+    y = fastnorm.nn.BatchNorm2d(64)(x)
+    assert not calls and y.dtype == dtype
+
+
+def test_a_batch_norm_backend_without_the_dtype(monkeypatch):
+    """auto skips it (torch runs); named explicitly it is refused, naming the backends that have it."""
+    import kernels.numba_cpu
+
+    monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
+    monkeypatch.setattr(kernels.numba_cpu, "BATCH_NORM_DTYPES", kernels.numba_cpu.BATCH_NORM_DTYPES[:2])
+    fastnorm._dispatch._RESOLVED.clear()
+    try:
+        x = torch.randn(4, 64, 28, 28).bfloat16()
+        torch.testing.assert_close(fastnorm.nn.BatchNorm2d(64)(x), torch.nn.BatchNorm2d(64)(x))
+        with pytest.raises(
+            ValueError, match=r"backend 'numba' has no torch.bfloat16 batch_norm kernels.*reference, torch"
+        ):
+            fastnorm.nn.BatchNorm2d(64, backend="numba")(x)
+    finally:
+        fastnorm._dispatch._RESOLVED.clear()
+
+
+# -- autocast ---------------------------------------------------------------------------------------
+
+
+def test_a_converted_model_trains_under_autocast():
+    """nn.convert(model, backend="numba") under torch.autocast("cpu", bfloat16): BatchNorm gets
+    the 16-bit activations with float32 parameters (torch's mixed case) and follows torch."""
+    torch.manual_seed(0)
+
+    def net():
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(),
+            torch.nn.Linear(8 * 6 * 6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 4),
+        )  # fmt: skip
+
+    theirs = net()
+    ours = fastnorm.nn.convert(copy.deepcopy(theirs), backend="numba")
+    opt = fastnorm.optim.Adam(ours.parameters(), lr=1e-2, backend="numba")
+    ref = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    for _ in range(3):
+        x, target = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+        losses = []
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+                loss = torch.nn.functional.cross_entropy(out.float(), target)
+            loss.backward()
+            o.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 0.05
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        if a.is_floating_point():
+            assert_close(a, b, 0.05, 0.02, what=name)  # bfloat16 activations: a few bf16 ulps
+
+
+def test_mnist_mlp_under_bf16_autocast_matches_float32(mnist):
+    """The issue's test: the book's MLP, one epoch of MNIST, numba BatchNorm and Adam, under
+    bfloat16 autocast: test accuracy within 0.5 points of the float32 run's."""
+    from fastnorm.book.train import TrainConfig, train
+
+    accuracy = {}
+    for amp in (False, True):
+        config = TrainConfig(optimizer="adam", epochs=1, backend="numba", progress=False,
+                             dtype="bfloat16" if amp else "float32", amp=amp)  # fmt: skip
+        _, history = train(config, mnist)
+        accuracy[amp] = history.epoch[-1]["test_acc"]
+    assert accuracy[False] > 0.95
+    assert abs(accuracy[True] - accuracy[False]) <= 0.005, accuracy

@@ -245,7 +245,7 @@ def weight_scale_sweep(data: MNIST, out: Path, samples: int = 1000, epochs: int 
 
 def compare_backends(data: MNIST, out: Path, epochs: int = 1, names: list[str] | None = None,
                      optimizer: str = "momentum", seed: int = 0, train_limit: int | None = None,
-                     progress: bool = True) -> dict:  # fmt: skip
+                     progress: bool = True, dtype: str = "float32", amp: bool = False) -> dict:  # fmt: skip
     """The same run (seed, batches) with each backend: loss curves and seconds per epoch.
 
     Returns {backend: history, ..., "figure": path}. CUDA is skipped (the data lives on the CPU).
@@ -254,7 +254,7 @@ def compare_backends(data: MNIST, out: Path, epochs: int = 1, names: list[str] |
     runs = {}
     for name in names:
         cfg = TrainConfig(optimizer=optimizer, epochs=epochs, batch_norm=True, backend=name, seed=seed,
-                          train_limit=train_limit, progress=progress)  # fmt: skip
+                          train_limit=train_limit, progress=progress, dtype=dtype, amp=amp)  # fmt: skip
         start = time.perf_counter()
         _, history = train(cfg, data)
         history.total_seconds = time.perf_counter() - start

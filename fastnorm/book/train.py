@@ -8,7 +8,9 @@ every epoch, atomically (a temporary file renamed over the old one).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import os
 import time
@@ -49,6 +51,8 @@ class TrainConfig:
     train_limit: int | None = None  # first N training samples (quick runs, tests)
     test_limit: int | None = None
     progress: bool = True
+    dtype: str = "float32"  # "float32", "bfloat16" or "float16": the parameters' (or with amp: autocast's)
+    amp: bool = False  # float32 parameters, the forward under torch.autocast("cpu", dtype)
 
 
 @dataclass
@@ -72,14 +76,17 @@ def make_optimizer(name: str, params, lr: float | None, backend: str) -> torch.o
     return getattr(optim, cls_name)(params, backend=backend, **options)
 
 
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    """Accuracy in eval mode (BatchNorm uses its running statistics)."""
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
+             autocast=contextlib.nullcontext) -> float:  # fmt: skip
+    """Accuracy in eval mode (BatchNorm uses its running statistics), in the model's dtype (and
+    under ``autocast()``, a context factory, for mixed-precision runs)."""
     was_training = model.training
     model.eval()
     correct = 0
-    with torch.no_grad():
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad(), autocast():
         for start in range(0, images.shape[0], batch_size):
-            logits = model(images[start : start + batch_size])
+            logits = model(images[start : start + batch_size].to(dtype))
             correct += (logits.argmax(1) == labels[start : start + batch_size]).sum().item()
     model.train(was_training)
     return correct / max(1, images.shape[0])
@@ -100,8 +107,11 @@ def train(config: TrainConfig, data: MNIST, out_dir: str | os.PathLike | None = 
     """
     data = data.subset(config.train_limit, config.test_limit)
     rank, world = _process_group()
+    dtype, autocast, scaler = _precision(config)
     torch.manual_seed(config.seed)
     model = SimpleNN(use_batch_norm=config.batch_norm, backend=config.backend)
+    if not config.amp:
+        model = model.to(dtype)  # pure 16-bit training: 16-bit parameters, fastnorm's 16-bit kernels
     net = model
     if world > 1:  # data parallel: SyncBatchNorm, gradients averaged by DDP, a shard of each batch
         model = fnn.convert(model, backend=config.backend, sync=True)
@@ -141,10 +151,16 @@ def train(config: TrainConfig, data: MNIST, out_dir: str | os.PathLike | None = 
             if world > 1:
                 images, labels = images.tensor_split(world)[rank], labels.tensor_split(world)[rank]
             opt.zero_grad(set_to_none=True)
-            logits = net(images)
-            loss = loss_fn(logits, labels)
-            loss.backward()
-            opt.step()
+            with autocast():
+                logits = net(images if config.amp else images.to(dtype))
+                loss = loss_fn(logits.float(), labels)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:  # float16 autocast: scaled gradients
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             value = loss.item()
             history.step_loss.append(value)
             total += value * labels.shape[0]
@@ -156,7 +172,7 @@ def train(config: TrainConfig, data: MNIST, out_dir: str | os.PathLike | None = 
             "epoch": epoch + 1,
             "train_loss": total / max(seen, 1),
             "train_acc": correct / max(seen, 1),
-            "test_acc": evaluate(model, data.test_images, data.test_labels),
+            "test_acc": evaluate(model, data.test_images, data.test_labels, autocast=autocast),
             "seconds": wall,
         }
         history.epoch.append(record)
@@ -167,6 +183,22 @@ def train(config: TrainConfig, data: MNIST, out_dir: str | os.PathLike | None = 
                           "history": history.to_dict(), "config": asdict(config),
                           "torch_rng": torch.get_rng_state()}, ckpt)  # fmt: skip
     return model, history
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _precision(config: TrainConfig):
+    """(dtype, autocast context factory, GradScaler or None) of a run's ``dtype`` and ``amp``."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
+    dtype = DTYPES[config.dtype]
+    if not config.amp:
+        return dtype, contextlib.nullcontext, None
+    if dtype == torch.float32:
+        raise ValueError("amp (autocast) needs a 16-bit dtype: bfloat16 or float16")
+    scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
+    return dtype, functools.partial(torch.autocast, "cpu", dtype=dtype), scaler
 
 
 def _process_group() -> tuple[int, int]:
