@@ -90,3 +90,34 @@ def test_batchnorm(benchmark, use_provider, device, budget, mode, shape, provide
 
     measure(benchmark, fn, device=device, budget=budget, op=f"batchnorm_{mode}", case=_case(shape),
             provider=provider, bytes_moved=MODES[mode] * math.prod(shape), dtype="float32")  # fmt: skip
+
+
+# -- 16-bit inputs (issue #14): what torch.autocast hands a BatchNorm (16-bit activations,
+# float32 weight, bias and running statistics); forward+backward moves 10 B per element
+HALF_SHAPES = [((64, 256), True), ((64, 64, 28, 28), True), ((32, 256, 14, 14), False)]
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _half_params():
+    for shape, quick in HALF_SHAPES:
+        for dtype in HALF_DTYPES:
+            for provider in PROVIDERS:
+                marks = [pytest.mark.quick] if quick and dtype == "bfloat16" else []
+                yield pytest.param(shape, dtype, provider, marks=marks, id=f"{dtype}-{_case(shape)}-{provider}")
+
+
+@pytest.mark.parametrize("shape,dtype,provider", list(_half_params()))
+def test_batchnorm_16bit_forward_backward(benchmark, use_provider, device, budget, shape, dtype, provider):
+    use_provider(provider, "batch_norm")
+    if provider != "torch" and not fastnorm._dispatch.has_dtype(provider, "batch_norm", HALF_DTYPES[dtype]):
+        pytest.skip(f"backend {provider!r} has no {dtype} BatchNorm kernels")
+    bn = _module(shape, provider, device)
+    x = (torch.randn(shape, device=device) * 2 + 0.5).to(HALF_DTYPES[dtype]).requires_grad_(True)
+    dy = torch.randn(shape, device=device).to(HALF_DTYPES[dtype])
+
+    def fn():
+        x.grad = bn.weight.grad = bn.bias.grad = None
+        bn(x).backward(dy)
+
+    measure(benchmark, fn, device=device, budget=budget, op=f"batchnorm_forward_backward_{dtype}",
+            case=_case(shape), provider=provider, bytes_moved=10 * math.prod(shape), dtype=dtype)  # fmt: skip

@@ -76,3 +76,40 @@ def test_optimizer_step(benchmark, use_provider, device, budget, size, cid, name
     numel = sum(p.numel() for p in params)
     measure(benchmark, opt.step, device=device, budget=budget, op=f"optim_{cid}", case=size,
             provider=provider, bytes_moved=nbytes * numel, params=numel, dtype="float32")  # fmt: skip
+
+
+# -- 16-bit parameters (issue #14): torch fused's semantics (float32 arithmetic, 16-bit state);
+# Adam moves 14 B per parameter, SGD with momentum 10
+HALF_CONFIGS = [("adam", "Adam", {"lr": 1e-3}, 14), ("sgd_momentum", "SGD", {"lr": 0.01, "momentum": 0.9}, 10)]
+HALF_SIZES = {"mlp": MLP_SHAPES, "25M": [(5000, 5000)]}
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _half_params():
+    for size in HALF_SIZES:
+        for cid, name, options, nbytes in HALF_CONFIGS:
+            for dtype in HALF_DTYPES:
+                for provider in PROVIDERS:
+                    quick = size == "mlp" and cid == "adam" and dtype == "bfloat16"
+                    marks = [pytest.mark.quick] if quick else []
+                    yield pytest.param(size, cid, name, options, nbytes, dtype, provider, marks=marks,
+                                       id=f"{cid}-{dtype}-{size}-{provider}")  # fmt: skip
+
+
+@pytest.mark.parametrize("size,cid,name,options,nbytes,dtype,provider", list(_half_params()))
+def test_optimizer_step_16bit(benchmark, use_provider, device, budget, size, cid, name, options, nbytes, dtype,
+                              provider):  # fmt: skip
+    use_provider(provider, name)
+    torch_dtype = HALF_DTYPES[dtype]
+    if provider not in TORCH_OPTIM_VARIANTS and not fastnorm._dispatch.has_dtype(provider, name.lower(), torch_dtype):
+        pytest.skip(f"backend {provider!r} has no {dtype} optimizer kernels")
+    if provider == "reference" and size != "mlp":
+        pytest.skip("the NumPy reference at 25M parameters: seconds per step, not a comparison")
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [(torch.randn(s, device=device, generator=gen) * 0.05).to(torch_dtype) for s in HALF_SIZES[size]]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen).to(torch_dtype)
+    opt = make_optimizer(name, options, params, provider)
+    numel = sum(p.numel() for p in params)
+    measure(benchmark, opt.step, device=device, budget=budget, op=f"optim_{cid}_{dtype}", case=size,
+            provider=provider, bytes_moved=nbytes * numel, params=numel, dtype=dtype)  # fmt: skip

@@ -23,6 +23,14 @@ import torch
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 #: the dtype kernels compute per-channel values in, per storage dtype (16-bit: float32)
 _COMPUTE_DTYPES = {**_NUMPY_DTYPES, torch.bfloat16: np.float32, torch.float16: np.float32}
+#: the NumPy dtype of each storage (bfloat16: its uint16 bits, kernels/_bits.py)
+_STORAGE_DTYPES = {**_NUMPY_DTYPES, torch.bfloat16: np.uint16, torch.float16: np.float16}
+
+
+def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor of dtype ``dtype`` sharing ``a``'s memory (bfloat16: reinterpreted bits)."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
 class BufferPool:
@@ -112,17 +120,13 @@ class CpuArrays:
     @staticmethod
     def empty_like(like: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, np.ndarray]:
         """An uninitialised tensor shaped like ``like`` (same memory format) and its (N, C, S) array."""
-        dtype = _NUMPY_DTYPES.get(like.dtype)
+        dtype = _STORAGE_DTYPES[like.dtype]
         shape = like.shape
-        if dtype is None:  # 16-bit storage (NumPy has no bfloat16): a torch tensor and its view
-            fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[like.dim()] if channels_last else None
-            t = torch.empty_like(like, memory_format=fmt or torch.contiguous_format)
-            return t, CpuArrays().kernel_array(t, channels_last)
         if channels_last:
             a = pool.empty((shape[0], *shape[2:], shape[1]), dtype)
-            return torch.from_numpy(a).movedim(-1, 1), a.reshape(-1, shape[1], 1)
+            return _tensor(a, like.dtype).movedim(-1, 1), a.reshape(-1, shape[1], 1)
         a = pool.empty(tuple(shape), dtype)
-        return torch.from_numpy(a), a.reshape(shape[0], shape[1], math.prod(shape[2:]))
+        return _tensor(a, like.dtype), a.reshape(shape[0], shape[1], math.prod(shape[2:]))
 
     @staticmethod
     def empty_vector(n: int, like: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:

@@ -154,3 +154,27 @@ def narrow(typingctx, x, out):
 
         return storage(x, out), codegen
     return None
+
+
+@intrinsic
+def accumulator(typingctx, v):
+    """Zero of the type sums of a stored element accumulate in within one plane: float32 for
+    16-bit storage (an 8- or 11-bit significand summed over a plane in float32 keeps far more
+    than the output's precision; the planes then merge in float64), float64 otherwise."""
+    if v in (types.uint16, types.int16):
+        return types.float32(v), lambda context, builder, signature, args: ir.Constant(ir.FloatType(), 0.0)
+    if isinstance(v, types.Float):
+        return types.float64(v), lambda context, builder, signature, args: ir.Constant(ir.DoubleType(), 0.0)
+    return None
+
+
+@intrinsic
+def cast_like(typingctx, v, like):
+    """``v`` converted to the type of ``like`` (a float)."""
+    if not isinstance(like, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return context.cast(builder, args[0], v, like)
+
+    return like(v, like), codegen

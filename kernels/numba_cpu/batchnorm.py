@@ -59,7 +59,7 @@ from .._validate import FLOAT_DTYPES, check_arrays, check_float64_vectors, compu
 from ..formulas import batchnorm as formulas
 from ..formulas import compiled
 from . import _jit
-from ._bits import narrow, widen
+from ._bits import accumulator, cast_like, narrow, widen
 from ._jit import REASSOC, twins
 
 __all__ = [*BATCH_NORM_API, "forward_train_at", "forward_eval_at", "backward_at", "plan", "BATCH_NORM_DTYPES"]
@@ -145,18 +145,19 @@ def _channel_sums(u, v, center, grad, c0, c1, rows_per_chunk):
         for q in prange(N * nc):
             n = q // nc
             c = c0 + q - n * nc
-            k = center[c]
             up = u2[n * C + c]
             vp = v2[n * C + c]
-            a1 = 0.0
-            a2 = 0.0
+            # a plane's sums: float64, or float32 for 16-bit storage (_bits.accumulator)
+            a1 = accumulator(up[0])
+            a2 = accumulator(up[0])
+            k = cast_like(center[c], a1)
             for j in range(S):
                 if grad:
-                    w = np.float64(widen(up[j]))
+                    w = cast_like(widen(up[j]), a1)
                     a1 += w
-                    a2 += w * (np.float64(widen(vp[j])) - k)
+                    a2 += w * (cast_like(widen(vp[j]), a1) - k)
                 else:
-                    d = np.float64(widen(up[j])) - k
+                    d = cast_like(widen(up[j]), a1) - k
                     a1 += d
                     a2 += d * d
             p1[q] = a1
