@@ -14,6 +14,7 @@ driver without a GPU).
 from __future__ import annotations
 
 import os
+import re
 import types
 
 import pytest
@@ -75,6 +76,22 @@ def test_optimizer_kernels_compile(compile_ptx, dtype):
                      nt.UniTuple(B, 3))  # fmt: skip
         ptx = compile_ptx(kernel, signature)
         assert ".entry" in ptx and "st.global" in ptx, f"{kernel.py_func.__name__} stores nothing"
+
+
+@pytest.mark.parametrize("storage", ["bf16", "bf16_sr", "f16"])
+def test_16_bit_optimizer_kernels_compile(compile_ptx, storage):
+    """bfloat16 / float16 storage (uint16 bits; kernels/numba_cuda/_bits.py): float32 scalars and
+    constants, the stochastic rounding seed; every kernel stores 16-bit values to global memory."""
+    from kernels.numba_cuda import optim
+
+    f32 = nt.float32
+    for op, constants, flags in [("sgd", 5, 2), ("adam", 8, 2)]:
+        signature = (_a(I64, 2), _a(I64, 2), f32, f32, nt.UniTuple(f32, constants), nt.UniTuple(B, flags),
+                     nt.UniTuple(B, 3), nt.uint32)  # fmt: skip
+        ptx = compile_ptx(optim._KERNELS16[(op, storage)], signature)
+        assert ".entry" in ptx and re.search(r"st\.global\.[ub]16", ptx), f"{op} {storage} stores no 16-bit value"
+        if storage == "f16":
+            assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx, "float16 conversions"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

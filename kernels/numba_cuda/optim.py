@@ -23,15 +23,18 @@ import numpy as np
 from numba import cuda
 
 from .. import OPTIMIZER_API, TABLE_API
+from .._bits import FLOAT16, HALF_DTYPES, is_half
 from .._optimizer_api import OptimizerAPI
 from ..formulas import compiled
 from ..formulas import optim as formulas
+from ._bits import load_bf16, load_f16, row_key, store_bf16, store_bf16_stochastic, store_f16  # noqa: F401
 from ._device import BLOCK, SIMULATOR, address, host_address, stream, view
 
 __all__ = [*OPTIMIZER_API, *TABLE_API, "OPTIMIZER_DTYPES"]
 
-#: the storage dtypes these optimizers update (16-bit storage: not yet on this backend)
-OPTIMIZER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: the storage dtypes these optimizers update: float32, float64, float16 and bfloat16 (uint16 bits,
+#: kernels/_bits.py), the 16-bit ones computed in float32
+OPTIMIZER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), *HALF_DTYPES)
 
 CHUNK = 1 << 16  # elements per chunk
 MAX_BLOCKS = 4096
@@ -102,6 +105,32 @@ def _table_update(update, addrs, chunks, s0, s1, constants, flags, uses):
         k += cuda.gridDim.x
 
 
+@_inline
+def _table_update16(update, load, store, addrs, chunks, s0, s1, constants, flags, uses, seed):
+    """:func:`_table_update` for bfloat16 / float16 storage: ``load`` and ``store`` convert each
+    value to and from float32 (kernels/numba_cuda/_bits.py), the compute dtype of ``s0``, ``s1``
+    and ``constants``; ``seed`` (uint32): the stochastic rounding generator's, per launch."""
+    bits = np.uint16(0)
+    use0, use1, use2 = uses
+    k = cuda.blockIdx.x
+    while k < chunks.shape[0]:
+        t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
+        p = view(addrs[0, t], hi, bits)
+        g = view(addrs[1, t], hi, bits)
+        b0 = view(addrs[2, t], hi, bits)
+        b1 = view(addrs[3, t], hi, bits)
+        b2 = view(addrs[4, t], hi, bits)
+        tt = np.uint32(t)
+        keys = (row_key(seed, tt, np.uint32(0)), row_key(seed, tt, np.uint32(1)), row_key(seed, tt, np.uint32(2)),
+                row_key(seed, tt, np.uint32(3)))  # fmt: skip
+        i = lo + cuda.threadIdx.x
+        while i < hi:
+            _FORMULAS.update_element_16(update, load, store, p, g, b0, b1, b2, i, constants, s0, s1, flags,
+                                        use0, use1, use2, keys, np.uint32(i & 0xFFFFFFFF))  # fmt: skip
+            i += cuda.blockDim.x
+        k += cuda.gridDim.x
+
+
 @_jit
 def _sgd(addrs, chunks, s0, s1, constants, flags, uses):
     _table_update(_FORMULAS.sgd, addrs, chunks, s0, s1, constants, flags, uses)
@@ -120,6 +149,29 @@ def _rmsprop(addrs, chunks, s0, s1, constants, flags, uses):
 @_jit
 def _adam(addrs, chunks, s0, s1, constants, flags, uses):
     _table_update(_FORMULAS.adam, addrs, chunks, s0, s1, constants, flags, uses)
+
+
+# -- the same for 16-bit storage: one kernel per optimizer and storage, compiled when first used --
+_STORAGES16 = {"bf16": ("load_bf16", "store_bf16"), "bf16_sr": ("load_bf16", "store_bf16_stochastic"),
+               "f16": ("load_f16", "store_f16")}  # fmt: skip
+_ARGS16 = "addrs, chunks, s0, s1, constants, flags, uses, seed"
+
+
+def _define16() -> dict:
+    """One kernel per (optimizer, storage), named ``_<op>_<storage>``: written out as source, each
+    with its own name (Numba's on-disk cache) and compile-time functions (see the CPU module)."""
+    kernels = {}
+    for op in ("sgd", "adagrad", "rmsprop", "adam"):
+        for storage, (load, store) in _STORAGES16.items():
+            name = f"_{op}_{storage}"
+            source = (f"def {name}({_ARGS16}):\n"
+                      f"    _table_update16(_FORMULAS.{op}, {load}, {store}, {_ARGS16})\n")  # fmt: skip
+            exec(compile(source, __file__, "exec"), globals())  # noqa: S102 - fixed text, no input
+            kernels[(op, storage)] = globals()[name] = _jit(globals()[name])
+    return kernels
+
+
+_KERNELS16 = _define16()
 
 
 # -- launching (the entry points themselves are kernels/_optimizer_api.py) -----------------------
@@ -145,8 +197,13 @@ def _advance_host_steps(step_addrs, step_f64: bool) -> list[float]:
     return values
 
 
-def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses) -> None:
+def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses,
+            seed=None) -> None:  # fmt: skip
     kernel, tensor_scalars = _KERNELS[op]
+    extra = ()
+    if is_half(dtype):  # 16-bit storage: float32 scalars, the storage's kernel
+        storage = "f16" if np.dtype(dtype) == FLOAT16 else "bf16" if seed is None else "bf16_sr"
+        kernel, dtype, extra = _KERNELS16[(op, storage)], np.dtype(np.float32), (np.uint32(seed or 0),)
     if first_step is None:
         steps = _advance_host_steps(step_addrs, step_f64)
         cache: dict = {}
@@ -165,7 +222,7 @@ def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, co
             table, sizes = addrs[:, index], tuple(numels[i] for i in index)
         chunks = _chunk_table(sizes)
         kernel[max(1, min(chunks.shape[0], MAX_BLOCKS)), BLOCK, st](
-            _device_table(table), chunks, dtype.type(s0), dtype.type(s1), constants, flags, uses
+            _device_table(table), chunks, dtype.type(s0), dtype.type(s1), constants, flags, uses, *extra
         )
 
 

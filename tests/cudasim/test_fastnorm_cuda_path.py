@@ -112,3 +112,43 @@ def test_device_view_of_a_tensor_is_what_the_kernels_see():
     assert view.owner is t
     with pytest.raises(ValueError, match="C-contiguous"):
         fastnorm._arrays.CudaArrays.view(t.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name,options", [OPTIMIZERS[0], OPTIMIZERS[3]], ids=["SGD", "Adam"])
+def test_16_bit_optimizers_follow_torch_fused(name, options, dtype):
+    """16-bit parameters on the cuda backend: torch fused's rule (float32 arithmetic, 16-bit
+    state), within one ulp of torch's fused optimizer in at least 99% of the values."""
+    torch.manual_seed(2)
+    ref_params = [torch.randn(s).to(dtype) for s in [(7,), (3, 5), (1,)]]
+    our_params = [p.clone() for p in ref_params]
+    ref = getattr(torch.optim, name)(ref_params, fused=True, **options)
+    ours = getattr(fastnorm.optim, name)(our_params, backend="cuda", **options)
+    for _ in range(4):
+        for a, b in zip(ref_params, our_params):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ref.step()
+        ours.step()
+    pairs = [(b, a) for a, b in zip(ref_params, our_params)]
+    pairs += [
+        (ours.state[b][k], v) for a, b in zip(ref_params, our_params) for k, v in ref.state[a].items() if k != "step"
+    ]
+    distance = torch.cat([(m.view(torch.int16).int() - t.view(torch.int16).int()).abs().flatten() for m, t in pairs])
+    assert all(m.dtype == dtype for m, _ in pairs)
+    assert (distance <= 1).double().mean() >= 0.99
+
+
+def test_stochastic_rounding_on_the_cuda_backend_matches_numba():
+    """One generator on every backend: the cuda kernels round stochastically like the CPU ones."""
+    results = []
+    for backend in ("cuda", "numba"):
+        torch.manual_seed(3)
+        p = torch.ones(300, dtype=torch.bfloat16)
+        opt = fastnorm.optim.SGD([p], lr=1e-3, backend=backend, stochastic_rounding=True)
+        for _ in range(3):
+            p.grad = torch.full_like(p, 0.7)
+            opt.step()
+        results.append(p.clone())
+    assert torch.equal(results[0].view(torch.int16), results[1].view(torch.int16))
+    assert len(results[0].unique()) > 1  # rounded both ways

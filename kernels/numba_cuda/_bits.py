@@ -1,0 +1,123 @@
+"""bfloat16 and float16 loads and stores for the CUDA kernels (kernels/_bits.py explains).
+
+The same storage rule as the CPU kernels (kernels/numba_cpu/_bits.py): 16-bit values are read
+through ``uint16`` pointers and widened to float32; every store rounds once, to nearest even
+(a NaN as the canonical 0x7FC0), or for bfloat16 stochastically with the generator every backend
+shares. On a GPU the conversions are LLVM ``bitcast`` / ``fpext`` / ``fptrunc`` (NVPTX lowers
+the half ones to ``cvt``); under Numba's simulator, where device functions run as Python, they
+are NumPy scalar operations with the same results.
+
+``load(u)`` -> float32 and ``store(x, key, e)`` -> uint16 bits, as on the CPU.
+"""
+
+from __future__ import annotations
+
+from types import FunctionType
+
+import numpy as np
+from numba import cuda
+
+from .. import _bits
+from ._device import SIMULATOR
+
+if SIMULATOR:
+
+    def _quiet(fn):
+        def run(*args):
+            with np.errstate(over="ignore"):
+                return fn(*args)
+
+        return run
+
+    _random16 = _quiet(_bits.random16)
+    row_key = _quiet(_bits.row_key)
+
+    def load_bf16(u):
+        return np.array([np.uint32(u) << np.uint32(16)], np.uint32).view(np.float32)[0]
+
+    def _store(x, bits):
+        out = np.empty(1, np.uint16)
+        _bits.round_into(out, np.array([x], np.float32), _bits.BFLOAT16, bits)
+        return out[0]
+
+    def store_bf16(x, key, e):
+        return _store(x, None)
+
+    def store_bf16_stochastic(x, key, e):
+        return _store(x, np.array([_random16(np.uint32(key), np.uint32(e))], np.uint32))
+
+    def load_f16(u):
+        return np.float32(np.array([u], np.uint16).view(np.float16)[0])
+
+    def store_f16(x, key, e):
+        return np.array([np.float16(x)], np.float16).view(np.uint16)[0]
+
+else:
+    from llvmlite import ir
+
+    try:  # numba-cuda >= 0.20 has its own typing layer
+        from numba.cuda import types
+        from numba.cuda.extending import intrinsic
+    except ImportError:  # older numba-cuda / numba.cuda
+        from numba import types
+        from numba.extending import intrinsic
+
+    _device = cuda.jit(device=True, inline="always")
+
+    @intrinsic
+    def _f32_from_bits(typingctx, u):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def _bits_from_f32(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+
+    @intrinsic
+    def _f32_from_half(typingctx, u):
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(types.uint16), codegen
+
+    @intrinsic
+    def _half_from_f32(typingctx, x):
+        def codegen(context, builder, signature, args):  # fptrunc rounds to nearest even
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+        return types.uint16(types.float32), codegen
+
+    def _jitted(fn, **names):
+        """``fn`` of kernels/_bits.py compiled, its calls to other functions there bound to ``names``."""
+        return _device(FunctionType(fn.__code__, {**vars(_bits), **names}, fn.__name__))
+
+    _mix32 = _jitted(_bits.mix32)
+    _random16 = _jitted(_bits.random16, mix32=_mix32)
+    row_key = _jitted(_bits.row_key, mix32=_mix32)
+
+    @_device
+    def load_bf16(u):
+        return _f32_from_bits(np.uint32(u) << np.uint32(16))
+
+    @_device
+    def store_bf16(x, key, e):
+        u = _bits_from_f32(x if x == x else np.float32(np.nan))
+        return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    @_device
+    def store_bf16_stochastic(x, key, e):
+        u = _bits_from_f32(x if x == x else np.float32(np.nan))
+        return np.uint16((u + _random16(key, e)) >> np.uint32(16))
+
+    @_device
+    def load_f16(u):
+        return _f32_from_half(u)
+
+    @_device
+    def store_f16(x, key, e):
+        return _half_from_f32(x)
