@@ -453,7 +453,29 @@ def test_batch_norm_accuracy_against_float64_truth(cls, shape, fmt, dtype, param
     """Every output within 2x torch's own error in the same dtype (or 2 ulps where torch's is
     smaller), against float64 truth computed on the same 16-bit values; dtypes as torch's:
     output and dx in the input's dtype, the rest in the parameters'."""
-    pdt = torch.float32 if param_dtype == "float32" else dtype
+    _check_batch_norm(cls, shape, fmt, dtype, torch.float32 if param_dtype == "float32" else dtype, backend)
+
+
+@given(
+    shape=st.tuples(st.integers(2, 9), st.integers(1, 6), st.integers(1, 13)),
+    spatial=st.booleans(),
+    channels_last=st.booleans(),
+    dtype=st.sampled_from(HALF),
+    mixed=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 50.0]),
+)
+def test_batch_norm_differential_16_bit(shape, spatial, channels_last, dtype, mixed, scale):
+    """Random shapes, layouts, dtypes and scales: the same accuracy contract on numba."""
+    n, c, s = shape
+    if spatial:
+        cls, full, fmt = torch.nn.BatchNorm2d, (n, c, s, 2), torch.channels_last if channels_last else None
+    else:
+        cls, full, fmt = torch.nn.BatchNorm1d, (n, c), None
+    _check_batch_norm(cls, full, fmt or torch.contiguous_format, dtype, torch.float32 if mixed else dtype, "numba",
+                      scale=scale)  # fmt: skip
+
+
+def _check_batch_norm(cls, shape, fmt, dtype, pdt, backend, scale=3.0):
     truth_module = cls(shape[1]).double()
     with torch.no_grad():
         truth_module.weight.uniform_(0.5, 1.5)
@@ -462,7 +484,7 @@ def test_batch_norm_accuracy_against_float64_truth(cls, shape, fmt, dtype, param
     ours = _FASTNORM_BN[cls](shape[1], backend=backend).to(pdt)
     ours.load_state_dict(theirs.state_dict())
     truth_module.load_state_dict(theirs.state_dict())  # the same (rounded) parameters
-    x = (torch.randn(shape) * 3 + 2).to(dtype).to(memory_format=fmt)
+    x = (torch.randn(shape) * scale + 2 * scale).to(dtype).to(memory_format=fmt)
     dy = torch.randn(shape).to(dtype).to(memory_format=fmt)
     truth = _bn_run(truth_module, x.double(), dy.double())
     mine, torch_out = _bn_run(ours, x, dy), _bn_run(theirs, x, dy)
