@@ -154,7 +154,7 @@ class CudaArrays:
     def view(t: torch.Tensor):
         from kernels.numba_cuda import DeviceView, as_view
 
-        dtype = _NUMPY_DTYPES.get(t.dtype)
+        dtype = _STORAGE_DTYPES.get(t.dtype)
         if dtype is None:
             return as_view(t.detach())  # the kernels' checks name the dtype
         if not t.is_contiguous():
@@ -178,7 +178,9 @@ class CudaArrays:
         return t, self.kernel_array(t, channels_last)
 
     def empty_vector(self, n: int, like: torch.Tensor):
-        t = torch.empty(n, dtype=like.dtype, device=like.device)
+        """A (n,) tensor of ``like``'s compute dtype (float32 for 16-bit storage) and its view."""
+        dtype = torch.float32 if like.dtype in (torch.bfloat16, torch.float16) else like.dtype
+        t = torch.empty(n, dtype=dtype, device=like.device)
         return t, self.view(t)
 
     scratch_vector = empty_vector

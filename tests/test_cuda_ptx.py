@@ -94,25 +94,30 @@ def test_16_bit_optimizer_kernels_compile(compile_ptx, storage):
             assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx, "float16 conversions"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_batch_norm_kernels_compile(compile_ptx, dtype):
+# (storage, compute): the data's typed zero (16-bit data as bits: bfloat16 uint16, float16 int16)
+# and the per-channel arrays'
+BN_TYPES = [(nt.float32, nt.float32), (nt.float64, nt.float64), (nt.uint16, nt.float32), (nt.int16, nt.float32)]
+
+
+@pytest.mark.parametrize("dtype,compute", BN_TYPES, ids=lambda t: str(t))
+def test_batch_norm_kernels_compile(compile_ptx, dtype, compute):
     from kernels.numba_cuda import batchnorm as bn
 
-    # every array is an int64 address (A); `dtype` is the typed zero the kernels view them with
-    A, D = I64, dtype
+    # every array is an int64 address (A); `dtype` / `compute` the typed zeros the kernels view them with
+    A, D, K = I64, dtype, compute
     signatures = {
         bn._stats_planes: (A, D, I64, I64, I64, A),
-        bn._grad_planes: (A, A, A, D, I64, I64, I64, A),
+        bn._grad_planes: (A, A, A, D, K, I64, I64, I64, A),
         bn._stats_rows: (A, D, I64, I64, A),
-        bn._grad_rows: (A, A, A, D, I64, I64, A),
-        bn._finalize_train: (A, D, I64, I64, I64, A, I64, F64, F64, A, A, B, A, B, A, B, A, A, A),
-        bn._finalize_eval: (A, A, D, I64, F64, A, B, A, B, A),
-        bn._finalize_backward: (A, I64, D, I64, F64, A, A, A, B, B, A, B, A, B, A),
+        bn._grad_rows: (A, A, A, D, K, I64, I64, A),
+        bn._finalize_train: (A, D, K, I64, I64, I64, A, I64, F64, F64, A, A, B, A, B, A, B, A, A, A),
+        bn._finalize_eval: (A, A, K, I64, F64, A, B, A, B, A),
+        bn._finalize_backward: (A, I64, K, I64, F64, A, A, A, B, B, A, B, A, B, A),
         bn._finalize_stats: (A, D, I64, I64, I64, A, I64, A, A),
-        bn._normalize_planes: (A, A, A, D, I64, I64, I64),
-        bn._normalize_flat: (A, A, A, D, I64, I64, I64),
-        bn._input_grad_planes: (A, A, A, D, I64, I64, I64, A),
-        bn._input_grad_flat: (A, A, A, D, I64, I64, I64, A),
+        bn._normalize_planes: (A, A, A, D, K, I64, I64, I64),
+        bn._normalize_flat: (A, A, A, D, K, I64, I64, I64),
+        bn._input_grad_planes: (A, A, A, D, K, I64, I64, I64, A),
+        bn._input_grad_flat: (A, A, A, D, K, I64, I64, I64, A),
     }
     for kernel, signature in signatures.items():
         ptx = compile_ptx(kernel, signature)

@@ -399,7 +399,7 @@ def test_auto_runs_numba_on_16_bit_parameters(monkeypatch, dtype):
 
 
 def test_a_backend_without_the_dtype_is_refused_by_name_and_skipped_by_auto(monkeypatch):
-    """(On a GPU, the cuda optimizers have no 16-bit storage yet: the same rule.)"""
+    """(The rule for any backend whose kernels lack a dtype: the reference made to lack bfloat16.)"""
     monkeypatch.setattr(kernels.reference, "OPTIMIZER_DTYPES", kernels.reference.OPTIMIZER_DTYPES[:2])
     assert "reference" not in fopt._dtype_backends(torch.bfloat16, "adam")
     assert fopt._dtype_backends(torch.bfloat16, "adam")[-1] == "torch"

@@ -121,3 +121,84 @@ else:
     @_device
     def store_f16(x, key, e):
         return _half_from_f32(x)
+
+
+# -- type-generic conversions for the BatchNorm kernels (as kernels/numba_cpu/_bits.py): the
+# element type of a view says its storage: uint16 bfloat16 bits, int16 float16 bits (the
+# launchers view float16 data as int16), float32 and float64 themselves
+
+if SIMULATOR:
+
+    def widen(v):
+        """A stored element as a float for arithmetic (bfloat16 / float16 bits to float32)."""
+        if isinstance(v, np.uint16):
+            return load_bf16(v)
+        if isinstance(v, np.int16):
+            return np.float32(np.array([v], np.int16).view(np.float16)[0])
+        return v
+
+    def narrow(x, out):
+        """``x`` rounded to the storage of ``out``'s elements, to nearest even."""
+        dtype = out.dtype
+        if dtype == np.uint16:
+            return store_bf16(np.float32(x), 0, 0)
+        if dtype == np.int16:
+            return np.array([np.float16(x)], np.float16).view(np.int16)[0]
+        return dtype.type(x)
+
+else:
+
+    @intrinsic
+    def widen(typingctx, v):
+        """A stored element as a float for arithmetic: bfloat16 (uint16) and float16 (int16) bits
+        to float32; float32 and float64 unchanged."""
+        if v == types.uint16:
+
+            def codegen(context, builder, signature, args):
+                u = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+                return builder.bitcast(u, ir.FloatType())
+
+            return types.float32(v), codegen
+        if v == types.int16:
+
+            def codegen(context, builder, signature, args):
+                return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+            return types.float32(v), codegen
+        if isinstance(v, types.Float):
+            return v(v), lambda context, builder, signature, args: args[0]
+        return None
+
+    @intrinsic
+    def narrow(typingctx, x, out):
+        """``x`` (a float) rounded to the storage of ``out``'s elements (``out``: a typed pointer
+        or an array), to nearest even: bfloat16 bits (a NaN as 0x7FC0), float16 bits, or a float."""
+        storage = getattr(out, "dtype", None)
+        if not isinstance(x, types.Float) or storage is None:
+            return None
+        if storage == types.uint16:
+
+            def codegen(context, builder, signature, args):
+                i32, f32 = ir.IntType(32), ir.FloatType()
+                v = args[0] if x == types.float32 else builder.fptrunc(args[0], f32)
+                v = builder.select(builder.fcmp_unordered("uno", v, v), ir.Constant(f32, float("nan")), v)
+                u = builder.bitcast(v, i32)
+                sixteen = ir.Constant(i32, 16)
+                lsb = builder.and_(builder.lshr(u, sixteen), ir.Constant(i32, 1))
+                rounded = builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), lsb)
+                return builder.trunc(builder.lshr(rounded, sixteen), ir.IntType(16))
+
+            return types.uint16(x, out), codegen
+        if storage == types.int16:
+
+            def codegen(context, builder, signature, args):
+                return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+            return types.int16(x, out), codegen
+        if isinstance(storage, types.Float):
+
+            def codegen(context, builder, signature, args):
+                return context.cast(builder, args[0], x, storage)
+
+            return storage(x, out), codegen
+        return None

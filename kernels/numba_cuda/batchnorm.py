@@ -37,15 +37,18 @@ import numpy as np
 from numba import cuda
 
 from .. import BATCH_NORM_API
-from .._validate import check_arrays, check_float64_vectors, device_dense
+from .._bits import FLOAT16, HALF_DTYPES
+from .._validate import check_arrays, check_float64_vectors, compute_dtype, device_dense
 from ..formulas import batchnorm as formulas
 from ..formulas import compiled
+from ._bits import narrow, widen
 from ._device import BLOCK, SIMULATOR, WARP, as_view, launch, scratch, view
 
 __all__ = [*BATCH_NORM_API, "BATCH_NORM_DTYPES"]
 
-#: storage dtypes (16-bit storage: not yet on this backend)
-BATCH_NORM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: storage dtypes: float32, float64, float16 and bfloat16 (uint16 bits, kernels/_bits.py); the
+#: 16-bit ones are computed in float32, with float32 per-channel arrays
+BATCH_NORM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), *HALF_DTYPES)
 
 ROW_TILE, ROW_LANES = 32, 8  # (N, C) layout: 32 channels x 8 rows per block
 TARGET_BLOCKS = 1024  # aim for this many blocks in the partial-sum grid (~8 per SM on an H100)
@@ -117,15 +120,15 @@ else:
 @_device
 def _pair_stats(u, v, i, k):
     """Statistics: the shifted value d = u[i] - k and d^2."""
-    d = np.float64(u[i]) - k
+    d = np.float64(widen(u[i])) - k
     return d, d * d
 
 
 @_device
 def _pair_grad(u, v, i, k):
     """Backward: dy = u[i] and dy * (x - mean) with x = v[i], k = mean."""
-    w = np.float64(u[i])
-    return w, w * (np.float64(v[i]) - k)
+    w = np.float64(widen(u[i]))
+    return w, w * (np.float64(widen(v[i])) - k)
 
 
 @_device
@@ -179,18 +182,18 @@ def _stats_planes(x_addr, like, N, C, S, p_addr):
     sh_b = cuda.shared.array(BLOCK, np.float64)
     c = cuda.blockIdx.x
     x = view(x_addr, N * C * S, like)
-    k = _F.shift_of(np.float64(x[c * S]))
+    k = _F.shift_of(np.float64(widen(x[c * S])))
     a, b = _plane_partials(_pair_stats, x, x, k, N, C, S, c)
     _store_block_partials(a, b, sh_a, sh_b, view(p_addr, 2 * C * cuda.gridDim.y, 0.0), C, c)
 
 
 @_jit
-def _grad_planes(dy_addr, x_addr, mean_addr, like, N, C, S, p_addr):
-    """Block (c, g): partial sums of dy and dy * (x - mean[c])."""
+def _grad_planes(dy_addr, x_addr, mean_addr, like, like_c, N, C, S, p_addr):
+    """Block (c, g): partial sums of dy and dy * (x - mean[c]); like_c types the (C,) arrays."""
     sh_a = cuda.shared.array(BLOCK, np.float64)
     sh_b = cuda.shared.array(BLOCK, np.float64)
     c = cuda.blockIdx.x
-    k = np.float64(view(mean_addr, C, like)[c])
+    k = np.float64(view(mean_addr, C, like_c)[c])
     dy = view(dy_addr, N * C * S, like)
     x = view(x_addr, N * C * S, like)
     a, b = _plane_partials(_pair_grad, dy, x, k, N, C, S, c)
@@ -236,16 +239,16 @@ def _stats_rows(x_addr, like, N, C, p_addr):
     sh_b = cuda.shared.array((ROW_LANES, ROW_TILE), np.float64)
     c = cuda.blockIdx.x * ROW_TILE + cuda.threadIdx.x
     x = view(x_addr, N * C, like)
-    k = _F.shift_of(np.float64(x[c])) if c < C else 0.0
+    k = _F.shift_of(np.float64(widen(x[c]))) if c < C else 0.0
     _row_partials(_pair_stats, x, x, k, N, C, c, sh_a, sh_b, view(p_addr, 2 * C * cuda.gridDim.y, 0.0))
 
 
 @_jit
-def _grad_rows(dy_addr, x_addr, mean_addr, like, N, C, p_addr):
+def _grad_rows(dy_addr, x_addr, mean_addr, like, like_c, N, C, p_addr):
     sh_a = cuda.shared.array((ROW_LANES, ROW_TILE), np.float64)
     sh_b = cuda.shared.array((ROW_LANES, ROW_TILE), np.float64)
     c = cuda.blockIdx.x * ROW_TILE + cuda.threadIdx.x
-    k = np.float64(view(mean_addr, C, like)[c]) if c < C else 0.0
+    k = np.float64(view(mean_addr, C, like_c)[c]) if c < C else 0.0
     dy = view(dy_addr, N * C, like)
     x = view(x_addr, N * C, like)
     _row_partials(_pair_grad, dy, x, k, N, C, c, sh_a, sh_b, view(p_addr, 2 * C * cuda.gridDim.y, 0.0))
@@ -266,27 +269,27 @@ def _merge(p, C, G, c):
 
 
 @_jit
-def _finalize_train(x_addr, like, N, C, S, p_addr, G, eps, momentum, rm_addr, rv_addr, has_running, w_addr,
-                    has_weight, b_addr, has_bias, mean_addr, invstd_addr, coef_addr):  # fmt: skip
-    # coef rows (x's dtype): mean_hi, mean_lo, gamma * invstd, beta
+def _finalize_train(x_addr, like, like_c, N, C, S, p_addr, G, eps, momentum, rm_addr, rv_addr, has_running,
+                    w_addr, has_weight, b_addr, has_bias, mean_addr, invstd_addr, coef_addr):  # fmt: skip
+    # coef rows (the compute dtype, like_c's): mean_hi, mean_lo, gamma * invstd, beta
     c = cuda.grid(1)
     if c >= C:
         return
     x = view(x_addr, C * S, like)  # plane 0: the shift the partial sums used
     s1, s2 = _merge(view(p_addr, 2 * C * G, 0.0), C, G, c)
-    mean, var, invstd = _F.statistics(s1, s2, _F.shift_of(np.float64(x[c * S])), np.float64(N * S), eps)
-    view(mean_addr, C, like)[c] = mean
-    view(invstd_addr, C, like)[c] = invstd
+    mean, var, invstd = _F.statistics(s1, s2, _F.shift_of(np.float64(widen(x[c * S]))), np.float64(N * S), eps)
+    view(mean_addr, C, like_c)[c] = mean
+    view(invstd_addr, C, like_c)[c] = invstd
     if has_running:
-        running_mean = view(rm_addr, C, like)
-        running_var = view(rv_addr, C, like)
+        running_mean = view(rm_addr, C, like_c)
+        running_var = view(rv_addr, C, like_c)
         running_mean[c] = _F.running_update(running_mean[c], mean, momentum)
         running_var[c] = _F.running_update(running_var[c], _F.unbiased_var(var, np.float64(N * S)), momentum)
-    coef = view(coef_addr, 4 * C, like)
+    coef = view(coef_addr, 4 * C, like_c)
     coef[c] = mean
     coef[C + c] = mean - np.float64(coef[c])
-    coef[2 * C + c] = _F.scale_of(invstd, view(w_addr, C, like)[c] if has_weight else 1.0)
-    coef[3 * C + c] = view(b_addr, C, like)[c] if has_bias else 0.0
+    coef[2 * C + c] = _F.scale_of(invstd, view(w_addr, C, like_c)[c] if has_weight else 1.0)
+    coef[3 * C + c] = view(b_addr, C, like_c)[c] if has_bias else 0.0
 
 
 @_jit
@@ -331,7 +334,7 @@ def _finalize_stats(x_addr, like, N, C, S, p_addr, G, mean_addr, var_addr):
     if c < C:
         x = view(x_addr, C * S, like)
         s1, s2 = _merge(view(p_addr, 2 * C * G, 0.0), C, G, c)
-        mean, var, _ = _F.statistics(s1, s2, _F.shift_of(np.float64(x[c * S])), np.float64(N * S), 1.0)
+        mean, var, _ = _F.statistics(s1, s2, _F.shift_of(np.float64(widen(x[c * S]))), np.float64(N * S), 1.0)
         view(mean_addr, C, 0.0)[c] = mean
         view(var_addr, C, 0.0)[c] = var
 
@@ -340,12 +343,13 @@ def _finalize_stats(x_addr, like, N, C, S, p_addr, G, mean_addr, var_addr):
 
 
 @_jit
-def _normalize_planes(x_addr, y_addr, coef_addr, like, planes, C, S):
+def _normalize_planes(x_addr, y_addr, coef_addr, like, like_c, planes, C, S):
     """y = ((x - m_hi) - m_lo) * a + b: block row p (and p + gridDim.y, ...) is plane p of the
-    (N*C, S) arrays, channel p % C; each thread loads UNROLL (= 4) values before it stores."""
+    (N*C, S) arrays, channel p % C; each thread loads UNROLL (= 4) values before it stores.
+    16-bit storage: values widened on load, rounded once on store (_bits.widen / narrow)."""
     x = view(x_addr, planes * S, like)
     y = view(y_addr, planes * S, like)
-    coef = view(coef_addr, 4 * C, like)
+    coef = view(coef_addr, 4 * C, like_c)
     bd = cuda.blockDim.x
     start = cuda.blockIdx.x * bd * UNROLL + cuda.threadIdx.x
     stride = cuda.gridDim.x * bd * UNROLL
@@ -358,41 +362,42 @@ def _normalize_planes(x_addr, y_addr, coef_addr, like, planes, C, S):
         while i < S:
             i0 = base + i
             if i + 3 * bd < S:  # four loads in flight (y may alias x: loads first, then stores)
-                x0, x1, x2, x3 = x[i0], x[i0 + bd], x[i0 + 2 * bd], x[i0 + 3 * bd]
-                y[i0] = ((x0 - m_hi) - m_lo) * a + b
-                y[i0 + bd] = ((x1 - m_hi) - m_lo) * a + b
-                y[i0 + 2 * bd] = ((x2 - m_hi) - m_lo) * a + b
-                y[i0 + 3 * bd] = ((x3 - m_hi) - m_lo) * a + b
+                x0, x1 = widen(x[i0]), widen(x[i0 + bd])
+                x2, x3 = widen(x[i0 + 2 * bd]), widen(x[i0 + 3 * bd])
+                y[i0] = narrow(((x0 - m_hi) - m_lo) * a + b, y)
+                y[i0 + bd] = narrow(((x1 - m_hi) - m_lo) * a + b, y)
+                y[i0 + 2 * bd] = narrow(((x2 - m_hi) - m_lo) * a + b, y)
+                y[i0 + 3 * bd] = narrow(((x3 - m_hi) - m_lo) * a + b, y)
             else:
                 j = i
                 while j < S:
-                    y[base + j] = ((x[base + j] - m_hi) - m_lo) * a + b
+                    y[base + j] = narrow(((widen(x[base + j]) - m_hi) - m_lo) * a + b, y)
                     j += bd
             i += stride
         p += cuda.gridDim.y
 
 
 @_jit
-def _normalize_flat(x_addr, y_addr, coef_addr, like, total, C, S):
+def _normalize_flat(x_addr, y_addr, coef_addr, like, like_c, total, C, S):
     """The same, grid-stride over all elements (short planes, rows): channel (i // S) % C."""
     x = view(x_addr, total, like)
     y = view(y_addr, total, like)
-    coef = view(coef_addr, 4 * C, like)
+    coef = view(coef_addr, 4 * C, like_c)
     i = cuda.grid(1)
     step = cuda.gridsize(1)
     while i < total:
         c = (i // S) % C
-        y[i] = ((x[i] - coef[c]) - coef[C + c]) * coef[2 * C + c] + coef[3 * C + c]
+        y[i] = narrow(((widen(x[i]) - coef[c]) - coef[C + c]) * coef[2 * C + c] + coef[3 * C + c], y)
         i += step
 
 
 @_jit
-def _input_grad_planes(dy_addr, x_addr, coef_addr, like, planes, C, S, dx_addr):
+def _input_grad_planes(dy_addr, x_addr, coef_addr, like, like_c, planes, C, S, dx_addr):
     """dx = dy * k1 + (x - mean) * k2 + k3, plane per block row, UNROLL values per thread."""
     dy = view(dy_addr, planes * S, like)
     x = view(x_addr, planes * S, like)
     dx = view(dx_addr, planes * S, like)
-    coef = view(coef_addr, 4 * C, like)
+    coef = view(coef_addr, 4 * C, like_c)
     bd = cuda.blockDim.x
     start = cuda.blockIdx.x * bd * UNROLL + cuda.threadIdx.x
     stride = cuda.gridDim.x * bd * UNROLL
@@ -405,32 +410,34 @@ def _input_grad_planes(dy_addr, x_addr, coef_addr, like, planes, C, S, dx_addr):
         while i < S:
             i0 = base + i
             if i + 3 * bd < S:
-                g0, g1, g2, g3 = dy[i0], dy[i0 + bd], dy[i0 + 2 * bd], dy[i0 + 3 * bd]
-                x0, x1, x2, x3 = x[i0], x[i0 + bd], x[i0 + 2 * bd], x[i0 + 3 * bd]
-                dx[i0] = g0 * k1 + (x0 - mean) * k2 + k3
-                dx[i0 + bd] = g1 * k1 + (x1 - mean) * k2 + k3
-                dx[i0 + 2 * bd] = g2 * k1 + (x2 - mean) * k2 + k3
-                dx[i0 + 3 * bd] = g3 * k1 + (x3 - mean) * k2 + k3
+                g0, g1 = widen(dy[i0]), widen(dy[i0 + bd])
+                g2, g3 = widen(dy[i0 + 2 * bd]), widen(dy[i0 + 3 * bd])
+                x0, x1 = widen(x[i0]), widen(x[i0 + bd])
+                x2, x3 = widen(x[i0 + 2 * bd]), widen(x[i0 + 3 * bd])
+                dx[i0] = narrow(g0 * k1 + (x0 - mean) * k2 + k3, dx)
+                dx[i0 + bd] = narrow(g1 * k1 + (x1 - mean) * k2 + k3, dx)
+                dx[i0 + 2 * bd] = narrow(g2 * k1 + (x2 - mean) * k2 + k3, dx)
+                dx[i0 + 3 * bd] = narrow(g3 * k1 + (x3 - mean) * k2 + k3, dx)
             else:
                 j = i
                 while j < S:
-                    dx[base + j] = dy[base + j] * k1 + (x[base + j] - mean) * k2 + k3
+                    dx[base + j] = narrow(widen(dy[base + j]) * k1 + (widen(x[base + j]) - mean) * k2 + k3, dx)
                     j += bd
             i += stride
         p += cuda.gridDim.y
 
 
 @_jit
-def _input_grad_flat(dy_addr, x_addr, coef_addr, like, total, C, S, dx_addr):
+def _input_grad_flat(dy_addr, x_addr, coef_addr, like, like_c, total, C, S, dx_addr):
     dy = view(dy_addr, total, like)
     x = view(x_addr, total, like)
     dx = view(dx_addr, total, like)
-    coef = view(coef_addr, 4 * C, like)
+    coef = view(coef_addr, 4 * C, like_c)
     i = cuda.grid(1)
     step = cuda.gridsize(1)
     while i < total:
         c = (i // S) % C
-        dx[i] = dy[i] * coef[c] + (x[i] - coef[3 * C + c]) * coef[C + c] + coef[2 * C + c]
+        dx[i] = narrow(widen(dy[i]) * coef[c] + (widen(x[i]) - coef[3 * C + c]) * coef[C + c] + coef[2 * C + c], dx)
         i += step
 
 
@@ -452,10 +459,18 @@ def _plane_grid(n: int, c: int, s: int) -> tuple[int, int]:
     return x, min(n * c, max(1, 8192 // x), 65535)
 
 
+def _likes(x) -> tuple:
+    """(storage like, compute like): typed zeros that type the kernels' views of the data and of
+    the per-channel arrays (16-bit data as bits: float16 as int16, bfloat16 as uint16)."""
+    dtype = np.dtype(x.dtype)
+    storage = np.int16(0) if dtype == FLOAT16 else dtype.type(0)
+    return storage, compute_dtype(dtype).type(0)
+
+
 def _partials(x, dy, mean, n: int, c: int, s: int):
     """Launch the partial sums (statistics of x when dy is None, else the backward's sums of dy
     and dy * (x - mean)); returns the float64 (2, C, G) scratch and G."""
-    like = x.dtype.type(0)
+    like, like_c = _likes(x)
     if s == 1:
         tiles = -(-c // ROW_TILE)
         g = max(1, min(-(-n // (ROW_LANES * 16)), -(-TARGET_BLOCKS // tiles)))
@@ -464,7 +479,7 @@ def _partials(x, dy, mean, n: int, c: int, s: int):
         if dy is None:
             launch(_stats_rows, grid, block, x.ptr, like, n, c, p.ptr)
         else:
-            launch(_grad_rows, grid, block, dy.ptr, x.ptr, mean.ptr, like, n, c, p.ptr)
+            launch(_grad_rows, grid, block, dy.ptr, x.ptr, mean.ptr, like, like_c, n, c, p.ptr)
     else:
         tiles = -(-s // (BLOCK * UNROLL))
         g = max(1, min(n * tiles, -(-TARGET_BLOCKS // c), 65535))
@@ -472,26 +487,27 @@ def _partials(x, dy, mean, n: int, c: int, s: int):
         if dy is None:
             launch(_stats_planes, (c, g), BLOCK, x.ptr, like, n, c, s, p.ptr)
         else:
-            launch(_grad_planes, (c, g), BLOCK, dy.ptr, x.ptr, mean.ptr, like, n, c, s, p.ptr)
+            launch(_grad_planes, (c, g), BLOCK, dy.ptr, x.ptr, mean.ptr, like, like_c, n, c, s, p.ptr)
     return p, g
 
 
 def _normalize(x, y, coef, n: int, c: int, s: int) -> None:
-    like = x.dtype.type(0)
+    like, like_c = _likes(x)
     if s >= PLANE_MIN:
-        launch(_normalize_planes, _plane_grid(n, c, s), BLOCK, x.ptr, y.ptr, coef.ptr, like, n * c, c, s)
+        launch(_normalize_planes, _plane_grid(n, c, s), BLOCK, x.ptr, y.ptr, coef.ptr, like, like_c, n * c, c, s)
     else:
-        launch(_normalize_flat, _grid_stride(n * c * s), BLOCK, x.ptr, y.ptr, coef.ptr, like, n * c * s, c, s)
+        launch(_normalize_flat, _grid_stride(n * c * s), BLOCK, x.ptr, y.ptr, coef.ptr, like, like_c, n * c * s,
+               c, s)  # fmt: skip
 
 
 def _input_grad(dy, x, coef, dx, n: int, c: int, s: int) -> None:
-    like = x.dtype.type(0)
+    like, like_c = _likes(x)
     if s >= PLANE_MIN:
-        launch(_input_grad_planes, _plane_grid(n, c, s), BLOCK, dy.ptr, x.ptr, coef.ptr, like, n * c, c, s,
-                                                                  dx.ptr)  # fmt: skip
+        launch(_input_grad_planes, _plane_grid(n, c, s), BLOCK, dy.ptr, x.ptr, coef.ptr, like, like_c, n * c, c,
+               s, dx.ptr)  # fmt: skip
     else:
-        launch(_input_grad_flat, _grid_stride(n * c * s), BLOCK, dy.ptr, x.ptr, coef.ptr, like, n * c * s, c, s,
-                                                                   dx.ptr)  # fmt: skip
+        launch(_input_grad_flat, _grid_stride(n * c * s), BLOCK, dy.ptr, x.ptr, coef.ptr, like, like_c,
+               n * c * s, c, s, dx.ptr)  # fmt: skip
 
 
 def _views(*arrays):
@@ -504,7 +520,7 @@ def _ptr(a, fallback) -> int:
 
 
 def _check(x, y, per_channel, extra=(), required=()):
-    check_arrays(x, y, per_channel, extra, backend="cuda", dense=device_dense)
+    check_arrays(x, y, per_channel, extra, backend="cuda", dense=device_dense, dtypes=BATCH_NORM_DTYPES)
     for name, a in required:
         if a is None:
             raise ValueError(f"{name}: an array is needed (the kernels write or read it)")
@@ -519,9 +535,10 @@ def batch_norm_forward_train(x, weight, bias, running_mean, running_var, momentu
            required=[("save_mean", save_mean), ("save_invstd", save_invstd)])  # fmt: skip
     n, c, s = x.shape
     p, g = _partials(x, None, None, n, c, s)
-    coef = scratch((4 * c,), x.dtype)
+    like, like_c = _likes(x)
+    coef = scratch((4 * c,), compute_dtype(x.dtype))
     launch(_finalize_train, _per_channel(c), BLOCK,
-        x.ptr, x.dtype.type(0), n, c, s, p.ptr, g, float(eps), float(momentum), _ptr(running_mean, coef),
+        x.ptr, like, like_c, n, c, s, p.ptr, g, float(eps), float(momentum), _ptr(running_mean, coef),
         _ptr(running_var, coef), running_mean is not None, _ptr(weight, coef), weight is not None,
         _ptr(bias, coef), bias is not None, save_mean.ptr, save_invstd.ptr, coef.ptr,
     )  # fmt: skip
@@ -534,9 +551,9 @@ def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps, y):
     _check(x, y, [weight, bias, running_mean, running_var],
            required=[("running_mean", running_mean), ("running_var", running_var)])  # fmt: skip
     n, c, s = x.shape
-    coef = scratch((4 * c,), x.dtype)
+    coef = scratch((4 * c,), compute_dtype(x.dtype))
     launch(_finalize_eval, _per_channel(c), BLOCK,
-        running_mean.ptr, running_var.ptr, x.dtype.type(0), c, float(eps), _ptr(weight, coef), weight is not None,
+        running_mean.ptr, running_var.ptr, _likes(x)[1], c, float(eps), _ptr(weight, coef), weight is not None,
         _ptr(bias, coef), bias is not None, coef.ptr,
     )  # fmt: skip
     _normalize(x, y, coef, n, c, s)
@@ -548,10 +565,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight, training, dx, dweight, dbia
     _check(x, dy, [mean, invstd, weight, dweight, dbias], [dx], required=[("mean", mean), ("invstd", invstd)])
     n, c, s = x.shape
     need_sums = (dx is not None and training) or dweight is not None or dbias is not None
-    coef = scratch((4 * c,), x.dtype)
+    coef = scratch((4 * c,), compute_dtype(x.dtype))
     p, g = _partials(x, dy, mean, n, c, s) if need_sums else (coef, 0)
     launch(_finalize_backward, _per_channel(c), BLOCK,
-        p.ptr, g, x.dtype.type(0), c, float(n * s), mean.ptr, invstd.ptr, _ptr(weight, coef), weight is not None,
+        p.ptr, g, _likes(x)[1], c, float(n * s), mean.ptr, invstd.ptr, _ptr(weight, coef), weight is not None,
         bool(training), _ptr(dweight, coef), dweight is not None, _ptr(dbias, coef), dbias is not None, coef.ptr,
     )  # fmt: skip
     if dx is not None:
@@ -565,4 +582,4 @@ def batch_norm_stats(x, mean, var):
     n, c, s = x.shape
     check_float64_vectors(c, mean, var, dense=device_dense)
     p, g = _partials(x, None, None, n, c, s)
-    launch(_finalize_stats, _per_channel(c), BLOCK, x.ptr, x.dtype.type(0), n, c, s, p.ptr, g, mean.ptr, var.ptr)
+    launch(_finalize_stats, _per_channel(c), BLOCK, x.ptr, _likes(x)[0], n, c, s, p.ptr, g, mean.ptr, var.ptr)

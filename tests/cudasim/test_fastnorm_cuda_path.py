@@ -152,3 +152,48 @@ def test_stochastic_rounding_on_the_cuda_backend_matches_numba():
         results.append(p.clone())
     assert torch.equal(results[0].view(torch.int16), results[1].view(torch.int16))
     assert len(results[0].unique()) > 1  # rounded both ways
+
+
+# 16-bit BatchNorm on the cuda backend: (shape, memory format), rows, short and long planes
+HALF_BN_CASES = [((16, 5), None), ((4, 3, 5, 2), None), ((3, 4, 9, 11), None), ((4, 3, 5, 7), torch.channels_last)]
+
+
+# bfloat16 with float32 and with bfloat16 parameters on every case; float16 on two (the simulator is slow)
+HALF_BN_MATRIX = [(s, f, torch.bfloat16, m) for s, f in HALF_BN_CASES for m in (True, False)]
+HALF_BN_MATRIX += [(*HALF_BN_CASES[0], torch.float16, True), (*HALF_BN_CASES[2], torch.float16, False)]
+
+
+@pytest.mark.parametrize("shape,fmt,dtype,mixed", HALF_BN_MATRIX, ids=lambda v: str(v))
+def test_16_bit_batchnorm_against_float64_truth(shape, fmt, dtype, mixed):
+    """Training forward, backward and eval: every output within 2x torch's own error in the same
+    dtype (or 2 ulps), against float64 truth on the same 16-bit values; torch's dtypes."""
+    torch.manual_seed(0)
+    c = shape[1]
+    cls = {2: "BatchNorm1d", 4: "BatchNorm2d"}[len(shape)]
+    pdt = torch.float32 if mixed else dtype
+    truth = getattr(torch.nn, cls)(c, dtype=torch.float64)
+    with torch.no_grad():
+        truth.weight.copy_(torch.linspace(0.5, 1.5, c).to(pdt))
+        truth.bias.copy_(torch.linspace(-1, 1, c).to(pdt))
+    theirs = getattr(torch.nn, cls)(c).to(pdt)
+    ours = getattr(fastnorm.nn, cls)(c, backend="cuda").to(pdt)
+    theirs.load_state_dict(truth.state_dict())
+    ours.load_state_dict(truth.state_dict())
+    x = (torch.randn(shape) * 2 + 3).to(dtype)
+    dy = torch.randn(shape).to(dtype)
+    if fmt is not None:
+        x, dy = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+    outs = []
+    for module, xx, gg in ((truth, x.double(), dy.double()), (theirs, x, dy), (ours, x, dy)):
+        xg = xx.clone().requires_grad_()
+        y = module(xg)
+        y.backward(gg)
+        module.eval()
+        outs.append([y, xg.grad, module.weight.grad, module.bias.grad, module.running_mean, module(xx)])
+    names = ["y", "dx", "dweight", "dbias", "running_mean", "eval y"]
+    for name, e, t, m in zip(names, *outs):
+        assert m.dtype == t.dtype, f"{name}: {m.dtype}, torch's {t.dtype}"
+        error = (m.double() - e).abs().max().item()
+        ulp = torch.finfo(m.dtype).eps * max(e.abs().max().item(), 1e-30)
+        bound = max(2 * (t.double() - e).abs().max().item(), 2 * ulp)
+        assert error <= bound, f"{name}: error {error:.3e} > {bound:.3e}"
