@@ -39,6 +39,37 @@ def test_batchnorm_matches_torch(shape, dtype, training):
         assert_close(a, e, tol * (20 if what in ("dw", "db") else 1), tol * scale, what)
 
 
+@pytest.mark.parametrize("mixed", [True, False], ids=["float32 parameters", "all 16-bit"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(64, 256), (1031, 67), (64, 64, 28, 28), (4, 3, 5, 7)], ids=str)
+def test_16_bit_batchnorm_against_float64_truth(shape, dtype, mixed):
+    """Every output within 2x cuDNN's / ATen's own error in the same dtype (or 2 ulps), against
+    float64 truth on the same 16-bit values."""
+    c = shape[1]
+    pdt = torch.float32 if mixed else dtype
+    x = (torch.randn(shape, device=DEV) * 3 + 1).to(dtype)
+    dy = torch.randn(shape, device=DEV).to(dtype)
+    w = (torch.rand(c, device=DEV) + 0.5).to(pdt)
+    b = torch.randn(c, device=DEV).to(pdt)
+    outs = []
+    for fn, cast in ((F.batch_norm, torch.float64), (F.batch_norm, None),
+                     (lambda *a, **k: fastnorm.functional.batch_norm(*a, **k, backend="cuda"), None)):  # fmt: skip
+
+        def to(t, cast=cast):
+            return t.to(cast) if cast is not None else t
+
+        rm, rv = to(torch.zeros(c, device=DEV, dtype=pdt)), to(torch.ones(c, device=DEV, dtype=pdt))
+        xi, wi, bi = to(x).clone().requires_grad_(), to(w).clone().requires_grad_(), to(b).clone().requires_grad_()
+        y = fn(xi, rm, rv, wi, bi, training=True, momentum=0.1, eps=1e-5)
+        gx, gw, gb = torch.autograd.grad(y, (xi, wi, bi), to(dy))
+        outs.append((y, gx, gw, gb, rm, rv))
+    for e, t, m, what in zip(*outs, ["y", "dx", "dw", "db", "running_mean", "running_var"]):
+        assert m.dtype == t.dtype, what
+        error = (m.double() - e).abs().max().item()
+        ulp = torch.finfo(m.dtype).eps * max(e.abs().max().item(), 1e-30)
+        assert error <= max(2 * (t.double() - e).abs().max().item(), 2 * ulp), f"{what}: error {error:.3e}"
+
+
 def test_modules_convert_and_channels_last():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).to(DEV)
     ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).to(DEV)
