@@ -168,3 +168,35 @@ def test_16_bit_optimizers_follow_torch_fused(name, options, dtype):
         pairs += [(sb[k], v) for k, v in sa.items() if k != "step"]
     distance = torch.cat([(a.view(torch.int16).int() - b.view(torch.int16).int()).abs().flatten() for a, b in pairs])
     assert (distance <= 1).double().mean().item() >= 0.99
+
+
+def test_converted_model_trains_under_float16_autocast():
+    """nn.convert(model, backend="cuda") under torch.autocast("cuda", float16) with a GradScaler:
+    BatchNorm gets float16 activations with float32 parameters and follows torch's."""
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(16 * 30 * 30, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10),
+    ).to(DEV)  # fmt: skip
+    import copy
+
+    ours = fastnorm.nn.convert(copy.deepcopy(theirs), backend="cuda")
+    runs = []
+    for model, opt in ((ours, fastnorm.optim.Adam(ours.parameters(), lr=1e-3, backend="cuda")),
+                       (theirs, torch.optim.Adam(theirs.parameters(), lr=1e-3))):  # fmt: skip
+        scaler = torch.amp.GradScaler("cuda")
+        gen = torch.Generator(device=DEV).manual_seed(1)
+        losses = []
+        for _ in range(5):
+            x = torch.randn(32, 3, 32, 32, device=DEV, generator=gen)
+            target = torch.randint(0, 10, (32,), device=DEV, generator=gen)
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = F.cross_entropy(model(x).float(), target)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.item())
+        runs.append(losses)
+    for a, b in zip(*runs):
+        assert abs(a - b) < 0.02 * max(1.0, abs(b)), runs
