@@ -4,6 +4,8 @@ Collected only where torch sees a CUDA device; bench/gpu_check.sh runs it."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,8 +180,6 @@ def test_converted_model_trains_under_float16_autocast():
         torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.Flatten(),
         torch.nn.Linear(16 * 30 * 30, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10),
     ).to(DEV)  # fmt: skip
-    import copy
-
     ours = fastnorm.nn.convert(copy.deepcopy(theirs), backend="cuda")
     runs = []
     for model, opt in ((ours, fastnorm.optim.Adam(ours.parameters(), lr=1e-3, backend="cuda")),
