@@ -40,8 +40,10 @@ def batch_norm(
     ``running_var``. In eval the running statistics normalise.
 
     Args:
-        input: ``(N, C)`` or ``(N, C, *spatial)``, float32 or float64 for fastnorm's kernels
-            (any dtype torch supports with ``backend="torch"``).
+        input: ``(N, C)`` or ``(N, C, *spatial)``, float32, float64, bfloat16 or float16 for
+            fastnorm's kernels (any dtype torch supports with ``backend="torch"``). A 16-bit
+            input takes float32 per-channel tensors (torch's mixed case, what autocast gives)
+            or 16-bit ones; the output has the input's dtype.
         running_mean, running_var: ``(C,)`` buffers, or None (training only).
         weight, bias: ``(C,)`` affine parameters (gamma, beta), or None.
         training: use and return batch statistics, and update the running ones.
