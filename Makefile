@@ -21,8 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m pytest tests -q
-	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest tests/cudasim -q -p no:cacheprovider
+	bash tests/run_suites.sh $(BIN)/python
 	$(BIN)/python -m pytest bench -q -p no:cacheprovider --benchmark-disable
 
 demo: $(STAMP)
