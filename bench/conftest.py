@@ -1,14 +1,20 @@
 """pytest-benchmark harness shared by the suites: providers, options, measurement, records.
 
-Every benchmark goes through :func:`measure`, which
-* times the first call apart (Numba compilation or cache load: "first call minus steady state"
-  is reported as ``compile_s``), then warms up and sizes the number of rounds to a time budget;
+Every benchmark is a comparison: one test per (op, case) times all its providers side by side
+with :func:`compare`, which
+* times each provider's first call apart (Numba compilation or cache load, torch.compile:
+  "first call minus steady state" is reported as ``compile_s``), then warms each up twice;
+* runs rounds in which every provider is called once, in an order shuffled per round
+  (bench/paired.py explains why), at least ``MIN_ROUNDS`` rounds and as many as the time budget
+  allows: pytest-benchmark drives the rounds, so its own statistics are those of a whole round;
 * synchronises CUDA after every call, so GPU timings are wall times of finished work;
-* stores in ``extra_info`` the op, case, provider, bytes moved by the minimal algorithm and
-  the achieved GB/s (the report adds the percent of the in-place bandwidth roofline).
+* stores in ``extra_info["providers"]`` each provider's samples, median and interquartile range,
+  its GB/s from the bytes moved by the minimal algorithm (the report adds the percent of the
+  bandwidth roofline and bootstrap intervals of the speedups), and in ``extra_info["skipped"]``
+  each provider that could not run here with its reason; it fails the test if a provider
+  produced a time that is not positive.
 
-A provider that cannot run here is skipped with its reason, and the reasons are written into the
-JSON's ``machine_info["fastnorm_skipped"]`` so the report lists them too.
+Skip reasons are also written into the JSON's ``machine_info["fastnorm_skipped"]``.
 
 Options: ``--bench-device cpu|cuda``, ``--bench-quick`` (fewer shapes and rounds),
 ``--bench-budget SECONDS`` (time per benchmark), ``--bench-providers a,b`` (filter).
@@ -19,6 +25,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import random
+import statistics
 import time
 from collections.abc import Callable
 
@@ -28,6 +36,9 @@ import torch
 import fastnorm
 
 _SKIPPED: dict[str, str] = {}
+#: every comparison runs at least this many rounds (each provider once per round), however slow
+MIN_ROUNDS = 15
+MAX_ROUNDS = 300
 
 
 def pytest_addoption(parser):
@@ -36,7 +47,7 @@ def pytest_addoption(parser):
                     choices=["cpu", "cuda"], help="device of the benchmarked tensors")  # fmt: skip
     group.addoption("--bench-quick", action="store_true", help="fewer shapes and rounds (~1 minute)")
     group.addoption("--bench-budget", type=float, default=None,
-                    help="seconds of timed calls per benchmark (default 1.0, quick 0.15)")  # fmt: skip
+                    help="seconds of timed calls per provider of a comparison (default 1.0, quick 0.15)")  # fmt: skip
     group.addoption("--bench-providers", default="",
                     help="comma-separated providers to run (default: all)")  # fmt: skip
 
@@ -111,21 +122,21 @@ def budget(request) -> float:
 
 
 @pytest.fixture
-def use_provider(request, device):
-    """``use_provider(provider, op)``: skip (with the reason) unless it can run here."""
+def runnable(request, device):
+    """``runnable(provider, op)``: None if the provider runs ``op`` here and was selected
+    (``--bench-providers``), else the reason it does not."""
     wanted = [p for p in request.config.getoption("--bench-providers").split(",") if p]
 
-    def check(provider: str, op: str) -> None:
+    def check(provider: str, op: str) -> str | None:
         if wanted and provider not in wanted:
-            pytest.skip(f"provider {provider!r} not selected (--bench-providers)")
-        reason = provider_skip_reason(provider, op, device)
-        if reason:
-            pytest.skip(reason)
+            return f"provider {provider!r} not selected (--bench-providers)"
+        return provider_skip_reason(provider, op, device)
 
     return check
 
 
-TORCH_OPTIM_VARIANTS = {"torch": {}, "torch-foreach": {"foreach": True}, "torch-fused": {"fused": True}}
+TORCH_OPTIM_VARIANTS = {"torch": {}, "torch-foreach": {"foreach": True}, "torch-fused": {"fused": True},
+                        "torch-compiled": {}}  # fmt: skip
 #: torch.optim classes with a fused implementation in the installed torch
 TORCH_FUSED = {"SGD", "Adagrad", "Adam", "AdamW"}
 
@@ -153,34 +164,66 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def measure(benchmark, fn: Callable[[], object], *, device: torch.device, budget: float,
-            bytes_moved: int, op: str, case: str, provider: str, **info) -> None:  # fmt: skip
-    """Benchmark ``fn`` with warm-up and a time budget; record bytes and GB/s in extra_info."""
+def compare(benchmark, request, providers: dict[str, Callable[[], object] | str], *, device: torch.device,
+            budget: float, op: str, case: str, bytes_moved: int, bytes_by_provider: dict | None = None,
+            **info) -> dict[str, list[float]]:  # fmt: skip
+    """Time ``providers`` ({name: fn, or the reason it cannot run here}) side by side (see the
+    module's text); returns each provider's samples in seconds. ``bytes_by_provider`` overrides
+    ``bytes_moved`` for providers that move a different amount (the GPU roofline's copy)."""
+    test = request.node.name
+    skipped = {name: why for name, why in providers.items() if isinstance(why, str)}
+    assert all(why.strip() for why in skipped.values()), f"{test}: a provider skipped without a reason"
+    for name, why in skipped.items():
+        _SKIPPED[f"{test}:{name}"] = why
     sync = _synchronizer(device)
+    calls = {}
+    for name, fn in providers.items():
+        if name not in skipped:
 
-    def call():
-        fn()
-        sync()
+            def call(fn=fn):
+                fn()
+                sync()
 
-    benchmark.extra_info.update(op=op, case=case, provider=provider, bytes=int(bytes_moved),
-                                device=str(device), **info)  # fmt: skip
-    if benchmark.disabled:  # --benchmark-disable (CI): run once, so that nothing rots
-        benchmark(call)
-        return
-    start = time.perf_counter()
-    call()
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    call()
-    per_call = max(time.perf_counter() - start, 1e-7)
-    if per_call * 5 > 3 * budget:  # slow provider (e.g. NumPy at 100M values): 3 rounds
-        rounds, warmup = 3, 0
+            calls[name] = call
+    benchmark.extra_info.update(op=op, case=case, bytes=int(bytes_moved), device=str(device), interleaved=True,
+                                skipped=skipped, **info)  # fmt: skip
+    if not calls:
+        pytest.skip("no provider runs here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    first = {}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        call()
+        first[name] = time.perf_counter() - start
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    order, rng = list(calls), random.Random(0)
+
+    def one_round():
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            calls[name]()
+            samples[name].append(time.perf_counter() - start)
+
+    if benchmark.disabled:  # --benchmark-disable (CI): one round, so that nothing rots
+        benchmark(one_round)
     else:
-        rounds, warmup = int(min(max(budget / per_call, 5), 5000)), 2
-    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(
-        first_call_s=first,
-        compile_s=max(first - median, 0.0),
-        gbps=bytes_moved / median / 1e9,
-    )
+        for _ in range(2):  # warm-up, not recorded
+            one_round()
+        per_round = sum(v[-1] for v in samples.values())
+        for v in samples.values():
+            v.clear()
+        rounds = int(min(max(budget * len(calls) / max(per_round, 1e-7), MIN_ROUNDS), MAX_ROUNDS))
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    assert set(samples) | set(skipped) == set(providers)
+    results = {}
+    for name, times in samples.items():
+        assert times, f"{test}: provider {name} has no timed round"
+        bad = [t for t in times if not t > 0]
+        assert not bad, f"{test}: provider {name} produced non-positive times {bad[:3]}"
+        q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
+        results[name] = {"median": med, "q1": q1, "q3": q3, "rounds": len(times),
+                         "samples": [float(f"{t:.4g}") for t in times], "first_call_s": first[name],
+                         "compile_s": max(first[name] - med, 0.0),
+                         "gbps": (bytes_by_provider or {}).get(name, bytes_moved) / med / 1e9}  # fmt: skip
+    benchmark.extra_info["providers"] = results
+    return samples

@@ -1,7 +1,12 @@
-"""BatchNorm: forward (training), forward (eval), backward, forward+backward, per provider.
+"""BatchNorm: forward (training), forward (eval), backward, forward+backward; every provider of a
+(mode, shape, layout) timed side by side (conftest.compare). 4-D shapes run in both memory
+layouts: contiguous (N, C, H, W) and ``torch.channels_last`` (what CPU convolutions produce).
 
 Bytes moved by the minimal algorithm (float32): forward reads x and writes y (8 B/element),
 backward reads dy and x and writes dx (12 B/element), forward+backward 20 B/element.
+fastnorm's large outputs come from its CPU buffer pool (warm pages); torch's from its allocator,
+which returns large blocks to the OS, so each call pays fresh page faults: the ``torch-prealloc``
+provider shows torch's kernels without that cost.
 """
 
 from __future__ import annotations
@@ -10,11 +15,11 @@ import math
 
 import pytest
 import torch
-from conftest import measure
+from conftest import compare
 
 import fastnorm
 
-# (shape, what it is); quick: part of --bench-quick
+# (shape, what it is, quick: part of --bench-quick)
 SHAPES = [
     ((64, 256), "MNIST MLP, first BatchNorm", True),
     ((64, 128), "MNIST MLP, second BatchNorm", False),
@@ -27,20 +32,24 @@ SHAPES = [
 ]
 GPU_ONLY = {(256, 64, 56, 56), (64, 256, 28, 28)}
 MODES = {"forward_train": 8, "forward_eval": 8, "backward": 12, "forward_backward": 20}
-PROVIDERS = ["reference", "numba", "cuda", "torch"]
+#: torch: nn.BatchNorm as users run it (outputs from torch's allocator: on CPU, large ones are
+#: fresh pages each call); torch-prealloc: torch's own kernels (aten::native_batch_norm and its
+#: backward, .out variants) writing into outputs allocated once, no autograd: what torch would
+#: cost with a warm output allocator, as fastnorm's CPU buffer pool gives its own outputs
+PROVIDERS = ["reference", "numba", "cuda", "torch", "torch-prealloc"]
 MODULES = {2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}
 
 
-def _case(shape) -> str:
-    return "x".join(map(str, shape))
+def _case(shape, channels_last: bool = False) -> str:
+    return "x".join(map(str, shape)) + ("-channels_last" if channels_last else "")
 
 
 def _params():
     for shape, _, quick in SHAPES:
-        for mode in MODES:
-            for provider in PROVIDERS:
+        for channels_last in (False, True) if len(shape) == 4 else (False,):
+            for mode in MODES:
                 marks = [pytest.mark.quick] if quick and mode in ("forward_backward", "forward_eval") else []
-                yield pytest.param(mode, shape, provider, marks=marks, id=f"{mode}-{_case(shape)}-{provider}")
+                yield pytest.param(mode, shape, channels_last, marks=marks, id=f"{mode}-{_case(shape, channels_last)}")
 
 
 def _module(shape, provider, device):
@@ -55,41 +64,81 @@ def _module(shape, provider, device):
     return bn
 
 
-@pytest.mark.parametrize("mode,shape,provider", list(_params()))
-def test_batchnorm(benchmark, use_provider, device, budget, mode, shape, provider):
-    use_provider(provider, "batch_norm")
-    if tuple(shape) in GPU_ONLY and device.type != "cuda":
-        pytest.skip("GPU-size shape: measured with --bench-device cuda")
+def _prealloc_fn(mode, x, dy):
+    """torch's BatchNorm kernels into outputs allocated once (see PROVIDERS)."""
+    c = x.shape[1]
+    aten = torch.ops.aten
+    w = torch.empty(c, device=x.device).uniform_(0.5, 1.5)
+    b = torch.empty(c, device=x.device).uniform_(-0.5, 0.5)
+    rm, rv = torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    sm, si, dw, db = (torch.empty(c, device=x.device) for _ in range(4))
+    training = mode != "forward_eval"
+
+    def forward():
+        aten.native_batch_norm.out(x, w, b, rm, rv, training, 0.1, 1e-5, out=y, save_mean=sm, save_invstd=si)
+
+    def backward():
+        aten.native_batch_norm_backward.out(dy, x, w, rm, rv, sm, si, True, 1e-5, [True, True, True],
+                                            out0=dx, out1=dw, out2=db)  # fmt: skip
+
+    forward()
+    if mode in ("forward_train", "forward_eval"):
+        return forward
+    if mode == "backward":
+        return backward
+
+    def forward_backward():
+        forward()
+        backward()
+
+    return forward_backward
+
+
+def _provider_fn(mode, shape, channels_last, provider, device, x, dy):
+    if provider == "torch-prealloc":
+        return _prealloc_fn(mode, x, dy)
     bn = _module(shape, provider, device)
-    x = torch.randn(shape, device=device) * 2 + 0.5
-    dy = torch.randn(shape, device=device)
-
     if mode == "forward_train":
-
-        def fn():
-            return bn(x)
-    elif mode == "forward_eval":
+        return lambda: bn(x)
+    if mode == "forward_eval":
         bn.eval()
 
         def fn():
             with torch.no_grad():
                 return bn(x)
-    elif mode == "backward":
-        xg = x.clone().requires_grad_(True)
+
+        return fn
+    xg = x.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    xg.requires_grad_(True)
+    if mode == "backward":
         y = bn(xg)
         inputs = [xg, bn.weight, bn.bias]
+        return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
 
-        def fn():
-            return torch.autograd.grad(y, inputs, dy, retain_graph=True)
-    else:  # forward_backward, through the autograd path as in training
-        xg = x.clone().requires_grad_(True)
+    def forward_backward():  # through the autograd path as in training
+        xg.grad = bn.weight.grad = bn.bias.grad = None
+        bn(xg).backward(dy)
 
-        def fn():
-            xg.grad = bn.weight.grad = bn.bias.grad = None
-            bn(xg).backward(dy)
+    return forward_backward
 
-    measure(benchmark, fn, device=device, budget=budget, op=f"batchnorm_{mode}", case=_case(shape),
-            provider=provider, bytes_moved=MODES[mode] * math.prod(shape), dtype="float32")  # fmt: skip
+
+@pytest.mark.parametrize("mode,shape,channels_last", list(_params()))
+def test_batchnorm(benchmark, request, runnable, device, budget, mode, shape, channels_last):
+    if tuple(shape) in GPU_ONLY and device.type != "cuda":
+        pytest.skip("GPU-size shape: measured with --bench-device cuda")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(shape, device=device) * 2 + 0.5).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+    providers = {}
+    for provider in PROVIDERS:
+        why = runnable("torch" if provider == "torch-prealloc" else provider, "batch_norm")
+        if provider == "reference" and math.prod(shape) > 4_000_000:
+            why = why or "the NumPy reference above 4M values: seconds per call, not a comparison"
+        providers[provider] = why or _provider_fn(mode, shape, channels_last, provider, device, x, dy)
+    compare(benchmark, request, providers, device=device, budget=budget, op=f"batchnorm_{mode}",
+            case=_case(shape, channels_last), bytes_moved=MODES[mode] * math.prod(shape), dtype="float32",
+            layout="channels_last" if channels_last else "contiguous")  # fmt: skip
 
 
 # -- 16-bit inputs (issue #14): what torch.autocast hands a BatchNorm (16-bit activations,
@@ -101,23 +150,29 @@ HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 def _half_params():
     for shape, quick in HALF_SHAPES:
         for dtype in HALF_DTYPES:
-            for provider in PROVIDERS:
-                marks = [pytest.mark.quick] if quick and dtype == "bfloat16" else []
-                yield pytest.param(shape, dtype, provider, marks=marks, id=f"{dtype}-{_case(shape)}-{provider}")
+            marks = [pytest.mark.quick] if quick and dtype == "bfloat16" else []
+            yield pytest.param(shape, dtype, marks=marks, id=f"{dtype}-{_case(shape)}")
 
 
-@pytest.mark.parametrize("shape,dtype,provider", list(_half_params()))
-def test_batchnorm_16bit_forward_backward(benchmark, use_provider, device, budget, shape, dtype, provider):
-    use_provider(provider, "batch_norm")
-    if provider != "torch" and not fastnorm._dispatch.has_dtype(provider, "batch_norm", HALF_DTYPES[dtype]):
-        pytest.skip(f"backend {provider!r} has no {dtype} BatchNorm kernels")
-    bn = _module(shape, provider, device)
-    x = (torch.randn(shape, device=device) * 2 + 0.5).to(HALF_DTYPES[dtype]).requires_grad_(True)
-    dy = torch.randn(shape, device=device).to(HALF_DTYPES[dtype])
+@pytest.mark.parametrize("shape,dtype", list(_half_params()))
+def test_batchnorm_16bit_forward_backward(benchmark, request, runnable, device, budget, shape, dtype):
+    torch_dtype = HALF_DTYPES[dtype]
+    providers = {}
+    for provider in ["reference", "numba", "cuda", "torch"]:
+        why = runnable(provider, "batch_norm")
+        if not why and provider != "torch" and not fastnorm._dispatch.has_dtype(provider, "batch_norm", torch_dtype):
+            why = f"backend {provider!r} has no {dtype} BatchNorm kernels"
+        if why:
+            providers[provider] = why
+            continue
+        bn = _module(shape, provider, device)
+        x = (torch.randn(shape, device=device) * 2 + 0.5).to(torch_dtype).requires_grad_(True)
+        dy = torch.randn(shape, device=device).to(torch_dtype)
 
-    def fn():
-        x.grad = bn.weight.grad = bn.bias.grad = None
-        bn(x).backward(dy)
+        def fn(bn=bn, x=x, dy=dy):
+            x.grad = bn.weight.grad = bn.bias.grad = None
+            bn(x).backward(dy)
 
-    measure(benchmark, fn, device=device, budget=budget, op=f"batchnorm_forward_backward_{dtype}",
-            case=_case(shape), provider=provider, bytes_moved=10 * math.prod(shape), dtype=dtype)  # fmt: skip
+        providers[provider] = fn
+    compare(benchmark, request, providers, device=device, budget=budget, op=f"batchnorm_forward_backward_{dtype}",
+            case=_case(shape), bytes_moved=10 * math.prod(shape), dtype=dtype)  # fmt: skip

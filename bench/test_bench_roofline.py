@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import pytest
 import torch
-from conftest import measure
+from conftest import compare
 
 N = 50_000_000  # 200 MB per float32 array
 
@@ -25,23 +25,23 @@ def _inplace_axpy(a, s, b):  # a, b: (N,) float32; s: float32
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("provider", ["numpy", "torch", "numba", "torch-cuda-copy", "torch-cuda"])
-def test_roofline(benchmark, device, budget, provider):
-    if (provider in ("numpy", "numba")) and device.type != "cpu":
-        pytest.skip(f"{provider} runs on the CPU; this run measures {device}")
-    if provider.startswith("torch-cuda") and device.type != "cuda":
-        pytest.skip("GPU roofline: measured with --bench-device cuda")
-    if provider in ("numpy", "numba"):
+def test_roofline(benchmark, request, device):
+    """CPU: numpy, torch and numba in-place updates side by side; GPU: torch's copy and in-place."""
+    providers = {}
+    if device.type == "cpu":
         a, b = np.ones(N, np.float32), np.full(N, 0.5, np.float32)
         s = np.float32(1e-3)
-        fn = (lambda: np.add(a, s * b, out=a)) if provider == "numpy" else (lambda: _inplace_axpy(a, s, b))
-        nbytes, kind = 12 * N, "inplace_axpy"
-    elif provider == "torch-cuda-copy":
-        src, dst = torch.ones(4 * N, device=device), torch.empty(4 * N, device=device)
-        fn, nbytes, kind = (lambda: dst.copy_(src)), 8 * 4 * N, "d2d_copy"
-    else:  # torch in place on the run's device
-        n = N if device.type == "cpu" else 4 * N
-        a, b = torch.ones(n, device=device), torch.full((n,), 0.5, device=device)
-        fn, nbytes, kind = (lambda: a.add_(b, alpha=1e-3)), 12 * n, "inplace_axpy"
-    measure(benchmark, fn, device=device, budget=budget, op="roofline", case=kind, provider=provider,
-            bytes_moved=nbytes, roofline=True)  # fmt: skip
+        ta, tb = torch.ones(N), torch.full((N,), 0.5)
+        providers["numpy"] = lambda: np.add(a, s * b, out=a)
+        providers["numba"] = lambda: _inplace_axpy(a, s, b)
+        providers["torch"] = lambda: ta.add_(tb, alpha=1e-3)
+        case, nbytes = "inplace_axpy", 12 * N
+    else:
+        n = 4 * N
+        src, dst = torch.ones(n, device=device), torch.empty(n, device=device)
+        ta, tb = torch.ones(n, device=device), torch.full((n,), 0.5, device=device)
+        providers["torch-cuda-copy"] = lambda: dst.copy_(src)  # 8 B per element
+        providers["torch-cuda"] = lambda: ta.add_(tb, alpha=1e-3)  # 12 B per element
+        case, nbytes = "device", 12 * n
+    compare(benchmark, request, providers, device=device, budget=0.5, op="roofline", case=case, bytes_moved=nbytes,
+            bytes_by_provider={"torch-cuda-copy": 8 * 4 * N}, roofline=True)  # fmt: skip

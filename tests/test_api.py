@@ -380,9 +380,18 @@ def test_checkpoints_move_between_torch_and_fastnorm(backend, name):
     c.load_state_dict(b.state_dict())
     back = getattr(torch.optim, name)(c.parameters(), **kwargs)
     back.load_state_dict(copy.deepcopy(ours.state_dict()))  # and torch resumes fastnorm's
-    _train([(b, ours), (c, back)], x)
+    loaded = back.state_dict()
+    saved = ours.state_dict()
+    assert set(loaded["state"]) == set(saved["state"]) == set(range(len(list(c.parameters()))))
+    for index, state in saved["state"].items():  # the checkpoint's content, entry by entry
+        assert set(loaded["state"][index]) == set(state), index
+        for key, value in state.items():
+            assert_close(torch.as_tensor(loaded["state"][index][key]), torch.as_tensor(value), 0, 0, f"{index}.{key}")
+    start = [p.detach().clone() for p in c.parameters()]
+    _train([(b, ours), (c, back)], x)  # torch steps from fastnorm's checkpoint
     for p, q in zip(b.parameters(), c.parameters()):
         assert_close(q, p, 1e-5, 1e-6, "params after torch resumed fastnorm's checkpoint")
+    assert all(not torch.equal(p, q) for p, q in zip(c.parameters(), start))  # torch's optimizer did step
     _same_state(ours, back, b.parameters(), c.parameters())
     assert ours.state_dict()["param_groups"] == back.state_dict()["param_groups"]
 

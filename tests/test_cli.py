@@ -75,3 +75,14 @@ def test_train_in_16_bits(tmp_path, mnist_cache, precision):
     log = json.loads((out / "log.json").read_text())
     assert log["config"]["dtype"] == precision[1] and log["config"]["amp"] == ("--amp" in precision)
     assert log["epoch"][0]["test_acc"] > 0.5  # it learned
+
+
+def test_experiments_run_fastnorms_own_kernels_by_default():
+    """The figures and the demo run fastnorm's numba kernels unless told otherwise (auto would
+    hand the MLP's small BatchNorms to torch)."""
+    from fastnorm.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["figures"]).backend == "numba"
+    assert parser.parse_args(["demo"]).backend == "numba"
+    assert parser.parse_args(["train"]).backend == "auto"

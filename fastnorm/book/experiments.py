@@ -64,7 +64,7 @@ def optimizer_path(
     return torch.stack(path).numpy()
 
 
-def optimizer_paths(out: Path, steps: int = 30, backend: str = "auto") -> Path:
+def optimizer_paths(out: Path, steps: int = 30, backend: str = "reference") -> Path:
     """Figure 1: contour plots of f with each optimizer's path and the minimum marked."""
     xs, ys = np.meshgrid(np.arange(-10, 10, 0.05), np.arange(-5, 5, 0.05))
     zs = f_xy(xs, ys)
@@ -80,7 +80,8 @@ def optimizer_paths(out: Path, steps: int = 30, backend: str = "auto") -> Path:
         ax.set_ylim(-5, 5)
         ax.set_xlabel("x")
         ax.set_ylabel("y")
-    fig.suptitle(f"Optimizer paths on f(x, y) = x²/20 + y² from (-7, 2), {steps} steps (fastnorm.optim)")
+    fig.suptitle(f"Optimizer paths on f(x, y) = x²/20 + y² from (-7, 2), {steps} steps (fastnorm.optim, "
+                 f"backend {backend})")  # fmt: skip
     fig.tight_layout()
     return _save(fig, out)
 
@@ -134,7 +135,7 @@ def weight_init_histograms(out_dir: Path, samples: int = 1000) -> list[Path]:
 # -- 3. BatchNorm on MNIST ------------------------------------------------------------------------
 
 
-def batchnorm_mnist(data: MNIST, out: Path, epochs: int = 10, backend: str = "auto", optimizer: str = "momentum",
+def batchnorm_mnist(data: MNIST, out: Path, epochs: int = 10, backend: str = "numba", optimizer: str = "momentum",
                     seed: int = 0, train_limit: int | None = None, progress: bool = True) -> dict:  # fmt: skip
     """Train with and without BatchNorm; figure of loss per step and test accuracy per epoch.
 
@@ -166,7 +167,8 @@ def batchnorm_mnist(data: MNIST, out: Path, epochs: int = 10, backend: str = "au
     ax2.set_title("test accuracy per epoch")
     ax2.legend()
     ax2.grid(alpha=0.3)
-    fig.suptitle(f"MNIST MLP 784-256-128-10, {optimizer}, batch 64, {epochs} epochs: BatchNorm vs none")
+    fig.suptitle(f"MNIST MLP 784-256-128-10, {optimizer}, batch 64, {epochs} epochs: BatchNorm vs none "
+                 f"(backend {backend})")  # fmt: skip
     fig.tight_layout()
     runs["figure"] = _save(fig, out)
     return runs
@@ -201,7 +203,7 @@ def _scaled_linear(fan_in: int, fan_out: int, scale: float) -> nn.Linear:
 
 
 def weight_scale_sweep(data: MNIST, out: Path, samples: int = 1000, epochs: int = 20, scales: int = 16,
-                       backend: str = "auto", seed: int = 0) -> dict:  # fmt: skip
+                       backend: str = "numba", seed: int = 0) -> dict:  # fmt: skip
     """The book's sweep: 16 weight scales from 1 to 1e-4, training accuracy per epoch with and
     without BatchNorm on a ``samples``-image subset (SGD lr 0.01, batch 100, as in the book)."""
     x, y = data.train_images[:samples], data.train_labels[:samples]
@@ -235,7 +237,7 @@ def weight_scale_sweep(data: MNIST, out: Path, samples: int = 1000, epochs: int 
     axes.flat[0].legend(fontsize=8)
     fig.supxlabel("epoch")
     fig.supylabel("training accuracy")
-    fig.suptitle(f"Weight-scale sweep on {samples} MNIST images (book: batch_norm_test.py)")
+    fig.suptitle(f"Weight-scale sweep on {samples} MNIST images (book: batch_norm_test.py; backend {backend})")
     fig.tight_layout()
     return {"curves": curves, "figure": _save(fig, out)}
 

@@ -1,0 +1,89 @@
+"""Write the README's speed table from the published report (bench/results/cpu.json).
+
+    python bench/readme_speed.py [bench/results/cpu.json] [--readme README.md]
+
+Replaces the block between ``<!-- speed-table -->`` and ``<!-- /speed-table -->`` in the README
+with rows taken from the report, formatted as bench/results/cpu.md formats them, so every speed
+figure in the README is one that appears in the report (tests/test_readme.py checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report as rep  # noqa: E402
+
+BEGIN, END = "<!-- speed-table -->", "<!-- /speed-table -->"
+#: (op, label): the rows of the README's table, every case of each op
+OPS = [
+    ("batchnorm_forward_backward", "BatchNorm fwd+bwd"),
+    ("batchnorm_forward_backward_bfloat16", "BatchNorm fwd+bwd, bfloat16"),
+    ("optim_sgd_momentum", "SGD momentum step"),
+    ("optim_adam", "Adam step"),
+    ("optim_adamw", "AdamW step"),
+    ("optim_adagrad", "Adagrad step"),
+    ("optim_rmsprop", "RMSprop step"),
+    ("optim_adam_bfloat16", "Adam step, bfloat16"),
+]
+FASTNORM = "numba"
+E2E = ("e2e_mlp_bn_adam_step", "MLP training step (BatchNorm + Adam)")
+
+
+def table(report: dict) -> str:
+    rows = rep.rows_by_case(report["records"])
+    roof = rep.roofline(report["records"])
+    lines = [
+        BEGIN,
+        f"Roofline measured in this run: {roof['gbps']:.1f} GB/s ({roof['case']}, {roof['provider']})."
+        if roof
+        else "No roofline in this run.",
+        "",
+        "| op | case | fastnorm numba: median (IQR) | best torch: provider, median | numba vs best torch [95% CI] "
+        "| numba vs torch default | numba % roofline |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for op, label in OPS:
+        for case in rep._sorted_cases(rows.get(op, {})):
+            rs = rows[op][case]
+            ours = next((r for r in rs if r["provider"] == FASTNORM), None)
+            best = next((r for r in rs if r["provider"] == (ours or {}).get("best_torch")), None)
+            if ours is None or best is None:
+                continue
+            default = "—" if ours["vs_torch_default"] is None else f"{ours['vs_torch_default']:.2f}x"
+            pct = f"{100 * ours['gbps'] / roof['gbps']:.0f}%" if roof and ours.get("gbps") else "—"
+            lines.append(f"| {label} | {case} | {rep._fmt_spread(ours)} | {best['provider']}, {rep._fmt_spread(best)} "
+                         f"| {rep._fmt_ratio(ours['vs_best_torch'])} | {default} | {pct} |")  # fmt: skip
+    op, label = E2E
+    for case, rs in rows.get(op, {}).items():
+        ours = [r for r in rs if not rep._is_torch(r["provider"]) and "reference" not in r["provider"]]
+        best = next((r for r in rs if r["provider"] == rs[0]["best_torch"]), None)
+        for r in ours:
+            default = "—" if r["vs_torch_default"] is None else f"{r['vs_torch_default']:.2f}x"
+            ratio = rep._fmt_ratio(r["vs_best_torch"])
+            lines.append(f"| {label}: {r['provider']} | {case} | {rep._fmt_spread(r)} | {best['provider']}, "
+                         f"{rep._fmt_spread(best)} | {ratio} | {default} | — |")  # fmt: skip
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="?", type=Path, default=Path(__file__).parent / "results" / "cpu.json")
+    ap.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent.parent / "README.md")
+    args = ap.parse_args(argv)
+    text = args.readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{args.readme}: no {BEGIN} ... {END} block to replace")
+    block = table(rep.load(args.json))
+    text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    args.readme.write_text(text)
+    print(f"wrote the speed table of {args.readme} from {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
