@@ -145,7 +145,9 @@ def markdown(report: dict, title: str, table: dict | None = None) -> str:
         lines.append(
             f"- roofline: {roof['gbps']:.1f} GB/s ({roof['case']} by {roof['provider']}; "
             + ", ".join(f"{r['provider']} {r['gbps']:.1f}" for r in records if r["op"] == "roofline")
-            + " GB/s)"
+            + " GB/s), measured in this run as a reference, not a ceiling: the machine's bandwidth drifts "
+            "between the minutes of a run, and kernels with more concurrent streams (an optimizer reads and "
+            "writes three or four arrays) can exceed a two-array update"
         )
     lines.append("")
     for op in sorted(table):
