@@ -14,11 +14,10 @@ Usage: python bench/auto_thresholds.py [--rounds 60] [--ops batch_norm,optim,bat
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 
 import torch
+from paired import paired
 
 import fastnorm
 
@@ -43,20 +42,8 @@ OPTIMIZERS = {
 
 
 def _paired(fns: dict, rounds: int, inner: int) -> dict[str, float]:
-    for fn in fns.values():
-        for _ in range(max(3, inner)):
-            fn()
-    samples = {k: [] for k in fns}
-    order, rng = list(fns), random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)  # no provider always runs first (after the other one, in its caches)
-        for k in order:
-            fn = fns[k]
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples[k].append((time.perf_counter() - t0) / inner * 1e6)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    """Median µs per call of each function, interleaved in a shuffled order (bench/paired.py)."""
+    return {k: statistics.median(v) * 1e6 for k, v in paired(fns, rounds, inner=inner, warmup=max(3, inner)).items()}
 
 
 def batch_norm(rounds: int) -> None:

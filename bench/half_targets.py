@@ -14,28 +14,17 @@ Usage: python bench/half_targets.py [--rounds 30]
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 
 import torch
+from paired import paired
 
 import fastnorm
 
 
 def _paired(fns: dict, rounds: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    samples = {k: [] for k in fns}
-    order, rng = list(fns), random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for k in order:
-            t0 = time.perf_counter()
-            fns[k]()
-            samples[k].append((time.perf_counter() - t0) * 1e3)
-    return samples
+    """ms per call of each function, interleaved in a shuffled order (bench/paired.py)."""
+    return {k: [t * 1e3 for t in v] for k, v in paired(fns, rounds).items()}
 
 
 def _report(title: str, samples: dict[str, list[float]], ratios: list[tuple[str, str]]) -> None:

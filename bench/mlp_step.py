@@ -18,11 +18,10 @@ Usage: python bench/mlp_step.py [--rounds 200] [--inner 5]
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 
 import torch
+from paired import paired
 
 import fastnorm
 from fastnorm.book.models import SimpleNN
@@ -36,21 +35,9 @@ OPTIMIZERS = {
 
 
 def _paired(fns: dict, rounds: int, inner: int) -> dict[str, list[float]]:
-    """Per-call times (µs) of each function, interleaved round by round in a shuffled order."""
-    for fn in fns.values():
-        for _ in range(20):
-            fn()
-    samples = {k: [] for k in fns}
-    order, rng = list(fns), random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)  # no provider always runs after the same one (it inherits its caches)
-        for k in order:
-            fn = fns[k]
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples[k].append((time.perf_counter() - t0) / inner * 1e6)
-    return samples
+    """Per-call times (µs) of each function, interleaved round by round in a shuffled order
+    (bench/paired.py)."""
+    return {k: [t * 1e6 for t in v] for k, v in paired(fns, rounds, inner=inner, warmup=20).items()}
 
 
 def _summary(samples: dict[str, list[float]], baseline: str) -> None:
