@@ -3,7 +3,7 @@
 Numba's cache (``cache=True``) revalidates a compiled kernel against the timestamp of the file
 that defines it, not of the functions it inlines from other modules; the kernels inline
 kernels/formulas/*.py, kernels/_pointer.py and the 16-bit conversions (kernels/_bits.py,
-kernels/*/_bits.py). :func:`drop_if_stale` keeps a hash of those
+kernels/_conversions.py, kernels/*/_bits.py). :func:`drop_if_stale` keeps a hash of those
 sources next to a backend's cache files and deletes the cache files when the hash changes, so
 an edited formula is never run from a stale compiled kernel. (Installed read-only, or with a
 cache elsewhere, there is nothing to do: the sources cannot change there.)
@@ -16,6 +16,7 @@ from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent
 _SOURCES = sorted([*(_ROOT / "formulas").glob("*.py"), _ROOT / "_pointer.py", _ROOT / "_bits.py",
+                   _ROOT / "_conversions.py",
                    *_ROOT.glob("*/_bits.py")])  # fmt: skip
 
 

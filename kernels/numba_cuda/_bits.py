@@ -53,7 +53,7 @@ if SIMULATOR:
         return np.array([np.float16(x)], np.float16).view(np.uint16)[0]
 
 else:
-    from llvmlite import ir
+    from .._conversions import conversion_intrinsics
 
     try:  # numba-cuda >= 0.20 has its own typing layer
         from numba.cuda import types
@@ -64,33 +64,9 @@ else:
 
     _device = cuda.jit(device=True, inline="always")
 
-    @intrinsic
-    def _f32_from_bits(typingctx, u):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.FloatType())
-
-        return types.float32(types.uint32), codegen
-
-    @intrinsic
-    def _bits_from_f32(typingctx, x):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-
-        return types.uint32(types.float32), codegen
-
-    @intrinsic
-    def _f32_from_half(typingctx, u):
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-        return types.float32(types.uint16), codegen
-
-    @intrinsic
-    def _half_from_f32(typingctx, x):
-        def codegen(context, builder, signature, args):  # fptrunc rounds to nearest even
-            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-        return types.uint16(types.float32), codegen
+    _ir = conversion_intrinsics(intrinsic, types)  # kernels/_conversions.py, as on the CPU
+    _f32_from_bits, _bits_from_f32 = _ir.f32_from_bits, _ir.bits_from_f32
+    _f32_from_half, _half_from_f32 = _ir.f32_from_half, _ir.half_from_f32
 
     def _jitted(fn, **names):
         """``fn`` of kernels/_bits.py compiled, its calls to other functions there bound to ``names``."""
@@ -147,58 +123,5 @@ if SIMULATOR:
         return dtype.type(x)
 
 else:
-
-    @intrinsic
-    def widen(typingctx, v):
-        """A stored element as a float for arithmetic: bfloat16 (uint16) and float16 (int16) bits
-        to float32; float32 and float64 unchanged."""
-        if v == types.uint16:
-
-            def codegen(context, builder, signature, args):
-                u = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-                return builder.bitcast(u, ir.FloatType())
-
-            return types.float32(v), codegen
-        if v == types.int16:
-
-            def codegen(context, builder, signature, args):
-                return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-            return types.float32(v), codegen
-        if isinstance(v, types.Float):
-            return v(v), lambda context, builder, signature, args: args[0]
-        return None
-
-    @intrinsic
-    def narrow(typingctx, x, out):
-        """``x`` (a float) rounded to the storage of ``out``'s elements (``out``: a typed pointer
-        or an array), to nearest even: bfloat16 bits (a NaN as 0x7FC0), float16 bits, or a float."""
-        storage = getattr(out, "dtype", None)
-        if not isinstance(x, types.Float) or storage is None:
-            return None
-        if storage == types.uint16:
-
-            def codegen(context, builder, signature, args):
-                i32, f32 = ir.IntType(32), ir.FloatType()
-                v = args[0] if x == types.float32 else builder.fptrunc(args[0], f32)
-                v = builder.select(builder.fcmp_unordered("uno", v, v), ir.Constant(f32, float("nan")), v)
-                u = builder.bitcast(v, i32)
-                sixteen = ir.Constant(i32, 16)
-                lsb = builder.and_(builder.lshr(u, sixteen), ir.Constant(i32, 1))
-                rounded = builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), lsb)
-                return builder.trunc(builder.lshr(rounded, sixteen), ir.IntType(16))
-
-            return types.uint16(x, out), codegen
-        if storage == types.int16:
-
-            def codegen(context, builder, signature, args):
-                return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-            return types.int16(x, out), codegen
-        if isinstance(storage, types.Float):
-
-            def codegen(context, builder, signature, args):
-                return context.cast(builder, args[0], x, storage)
-
-            return storage(x, out), codegen
-        return None
+    widen = _ir.widen  # a stored element as a float: bfloat16/float16 bits to float32
+    narrow = _ir.narrow  # x rounded to the storage of out's elements (array or typed pointer)
