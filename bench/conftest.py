@@ -141,8 +141,16 @@ TORCH_OPTIM_VARIANTS = {"torch": {}, "torch-foreach": {"foreach": True}, "torch-
 TORCH_FUSED = {"SGD", "Adagrad", "Adam", "AdamW"}
 
 
+#: providers that run a backend's kernels without its Python layer (bench/test_bench_batchnorm.py)
+KERNEL_PROVIDERS = {"torch-prealloc": "torch", "numba-kernels": "numba"}
+
+
 def provider_skip_reason(provider: str, op: str, device: torch.device) -> str | None:
     """None if ``provider`` runs ``op`` on ``device`` here, else why not."""
+    if provider in KERNEL_PROVIDERS:
+        if provider == "numba-kernels" and device.type != "cpu":
+            return "the numba kernels run on CPU tensors only"
+        provider = KERNEL_PROVIDERS[provider]
     if provider in TORCH_OPTIM_VARIANTS or provider == "torch":
         if provider == "torch-fused" and op not in TORCH_FUSED:
             return f"torch {torch.__version__} has no fused {op}"

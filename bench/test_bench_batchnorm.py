@@ -6,7 +6,10 @@ Bytes moved by the minimal algorithm (float32): forward reads x and writes y (8 
 backward reads dy and x and writes dx (12 B/element), forward+backward 20 B/element.
 fastnorm's large outputs come from its CPU buffer pool (warm pages); torch's from its allocator,
 which returns large blocks to the OS, so each call pays fresh page faults: the ``torch-prealloc``
-provider shows torch's kernels without that cost.
+provider shows torch's kernels without that cost, and ``numba-kernels`` is its fastnorm counterpart:
+the numba kernels called on the tensors' addresses into outputs allocated once, no autograd and no
+Python module around them. Compare ``numba`` with ``torch`` (the modules users call) and
+``numba-kernels`` with ``torch-prealloc`` (the kernels alone).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ MODES = {"forward_train": 8, "forward_eval": 8, "backward": 12, "forward_backwar
 #: torch: nn.BatchNorm as users run it (outputs from torch's allocator: on CPU, large ones are
 #: fresh pages each call); torch-prealloc: torch's own kernels (aten::native_batch_norm and its
 #: backward, .out variants) writing into outputs allocated once, no autograd: what torch would
-#: cost with a warm output allocator, as fastnorm's CPU buffer pool gives its own outputs
-PROVIDERS = ["reference", "numba", "cuda", "torch", "torch-prealloc"]
+#: cost with a warm output allocator, as fastnorm's CPU buffer pool gives its own outputs;
+#: numba-kernels: fastnorm's numba kernels the same way (address entry points, outputs allocated
+#: once, no autograd): the like-for-like partner of torch-prealloc
+PROVIDERS = ["reference", "numba", "numba-kernels", "cuda", "torch", "torch-prealloc"]
 MODULES = {2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}
 
 
@@ -95,9 +100,57 @@ def _prealloc_fn(mode, x, dy):
     return forward_backward
 
 
+def _kernels_fn(mode, x, dy, channels_last):
+    """fastnorm's numba kernels on addresses into outputs allocated once (see PROVIDERS)."""
+    import numpy as np
+
+    import kernels.numba_cpu as kn
+    from fastnorm._address_autograd import _geometry
+
+    n, c, s = geometry = _geometry(x, channels_last)
+    parallel, rows_per_chunk, block, backward_block = kn.plan(n, c, s, x.element_size())
+    like = np.float32(0)
+    w = torch.empty(c).uniform_(0.5, 1.5)
+    b = torch.empty(c).uniform_(-0.5, 0.5)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    stats, dw, db = torch.empty(2, c), torch.empty(c), torch.empty(c)  # stats: the mean and invstd
+    # every address is read from a tensor the closures hold, at each call (none outlives its tensor)
+
+    def forward():
+        kn.forward_train_at(like, like, x.data_ptr(), w.data_ptr(), b.data_ptr(), rm.data_ptr(), rv.data_ptr(),
+                            y.data_ptr(), stats[0].data_ptr(), stats[1].data_ptr(), *geometry, 0.1, 1e-5,
+                            parallel, rows_per_chunk, block)  # fmt: skip
+
+    def forward_eval():
+        kn.forward_eval_at(like, like, x.data_ptr(), w.data_ptr(), b.data_ptr(), rm.data_ptr(), rv.data_ptr(),
+                           y.data_ptr(), *geometry, 1e-5, parallel, rows_per_chunk)  # fmt: skip
+
+    def backward():
+        kn.backward_at(like, like, dy.data_ptr(), x.data_ptr(), stats[0].data_ptr(), stats[1].data_ptr(),
+                       w.data_ptr(), True, dx.data_ptr(), dw.data_ptr(), db.data_ptr(), *geometry, parallel,
+                       rows_per_chunk, backward_block)  # fmt: skip
+
+    forward()
+    if mode == "forward_train":
+        return forward
+    if mode == "forward_eval":
+        return forward_eval
+    if mode == "backward":
+        return backward
+
+    def forward_backward():
+        forward()
+        backward()
+
+    return forward_backward
+
+
 def _provider_fn(mode, shape, channels_last, provider, device, x, dy):
     if provider == "torch-prealloc":
         return _prealloc_fn(mode, x, dy)
+    if provider == "numba-kernels":
+        return _kernels_fn(mode, x, dy, channels_last)
     bn = _module(shape, provider, device)
     if mode == "forward_train":
         return lambda: bn(x)
@@ -132,7 +185,7 @@ def test_batchnorm(benchmark, request, runnable, device, budget, mode, shape, ch
     dy = torch.randn(shape, device=device).contiguous(memory_format=fmt)
     providers = {}
     for provider in PROVIDERS:
-        why = runnable("torch" if provider == "torch-prealloc" else provider, "batch_norm")
+        why = runnable(provider, "batch_norm")
         if provider == "reference" and math.prod(shape) > 4_000_000:
             why = why or "the NumPy reference above 4M values: seconds per call, not a comparison"
         providers[provider] = why or _provider_fn(mode, shape, channels_last, provider, device, x, dy)
