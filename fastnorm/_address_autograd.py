@@ -69,11 +69,10 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
     mean and invstd that normalised it in training (the backward's constants), None in eval;
     launch (channels_last, (N, C, S), plan) what the backward reuses."""
     kernels = backend.kernels
-    follow_torch_threads()
+    threads = follow_torch_threads()
     x, channels_last = _layout(input)
     n, c, s = geometry = _geometry(x, channels_last)
-    itemsize = x.element_size()
-    plan = kernels.plan(n, c, s, itemsize)
+    plan = kernels.plan(n, c, s, x.element_size(), threads)
     parallel, rows_per_chunk, block, _ = plan
     y = _empty_like(x, channels_last)
     weight, bias, mean_in, var_in = _dense(weight), _dense(bias), _dense(running_mean), _dense(running_var)

@@ -436,10 +436,13 @@ def backward_at(like, like_c, dy, x, mean, invstd, weight, training, dx, dweight
                          rows_per_chunk, block)  # fmt: skip
 
 
-def plan(n: int, c: int, s: int, itemsize: int) -> tuple[bool, int, int, int]:
+def plan(n: int, c: int, s: int, itemsize: int, threads: int | None = None) -> tuple[bool, int, int, int]:
     """(parallel, rows_per_chunk, forward block, backward block) of an (N, C, S) problem: what the
     array entry points compute per call, for the address-level ones (a caller may keep it for a
-    shape; it reads the module's tunables and the thread count now)."""
-    parallel = n * c * s >= _jit.PARALLEL_MIN_ELEMENTS and numba.get_num_threads() > 1
+    shape; it reads the module's tunables now, and the thread count: ``threads``, Numba's count
+    for the calling thread when the caller has just read it, else ``numba.get_num_threads()``)."""
+    if threads is None:
+        threads = numba.get_num_threads()
+    parallel = n * c * s >= _jit.PARALLEL_MIN_ELEMENTS and threads > 1
     return (parallel, _rows_per_chunk(n, c), _channel_block(n, c, s, itemsize, 1),
             _channel_block(n, c, s, itemsize, 2))  # fmt: skip
