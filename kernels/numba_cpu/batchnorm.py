@@ -104,6 +104,50 @@ def _shift(x):  # x: (N, C, S) -> (C,) float64: each channel's first value, 0 if
     return shift
 
 
+#: rows of the (N, C) layout added per visit of the C-wide float64 accumulators: each visit loads
+#: and stores the accumulators once for eight rows (a tree of eight values in float64, in a fixed
+#: order), where one row per visit made those loads and stores, not x, the sums' cost. Measured
+#: here (stats pass): 2-2.6x faster in cache; from DRAM only when rows are long
+#: (ROW_GROUP_MIN_BYTES): eight short rows read side by side are eight short streams that the
+#: hardware prefetcher does not follow (fwd+bwd from DRAM: (8192, 2048) 1.19x, (1024, 1024) 1.09x,
+#: but channels-last (50176, 64) 0.91x and (6272, 256) 0.83x), so short rows keep one row per visit
+ROW_GROUP = 8
+ROW_GROUP_MIN_BYTES = 4096
+
+
+@njit(inline="always")
+def _stat_rows8(x, i, center, a1, a2):
+    """Rows i..i+7 of x (N, C) into a1 += sum(x - center), a2 += sum((x - center)^2) (float64)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = x[i], x[i + 1], x[i + 2], x[i + 3], x[i + 4], x[i + 5], x[i + 6], x[i + 7]
+    for c in range(x.shape[1]):
+        k = center[c]
+        d0, d1 = np.float64(widen(x0[c])) - k, np.float64(widen(x1[c])) - k
+        d2, d3 = np.float64(widen(x2[c])) - k, np.float64(widen(x3[c])) - k
+        d4, d5 = np.float64(widen(x4[c])) - k, np.float64(widen(x5[c])) - k
+        d6, d7 = np.float64(widen(x6[c])) - k, np.float64(widen(x7[c])) - k
+        a1[c] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+        a2[c] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7))
+
+
+@njit(inline="always")
+def _grad_rows8(g, x, i, center, a1, a2):
+    """Rows i..i+7 of dy (g) and x, (N, C): a1 += sum(dy), a2 += sum(dy * (x - center)) (float64)."""
+    g0, g1, g2, g3, g4, g5, g6, g7 = g[i], g[i + 1], g[i + 2], g[i + 3], g[i + 4], g[i + 5], g[i + 6], g[i + 7]
+    x0, x1, x2, x3, x4, x5, x6, x7 = x[i], x[i + 1], x[i + 2], x[i + 3], x[i + 4], x[i + 5], x[i + 6], x[i + 7]
+    for c in range(x.shape[1]):
+        k = center[c]
+        w0, w1 = np.float64(widen(g0[c])), np.float64(widen(g1[c]))
+        w2, w3 = np.float64(widen(g2[c])), np.float64(widen(g3[c]))
+        w4, w5 = np.float64(widen(g4[c])), np.float64(widen(g5[c]))
+        w6, w7 = np.float64(widen(g6[c])), np.float64(widen(g7[c]))
+        a1[c] += ((w0 + w1) + (w2 + w3)) + ((w4 + w5) + (w6 + w7))
+        p0, p1 = w0 * (np.float64(widen(x0[c])) - k), w1 * (np.float64(widen(x1[c])) - k)
+        p2, p3 = w2 * (np.float64(widen(x2[c])) - k), w3 * (np.float64(widen(x3[c])) - k)
+        p4, p5 = w4 * (np.float64(widen(x4[c])) - k), w5 * (np.float64(widen(x5[c])) - k)
+        p6, p7 = w6 * (np.float64(widen(x6[c])) - k), w7 * (np.float64(widen(x7[c])) - k)
+        a2[c] += ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
+
+
 @njit(inline="always")
 def _channel_sums(u, v, center, grad, c0, c1, rows_per_chunk):
     """float64 sums over N and S for channels c0..c1-1 of (N, C, S) arrays: of d = u - center
@@ -116,12 +160,21 @@ def _channel_sums(u, v, center, grad, c0, c1, rows_per_chunk):
         u2 = u.reshape(N, C)
         v2 = v.reshape(N, C)
         chunks = (N + rows_per_chunk - 1) // rows_per_chunk
+        long_rows = C * u2.itemsize >= ROW_GROUP_MIN_BYTES
         p1 = np.zeros((chunks, nc), np.float64)
         p2 = np.zeros((chunks, nc), np.float64)
         for k in prange(chunks):
             a1 = p1[k]
             a2 = p2[k]
-            for i in range(k * rows_per_chunk, min((k + 1) * rows_per_chunk, N)):
+            start = k * rows_per_chunk
+            end = min(start + rows_per_chunk, N)
+            grouped = start + (end - start) // ROW_GROUP * ROW_GROUP if long_rows else start
+            for i in range(start, grouped, ROW_GROUP):  # eight rows per visit of the accumulators
+                if grad:
+                    _grad_rows8(u2, v2, i, center, a1, a2)
+                else:
+                    _stat_rows8(u2, i, center, a1, a2)
+            for i in range(grouped, end):  # the chunk's last rows, one by one
                 ui = u2[i]
                 vi = v2[i]
                 for c in range(C):
