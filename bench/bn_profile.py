@@ -15,8 +15,10 @@ re-reads and whether they can hit a cache (the planes layout re-reads channel bl
 ``BLOCK_BYTES`` from L3; the rows layout re-reads all of x), and the write-allocate reads of the
 outputs (a store to a line not in cache reads it first: +4 B per float32 output element that the
 in-place roofline does not pay). Then the whole BatchNorm module forward+backward against
-torch's, and the roofline measured in the same run: ``a += s*b`` in place over 200 MB arrays
-(12 B per element), and a plain read of 200 MB.
+torch's, interleaved and five calls back to back; the same for the kernels alone (``numba-kernels``
+against ``torch-prealloc``, bench/bn_providers.py), whose difference from the module is fastnorm's
+Python layer (module, checks, autograd Function, buffer pool); and the roofline measured in the
+same run: ``a += s*b`` in place over 200 MB arrays (12 B per element), and a plain read of 200 MB.
 
 Usage: python bench/bn_profile.py [--rounds 15] [--quick] [--json out.json]
 """
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bn_providers import kernels_fn, prealloc_fn  # noqa: E402
 from paired import Ratio, Spread, paired, ratio  # noqa: E402
 
 import fastnorm  # noqa: E402
@@ -168,16 +171,28 @@ def profile_shape(shape, channels_last: bool, rounds: int, roof: dict, l3: int) 
 
         return step
 
-    mods = paired({"torch": module("torch"), "numba": module("numba")}, rounds)
+    providers = {"torch": module("torch"), "numba": module("numba"),
+                 "torch-prealloc": prealloc_fn("forward_backward", x, dy),
+                 "numba-kernels": kernels_fn("forward_backward", x, dy, channels_last)}  # fmt: skip
+    mods = paired(providers, rounds)  # interleaved: each call after another provider's
+    alone = paired(providers, rounds, inner=5)  # five calls back to back: its own state in cache
     r: Ratio = ratio(mods["torch"], mods["numba"])
+    rk: Ratio = ratio(mods["torch-prealloc"], mods["numba-kernels"])
     numba_fb = Spread.of(mods["numba"])
     counted = 20 * x.numel()
+    med = {k: Spread.of(v).median * 1e3 for k, v in mods.items()}
+    med_alone = {k: Spread.of(v).median * 1e3 for k, v in alone.items()}
     return {
         "shape": list(shape), "layout": "channels_last" if channels_last else "contiguous", "passes": rows,
-        "torch_ms": Spread.of(mods["torch"]).median * 1e3, "numba_ms": numba_fb.median * 1e3,
+        "torch_ms": med["torch"], "numba_ms": med["numba"],
         "speedup": r.value, "speedup_ci": [r.low, r.high],
         "numba_GBs_counted": counted / numba_fb.median / 1e9,
         "percent_roofline": 100 * counted / numba_fb.median / 1e9 / roof["inplace_axpy_GBs"],
+        "torch_prealloc_ms": med["torch-prealloc"], "numba_kernels_ms": med["numba-kernels"],
+        "kernels_speedup": rk.value, "kernels_speedup_ci": [rk.low, rk.high],
+        "back_to_back_ms": med_alone,
+        "python_layer_ms": med["numba"] - med["numba-kernels"],
+        "python_layer_back_to_back_ms": med_alone["numba"] - med_alone["numba-kernels"],
     }  # fmt: skip
 
 
@@ -211,7 +226,15 @@ def main(argv=None) -> None:
         print(f"\nmodule forward+backward: torch {res['torch_ms']:.2f} ms, numba {res['numba_ms']:.2f} ms: "
               f"{res['speedup']:.2f}x [{res['speedup_ci'][0]:.2f}-{res['speedup_ci'][1]:.2f}]; numba "
               f"{res['numba_GBs_counted']:.1f} GB/s counted (20 B/element) = {res['percent_roofline']:.0f}% "
-              "of the in-place roofline\n", flush=True)  # fmt: skip
+              "of the in-place roofline")  # fmt: skip
+        print(f"kernels alone (no module, no autograd): torch-prealloc {res['torch_prealloc_ms']:.2f} ms, "
+              f"numba-kernels {res['numba_kernels_ms']:.2f} ms: {res['kernels_speedup']:.2f}x "
+              f"[{res['kernels_speedup_ci'][0]:.2f}-{res['kernels_speedup_ci'][1]:.2f}]")  # fmt: skip
+        b2b = res["back_to_back_ms"]
+        print(f"fastnorm's Python layer (numba - numba-kernels): {res['python_layer_ms']:.2f} ms interleaved, "
+              f"{res['python_layer_back_to_back_ms']:.2f} ms back to back (five calls in a row: numba "
+              f"{b2b['numba']:.2f}, numba-kernels {b2b['numba-kernels']:.2f}, torch {b2b['torch']:.2f}, "
+              f"torch-prealloc {b2b['torch-prealloc']:.2f} ms)\n", flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"roofline": roof, "l2": l2, "l3": l3, "results": results}, indent=1))
 

@@ -18,6 +18,7 @@ import math
 
 import pytest
 import torch
+from bn_providers import kernels_fn, prealloc_fn
 from conftest import compare
 
 import fastnorm
@@ -69,88 +70,11 @@ def _module(shape, provider, device):
     return bn
 
 
-def _prealloc_fn(mode, x, dy):
-    """torch's BatchNorm kernels into outputs allocated once (see PROVIDERS)."""
-    c = x.shape[1]
-    aten = torch.ops.aten
-    w = torch.empty(c, device=x.device).uniform_(0.5, 1.5)
-    b = torch.empty(c, device=x.device).uniform_(-0.5, 0.5)
-    rm, rv = torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
-    y, dx = torch.empty_like(x), torch.empty_like(x)
-    sm, si, dw, db = (torch.empty(c, device=x.device) for _ in range(4))
-    training = mode != "forward_eval"
-
-    def forward():
-        aten.native_batch_norm.out(x, w, b, rm, rv, training, 0.1, 1e-5, out=y, save_mean=sm, save_invstd=si)
-
-    def backward():
-        aten.native_batch_norm_backward.out(dy, x, w, rm, rv, sm, si, True, 1e-5, [True, True, True],
-                                            out0=dx, out1=dw, out2=db)  # fmt: skip
-
-    forward()
-    if mode in ("forward_train", "forward_eval"):
-        return forward
-    if mode == "backward":
-        return backward
-
-    def forward_backward():
-        forward()
-        backward()
-
-    return forward_backward
-
-
-def _kernels_fn(mode, x, dy, channels_last):
-    """fastnorm's numba kernels on addresses into outputs allocated once (see PROVIDERS)."""
-    import numpy as np
-
-    import kernels.numba_cpu as kn
-    from fastnorm._address_autograd import _geometry
-
-    n, c, s = geometry = _geometry(x, channels_last)
-    parallel, rows_per_chunk, block, backward_block = kn.plan(n, c, s, x.element_size())
-    like = np.float32(0)
-    w = torch.empty(c).uniform_(0.5, 1.5)
-    b = torch.empty(c).uniform_(-0.5, 0.5)
-    rm, rv = torch.zeros(c), torch.ones(c)
-    y, dx = torch.empty_like(x), torch.empty_like(x)
-    stats, dw, db = torch.empty(2, c), torch.empty(c), torch.empty(c)  # stats: the mean and invstd
-    # every address is read from a tensor the closures hold, at each call (none outlives its tensor)
-
-    def forward():
-        kn.forward_train_at(like, like, x.data_ptr(), w.data_ptr(), b.data_ptr(), rm.data_ptr(), rv.data_ptr(),
-                            y.data_ptr(), stats[0].data_ptr(), stats[1].data_ptr(), *geometry, 0.1, 1e-5,
-                            parallel, rows_per_chunk, block)  # fmt: skip
-
-    def forward_eval():
-        kn.forward_eval_at(like, like, x.data_ptr(), w.data_ptr(), b.data_ptr(), rm.data_ptr(), rv.data_ptr(),
-                           y.data_ptr(), *geometry, 1e-5, parallel, rows_per_chunk)  # fmt: skip
-
-    def backward():
-        kn.backward_at(like, like, dy.data_ptr(), x.data_ptr(), stats[0].data_ptr(), stats[1].data_ptr(),
-                       w.data_ptr(), True, dx.data_ptr(), dw.data_ptr(), db.data_ptr(), *geometry, parallel,
-                       rows_per_chunk, backward_block)  # fmt: skip
-
-    forward()
-    if mode == "forward_train":
-        return forward
-    if mode == "forward_eval":
-        return forward_eval
-    if mode == "backward":
-        return backward
-
-    def forward_backward():
-        forward()
-        backward()
-
-    return forward_backward
-
-
 def _provider_fn(mode, shape, channels_last, provider, device, x, dy):
     if provider == "torch-prealloc":
-        return _prealloc_fn(mode, x, dy)
+        return prealloc_fn(mode, x, dy)
     if provider == "numba-kernels":
-        return _kernels_fn(mode, x, dy, channels_last)
+        return kernels_fn(mode, x, dy, channels_last)
     bn = _module(shape, provider, device)
     if mode == "forward_train":
         return lambda: bn(x)

@@ -37,5 +37,6 @@ def test_the_report_says_how_it_was_measured():
     report = (ROOT / "bench" / "results" / "cpu.md").read_text()
     assert "interleaved round by round" in report and "interquartile range" in report
     assert "torch-compiled" in report and "torch-prealloc" in report and "torch-fused" in report
+    assert "numba-kernels" in report  # BatchNorm's kernels alone, the partner of torch-prealloc
     assert "channels_last" in report
     assert re.search(r"\| \d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\]", report)
