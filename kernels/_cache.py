@@ -2,10 +2,11 @@
 
 Numba's cache (``cache=True``) revalidates a compiled kernel against the timestamp of the file
 that defines it, not of the functions it inlines from other modules; the kernels inline
-kernels/formulas/*.py, kernels/_pointer.py and the 16-bit conversions (kernels/_bits.py,
-kernels/_conversions.py, kernels/*/_bits.py). :func:`drop_if_stale` keeps a hash of those
-sources next to a backend's cache files and deletes the cache files when the hash changes, so
-an edited formula is never run from a stale compiled kernel. (Installed read-only, or with a
+kernels/formulas/*.py, kernels/_pointer.py, the 16-bit conversions (kernels/_bits.py,
+kernels/_conversions.py, kernels/*/_bits.py) and the CPU prefetch (kernels/numba_cpu/_prefetch.py).
+:func:`drop_if_stale` keeps a hash of those sources next to a backend's cache files and deletes
+the cache files when the hash changes, so an edited formula is never run from a stale compiled
+kernel. (Installed read-only, or with a
 cache elsewhere, there is nothing to do: the sources cannot change there.)
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parent
 _SOURCES = sorted([*(_ROOT / "formulas").glob("*.py"), _ROOT / "_pointer.py", _ROOT / "_bits.py",
                    _ROOT / "_conversions.py",
-                   *_ROOT.glob("*/_bits.py")])  # fmt: skip
+                   *_ROOT.glob("*/_bits.py"), _ROOT / "numba_cpu" / "_prefetch.py"])  # fmt: skip
 
 
 def _digest() -> str:

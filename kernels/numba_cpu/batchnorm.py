@@ -61,6 +61,7 @@ from ..formulas import compiled
 from . import _jit
 from ._bits import accumulator, cast_like, narrow, widen
 from ._jit import REASSOC, twins
+from ._prefetch import prefetch
 
 __all__ = [*BATCH_NORM_API, "forward_train_at", "forward_eval_at", "backward_at", "plan", "BATCH_NORM_DTYPES"]
 
@@ -113,6 +114,14 @@ def _shift(x):  # x: (N, C, S) -> (C,) float64: each channel's first value, 0 if
 #: but channels-last (50176, 64) 0.91x and (6272, 256) 0.83x), so short rows keep one row per visit
 ROW_GROUP = 8
 ROW_GROUP_MIN_BYTES = 4096
+#: Short rows (at most this many bytes: channels-last with C <= 128 float32) are grouped too, with
+#: the group two groups ahead prefetched in software (_prefetch.py), which the hardware prefetcher
+#: does not do for them. Stats pass at (50176, 64): 383 -> 211 µs in cache, 482 -> 362 µs from
+#: DRAM; rows of 1-4 KB gained in cache but lost from DRAM even with the prefetch (0.8x at
+#: (6272, 256)) and stay one row per visit.
+PREFETCH_MAX_ROW_BYTES = 512
+PREFETCH_GROUPS = 2
+LINE_BYTES = 64
 
 
 @njit(inline="always")
@@ -161,6 +170,9 @@ def _channel_sums(u, v, center, grad, c0, c1, rows_per_chunk):
         v2 = v.reshape(N, C)
         chunks = (N + rows_per_chunk - 1) // rows_per_chunk
         long_rows = C * u2.itemsize >= ROW_GROUP_MIN_BYTES
+        short_rows = C * u2.itemsize <= PREFETCH_MAX_ROW_BYTES
+        u_flat = u.reshape(N * C)
+        v_flat = v.reshape(N * C)
         p1 = np.zeros((chunks, nc), np.float64)
         p2 = np.zeros((chunks, nc), np.float64)
         for k in prange(chunks):
@@ -168,8 +180,14 @@ def _channel_sums(u, v, center, grad, c0, c1, rows_per_chunk):
             a2 = p2[k]
             start = k * rows_per_chunk
             end = min(start + rows_per_chunk, N)
-            grouped = start + (end - start) // ROW_GROUP * ROW_GROUP if long_rows else start
+            grouped = start + (end - start) // ROW_GROUP * ROW_GROUP if long_rows or short_rows else start
             for i in range(start, grouped, ROW_GROUP):  # eight rows per visit of the accumulators
+                if short_rows:  # the group PREFETCH_GROUPS ahead (short rows: see ROW_GROUP)
+                    ahead = (i + PREFETCH_GROUPS * ROW_GROUP) * C
+                    for q in range(ahead, min(ahead + ROW_GROUP * C, N * C), LINE_BYTES // u2.itemsize):
+                        prefetch(u_flat, q)
+                        if grad:
+                            prefetch(v_flat, q)
                 if grad:
                     _grad_rows8(u2, v2, i, center, a1, a2)
                 else:
