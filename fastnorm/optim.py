@@ -128,6 +128,9 @@ class _Part:
     dense_buffers: bool  # every state buffer contiguous (else they are staged too, see _launch)
     buffer_ptrs: list[list[int] | None] | None  # the buffer rows' addresses, for a table backend
     step_ptrs: np.ndarray  # int64 addresses of the step counters
+    #: master weights: each parameter's (data pointer, version) after the step wrote it (None:
+    #: not yet written by this plan); a parameter found otherwise was changed from outside
+    master_seen: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -292,6 +295,8 @@ class _KernelOptimizer:
         for group, plan, arguments in ready:
             options = self._kernel_options(group)
             for part, (rows, addrs) in zip(plan.parts, arguments):
+                if part.masters is not None:
+                    _adopt_outside_changes(part)
                 part_options = options
                 if self.stochastic_rounding and part.kernel_dtype == BFLOAT16:
                     part_options = {**options, "rounding_seed": self._next_seed()}
@@ -582,6 +587,23 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
         if part.masters is not None:  # the 16-bit parameter: its float32 master, rounded once
             for p, master in zip(part.params, part.masters):
                 p.copy_(master)
+            part.master_seen = [(p.data_ptr(), p._version) for p in part.params]
+
+
+def _adopt_outside_changes(part: _Part) -> None:
+    """Master weights: a 16-bit parameter changed since the last step wrote it (``p.copy_``,
+    ``model.load_state_dict``, ``p.data = ...``: its data pointer or version moved), or a master
+    that does not round to its parameter (a plan's first step, e.g. after loading an optimizer
+    checkpoint without the matching model weights), restarts from the parameter's values, as
+    torch's optimizers use whatever the parameters hold: the parameter is the truth, the float32
+    master only its extra precision while it still rounds to it."""
+    seen = part.master_seen
+    with torch.no_grad():
+        for i, (p, master) in enumerate(zip(part.params, part.masters)):
+            if seen is not None and seen[i] == (p.data_ptr(), p._version):
+                continue
+            if not torch.equal(master.to(p.dtype), p):
+                master.copy_(p)
 
 
 _ROWS_OF = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3}
