@@ -7,12 +7,16 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 from test_differential_batchnorm import BatchNormTwins
+from test_differential_master_weights import MasterWeightsTwins
 from test_differential_optim import OptimizerTwins
 
 OptimizerTwins.backends = ["cuda"]
 BatchNormTwins.backends = ["cuda"]
+MasterWeightsTwins.backends = ["cuda"]
 
 TestCudaOptimizerTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(OptimizerTwins.TestCase)
 TestCudaOptimizerTwins.settings = settings(max_examples=6, stateful_step_count=10)
 TestCudaBatchNormTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(BatchNormTwins.TestCase)
 TestCudaBatchNormTwins.settings = settings(max_examples=5, stateful_step_count=8)
+TestCudaMasterWeightsTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(MasterWeightsTwins.TestCase)
+TestCudaMasterWeightsTwins.settings = settings(max_examples=4, stateful_step_count=8)
