@@ -11,8 +11,9 @@ Inputs arrive as C-contiguous (N, C, S) arrays (S = product of the spatial sizes
 as one of two 2-D layouts, each read with unit stride:
 
 * rows   (S == 1): x is (N, C) with C contiguous. The batch is cut into at most 64 chunks of
-  rows, a parallel loop gives each chunk C-wide float64 partial sums, accumulated row after row
-  (the inner loop runs along C and vectorises); the partials are then added chunk by chunk.
+  rows, a parallel loop gives each chunk C-wide float64 partial sums, accumulated eight rows per
+  visit of the partials where that pays (ROW_GROUP; the inner loop runs along C and vectorises);
+  the partials are then added chunk by chunk.
   Channels-last 4-D input is this layout too, with N*H*W rows.
 * planes (S > 1):  x is (N*C, S), one contiguous plane per (n, c); a parallel loop over planes
   gives each plane's sums (a vectorised reduction), then the planes of a channel are added.
@@ -108,10 +109,11 @@ def _shift(x):  # x: (N, C, S) -> (C,) float64: each channel's first value, 0 if
 #: rows of the (N, C) layout added per visit of the C-wide float64 accumulators: each visit loads
 #: and stores the accumulators once for eight rows (a tree of eight values in float64, in a fixed
 #: order), where one row per visit made those loads and stores, not x, the sums' cost. Measured
-#: here (stats pass): 2-2.6x faster in cache; from DRAM only when rows are long
+#: here (stats pass): 2-2.6x faster in cache; from DRAM by itself only when rows are long
 #: (ROW_GROUP_MIN_BYTES): eight short rows read side by side are eight short streams that the
 #: hardware prefetcher does not follow (fwd+bwd from DRAM: (8192, 2048) 1.19x, (1024, 1024) 1.09x,
-#: but channels-last (50176, 64) 0.91x and (6272, 256) 0.83x), so short rows keep one row per visit
+#: but channels-last (50176, 64) 0.91x and (6272, 256) 0.83x). Short rows are grouped with a
+#: software prefetch (PREFETCH_MAX_ROW_BYTES); rows in between keep one row per visit.
 ROW_GROUP = 8
 ROW_GROUP_MIN_BYTES = 4096
 #: Short rows (at most this many bytes: channels-last with C <= 128 float32) are grouped too, with
