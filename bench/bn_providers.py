@@ -35,17 +35,7 @@ def prealloc_fn(mode: str, x: torch.Tensor, dy: torch.Tensor):
         aten.native_batch_norm_backward.out(dy, x, w, rm, rv, sm, si, True, 1e-5, [True, True, True],
                                             out0=dx, out1=dw, out2=db)  # fmt: skip
 
-    forward()
-    if mode in ("forward_train", "forward_eval"):
-        return forward
-    if mode == "backward":
-        return backward
-
-    def forward_backward():
-        forward()
-        backward()
-
-    return forward_backward
+    return _for_mode(mode, forward, forward, backward)  # (forward reads ``training`` from the mode)
 
 
 def kernels_fn(mode: str, x: torch.Tensor, dy: torch.Tensor, channels_last: bool):
@@ -74,6 +64,12 @@ def kernels_fn(mode: str, x: torch.Tensor, dy: torch.Tensor, channels_last: bool
                        w.data_ptr(), True, dx.data_ptr(), dw.data_ptr(), db.data_ptr(), *geometry, parallel,
                        rows_per_chunk, backward_block)  # fmt: skip
 
+    return _for_mode(mode, forward, forward_eval, backward)
+
+
+def _for_mode(mode: str, forward, forward_eval, backward):
+    """The function of one call for ``mode``; the training forward runs once first, so that the
+    backward has statistics to read."""
     forward()
     if mode == "forward_train":
         return forward

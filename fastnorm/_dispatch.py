@@ -105,12 +105,7 @@ def _numba_threads() -> int:
         n = numba.get_num_threads()  # launches the pool: the getter exists from then on
         _pool_threads = getattr(parallel, "_get_num_threads", None) or numba.get_num_threads
         return n
-    n = _pool_threads()
-    if n <= 0:  # not expected; Numba's own function raises its error
-        import numba
-
-        return numba.get_num_threads()
-    return n
+    return _pool_threads()
 
 
 @functools.cache
