@@ -128,9 +128,9 @@ class _Part:
     dense_buffers: bool  # every state buffer contiguous (else they are staged too, see _launch)
     buffer_ptrs: list[list[int] | None] | None  # the buffer rows' addresses, for a table backend
     step_ptrs: np.ndarray  # int64 addresses of the step counters
-    #: master weights: each parameter's (data pointer, version) after the step wrote it (None:
-    #: not yet written by this plan); a parameter found otherwise was changed from outside
-    master_seen: list[tuple[int, int]] | None = None
+    #: master weights: each parameter's _mark() after the step wrote it (None: not yet written by
+    #: this plan); a parameter found otherwise was changed from outside
+    master_seen: list[tuple] | None = None
 
 
 @dataclass
@@ -587,21 +587,32 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
         if part.masters is not None:  # the 16-bit parameter: its float32 master, rounded once
             for p, master in zip(part.params, part.masters):
                 p.copy_(master)
-            part.master_seen = [(p.data_ptr(), p._version) for p in part.params]
+            part.master_seen = [_mark(p) for p in part.params]
+
+
+def _mark(p: torch.Tensor) -> tuple:
+    """What an outside write changes: the version (``copy_``, in-place ops) or the storage and
+    address (``p.data = ...``, which keeps the version). Holding the storage keeps its address
+    from being reused by a later ``p.data = ...`` until the next step takes a new mark."""
+    return p.untyped_storage(), p.data_ptr(), p._version
+
+
+def _same_mark(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] == b[1] and a[2] == b[2]
 
 
 def _adopt_outside_changes(part: _Part) -> None:
     """Master weights: a 16-bit parameter changed since the last step wrote it (``p.copy_``,
-    ``model.load_state_dict``, ``p.data = ...``: its data pointer or version moved), or a master
+    ``model.load_state_dict``, ``p.data = ...``: its :func:`_mark` moved), or a master
     that does not round to its parameter (a plan's first step, e.g. after loading an optimizer
     checkpoint without the matching model weights), restarts from the parameter's values, as
     torch's optimizers use whatever the parameters hold: the parameter is the truth, the float32
     master only its extra precision while it still rounds to it."""
-    seen = part.master_seen
+    seen = part.master_seen or [None] * len(part.params)
     with torch.no_grad():
-        for i, (p, master) in enumerate(zip(part.params, part.masters)):
-            if seen is not None and seen[i] == (p.data_ptr(), p._version):
-                continue
+        for p, master, before in zip(part.params, part.masters, seen):
+            if before is not None and _same_mark(before, _mark(p)):
+                continue  # every step but the rare one: nothing written from outside
             if not torch.equal(master.to(p.dtype), p):
                 master.copy_(p)
 

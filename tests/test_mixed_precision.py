@@ -310,6 +310,25 @@ def test_master_weights_checkpoints_round_trip_and_load_into_torch():
         assert p.isfinite().all() and (_ulps(p, u) <= 4).double().mean() > 0.99
 
 
+@pytest.mark.parametrize("how", ["copy_", "data"])
+def test_master_weights_adopt_a_parameter_written_from_outside(how):
+    """A write outside the optimizer (a weight load, ``p.data = ...``) is what the next step
+    updates, as in torch."""
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    opt = fastnorm.optim.SGD([p], lr=0.5, master_weights=True)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    new = torch.full((64,), 3.0, dtype=torch.bfloat16)
+    if how == "copy_":
+        with torch.no_grad():
+            p.copy_(new)
+    else:
+        p.data = new.clone()
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((64,), 2.5, dtype=torch.bfloat16))
+    assert torch.equal(opt.state[p]["master_param"], torch.full((64,), 2.5))
+
+
 def test_master_weights_start_from_a_torch_checkpoint():
     params = _params(torch.bfloat16)
     twins = [p.detach().clone().requires_grad_() for p in params]
