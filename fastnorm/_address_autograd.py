@@ -6,7 +6,7 @@ tensor (~1.5 µs), the kernels' own argument checks, Numba's typing of array arg
 whose kernels offer address-level entry points (``forward_train_at``, ``forward_eval_at``,
 ``backward_at`` and ``plan``: the numba backend) is called here with ``Tensor.data_ptr()``
 integers instead, after :func:`fastnorm.functional.batch_norm` validated the tensors; outputs
-are torch tensors (large ones from fastnorm's CPU buffer pool). The semantics are those of
+are torch tensors (those above 32 MB from fastnorm's CPU buffer pool). The semantics are those of
 :class:`fastnorm.autograd.BatchNormFunction`, which serves the other backends.
 
 Addresses are read from live tensors at each call and used within it; nothing keeps an address.
@@ -37,15 +37,6 @@ def usable(backend: Backend) -> bool:
     return hasattr(backend.kernels, "backward_at")
 
 
-def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
-    """t, or a dense copy of it when strided (the kernels read (C,) vectors with unit stride)."""
-    return t if t is None or t.is_contiguous() else t.contiguous()
-
-
-def _address(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _geometry(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int]:
     """(N, C, S) as the kernels see x: (N*H*W, C, 1) for channels-last memory."""
     shape = x.shape
@@ -55,36 +46,44 @@ def _geometry(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int]:
     return shape[0], c, math.prod(shape[2:])
 
 
-def _empty_like(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """An output shaped and laid out as x: torch's allocator for small ones, the buffer pool for
-    large ones (warm pages instead of fresh page faults)."""
-    if x.numel() * x.element_size() < pool.min_bytes:
-        # x is dense in its layout: empty_like's preserve_format gives it x's very strides
-        return torch.empty_like(x)
-    return CpuArrays.empty_like(x, channels_last)[0]
-
-
 def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, backend: Backend):
     """(y, x, stats, launch): x is the input as the kernels read it; stats a (2, C) tensor of the
     mean and invstd that normalised it in training (the backward's constants), None in eval;
-    launch (channels_last, (N, C, S), plan) what the backward reuses."""
+    launch (channels_last, (N, C, S), plan) what the backward reuses.
+
+    One frame, few distinct torch calls: after a large kernel has flushed the caches, every
+    distinct operation here costs tens of microseconds (its code and data come from DRAM), so
+    this path is written out rather than split into helpers (bench/results/bn_profile.md)."""
     kernels = backend.kernels
     threads = follow_torch_threads()
     x, channels_last = _layout(input)
-    n, c, s = geometry = _geometry(x, channels_last)
-    plan = kernels.plan(n, c, s, x.element_size(), threads)
+    n, c, s = _geometry(x, channels_last)
+    itemsize = x.element_size()
+    plan = kernels.plan(n, c, s, itemsize, threads)
     parallel, rows_per_chunk, block, _ = plan
-    y = _empty_like(x, channels_last)
-    weight, bias, mean_in, var_in = _dense(weight), _dense(bias), _dense(running_mean), _dense(running_var)
-    compute = _COMPUTE[x.dtype]
-    like_c = _LIKE_C[compute]
+    # x is dense in its layout: empty_like's preserve_format gives the output x's very strides
+    y = torch.empty_like(x) if n * c * s * itemsize < pool.min_bytes else CpuArrays.empty_like(x, channels_last)[0]
+    # the kernels read (C,) vectors with unit stride: strided ones through dense copies
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    mean_in, var_in = running_mean, running_var
+    if mean_in is not None and not mean_in.is_contiguous():
+        mean_in = mean_in.contiguous()
+    if var_in is not None and not var_in.is_contiguous():
+        var_in = var_in.contiguous()
+    dtype = x.dtype
+    compute = _COMPUTE[dtype]
+    w_at = 0 if weight is None else weight.data_ptr()
+    b_at = 0 if bias is None else bias.data_ptr()
     if training:
         stats = torch.empty(2, c, dtype=compute)
         mean = stats.data_ptr()
         kernels.forward_train_at(
-            _LIKE[x.dtype], like_c, x.data_ptr(), _address(weight), _address(bias), _address(mean_in), _address(var_in),
-            y.data_ptr(), mean, mean + c * stats.element_size(), n, c, s, float(momentum), float(eps), parallel,
-            rows_per_chunk, block,
+            _LIKE[dtype], _LIKE_C[compute], x.data_ptr(), w_at, b_at, 0 if mean_in is None else mean_in.data_ptr(),
+            0 if var_in is None else var_in.data_ptr(), y.data_ptr(), mean, mean + c * stats.element_size(), n, c, s,
+            float(momentum), float(eps), parallel, rows_per_chunk, block,
         )  # fmt: skip
         if mean_in is not running_mean:  # strided running statistics: updated through a copy
             running_mean.copy_(mean_in)
@@ -92,11 +91,11 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
             running_var.copy_(var_in)
     else:
         kernels.forward_eval_at(
-            _LIKE[x.dtype], like_c, x.data_ptr(), _address(weight), _address(bias), mean_in.data_ptr(),
-            var_in.data_ptr(), y.data_ptr(), n, c, s, float(eps), parallel, rows_per_chunk,
+            _LIKE[dtype], _LIKE_C[compute], x.data_ptr(), w_at, b_at, mean_in.data_ptr(), var_in.data_ptr(),
+            y.data_ptr(), n, c, s, float(eps), parallel, rows_per_chunk,
         )  # fmt: skip
         stats = None
-    return y, x, stats, (channels_last, geometry, plan)
+    return y, x, stats, (channels_last, (n, c, s), plan)
 
 
 def _eval_constants(running_mean, running_var, eps) -> torch.Tensor:
@@ -131,22 +130,31 @@ class AddressBatchNormFunction(torch.autograd.Function):
             grads = _differentiable_backward(training, eps, grad_output, x, weight, stats[0], stats[1])
             return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *[None] * 6)
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
-        layout = _CHANNELS_LAST[x.dim()] if channels_last else torch.contiguous_format
-        if not grad_output.is_contiguous(memory_format=layout):
-            grad_output = grad_output.contiguous(memory_format=layout)
-        dx = _empty_like(x, channels_last) if need_dx else None
+        if channels_last:
+            layout = _CHANNELS_LAST[x.dim()]
+            if not grad_output.is_contiguous(memory_format=layout):
+                grad_output = grad_output.contiguous(memory_format=layout)
+        elif not grad_output.is_contiguous():
+            grad_output = grad_output.contiguous()
         compute = stats.dtype  # the per-channel arrays' (float32 for 16-bit input)
-        dweight = torch.empty(c, dtype=compute) if need_dweight else None
-        dbias = torch.empty(c, dtype=compute) if need_dbias else None
+        dx = dweight = dbias = None
+        if need_dx:
+            small = x.numel() * x.element_size() < pool.min_bytes
+            dx = torch.empty_like(x) if small else CpuArrays.empty_like(x, channels_last)[0]
+        if need_dweight:
+            dweight = torch.empty(c, dtype=compute)
+        if need_dbias:
+            dbias = torch.empty(c, dtype=compute)
         parallel, rows_per_chunk, _, block = plan
         if parallel:
             follow_torch_threads()
-        weight = _dense(weight)  # held while the kernel reads it
+        if weight is not None and not weight.is_contiguous():
+            weight = weight.contiguous()  # held while the kernel reads it
         mean = stats.data_ptr()
         kernels.backward_at(
             _LIKE[x.dtype], _LIKE_C[compute], grad_output.data_ptr(), x.data_ptr(), mean,
-            mean + c * stats.element_size(),
-            _address(weight), training, _address(dx), _address(dweight), _address(dbias), n, c, s, parallel,
-            rows_per_chunk, block,
+            mean + c * stats.element_size(), 0 if weight is None else weight.data_ptr(), training,
+            0 if dx is None else dx.data_ptr(), 0 if dweight is None else dweight.data_ptr(),
+            0 if dbias is None else dbias.data_ptr(), n, c, s, parallel, rows_per_chunk, block,
         )  # fmt: skip
         return dx, dweight, dbias, None, None, None, None, None, None

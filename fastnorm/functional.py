@@ -15,6 +15,7 @@ __all__ = ["batch_norm"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _HALF = (torch.bfloat16, torch.float16)
+_PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
 
 
 def batch_norm(
@@ -116,34 +117,20 @@ def _kernels_path(chosen: Backend, input, running_mean, running_var, weight, bia
             out = out + bias[0]
         return out
     training = bool(training)
-    if _address_autograd.usable(chosen):
-        return _address_path(input, running_mean, running_var, weight, bias, training, momentum, eps, chosen)
+    lean = _address_autograd.usable(chosen)  # the lean CPU path (fastnorm/_address_autograd.py)
     if torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen)
+        function = _address_autograd.AddressBatchNormFunction if lean else BatchNormFunction
+        return function.apply(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen)
     # no gradient wanted (inference, torch.no_grad): no autograd node to build
-    y, _, _ = batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen, False)
-    return y
-
-
-def _address_path(input, running_mean, running_var, weight, bias, training, momentum, eps, chosen):
-    """The lean CPU path (fastnorm/_address_autograd.py): kernels on tensors' addresses."""
-    if torch.is_grad_enabled() and (
-        input.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
-        return _address_autograd.AddressBatchNormFunction.apply(
-            input, weight, bias, running_mean, running_var, training, momentum, eps, chosen
-        )
-    # no gradient wanted (inference, torch.no_grad): no autograd node to build
-    y, _, _, _ = _address_autograd.forward(
-        input, weight, bias, running_mean, running_var, training, momentum, eps, chosen
-    )
-    return y
+    if lean:
+        return _address_autograd.forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                         chosen)[0]  # fmt: skip
+    return batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen,
+                              False)[0]  # fmt: skip
 
 
 def _check_arguments(input, running_mean, running_var, weight, bias, training, eps, name) -> None:
@@ -192,8 +179,8 @@ def check_tensors(input, weight, bias, running_mean, running_var, name) -> None:
     mixed = dtype in _HALF and any(
         t is not None and t.dtype != dtype for t in (weight, bias, running_mean, running_var)
     )
-    for what, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):  # fmt: skip
+    device = input.device
+    for what, t in zip(_PER_CHANNEL, (weight, bias, running_mean, running_var)):
         if t is None:
             continue
         if t.numel() != channels:
@@ -205,8 +192,8 @@ def check_tensors(input, weight, bias, running_mean, running_var, name) -> None:
             raise RuntimeError(
                 f"mixed dtype: all inputs must share same datatype, but input is {dtype} and {what} is {t.dtype}"
             )
-        if t.device != input.device:
+        if t.device != device:
             raise RuntimeError(
                 "Expected all tensors to be on the same device, but found at least two devices, "
-                f"{input.device} (input) and {t.device} ({what})!"
+                f"{device} (input) and {t.device} ({what})!"
             )

@@ -124,6 +124,45 @@ def test_non_contiguous_inputs(backend, dtype, training, make):
 
 
 @pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_outputs_from_the_buffer_pool(monkeypatch, backend, dtype, channels_last):
+    """Outputs of at least POOL_MIN_BYTES (32 MB) come from fastnorm's CPU buffer pool: the same
+    layouts as torch's, the same values as torch.empty's outputs (bit for bit), and each block
+    back in the pool once its tensors are gone. The threshold is lowered here so that small
+    tensors take that path."""
+    from fastnorm._arrays import pool
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(4, 6, 5, 3) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(4, 6, 5, 3).to(dtype).contiguous(memory_format=fmt)
+    params = torch.float32 if dtype == torch.bfloat16 else dtype  # bfloat16 input, float32 parameters
+    ours = fastnorm.nn.BatchNorm2d(6, backend=backend, dtype=params)
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    y_plain, g_plain = _grads(ours, x, dy)  # outputs from torch.empty (below the threshold)
+    ours.zero_grad()
+    ours.load_state_dict(state)
+    monkeypatch.setattr(pool, "min_bytes", 1)
+    before = pool.in_use()
+    y_pooled, g_pooled = _grads(ours, x, dy)
+    assert pool.in_use() > before, "no output came from the pool"
+    ref = torch.nn.BatchNorm2d(6, dtype=params)
+    ref.load_state_dict(state)
+    y_ref, g_ref = _grads(ref, x, dy)
+    assert y_pooled.stride() == y_ref.stride() and g_pooled["x"].stride() == g_ref["x"].stride()
+    assert torch.equal(y_pooled, y_plain)
+    for k in g_plain:
+        assert torch.equal(g_pooled[k], g_plain[k]), k
+    if dtype != torch.bfloat16:  # (bfloat16 against torch: tests/test_mixed_precision.py)
+        rtol, atol = tol(dtype)
+        assert_close(y_pooled, y_ref, rtol, atol, "output")
+        for k in g_ref:
+            assert_close(g_pooled[k], g_ref[k], rtol, atol, f"grad {k}")
+    del y_pooled, g_pooled
+    assert pool.in_use() == before, "a block did not return to the pool"
+
+
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (2, 3, 0)], ids=str)
 def test_empty_batch(backend, shape):
     """torch: empty output, zero weight/bias gradients, running statistics untouched."""
