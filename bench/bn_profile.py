@@ -17,7 +17,7 @@ outputs (a store to a line not in cache reads it first: +4 B per float32 output 
 in-place roofline does not pay). Then the whole BatchNorm module forward+backward against
 torch's, interleaved and five calls back to back; the same for the kernels alone (``numba-kernels``
 against ``torch-prealloc``, bench/bn_providers.py), whose difference from the module is fastnorm's
-Python layer (module, checks, autograd Function); and the roofline measured in the
+Python layer (module, checks, autograd Function, buffer pool); and the roofline measured in the
 same run: ``a += s*b`` in place over 200 MB arrays (12 B per element), and a plain read of 200 MB.
 
 Usage: python bench/bn_profile.py [--rounds 15] [--quick] [--json out.json]

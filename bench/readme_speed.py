@@ -20,7 +20,7 @@ import report as rep  # noqa: E402
 BEGIN, END = "<!-- speed-table -->", "<!-- /speed-table -->"
 FASTNORM = "numba"
 #: (op, label, fastnorm provider): the rows of the README's table, every case of each op. BatchNorm
-#: twice: the module users call (``numba``: nn module, autograd, output allocation) and its kernels alone
+#: twice: the module users call (``numba``: nn module, autograd, buffer pool) and its kernels alone
 #: (``numba-kernels``, the partner of ``torch-prealloc``)
 OPS = [
     ("batchnorm_forward_backward", "BatchNorm fwd+bwd", FASTNORM),

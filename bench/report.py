@@ -136,14 +136,13 @@ def markdown(report: dict, title: str, table: dict | None = None) -> str:
         "- speedups are against the **best torch provider** of each case first (torch's default, `foreach=True`, "
         "`fused=True`, `torch.compile`-d `step`; for BatchNorm also `torch-prealloc`), then against torch's "
         "default.",
-        "- BatchNorm: fastnorm's CPU outputs above 32 MB come from its buffer pool (warm pages); `torch` allocates "
-        "fresh outputs (on CPU, blocks above 32 MB come back from the OS as page faults each call); "
-        "`torch-prealloc` runs torch's own kernels (`aten::native_batch_norm(_backward).out`, no autograd) into "
-        "outputs allocated once, "
+        "- BatchNorm: fastnorm's large CPU outputs come from its buffer pool (warm pages); `torch` allocates fresh "
+        "outputs (on CPU, large blocks come back from the OS as page faults each call); `torch-prealloc` runs "
+        "torch's own kernels (`aten::native_batch_norm(_backward).out`, no autograd) into outputs allocated once, "
         "and `numba-kernels` fastnorm's numba kernels the same way (address entry points, no autograd, no Python "
         "module): compare `numba` with `torch` for the modules users call, `numba-kernels` with `torch-prealloc` "
         "for the kernels alone. The gap between `numba` and `numba-kernels` is fastnorm's Python layer "
-        "(module, checks, autograd Function): ~50 µs hot, but several hundred µs after a large "
+        "(module, checks, autograd Function, buffer pool): ~50 µs hot, but several hundred µs after a large "
         "kernel has streamed the caches (bench/results/bn_profile.md).",
     ]
     if roof:

@@ -4,8 +4,8 @@ layouts: contiguous (N, C, H, W) and ``torch.channels_last`` (what CPU convoluti
 
 Bytes moved by the minimal algorithm (float32): forward reads x and writes y (8 B/element),
 backward reads dy and x and writes dx (12 B/element), forward+backward 20 B/element.
-fastnorm's outputs above 32 MB come from its CPU buffer pool (warm pages); torch's from its allocator,
-which returns blocks that large to the OS, so each call pays fresh page faults: the ``torch-prealloc``
+fastnorm's large outputs come from its CPU buffer pool (warm pages); torch's from its allocator,
+which returns large blocks to the OS, so each call pays fresh page faults: the ``torch-prealloc``
 provider shows torch's kernels without that cost, and ``numba-kernels`` is its fastnorm counterpart:
 the numba kernels called on the tensors' addresses into outputs allocated once, no autograd and no
 Python module around them. Compare ``numba`` with ``torch`` (the modules users call) and
@@ -36,8 +36,8 @@ SHAPES = [
 ]
 GPU_ONLY = {(256, 64, 56, 56), (64, 256, 28, 28)}
 MODES = {"forward_train": 8, "forward_eval": 8, "backward": 12, "forward_backward": 20}
-#: torch: nn.BatchNorm as users run it (outputs from torch's allocator: on CPU, those above 32 MB
-#: are fresh pages each call); torch-prealloc: torch's own kernels (aten::native_batch_norm and its
+#: torch: nn.BatchNorm as users run it (outputs from torch's allocator: on CPU, large ones are
+#: fresh pages each call); torch-prealloc: torch's own kernels (aten::native_batch_norm and its
 #: backward, .out variants) writing into outputs allocated once, no autograd: what torch would
 #: cost with a warm output allocator, as fastnorm's CPU buffer pool gives its own outputs;
 #: numba-kernels: fastnorm's numba kernels the same way (address entry points, outputs allocated

@@ -6,7 +6,7 @@ tensor (~1.5 µs), the kernels' own argument checks, Numba's typing of array arg
 whose kernels offer address-level entry points (``forward_train_at``, ``forward_eval_at``,
 ``backward_at`` and ``plan``: the numba backend) is called here with ``Tensor.data_ptr()``
 integers instead, after :func:`fastnorm.functional.batch_norm` validated the tensors; outputs
-are torch tensors (those above 32 MB from fastnorm's CPU buffer pool). The semantics are those of
+are torch tensors (large ones from fastnorm's CPU buffer pool). The semantics are those of
 :class:`fastnorm.autograd.BatchNormFunction`, which serves the other backends.
 
 Addresses are read from live tensors at each call and used within it; nothing keeps an address.
@@ -61,6 +61,7 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
     itemsize = x.element_size()
     plan = kernels.plan(n, c, s, itemsize, threads)
     parallel, rows_per_chunk, block, _ = plan
+    # torch's allocator for small outputs, the buffer pool for large ones (fastnorm/_arrays.py);
     # x is dense in its layout: empty_like's preserve_format gives the output x's very strides
     y = torch.empty_like(x) if n * c * s * itemsize < pool.min_bytes else CpuArrays.empty_like(x, channels_last)[0]
     # the kernels read (C,) vectors with unit stride: strided ones through dense copies

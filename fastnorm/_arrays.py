@@ -33,21 +33,15 @@ def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
-#: The smallest block the pool serves: glibc's malloc (torch's CPU allocator and NumPy's) keeps
-#: freed blocks below its largest dynamic mmap threshold (32 MB on 64-bit) in its heap once one
-#: such block was freed, so a fresh output of that size reuses warm pages (measured here: no page
-#: fault allocating and filling 4-25.6 MB blocks repeatedly; 40 MB: 9766 faults and 10 ms per
-#: block). Below it, ``torch.empty`` costs less than the pool's Python (and, after a large kernel
-#: has flushed the caches, far less: ~35 µs against ~70 µs for the pool's path).
-POOL_MIN_BYTES = 32 << 20
-
-
 class BufferPool:
     """Recycles large NumPy buffers for kernel outputs: a caching allocator for the CPU.
 
-    torch's CPU allocator (glibc's malloc) hands blocks above 32 MB back to the OS, so every
-    fresh output that large is paid again in page faults (here: allocating and filling 67 MB took 34 ms against 5 ms
-    for refilling a warm buffer). The pool keeps such blocks: :meth:`empty` hands out a fresh
+    torch's CPU allocator hands large blocks back to the OS, so every fresh output of tens of MB
+    is paid again in page faults (here: allocating and filling 67 MB took 34 ms against 5 ms
+    for refilling a warm buffer; glibc's heap keeps blocks below 32 MB in a simple loop, but not
+    when other allocations interleave: fastnorm's BatchNorm2d at (64, 64, 28, 28) interleaved with
+    torch's took 1250 page faults per forward+backward with ``torch.empty`` outputs, none with
+    the pool). The pool keeps such blocks: :meth:`empty` hands out a fresh
     NumPy view of a free block, and the block is free again when that view dies, which is when
     the last tensor (or view) made from it by ``torch.from_numpy`` dies: torch's storage holds
     the view, and a weak reference to the view gives the block back from its callback (a bare
@@ -55,16 +49,15 @@ class BufferPool:
     more Python work per call, which counts on the eager path). Thread-safe: blocks are taken and
     given back under a lock.
 
-    Buffers of at least ``min_bytes`` (:data:`POOL_MIN_BYTES`) are pooled, up to ``max_bytes`` in all
+    Buffers of at least ``min_bytes`` are pooled, up to ``max_bytes`` in all
     (``FASTNORM_CPU_POOL_MB``, default 1024; 0 disables the pool). Benchmarks that compare with
     torch should say so: fastnorm's large outputs reuse warm pages where torch's take page faults.
     """
 
-    def __init__(self, min_bytes: int | None = None, max_bytes: int | None = None) -> None:
+    def __init__(self, min_bytes: int = 1 << 20, max_bytes: int | None = None) -> None:
         if max_bytes is None:
             max_bytes = int(os.environ.get("FASTNORM_CPU_POOL_MB", "1024")) << 20
-        self.min_bytes = POOL_MIN_BYTES if min_bytes is None else min_bytes
-        self.max_bytes = max_bytes
+        self.min_bytes, self.max_bytes = min_bytes, max_bytes
         self._free: dict[tuple, list[np.ndarray]] = {}
         self._out: dict[int, tuple] = {}  # id(weak reference) -> (it, key, block): blocks handed out
         self._bytes = 0  # owned by the pool: free and handed out
