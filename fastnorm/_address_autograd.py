@@ -62,8 +62,12 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
     plan = kernels.plan(n, c, s, itemsize, threads)
     parallel, rows_per_chunk, block, _ = plan
     # torch's allocator for small outputs, the buffer pool for large ones (fastnorm/_arrays.py);
-    # x is dense in its layout: empty_like's preserve_format gives the output x's very strides
-    y = torch.empty_like(x) if n * c * s * itemsize < pool.min_bytes else CpuArrays.empty_like(x, channels_last)[0]
+    # the layout's own strides, as torch's outputs have them (x's may differ at size-1 dimensions)
+    layout = _CHANNELS_LAST[x.dim()] if channels_last else torch.contiguous_format
+    if n * c * s * itemsize < pool.min_bytes:
+        y = torch.empty_like(x, memory_format=layout)
+    else:
+        y = CpuArrays.empty_like(x, channels_last)[0]
     # the kernels read (C,) vectors with unit stride: strided ones through dense copies
     if weight is not None and not weight.is_contiguous():
         weight = weight.contiguous()
@@ -131,17 +135,14 @@ class AddressBatchNormFunction(torch.autograd.Function):
             grads = _differentiable_backward(training, eps, grad_output, x, weight, stats[0], stats[1])
             return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *[None] * 6)
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
-        if channels_last:
-            layout = _CHANNELS_LAST[x.dim()]
-            if not grad_output.is_contiguous(memory_format=layout):
-                grad_output = grad_output.contiguous(memory_format=layout)
-        elif not grad_output.is_contiguous():
-            grad_output = grad_output.contiguous()
+        layout = _CHANNELS_LAST[x.dim()] if channels_last else torch.contiguous_format
+        if not grad_output.is_contiguous(memory_format=layout):
+            grad_output = grad_output.contiguous(memory_format=layout)
         compute = stats.dtype  # the per-channel arrays' (float32 for 16-bit input)
         dx = dweight = dbias = None
         if need_dx:
             small = x.numel() * x.element_size() < pool.min_bytes
-            dx = torch.empty_like(x) if small else CpuArrays.empty_like(x, channels_last)[0]
+            dx = torch.empty_like(x, memory_format=layout) if small else CpuArrays.empty_like(x, channels_last)[0]
         if need_dweight:
             dweight = torch.empty(c, dtype=compute)
         if need_dbias:

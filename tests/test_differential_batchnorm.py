@@ -3,12 +3,14 @@
 A hypothesis state machine drives a fastnorm BatchNorm module and its ``torch.nn`` twin (float64)
 through the same random program and compares after every rule: outputs, input and parameter
 gradients, running statistics and ``num_batches_tracked``, or the same exception type. Rules:
-forward+backward on random batches (contiguous or channels-last, several sizes), train/eval
-toggles, momentum changed (``None`` = cumulative average), in-place edits of the weight, bias or
-input between forward and backward (torch raises for what its backward reads), invalid inputs
-(batch of one in training, wrong channel count, integer dtype), double backward
-(``create_graph=True``), and ``state_dict`` / ``load_state_dict`` both ways. Modules are built
-with and without ``affine`` and ``track_running_stats``.
+forward+backward on random batches (contiguous or channels-last, several sizes; the output's
+gradient in the input's layout, the other one, or strided), forwards without autograd
+(``torch.no_grad``, ``torch.inference_mode``), train/eval toggles, momentum changed (``None`` =
+cumulative average), in-place edits of the weight, bias or input between forward and backward
+(torch raises for what its backward reads), invalid inputs (batch of one in training, wrong
+channel count, integer dtype), double backward (``create_graph=True``), ``state_dict`` /
+``load_state_dict`` both ways, and ``copy.deepcopy`` of both modules. Modules are built with and
+without ``affine`` and ``track_running_stats``.
 
 The numba kernels' size thresholds (row chunks, channel blocks) are shrunk while the machine
 runs, so that the small tensors here take every code path the benchmark sizes take.
@@ -18,6 +20,8 @@ leaves fastnorm's module untouched, where torch has already counted the batch.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -114,12 +118,25 @@ class BatchNormTwins(RuleBasedStateMachine):
 
     # -- rules --------------------------------------------------------------------------------------
 
-    @rule(index=st.integers(0, 2), channels_last=st.booleans(), edit=st.sampled_from(EDITS))
-    def forward_backward(self, index, channels_last, edit):
+    def _output_grad(self, x, kind):
+        """A gradient for an output shaped as x: contiguous, in the other layout than x's
+        (channels-last for 4-D), or strided (every other element of a wider tensor)."""
+        if kind == "strided":
+            wide = torch.randn(*x.shape[:-1], 2 * x.shape[-1], dtype=DTYPE, generator=self.generator)
+            return wide[..., ::2]
+        dy = torch.randn(x.shape, dtype=DTYPE, generator=self.generator)
+        if kind == "other_layout" and x.dim() == 4:
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            return dy.contiguous(memory_format=torch.contiguous_format if channels_last else torch.channels_last)
+        return dy
+
+    @rule(index=st.integers(0, 2), channels_last=st.booleans(), edit=st.sampled_from(EDITS),
+          dy_kind=st.sampled_from(["contiguous", "contiguous", "other_layout", "strided"]))  # fmt: skip
+    def forward_backward(self, index, channels_last, edit, dy_kind):
         """Forward, then (``edit``) a tensor changed in place, then backward: torch raises where its
         backward reads the changed tensor (weight, input) and computes as saved otherwise."""
         x = self._batch(index, channels_last)
-        dy = torch.randn(x.shape, dtype=DTYPE, generator=self.generator)
+        dy = self._output_grad(x, dy_kind)
         xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         (ya, yb), error = self._both(lambda m: m(xa if m is self.ours else xb))
         if error is not None:
@@ -142,6 +159,27 @@ class BatchNormTwins(RuleBasedStateMachine):
         assert _same_kind(error_a, error_b), f"torch: {error_b!r}, fastnorm: {error_a!r}"
         if error_b is None:
             self._compare_grads(xa, xb)
+
+    @rule(index=st.integers(0, 2), channels_last=st.booleans(), mode=st.sampled_from(["no_grad", "inference_mode"]))
+    def forward_without_grad(self, index, channels_last, mode):
+        """A forward that builds no graph (evaluation loops): the output, and in training the
+        running statistics (compared by the invariant)."""
+        x = self._batch(index, channels_last)
+        context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+
+        def forward(m):
+            with context():
+                return m(x.clone())
+
+        (ya, yb), error = self._both(forward)
+        if error is None:
+            assert_close(ya, yb, *TOL, "output")
+            assert ya.stride() == yb.stride(), "output strides"
+
+    @rule()
+    def deepcopy_both(self):
+        """Both modules replaced by deep copies (parameters, buffers, options, backend)."""
+        self.ours, self.theirs = copy.deepcopy(self.ours), copy.deepcopy(self.theirs)
 
     @rule(training=st.booleans())
     def train_or_eval(self, training):
