@@ -9,10 +9,12 @@ from hypothesis import settings
 from test_differential_batchnorm import BatchNormTwins
 from test_differential_master_weights import MasterWeightsTwins
 from test_differential_optim import OptimizerTwins
+from test_differential_stochastic_rounding import StochasticRoundingTwins
 
 OptimizerTwins.backends = ["cuda"]
 BatchNormTwins.backends = ["cuda"]
 MasterWeightsTwins.backends = ["cuda"]
+StochasticRoundingTwins.backends = ["cuda"]
 
 TestCudaOptimizerTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(OptimizerTwins.TestCase)
 TestCudaOptimizerTwins.settings = settings(max_examples=6, stateful_step_count=10)
@@ -20,3 +22,5 @@ TestCudaBatchNormTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(BatchNor
 TestCudaBatchNormTwins.settings = settings(max_examples=5, stateful_step_count=8)
 TestCudaMasterWeightsTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(MasterWeightsTwins.TestCase)
 TestCudaMasterWeightsTwins.settings = settings(max_examples=4, stateful_step_count=8)
+TestCudaStochasticRoundingTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(StochasticRoundingTwins.TestCase)
+TestCudaStochasticRoundingTwins.settings = settings(max_examples=4, stateful_step_count=8)
