@@ -282,14 +282,22 @@ class _KernelOptimizer:
             plan = plans.get(id(group))
             arguments = self._arguments(plan) if plan is not None and self._still_valid(plan, group, params) else None
             if arguments is None:  # first step, or something changed: plan again (torch's errors)
-                with torch.no_grad():
-                    plan = plans[id(group)] = self._build_plan(group, params)
-                arguments = self._arguments(plan, strict=True)
+                try:
+                    with torch.no_grad():
+                        plan = plans[id(group)] = self._build_plan(group, params)
+                    arguments = self._arguments(plan, strict=True)
+                except Exception:
+                    # torch steps group by group: the groups before this one that torch's own
+                    # step serves run first, so that an error of theirs comes first, as in torch
+                    if torch_groups:
+                        self._torch_step(torch_groups)
+                    raise
             if plan.backend.is_torch:
                 torch_groups.append(group)
             else:
                 ready.append((group, plan, arguments))
-        # every check passed before any parameter or state changes
+        # every check passed before any parameter or state changes (groups that torch's own step
+        # serves excepted, when a later group fails its checks: they run first, as in torch)
         if torch_groups:
             self._torch_step(torch_groups)
         for group, plan, arguments in ready:

@@ -6,11 +6,18 @@ the param groups, or the same exception type. Rules: steps with random gradients
 ``zero_grad``, any group option changed mid-run (momentum 0 <-> nonzero, centered, amsgrad, ...),
 ``add_param_group``, ``state_dict`` / ``load_state_dict`` both ways, ``copy.deepcopy``,
 ``torch.save`` / ``torch.load``, ``p.data`` replaced (same and other shape), the model moved to
-another dtype, non-contiguous parameters, and LR schedulers (OneCycleLR cycles momentum/betas).
+another dtype (float32, float64, bfloat16), non-contiguous parameters, and LR schedulers
+(OneCycleLR cycles momentum/betas).
+
+bfloat16 parameters: torch rounds every operation to bfloat16 where fastnorm computes in float32
+and rounds once, so the two drift apart step after step; each step is compared on its own
+instead (within a few bfloat16 ulps, HALF_STEP), and the twins then continue from torch's values.
 
 Where fastnorm is stricter than torch by design it is said in the rule: a failed step leaves
 fastnorm's parameters and state untouched (torch may have updated the groups before the one that
-failed), so after both raised the twins are re-synchronised from torch.
+failed), so after both raised the twins are re-synchronised from torch. Groups that torch's own
+step serves (state of another dtype than its parameters, after ``model.to``) run first when a
+later group fails, as in torch, so that the first error raised is torch's.
 
 Deterministic in CI (the "ci" profile in conftest.py: derandomized, fixed example counts);
 ``pytest --hypothesis-profile=long`` explores more.
@@ -137,12 +144,19 @@ def _parameter(shape, transposed, generator):
     return torch.nn.Parameter(data.t() if transposed else data)  # transposed: non-contiguous
 
 
+#: (rtol, atol) of one step on bfloat16 parameters from the same values and state: torch's several
+#: bfloat16 roundings per update against fastnorm's one (a few ulps of 2^-8 each)
+HALF_STEP = (2.0**-5, 2.0**-6)
+
+
 def _tolerance(dtype: torch.dtype, was_float32: bool = False) -> tuple[float, float]:
     """(rtol, atol) of a twin's values: a few float64 roundings; in float32 (after ``model.to``)
     the reference backend rounds once from float64 where torch rounds every operation, and the
-    cuda kernels fuse multiply-adds: one float32 ulp, which stays when the model goes back to
-    float64 (``was_float32``)."""
-    return (1e-9, 1e-12) if dtype == torch.float64 and not was_float32 else (2e-6, 1e-7)
+    cuda kernels fuse multiply-adds: a few float32 ulps of the terms a value sums, which stay
+    when the model goes back to float64 (``was_float32``). The terms can be large where the sum
+    is small: RMSprop's momentum buffer adds g / sqrt(square_avg) ~ 10 after one step, and
+    momentum cancels those to tenths (seen: 0.7% relative, 1e-6 absolute)."""
+    return (1e-9, 1e-12) if dtype == torch.float64 and not was_float32 else (2e-6, 1e-5)
 
 
 def _outcome(fn):
@@ -226,7 +240,9 @@ class OptimizerTwins(RuleBasedStateMachine):
                 p.grad = None if g is None else g.clone()
             opt.step()
 
-        self._both(step)
+        if self._both(step) is None and any(p.dtype == torch.bfloat16 for p in self._params(self.theirs)):
+            self._compare(HALF_STEP)  # one step of bfloat16 parameters, then on from torch's values
+            self._resync()
 
     @rule(set_to_none=st.booleans())
     def zero_grad(self, set_to_none):
@@ -298,7 +314,7 @@ class OptimizerTwins(RuleBasedStateMachine):
 
         self._both(replace)
 
-    @rule(dtype=st.sampled_from([torch.float32, torch.float64]))
+    @rule(dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
     def model_to(self, dtype):
         self._both(lambda _, model: model.to(dtype))
         self.was_float32 = self.was_float32 or dtype == torch.float32
@@ -330,13 +346,21 @@ class OptimizerTwins(RuleBasedStateMachine):
 
     @invariant()
     def same_values(self):
-        if not hasattr(self, "theirs"):
-            return
+        if hasattr(self, "theirs"):
+            self._compare()
+
+    def _compare(self, half_tolerance=(0.0, 0.0)):
+        """Parameters, state and groups of the twins; bfloat16 values within ``half_tolerance``
+        (exact between steps: the twins continue from the same values after each step)."""
         ours, theirs = self._params(self.ours), self._params(self.theirs)
         assert len(ours) == len(theirs)
+
+        def tolerance(dtype):
+            return half_tolerance if dtype == torch.bfloat16 else _tolerance(dtype, self.was_float32)
+
         for p, q in zip(theirs, ours):
             assert q.dtype == p.dtype and q.shape == p.shape
-            assert_close(q, p, *_tolerance(p.dtype, self.was_float32), "parameter")
+            assert_close(q, p, *tolerance(p.dtype), "parameter")
         a, b = self.theirs.state_dict(), self.ours.state_dict()
         assert a["param_groups"] == b["param_groups"]
         assert sorted(a["state"]) == sorted(b["state"]), "state entries exist where torch's do"
@@ -348,7 +372,7 @@ class OptimizerTwins(RuleBasedStateMachine):
                 if isinstance(value, torch.Tensor):
                     assert mine.dtype == value.dtype, f"{key} dtype"
                     assert mine.device == value.device, f"{key} device"
-                    assert_close(mine, value, *_tolerance(value.dtype, self.was_float32), f"state {key}")
+                    assert_close(mine, value, *tolerance(value.dtype), f"state {key}")
 
 
 TestOptimizerTwins = pytest.mark.fuzz(OptimizerTwins.TestCase)

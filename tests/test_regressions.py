@@ -285,3 +285,30 @@ def test_strided_per_channel_tensors_give_torchs_values(training):
         assert_close(a, b, 1e-10, 1e-12, what)
     assert_close(ours.running_mean, theirs.running_mean, 1e-12, 1e-14, "running_mean")
     assert_close(ours.running_var, theirs.running_var, 1e-12, 1e-14, "running_var")
+
+
+def test_a_group_torch_steps_raises_before_a_later_group_fails_its_checks():
+    """Was: fastnorm checked every group before running any, so a later group's KeyError (momentum
+    switched on mid-run, no momentum buffer) came before the error torch's own step raises for an
+    earlier group (float64 state of parameters moved to float32: RMSprop's lerp refuses). Found by
+    the optimizer machine in a long randomised run."""
+
+    def first_error(module, **backend):
+        torch.manual_seed(0)
+        a, b = (torch.nn.Parameter(torch.randn(7, dtype=torch.float64)) for _ in range(2))
+        opt = module.RMSprop([a], lr=0.01, momentum=0.9, centered=True, **backend)
+        opt.add_param_group({"params": [b], "momentum": 0.0})  # no momentum buffer
+        a.grad, b.grad = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+        opt.step()
+        for p in (a, b):  # model.to(torch.float32): the state stays float64
+            p.data, p.grad = p.data.float(), p.grad.float()
+        opt.param_groups[1]["momentum"] = 0.9
+        with pytest.raises(Exception) as error:
+            opt.step()
+        return error.value
+
+    theirs = first_error(torch.optim)
+    assert isinstance(theirs, RuntimeError)
+    for backend in ("reference", "numba"):
+        ours = first_error(fastnorm.optim, backend=backend)
+        assert type(ours) is type(theirs), f"{backend}: {ours!r}, torch: {theirs!r}"
