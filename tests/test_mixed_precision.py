@@ -16,6 +16,7 @@ import torch
 from conftest import OPTIM_BACKENDS, assert_close, tol
 from hypothesis import given
 from hypothesis import strategies as st
+from ulps import ulps16
 
 import fastnorm
 import fastnorm.optim as fopt
@@ -51,17 +52,6 @@ def _small_chunks(monkeypatch):
 
 def _params(dtype, shapes=SHAPES):
     return [(torch.randn(s) * 2).to(dtype).requires_grad_() for s in shapes]
-
-
-def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Distance in units in the last place of two 16-bit tensors (NaN vs NaN: 0)."""
-    ai = a.detach().contiguous().view(torch.int16).to(torch.int32)
-    bi = b.detach().contiguous().view(torch.int16).to(torch.int32)
-    # sign-magnitude -> a monotonic integer line
-    ai = torch.where(ai < 0, -(ai & 0x7FFF), ai)
-    bi = torch.where(bi < 0, -(bi & 0x7FFF), bi)
-    d = (ai - bi).abs()
-    return torch.where(a.isnan() & b.isnan(), torch.zeros_like(d), d)
 
 
 class _WidenedTwin:
@@ -106,11 +96,11 @@ def _compare(ours, theirs, ours_opt, theirs_opt, what, min_fraction=0.99):
     """At least ``min_fraction`` of all parameter and state values within one ulp of torch's."""
     distances = []
     for i, (p, q) in enumerate(zip(ours, theirs)):
-        distances.append(_ulps(p, q).flatten())
+        distances.append(ulps16(p, q).flatten())
         mine = {k: v for k, v in ours_opt.state[p].items() if k != "step"}
         for key, expected in _state(theirs_opt, theirs, i).items():
             assert mine[key].dtype == p.dtype, f"{what}: state {key} is {mine[key].dtype}, not {p.dtype}"
-            distances.append(_ulps(mine[key], expected).flatten())
+            distances.append(ulps16(mine[key], expected).flatten())
     d = torch.cat(distances)
     fraction = (d <= 1).double().mean().item()
     assert fraction >= min_fraction, f"{what}: {fraction:.4%} of values within one ulp (max {d.max().item()} ulps)"
@@ -307,7 +297,7 @@ def test_master_weights_checkpoints_round_trip_and_load_into_torch():
     theirs.step()
     # torch continues in bfloat16 arithmetic from the rounded values: close to the master run
     for p, u in zip(params, uninterrupted):
-        assert p.isfinite().all() and (_ulps(p, u) <= 4).double().mean() > 0.99
+        assert p.isfinite().all() and (ulps16(p, u) <= 4).double().mean() > 0.99
 
 
 @pytest.mark.parametrize("how", ["copy_", "data"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from numba import cuda
+from ulps import ulps16
 
 import kernels.numba_cuda as kc
 import kernels.reference as ref
@@ -138,14 +139,6 @@ def test_optimizer_kernels_match_reference(small_chunks, name, options, dtype):
         np.testing.assert_allclose(a, e, rtol=tol, atol=tol)
 
 
-def _ulps16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Distance in ulps of two arrays of 16-bit bit patterns (sign-magnitude made monotonic)."""
-    ai, bi = a.view(np.int16).astype(np.int32), b.view(np.int16).astype(np.int32)
-    ai = np.where(ai < 0, -(ai & 0x7FFF), ai)
-    bi = np.where(bi < 0, -(bi & 0x7FFF), bi)
-    return np.abs(ai - bi)
-
-
 # 16-bit storage: bfloat16 as uint16 bits, float16; seed: stochastic rounding (bfloat16 only).
 # bfloat16 on every case; stochastic rounding and float16 on a few (the simulator is slow)
 HALF = {"bfloat16": (np.uint16, None), "bfloat16-sr": (np.uint16, 1234), "float16": (np.float16, None)}
@@ -189,7 +182,7 @@ def test_16_bit_optimizer_kernels_match_reference(small_chunks, storage, case):
                 k.adam_step(params, g, states[0], states[1], states[2], steps, **options, **extra)
         host = (lambda a: a.copy_to_host()) if k is kc else (lambda a: a)
         results.append([host(a) for a in params + sum(states, [])])
-    distance = np.concatenate([_ulps16(a, e).ravel() for a, e in zip(*results)])
+    distance = np.concatenate([ulps16(a, e).ravel() for a, e in zip(*results)])
     assert (distance <= 1).mean() >= 0.99, f"max {distance.max()} ulps"
 
 
