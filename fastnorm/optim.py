@@ -31,6 +31,7 @@ with ``"auto"`` it selects torch's implementation, as asked.
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
@@ -287,17 +288,16 @@ class _KernelOptimizer:
                         plan = plans[id(group)] = self._build_plan(group, params)
                     arguments = self._arguments(plan, strict=True)
                 except Exception:
-                    # torch steps group by group: the groups before this one that torch's own
-                    # step serves run first, so that an error of theirs comes first, as in torch
+                    # torch steps group by group: an error that torch's own step raises for a
+                    # group before this one comes first, as in torch (found on copies)
                     if torch_groups:
-                        self._torch_step(torch_groups)
+                        self._torch_step_on_copies(torch_groups)
                     raise
             if plan.backend.is_torch:
                 torch_groups.append(group)
             else:
                 ready.append((group, plan, arguments))
-        # every check passed before any parameter or state changes (groups that torch's own step
-        # serves excepted, when a later group fails its checks: they run first, as in torch)
+        # every check passed before any parameter or state changes
         if torch_groups:
             self._torch_step(torch_groups)
         for group, plan, arguments in ready:
@@ -324,6 +324,27 @@ class _KernelOptimizer:
             _unhooked(self._torch_cls.step)(self)
         finally:
             self.param_groups = all_groups
+
+    def _torch_step_on_copies(self, groups: list[dict]) -> None:
+        """torch's step of ``groups`` on copies of their parameters, gradients and state: raises
+        what torch's step would raise for them, and changes nothing (a failed fastnorm step
+        leaves the optimizer as it was)."""
+        copies = {}
+        for group in groups:
+            for p in group["params"]:
+                q = p.detach().clone()
+                q.grad = None if p.grad is None else p.grad.detach().clone()
+                copies[p] = q
+        all_groups, all_state = self.param_groups, self.state
+        self.param_groups = [{**group, "params": [copies[p] for p in group["params"]]} for group in groups]
+        self.state = defaultdict(dict)
+        for p, q in copies.items():
+            if p in all_state:
+                self.state[q] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in all_state[p].items()}
+        try:
+            _unhooked(self._torch_cls.step)(self)
+        finally:
+            self.param_groups, self.state = all_groups, all_state
 
     # -- the plan ---------------------------------------------------------------------------------
 

@@ -291,24 +291,32 @@ def test_a_group_torch_steps_raises_before_a_later_group_fails_its_checks():
     """Was: fastnorm checked every group before running any, so a later group's KeyError (momentum
     switched on mid-run, no momentum buffer) came before the error torch's own step raises for an
     earlier group (float64 state of parameters moved to float32: RMSprop's lerp refuses). Found by
-    the optimizer machine in a long randomised run."""
+    the optimizer machine in a long randomised run. The failed step still changes nothing."""
 
     def first_error(module, **backend):
         torch.manual_seed(0)
-        a, b = (torch.nn.Parameter(torch.randn(7, dtype=torch.float64)) for _ in range(2))
-        opt = module.RMSprop([a], lr=0.01, momentum=0.9, centered=True, **backend)
+        a, b, c = (torch.nn.Parameter(torch.randn(7, dtype=torch.float64)) for _ in range(3))
+        opt = module.RMSprop([c], lr=0.01)  # served by fastnorm's kernels (float64 throughout)
+        opt.add_param_group({"params": [a], "momentum": 0.9, "centered": True})
         opt.add_param_group({"params": [b], "momentum": 0.0})  # no momentum buffer
-        a.grad, b.grad = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+        for p in (a, b, c):
+            p.grad = torch.randn(7, dtype=torch.float64)
         opt.step()
-        for p in (a, b):  # model.to(torch.float32): the state stays float64
+        for p in (a, b):  # model.to(torch.float32), in part: the state stays float64
             p.data, p.grad = p.data.float(), p.grad.float()
-        opt.param_groups[1]["momentum"] = 0.9
+        opt.param_groups[2]["momentum"] = 0.9
+        before = copy.deepcopy(([a, b, c], opt.state_dict()))
         with pytest.raises(Exception) as error:
             opt.step()
-        return error.value
+        return error.value, before, ([a, b, c], opt.state_dict())
 
-    theirs = first_error(torch.optim)
+    theirs, _, _ = first_error(torch.optim)
     assert isinstance(theirs, RuntimeError)
     for backend in ("reference", "numba"):
-        ours = first_error(fastnorm.optim, backend=backend)
+        ours, before, after = first_error(fastnorm.optim, backend=backend)
         assert type(ours) is type(theirs), f"{backend}: {ours!r}, torch: {theirs!r}"
+        for p, q in zip(before[0], after[0]):
+            assert torch.equal(p, q), f"{backend}: the failed step changed a parameter"
+        for index, state in before[1]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(after[1]["state"][index][key], value), f"{backend}: the failed step changed {key}"
