@@ -46,14 +46,28 @@ def _geometry(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int]:
     return shape[0], c, math.prod(shape[2:])
 
 
+def _output(x: torch.Tensor, channels_last: bool, keep_strides: bool) -> torch.Tensor:
+    """An uninitialised output shaped as x: from torch's allocator below the buffer pool's
+    threshold, from the pool above it (warm pages: fastnorm/_arrays.py). Strides as torch's
+    outputs have them: y the layout's own, dx x's (they differ only at size-1 dimensions)."""
+    if x.numel() * x.element_size() < pool.min_bytes:
+        if keep_strides:
+            return torch.empty_like(x)  # x is dense: preserve_format gives x's very strides
+        return torch.empty_like(x, memory_format=_CHANNELS_LAST[x.dim()] if channels_last else torch.contiguous_format)
+    out = CpuArrays.empty_like(x, channels_last)[0]
+    if keep_strides and out.stride() != x.stride():
+        out = out.as_strided(x.shape, x.stride())
+    return out
+
+
 def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, backend: Backend):
     """(y, x, stats, launch): x is the input as the kernels read it; stats a (2, C) tensor of the
     mean and invstd that normalised it in training (the backward's constants), None in eval;
     launch (channels_last, (N, C, S), plan) what the backward reuses.
 
-    One frame, few distinct torch calls: after a large kernel has flushed the caches, every
-    distinct operation here costs tens of microseconds (its code and data come from DRAM), so
-    this path is written out rather than split into helpers (bench/results/bn_profile.md)."""
+    Few distinct torch calls: after a large kernel has flushed the caches, every distinct
+    operation here costs tens of microseconds (its code and data come from DRAM; measured in
+    bench/results/bn_profile.md as the module's "Python layer")."""
     kernels = backend.kernels
     threads = follow_torch_threads()
     x, channels_last = _layout(input)
@@ -61,13 +75,7 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
     itemsize = x.element_size()
     plan = kernels.plan(n, c, s, itemsize, threads)
     parallel, rows_per_chunk, block, _ = plan
-    # torch's allocator for small outputs, the buffer pool for large ones (fastnorm/_arrays.py);
-    # the layout's own strides, as torch's outputs have them (x's may differ at size-1 dimensions)
-    layout = _CHANNELS_LAST[x.dim()] if channels_last else torch.contiguous_format
-    if n * c * s * itemsize < pool.min_bytes:
-        y = torch.empty_like(x, memory_format=layout)
-    else:
-        y = CpuArrays.empty_like(x, channels_last)[0]
+    y = _output(x, channels_last, keep_strides=False)
     # the kernels read (C,) vectors with unit stride: strided ones through dense copies
     if weight is not None and not weight.is_contiguous():
         weight = weight.contiguous()
@@ -141,8 +149,7 @@ class AddressBatchNormFunction(torch.autograd.Function):
         compute = stats.dtype  # the per-channel arrays' (float32 for 16-bit input)
         dx = dweight = dbias = None
         if need_dx:
-            small = x.numel() * x.element_size() < pool.min_bytes
-            dx = torch.empty_like(x, memory_format=layout) if small else CpuArrays.empty_like(x, channels_last)[0]
+            dx = _output(x, channels_last, keep_strides=True)
         if need_dweight:
             dweight = torch.empty(c, dtype=compute)
         if need_dbias:

@@ -162,6 +162,9 @@ class BatchNormFunction(torch.autograd.Function):
             grad_output = grad_output.contiguous(memory_format=layout)
         c = x.shape[1]
         dx, dx_array = arrays.empty_like(x, saved.channels_last) if need_dx else (None, None)
+        if dx is not None and dx.stride() != x.stride():
+            # torch's dx has x's strides; ours differ only at size-1 dimensions: the same memory
+            dx = dx.as_strided(x.shape, x.stride())
         dweight, dweight_array = arrays.empty_vector(c, x) if need_dweight else (None, None)
         dbias, dbias_array = arrays.empty_vector(c, x) if need_dbias else (None, None)
         with backend.device_guard(x):

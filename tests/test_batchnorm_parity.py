@@ -163,6 +163,36 @@ def test_outputs_from_the_buffer_pool(monkeypatch, backend, dtype, channels_last
     assert pool.in_use() == before, "a block did not return to the pool"
 
 
+# inputs whose strides differ from their layout's canonical ones only at size-1 dimensions
+STRIDED_ALIKE = {
+    "permuted, W = 1": lambda: torch.randn(2, 3, 3, 1).permute(0, 3, 1, 2),  # (2, 1, 3, 3), strides (9, 1, 3, 1)
+    "channels-last, H = W = 1": lambda: torch.randn(4, 3, 1, 1).contiguous(memory_format=torch.channels_last),
+    "channels-last": lambda: torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("pooled", [False, True], ids=["torch.empty", "pool"])
+@pytest.mark.parametrize("make", STRIDED_ALIKE.values(), ids=STRIDED_ALIKE.keys())
+def test_output_and_gradient_strides_are_torchs(monkeypatch, backend, pooled, make):
+    """y has its layout's canonical strides and dx the input's, as torch's (they differ at size-1
+    dimensions: seen by hooks, .grad and later views), from torch's allocator or the pool."""
+    from fastnorm._arrays import pool
+
+    if pooled:
+        monkeypatch.setattr(pool, "min_bytes", 1)
+    x = make()
+    strides = []
+    for module in (torch.nn.BatchNorm2d(x.shape[1]), fastnorm.nn.BatchNorm2d(x.shape[1], backend=backend)):
+        xg = x.detach().requires_grad_(True)
+        seen = []
+        y = module(xg)
+        xg.register_hook(lambda g, seen=seen: seen.append(g.stride()))
+        y.backward(torch.ones_like(y))
+        strides.append((y.stride(), seen[0], xg.grad.stride()))
+    assert strides[1] == strides[0], f"(y, dx, x.grad) strides: fastnorm {strides[1]}, torch {strides[0]}"
+
+
 @pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (2, 3, 0)], ids=str)
 def test_empty_batch(backend, shape):
