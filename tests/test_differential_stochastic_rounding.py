@@ -5,13 +5,13 @@ value is rounded up or down at random), so the oracle is one step at a time: bef
 torch's optimizer in float32 is given fastnorm's current parameters and state (widened, exactly),
 and takes the same step with the same gradients. Each bfloat16 value fastnorm then holds
 (parameters and every state buffer) must be one of the two bfloat16 neighbours of torch's float32
-result: within one bfloat16 ulp of it, with float32 tolerance for the two libraries' orders of
-operations. A hypothesis state machine drives the programs: steps with random gradients (some
-None), ``zero_grad``, group options changed mid-run (the same exception type where torch
-refuses, e.g. amsgrad switched on), a checkpoint round trip, writes to the parameters from
-outside (``p.copy_``, ``p.data = ...``), and a fork: a ``deepcopy`` stepped with the same
-gradients must round every value as the original does (the rounding stream is the optimizer's
-state: its launch count travels with deepcopy and pickle).
+result: within one bfloat16 ulp of it, with a few float32 ulps for the two libraries' orders of
+operations (tests/ulps.py). A hypothesis state machine drives the programs: steps with random
+gradients (some None), ``zero_grad``, group options changed mid-run (the same exception type
+where torch refuses, e.g. amsgrad switched on), a checkpoint round trip, writes to the
+parameters from outside (``p.copy_``, ``p.data = ...``), and a fork: a ``deepcopy`` stepped with
+the same gradients must round every value as the original does (the rounding stream is the
+optimizer's state: its launch count travels with deepcopy and pickle).
 
 Deterministic in CI (the "ci" profile in conftest.py); ``--hypothesis-profile=long`` explores more.
 """
@@ -27,39 +27,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from test_differential_optim import OPTIONS, _outcome
+from ulps import assert_a_neighbour
 
 import fastnorm
 
 # parameter shapes: odd sizes, a single value, one spanning several of the kernels' chunks
 SHAPES = [(7,), (3, 5), (1,), (129, 3)]
-#: float32 (rtol, atol): tests/conftest.py's TOLERANCES[torch.float32], spelled out because the
-#: simulator suite (tests/cudasim) runs this machine under its own conftest
-F32 = (1e-4, 2e-5)
-
-
-def bfloat16_ulp(t: torch.Tensor) -> torch.Tensor:
-    """The spacing of bfloat16 values at |t| (float32 t): 2^(exponent - 7), at least the smallest
-    subnormal's 2^-133 (zeros included)."""
-    _, exponent = torch.frexp(t)
-    return torch.ldexp(torch.ones_like(t), (exponent - 8).clamp(min=-133))
-
-
-def assert_a_neighbour(ours: torch.Tensor, exact: torch.Tensor, what: str) -> None:
-    """Every bfloat16 value of ``ours`` is within one bfloat16 ulp of the float32 ``exact`` (one
-    of its two bfloat16 neighbours), with float32 tolerance; non-finite values equal."""
-    assert ours.dtype == torch.bfloat16, f"{what}: {ours.dtype}"
-    a, b = ours.detach().float(), exact.detach().float()
-    finite = torch.isfinite(b)
-    assert torch.equal(torch.isfinite(a), finite), f"{what}: non-finite values differ"
-    assert torch.equal(a[~finite], b[~finite]), f"{what}: non-finite values differ"
-    rtol, atol = F32
-    bound = bfloat16_ulp(b) + rtol * b.abs() + atol
-    gap = (a - b).abs()
-    bad = finite & (gap > bound)
-    assert not bad.any(), (
-        f"{what}: {int(bad.sum())} values are not bfloat16 neighbours of torch's float32 result, e.g. "
-        f"{a[bad][:3].tolist()} for {b[bad][:3].tolist()}"
-    )
 
 
 def _running(machine) -> bool:

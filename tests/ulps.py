@@ -20,7 +20,7 @@ def ulps16(a, b):
         return torch.from_numpy(ulps16(_bits(a), _bits(b)))
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.dtype in _NAN_MASKS, f"16-bit arrays of one kind, not {a.dtype}, {b.dtype}"
-    ai, bi = (x.view(np.int16).astype(np.int32) for x in (a, b))
+    ai, bi = (x.view(np.int16).astype(np.int32) for x in (a, b))  # bit patterns, sign-magnitude
     ai = np.where(ai < 0, -(ai & 0x7FFF), ai)
     bi = np.where(bi < 0, -(bi & 0x7FFF), bi)
     exponent, mantissa = _NAN_MASKS[a.dtype]
@@ -28,8 +28,8 @@ def ulps16(a, b):
     def nan(x):
         return ((x & exponent) == exponent) & ((x & mantissa) != 0)
 
-    raw_a, raw_b = (x.view(np.int16).astype(np.int32) for x in (a, b))
-    return np.where(nan(raw_a) & nan(raw_b), 0, np.abs(ai - bi)).astype(np.int32)
+    bits_a, bits_b = (x.view(np.int16).astype(np.int32) for x in (a, b))
+    return np.where(nan(bits_a) & nan(bits_b), 0, np.abs(ai - bi)).astype(np.int32)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -37,3 +37,34 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     assert t.dtype in (torch.bfloat16, torch.float16), t.dtype
     bits = t.detach().cpu().contiguous().view(torch.int16).numpy()
     return bits.view(np.uint16 if t.dtype == torch.bfloat16 else np.float16)
+
+
+#: float32 (rtol, atol) between two libraries computing the same float32 value in different orders
+#: of operations: a few float32 ulps of the operands (absolute: of operands up to ~10, where the
+#: result cancels them)
+FLOAT32_ORDER = (1e-5, 1e-6)
+
+
+def bfloat16_ulp(t: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 values at |t| (float32 t): 2^(exponent - 8) for t = m * 2^exponent,
+    0.5 <= |m| < 1, and the smallest subnormal's 2^-133 at zero and below."""
+    _, exponent = torch.frexp(t)
+    ulp = torch.ldexp(torch.ones_like(t), (exponent - 8).clamp(min=-133))
+    return torch.where(t == 0, torch.full_like(t, 2.0**-133), ulp)
+
+
+def assert_a_neighbour(ours: torch.Tensor, exact: torch.Tensor, what: str, tolerance=FLOAT32_ORDER) -> None:
+    """Every bfloat16 value of ``ours`` is within one bfloat16 ulp of the float32 ``exact``: one of
+    its two bfloat16 neighbours (round to nearest or stochastic rounding of it), with ``tolerance``
+    for the two computations of ``exact``; non-finite values equal."""
+    assert ours.dtype == torch.bfloat16, f"{what}: {ours.dtype}"
+    a, b = ours.detach().float(), exact.detach().float()
+    finite = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), finite), f"{what}: non-finite values differ"
+    assert torch.equal(a[~finite], b[~finite]), f"{what}: non-finite values differ"
+    rtol, atol = tolerance
+    bad = finite & ((a - b).abs() > bfloat16_ulp(b) + rtol * b.abs() + atol)
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} values are not bfloat16 neighbours of the float32 result, e.g. "
+        f"{a[bad][:3].tolist()} for {b[bad][:3].tolist()}"
+    )
