@@ -14,9 +14,9 @@ bfloat16 parameters: torch rounds every operation to bfloat16 where fastnorm com
 and rounds once, so the two drift apart step after step; each step is compared on its own
 instead, and the twins then continue from fastnorm's values. fastnorm's step must round torch's
 float32 step taken from the same values and state (every value one of the two bfloat16
-neighbours of that result, tests/ulps.py), and torch's bfloat16 step must be within a few of
-its own ulps of fastnorm's (HALF_STEP: a loose check of the twins, the float32 one is the
-tight one).
+neighbours of that result, tests/ulps.py; checked where every parameter and state buffer is
+bfloat16). torch's own bfloat16 values are not compared after a step: no bound holds where its
+roundings cancel (RMSprop's momentum adds terms ~10, whose bfloat16 ulp is 1/16).
 
 Where fastnorm is stricter than torch by design it is said in the rule: a failed step leaves
 fastnorm's parameters and state untouched (torch may have updated the groups before the one that
@@ -151,11 +151,6 @@ def _parameter(shape, transposed, generator, dtype=DTYPE):
     return torch.nn.Parameter(data.t() if transposed else data)  # transposed: non-contiguous
 
 
-#: (rtol, atol) between torch's bfloat16 step and fastnorm's from the same values and state: torch's
-#: several bfloat16 roundings per update against fastnorm's one (a few ulps of 2^-8 each)
-HALF_STEP = (2.0**-5, 2.0**-6)
-
-
 def _tolerance(dtype: torch.dtype, was_float32: bool = False, key: str = "") -> tuple[float, float]:
     """(rtol, atol) of a twin's values: a few float64 roundings; in float32 (after ``model.to``)
     the reference backend rounds once from float64 where torch rounds every operation, and the
@@ -185,6 +180,8 @@ class OptimizerTwins(RuleBasedStateMachine):
 
     #: the backends drawn (tests/cudasim runs this machine with ["cuda"])
     backends = OPTIM_BACKENDS
+    #: the dtype of the parameters add_param_group adds
+    new_dtype = DTYPE
 
     def __init__(self) -> None:
         super().__init__()
@@ -253,14 +250,20 @@ class OptimizerTwins(RuleBasedStateMachine):
         oracle = self._float32_step(grads) if half else None
         if self._both(step) is None and half:  # one step of bfloat16 parameters, compared on its own
             if oracle is not None:
-                for p, (q, state) in zip(self._params(self.ours), oracle):
-                    assert_a_neighbour(p, q, "parameter")
+                for p, g, (q, state) in zip(self._params(self.ours), grads, oracle):
+                    assert_a_neighbour(p, q, "parameter")  # (unchanged where g is None)
+                    if g is None:
+                        continue
+                    mine = self.ours.state.get(p, {})  # (not state[p]: a defaultdict would add an entry)
+                    assert sorted(mine) == sorted(state), "state keys"
                     for key, value in state.items():
                         if key == "step":
-                            assert float(self.ours.state[p][key]) == float(value)
+                            assert float(mine[key]) == float(value)
                         else:
-                            assert_a_neighbour(self.ours.state[p][key], value, f"state {key}")
-            self._compare(HALF_STEP)
+                            assert_a_neighbour(mine[key], value, f"state {key}")
+            # torch's bfloat16 values: no bound holds where its roundings cancel (RMSprop's momentum
+            # adds terms ~10 whose bfloat16 ulp is 1/16): structure, dtypes and the rest only
+            self._compare(half_tolerance=None)
             self._continue_from_ours()
 
     def _float32_step(self, grads):
@@ -319,7 +322,7 @@ class OptimizerTwins(RuleBasedStateMachine):
     @precondition(lambda self: len(self.theirs.param_groups) < 3)
     @rule(shape=st.sampled_from(SHAPES), lr=st.sampled_from([0.003, 0.03]))
     def add_param_group(self, shape, lr):
-        p = _parameter(*shape, self.generator)
+        p = _parameter(*shape, self.generator, self.new_dtype)
 
         def add(opt, model):
             q = torch.nn.Parameter(p.detach().clone())
@@ -407,16 +410,21 @@ class OptimizerTwins(RuleBasedStateMachine):
 
     def _compare(self, half_tolerance=(0.0, 0.0)):
         """Parameters, state and groups of the twins; bfloat16 values within ``half_tolerance``
-        (exact between steps: the twins continue from the same values after each step)."""
+        (exact between steps: the twins continue from the same values after each step; None:
+        bfloat16 values not compared)."""
         ours, theirs = self._params(self.ours), self._params(self.theirs)
         assert len(ours) == len(theirs)
 
         def tolerance(dtype, key=""):
             return half_tolerance if dtype == torch.bfloat16 else _tolerance(dtype, self.was_float32, key)
 
+        def close(a, b, dtype, what, key=""):
+            if dtype != torch.bfloat16 or half_tolerance is not None:
+                assert_close(a, b, *tolerance(dtype, key), what)
+
         for p, q in zip(theirs, ours):
             assert q.dtype == p.dtype and q.shape == p.shape
-            assert_close(q, p, *tolerance(p.dtype), "parameter")
+            close(q, p, p.dtype, "parameter")
         a, b = self.theirs.state_dict(), self.ours.state_dict()
         assert a["param_groups"] == b["param_groups"]
         assert sorted(a["state"]) == sorted(b["state"]), "state entries exist where torch's do"
@@ -428,9 +436,23 @@ class OptimizerTwins(RuleBasedStateMachine):
                 if isinstance(value, torch.Tensor):
                     assert mine.dtype == value.dtype, f"{key} dtype"
                     assert mine.device == value.device, f"{key} device"
-                    assert_close(mine, value, *tolerance(value.dtype, key), f"state {key}")
+                    close(mine, value, value.dtype, f"state {key}", key)
+
+
+class BFloat16OptimizerTwins(OptimizerTwins):
+    """The same machine, every program built in bfloat16, groups added in bfloat16 too (the main
+    one draws bfloat16 in a third of its programs, too rarely for CI's few examples to step it)."""
+
+    new_dtype = torch.bfloat16
+
+    @initialize(name=st.sampled_from(OPTIMIZERS), data=st.data(), backend=_BACKEND,
+                shapes=st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4))  # fmt: skip
+    def build(self, name, data, backend, shapes):
+        super().build.__wrapped__(self, name, data, backend, shapes, torch.bfloat16)
 
 
 TestOptimizerTwins = pytest.mark.fuzz(OptimizerTwins.TestCase)
 # each example builds two optimizers and steps them up to 20 times: 15 examples keep this under a minute
 TestOptimizerTwins.settings = settings(max_examples=15, stateful_step_count=20)
+TestBFloat16OptimizerTwins = pytest.mark.fuzz(BFloat16OptimizerTwins.TestCase)
+TestBFloat16OptimizerTwins.settings = settings(max_examples=10, stateful_step_count=15)

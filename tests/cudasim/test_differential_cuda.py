@@ -8,7 +8,7 @@ import pytest
 from hypothesis import settings
 from test_differential_batchnorm import BatchNormTwins
 from test_differential_master_weights import MasterWeightsTwins
-from test_differential_optim import OptimizerTwins
+from test_differential_optim import BFloat16OptimizerTwins, OptimizerTwins
 from test_differential_stochastic_rounding import StochasticRoundingTwins
 
 OptimizerTwins.backends = ["cuda"]
@@ -24,3 +24,5 @@ TestCudaMasterWeightsTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(Mast
 TestCudaMasterWeightsTwins.settings = settings(max_examples=4, stateful_step_count=8)
 TestCudaStochasticRoundingTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(StochasticRoundingTwins.TestCase)
 TestCudaStochasticRoundingTwins.settings = settings(max_examples=4, stateful_step_count=8)
+TestCudaBFloat16OptimizerTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(BFloat16OptimizerTwins.TestCase)
+TestCudaBFloat16OptimizerTwins.settings = settings(max_examples=4, stateful_step_count=8)
