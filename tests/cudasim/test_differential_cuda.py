@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import settings
-from test_differential_batchnorm import BatchNormTwins
+from test_differential_batchnorm import BatchNormTwins, HalfBatchNormTwins
 from test_differential_master_weights import MasterWeightsTwins
 from test_differential_optim import BFloat16OptimizerTwins, OptimizerTwins
 from test_differential_stochastic_rounding import StochasticRoundingTwins
@@ -26,3 +26,5 @@ TestCudaStochasticRoundingTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")
 TestCudaStochasticRoundingTwins.settings = settings(max_examples=4, stateful_step_count=8)
 TestCudaBFloat16OptimizerTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(BFloat16OptimizerTwins.TestCase)
 TestCudaBFloat16OptimizerTwins.settings = settings(max_examples=4, stateful_step_count=8)
+TestCudaHalfBatchNormTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(HalfBatchNormTwins.TestCase)
+TestCudaHalfBatchNormTwins.settings = settings(max_examples=4, stateful_step_count=8)
