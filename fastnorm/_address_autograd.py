@@ -37,6 +37,15 @@ def usable(backend: Backend) -> bool:
     return hasattr(backend.kernels, "backward_at")
 
 
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or a dense copy of it when strided (the kernels read (C,) vectors with unit stride)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def _geometry(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int]:
     """(N, C, S) as the kernels see x: (N*H*W, C, 1) for channels-last memory."""
     shape = x.shape
@@ -76,27 +85,16 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
     plan = kernels.plan(n, c, s, itemsize, threads)
     parallel, rows_per_chunk, block, _ = plan
     y = _output(x, channels_last, keep_strides=False)
-    # the kernels read (C,) vectors with unit stride: strided ones through dense copies
-    if weight is not None and not weight.is_contiguous():
-        weight = weight.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
-    mean_in, var_in = running_mean, running_var
-    if mean_in is not None and not mean_in.is_contiguous():
-        mean_in = mean_in.contiguous()
-    if var_in is not None and not var_in.is_contiguous():
-        var_in = var_in.contiguous()
+    weight, bias, mean_in, var_in = _dense(weight), _dense(bias), _dense(running_mean), _dense(running_var)
     dtype = x.dtype
     compute = _COMPUTE[dtype]
-    w_at = 0 if weight is None else weight.data_ptr()
-    b_at = 0 if bias is None else bias.data_ptr()
     if training:
         stats = torch.empty(2, c, dtype=compute)
         mean = stats.data_ptr()
         kernels.forward_train_at(
-            _LIKE[dtype], _LIKE_C[compute], x.data_ptr(), w_at, b_at, 0 if mean_in is None else mean_in.data_ptr(),
-            0 if var_in is None else var_in.data_ptr(), y.data_ptr(), mean, mean + c * stats.element_size(), n, c, s,
-            float(momentum), float(eps), parallel, rows_per_chunk, block,
+            _LIKE[dtype], _LIKE_C[compute], x.data_ptr(), _address(weight), _address(bias), _address(mean_in),
+            _address(var_in), y.data_ptr(), mean, mean + c * stats.element_size(), n, c, s, float(momentum),
+            float(eps), parallel, rows_per_chunk, block,
         )  # fmt: skip
         if mean_in is not running_mean:  # strided running statistics: updated through a copy
             running_mean.copy_(mean_in)
@@ -104,8 +102,8 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
             running_var.copy_(var_in)
     else:
         kernels.forward_eval_at(
-            _LIKE[dtype], _LIKE_C[compute], x.data_ptr(), w_at, b_at, mean_in.data_ptr(), var_in.data_ptr(),
-            y.data_ptr(), n, c, s, float(eps), parallel, rows_per_chunk,
+            _LIKE[dtype], _LIKE_C[compute], x.data_ptr(), _address(weight), _address(bias), mean_in.data_ptr(),
+            var_in.data_ptr(), y.data_ptr(), n, c, s, float(eps), parallel, rows_per_chunk,
         )  # fmt: skip
         stats = None
     return y, x, stats, (channels_last, (n, c, s), plan)
@@ -147,23 +145,17 @@ class AddressBatchNormFunction(torch.autograd.Function):
         if not grad_output.is_contiguous(memory_format=layout):
             grad_output = grad_output.contiguous(memory_format=layout)
         compute = stats.dtype  # the per-channel arrays' (float32 for 16-bit input)
-        dx = dweight = dbias = None
-        if need_dx:
-            dx = _output(x, channels_last, keep_strides=True)
-        if need_dweight:
-            dweight = torch.empty(c, dtype=compute)
-        if need_dbias:
-            dbias = torch.empty(c, dtype=compute)
+        dx = _output(x, channels_last, keep_strides=True) if need_dx else None
+        dweight = torch.empty(c, dtype=compute) if need_dweight else None
+        dbias = torch.empty(c, dtype=compute) if need_dbias else None
         parallel, rows_per_chunk, _, block = plan
         if parallel:
             follow_torch_threads()
-        if weight is not None and not weight.is_contiguous():
-            weight = weight.contiguous()  # held while the kernel reads it
+        weight = _dense(weight)  # held while the kernel reads it
         mean = stats.data_ptr()
         kernels.backward_at(
             _LIKE[x.dtype], _LIKE_C[compute], grad_output.data_ptr(), x.data_ptr(), mean,
-            mean + c * stats.element_size(), 0 if weight is None else weight.data_ptr(), training,
-            0 if dx is None else dx.data_ptr(), 0 if dweight is None else dweight.data_ptr(),
-            0 if dbias is None else dbias.data_ptr(), n, c, s, parallel, rows_per_chunk, block,
+            mean + c * stats.element_size(), _address(weight), training, _address(dx), _address(dweight),
+            _address(dbias), n, c, s, parallel, rows_per_chunk, block,
         )  # fmt: skip
         return dx, dweight, dbias, None, None, None, None, None, None

@@ -317,34 +317,28 @@ class _KernelOptimizer:
                     part.first_step = [False] * len(part.first_step)
         return loss
 
-    def _torch_step(self, groups: list[dict]) -> None:
-        all_groups = self.param_groups
+    def _torch_step(self, groups: list[dict], state: defaultdict | None = None) -> None:
+        """torch's own step of ``groups`` (and of ``state`` in place of the optimizer's, if given)."""
+        all_groups, all_state = self.param_groups, self.state
         self.param_groups = groups
+        if state is not None:
+            self.state = state
         try:
             _unhooked(self._torch_cls.step)(self)
         finally:
-            self.param_groups = all_groups
+            self.param_groups, self.state = all_groups, all_state
 
     def _torch_step_on_copies(self, groups: list[dict]) -> None:
         """torch's step of ``groups`` on copies of their parameters, gradients and state: raises
         what torch's step would raise for them, and changes nothing (a failed fastnorm step
         leaves the optimizer as it was)."""
-        copies = {}
-        for group in groups:
-            for p in group["params"]:
-                q = p.detach().clone()
-                q.grad = None if p.grad is None else p.grad.detach().clone()
-                copies[p] = q
-        all_groups, all_state = self.param_groups, self.state
-        self.param_groups = [{**group, "params": [copies[p] for p in group["params"]]} for group in groups]
-        self.state = defaultdict(dict)
-        for p, q in copies.items():
-            if p in all_state:
-                self.state[q] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in all_state[p].items()}
-        try:
-            _unhooked(self._torch_cls.step)(self)
-        finally:
-            self.param_groups, self.state = all_groups, all_state
+        copies, state = {}, defaultdict(dict)
+        for p in (p for group in groups for p in group["params"]):
+            q = copies[p] = p.detach().clone()
+            q.grad = None if p.grad is None else p.grad.detach().clone()
+            if p in self.state:
+                state[q] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.state[p].items()}
+        self._torch_step([{**group, "params": [copies[p] for p in group["params"]]} for group in groups], state)
 
     # -- the plan ---------------------------------------------------------------------------------
 

@@ -71,6 +71,8 @@ class BatchNormTwins(RuleBasedStateMachine):
     #: the input's dtype, and (rtol, atol) of input-shaped values ("data") and per-channel ones
     input_dtype = DTYPE
     tolerance = {"data": TOL, "per channel": TOL}
+    #: fastnorm's buffer and parameter dtype for each of torch's (where the twins differ)
+    stored_dtype = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -258,8 +260,8 @@ class BatchNormTwins(RuleBasedStateMachine):
         a, b = self.ours.state_dict(), self.theirs.state_dict()
         assert sorted(a) == sorted(b)
         for key, value in b.items():
-            assert a[key].dtype == value.dtype, key
-            assert_close(a[key], value, *TOL, key)
+            assert a[key].dtype == self.stored_dtype.get(value.dtype, value.dtype), key
+            assert_close(a[key], value, *self.tolerance["per channel"], key)
         assert self.ours.training == self.theirs.training and self.ours.momentum == self.theirs.momentum
 
 
@@ -292,6 +294,8 @@ class HalfBatchNormTwins(BatchNormTwins):
     and input gradients within one 16-bit ulp of the truth rounded, its float32 per-channel values
     (running statistics, weight and bias gradients) within float32 rounding of the truth's."""
 
+    stored_dtype = {DTYPE: torch.float32}
+
     @initialize(dims=st.sampled_from([1, 2]), channels=st.sampled_from([1, 3, 5]), backend=_BACKEND,
                 affine=st.booleans(), track=st.booleans(), momentum=st.sampled_from([0.1, None]),
                 input_dtype=st.sampled_from([torch.bfloat16, torch.float16]))  # fmt: skip
@@ -307,18 +311,6 @@ class HalfBatchNormTwins(BatchNormTwins):
                 self.ours.weight.copy_(torch.linspace(0.5, 1.5, channels))
                 self.ours.bias.copy_(torch.linspace(-1, 1, channels))
         self.theirs.load_state_dict(self.ours.state_dict())  # the float32 values, widened
-
-    @invariant()
-    def same_state(self):
-        """fastnorm's float32 buffers and parameters against the float64 truth's."""
-        if not hasattr(self, "theirs"):
-            return
-        a, b = self.ours.state_dict(), self.theirs.state_dict()
-        assert sorted(a) == sorted(b)
-        for key, value in b.items():
-            assert a[key].dtype == (torch.float32 if value.dtype == DTYPE else value.dtype), key
-            assert_close(a[key], value, *self.tolerance["per channel"], key)
-        assert self.ours.training == self.theirs.training and self.ours.momentum == self.theirs.momentum
 
 
 TestBatchNormTwins = pytest.mark.fuzz(BatchNormTwins.TestCase)

@@ -170,6 +170,23 @@ def _outcome(fn):
         return exc
 
 
+def float32_twin(name: str, options: dict, ours):
+    """torch's optimizer ``name`` in float32 on widened copies of the parameters and state of
+    fastnorm's ``ours`` (16-bit values widen exactly), group by group, with ``ours``' group options
+    (torch's own: the optimizers are drop-ins), set after constructing with ``options`` as a change
+    mid-run is (torch's constructor refuses some combinations). Returns (the optimizer, its
+    parameters in the order of ``ours``')."""
+    wide = {p: torch.nn.Parameter(p.detach().float()) for group in ours.param_groups for p in group["params"]}
+    groups = [{"params": [wide[p] for p in group["params"]]} for group in ours.param_groups]
+    twin = getattr(torch.optim, name)(groups, **options)
+    for mine, group in zip(ours.param_groups, twin.param_groups):
+        group.update({k: v for k, v in mine.items() if k != "params"})
+    for p, q in wide.items():
+        if ours.state.get(p):
+            twin.state[q] = {k: v.detach().float().clone() for k, v in ours.state[p].items()}
+    return twin, list(wide.values())
+
+
 #: drawn when a machine is built, from the class's ``backends`` (read then, so that another suite
 #: can run the machine on other backends)
 _BACKEND = st.deferred(lambda: st.sampled_from(OptimizerTwins.backends))
@@ -275,17 +292,8 @@ class OptimizerTwins(RuleBasedStateMachine):
         buffers = [v for state in states for k, v in state.items() if k != "step"]
         if any(t.dtype != torch.bfloat16 for t in params + buffers):
             return None
-        wide = [torch.nn.Parameter(p.detach().float()) for p in params]
-        groups, start = [], 0
-        for group in self.ours.param_groups:
-            groups.append({"params": wide[start : start + len(group["params"])]})
-            start += len(group["params"])
-        opt = getattr(torch.optim, self.name)(groups, **self.options)  # then the groups' options now
-        for mine, group in zip(self.ours.param_groups, opt.param_groups):
-            group.update({k: v for k, v in mine.items() if k != "params"})
-        for q, state, g in zip(wide, states, grads):
-            if state:
-                opt.state[q] = {k: v.detach().float().clone() if k != "step" else v.clone() for k, v in state.items()}
+        opt, wide = float32_twin(self.name, self.options, self.ours)
+        for q, g in zip(wide, grads):
             q.grad = None if g is None else g.float()
         if _outcome(opt.step) is not None:
             return None

@@ -26,7 +26,7 @@ from conftest import OPTIM_BACKENDS
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from test_differential_optim import OPTIONS, _outcome
+from test_differential_optim import OPTIONS, _outcome, float32_twin
 from ulps import assert_a_neighbour
 
 import fastnorm
@@ -76,26 +76,13 @@ class StochasticRoundingTwins(RuleBasedStateMachine):
             grads.append((g.sign() * (1 + g.abs())).to(torch.bfloat16) if m else None)
         return grads
 
-    def _torch_twin(self):
-        """torch's optimizer in float32 on widened copies of fastnorm's parameters and state, with
-        fastnorm's group options (which are torch's: the optimizers are drop-ins; set on the group
-        after construction, as a change mid-run is, which torch's constructor may refuse)."""
-        shadow = [torch.nn.Parameter(p.detach().float()) for p in self.params]
-        theirs = getattr(torch.optim, self.name)(shadow, **self.options)
-        theirs.param_groups[0].update({k: v for k, v in self.ours.param_groups[0].items() if k != "params"})
-        for p, s in zip(self.params, shadow):
-            state = self.ours.state.get(p)
-            if state:
-                theirs.state[s] = {k: v.detach().float().clone() for k, v in state.items()}
-        return theirs, shadow
-
     # -- rules ------------------------------------------------------------------------------------
 
     @precondition(_running)
     @rule(mask=st.lists(st.booleans(), min_size=3, max_size=3))
     def step(self, mask):
         grads = self._gradients(mask)
-        theirs, shadow = self._torch_twin()
+        theirs, shadow = float32_twin(self.name, self.options, self.ours)
         for p, s, g in zip(self.params, shadow, grads):
             p.grad = g
             s.grad = None if g is None else g.float()  # the kernels widen the bfloat16 gradient exactly

@@ -16,15 +16,18 @@ BatchNormTwins.backends = ["cuda"]
 MasterWeightsTwins.backends = ["cuda"]
 StochasticRoundingTwins.backends = ["cuda"]
 
-TestCudaOptimizerTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(OptimizerTwins.TestCase)
-TestCudaOptimizerTwins.settings = settings(max_examples=6, stateful_step_count=10)
-TestCudaBatchNormTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(BatchNormTwins.TestCase)
-TestCudaBatchNormTwins.settings = settings(max_examples=5, stateful_step_count=8)
-TestCudaMasterWeightsTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(MasterWeightsTwins.TestCase)
-TestCudaMasterWeightsTwins.settings = settings(max_examples=4, stateful_step_count=8)
-TestCudaStochasticRoundingTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(StochasticRoundingTwins.TestCase)
-TestCudaStochasticRoundingTwins.settings = settings(max_examples=4, stateful_step_count=8)
-TestCudaBFloat16OptimizerTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(BFloat16OptimizerTwins.TestCase)
-TestCudaBFloat16OptimizerTwins.settings = settings(max_examples=4, stateful_step_count=8)
-TestCudaHalfBatchNormTwins = pytest.mark.usefixtures("cuda_backend_on_cpu")(HalfBatchNormTwins.TestCase)
-TestCudaHalfBatchNormTwins.settings = settings(max_examples=4, stateful_step_count=8)
+
+def _on_cuda(machine, examples: int, steps: int):
+    """The machine's test case with the cuda backend on CPU tensors, ``examples`` programs of at
+    most ``steps`` rules."""
+    case = pytest.mark.usefixtures("cuda_backend_on_cpu")(machine.TestCase)
+    case.settings = settings(max_examples=examples, stateful_step_count=steps)
+    return case
+
+
+TestCudaOptimizerTwins = _on_cuda(OptimizerTwins, 6, 10)
+TestCudaBFloat16OptimizerTwins = _on_cuda(BFloat16OptimizerTwins, 4, 8)
+TestCudaBatchNormTwins = _on_cuda(BatchNormTwins, 5, 8)
+TestCudaHalfBatchNormTwins = _on_cuda(HalfBatchNormTwins, 4, 8)
+TestCudaMasterWeightsTwins = _on_cuda(MasterWeightsTwins, 4, 8)
+TestCudaStochasticRoundingTwins = _on_cuda(StochasticRoundingTwins, 4, 8)
