@@ -141,14 +141,15 @@ TORCH_OPTIM_VARIANTS = {"torch": {}, "torch-foreach": {"foreach": True}, "torch-
 TORCH_FUSED = {"SGD", "Adagrad", "Adam", "AdamW"}
 
 
-#: providers that run a backend's kernels without its Python layer (bench/test_bench_batchnorm.py)
-KERNEL_PROVIDERS = {"torch-prealloc": "torch", "numba-kernels": "numba"}
+#: providers that run a backend's kernels without its Python layer, or (numba-python) behind a
+#: Python autograd node instead of the C++ one (bench/test_bench_batchnorm.py)
+KERNEL_PROVIDERS = {"torch-prealloc": "torch", "numba-kernels": "numba", "numba-python": "numba"}
 
 
 def provider_skip_reason(provider: str, op: str, device: torch.device) -> str | None:
     """None if ``provider`` runs ``op`` on ``device`` here, else why not."""
     if provider in KERNEL_PROVIDERS:
-        if provider == "numba-kernels" and device.type != "cpu":
+        if provider in ("numba-kernels", "numba-python") and device.type != "cpu":
             return "the numba kernels run on CPU tensors only"
         provider = KERNEL_PROVIDERS[provider]
     if provider in TORCH_OPTIM_VARIANTS or provider == "torch":

@@ -19,6 +19,7 @@ import math
 import numpy as np
 import torch
 
+from . import _native
 from ._arrays import CpuArrays, pool
 from ._dispatch import Backend, follow_torch_threads
 from .autograd import _CHANNELS_LAST, _differentiable_backward, _layout
@@ -107,6 +108,18 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
         )  # fmt: skip
         stats = None
     return y, x, stats, (channels_last, (n, c, s), plan)
+
+
+def train_native(input, weight, bias, running_mean, running_var, momentum, eps, backend: Backend) -> torch.Tensor:
+    """A training forward with an autograd node through the C++ extension (fastnorm/_native.py):
+    the same kernels as :func:`forward` and :class:`AddressBatchNormFunction`, the same
+    semantics. A strided input is made dense here, where autograd records the copy."""
+    threads = follow_torch_threads()
+    x, channels_last = _layout(input)
+    geometry = _geometry(x, channels_last)
+    plan = backend.kernels.plan(*geometry, x.element_size(), threads)
+    return _native.batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, channels_last,
+                                    geometry, plan)  # fmt: skip
 
 
 def _eval_constants(running_mean, running_var, eps) -> torch.Tensor:

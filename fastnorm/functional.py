@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _address_autograd
+from . import _address_autograd, _native
 from ._dispatch import Backend, batch_norm_kind, resolve
 from .autograd import BatchNormFunction, batch_norm_forward
 
@@ -123,6 +123,10 @@ def _kernels_path(chosen: Backend, input, running_mean, running_var, weight, bia
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
+        if lean and training and _native.ENABLED and _native.extension() is not None:
+            # the C++ autograd node (fastnorm/_native.py): no Python between module and kernels
+            return _address_autograd.train_native(input, weight, bias, running_mean, running_var, momentum, eps,
+                                                  chosen)  # fmt: skip
         function = _address_autograd.AddressBatchNormFunction if lean else BatchNormFunction
         return function.apply(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen)
     # no gradient wanted (inference, torch.no_grad): no autograd node to build

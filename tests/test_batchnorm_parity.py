@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BN_BACKENDS, assert_close, tol
+from conftest import BN_BACKENDS, BN_PATHS, assert_close, bn_backend, pools_in_use, tol
 
 import fastnorm
 
@@ -60,11 +60,12 @@ def _grads(module, x, dy):
     return y, grads
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=str)
 @pytest.mark.parametrize("affine,bias,track,momentum", OPTIONS)
-def test_module_matches_torch(backend, dtype, shape, affine, bias, track, momentum):
+def test_module_matches_torch(monkeypatch, backend, dtype, shape, affine, bias, track, momentum):
+    backend = bn_backend(backend, monkeypatch)
     rtol, atol = tol(dtype)
     ref, ours = _pair(shape, dtype, affine, bias, track, momentum, backend)
     for step in range(3):  # several steps: running statistics and num_batches_tracked evolve
@@ -89,7 +90,7 @@ def test_module_matches_torch(backend, dtype, shape, affine, bias, track, moment
         assert_close(g_ours[k], g_ref[k], rtol, atol, f"eval grad {k}")
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(
@@ -102,7 +103,8 @@ def test_module_matches_torch(backend, dtype, shape, affine, bias, track, moment
     ],
     ids=["transposed", "permuted", "channels_last", "sliced"],
 )
-def test_non_contiguous_inputs(backend, dtype, training, make):
+def test_non_contiguous_inputs(monkeypatch, backend, dtype, training, make):
+    backend = bn_backend(backend, monkeypatch)
     rtol, atol = tol(dtype)
     x = make(dtype)
     assert not x.is_contiguous()
@@ -123,30 +125,30 @@ def test_non_contiguous_inputs(backend, dtype, training, make):
     assert_close(rv2, rv, rtol, atol, "running_var")
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_outputs_from_the_buffer_pool(monkeypatch, backend, dtype, channels_last):
-    """Outputs of at least ``pool.min_bytes`` (1 MB) come from fastnorm's CPU buffer pool: the
-    same layouts as torch's, the same values as torch.empty's outputs (bit for bit), and each
-    block back in the pool once its tensors are gone. The threshold is lowered here so that
-    small tensors take that path (and raised first, so that the others do not)."""
-    from fastnorm._arrays import pool
-
+def test_outputs_from_the_buffer_pool(monkeypatch, pool_min_bytes, backend, dtype, channels_last):
+    """Outputs of at least ``pool.min_bytes`` (1 MB) come from fastnorm's CPU buffer pools (the
+    Python one, or the C++ node's): the same layouts as torch's, the same values as torch.empty's
+    outputs (bit for bit), and each block back in the pool once its tensors are gone. The
+    threshold is lowered here so that small tensors take that path (and raised first, so that
+    the others do not)."""
+    backend = bn_backend(backend, monkeypatch)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = (torch.randn(4, 6, 5, 3) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
     dy = torch.randn(4, 6, 5, 3).to(dtype).contiguous(memory_format=fmt)
     params = torch.float32 if dtype == torch.bfloat16 else dtype  # bfloat16 input, float32 parameters
     ours = fastnorm.nn.BatchNorm2d(6, backend=backend, dtype=params)
     state = {k: v.clone() for k, v in ours.state_dict().items()}
-    monkeypatch.setattr(pool, "min_bytes", 1 << 62)
+    pool_min_bytes(1 << 62)
     y_plain, g_plain = _grads(ours, x, dy)  # outputs from torch.empty
     ours.zero_grad()
     ours.load_state_dict(state)
-    monkeypatch.setattr(pool, "min_bytes", 1)
-    before = pool.in_use()
+    pool_min_bytes(1)
+    before = pools_in_use()
     y_pooled, g_pooled = _grads(ours, x, dy)
-    assert pool.in_use() > before, "no output came from the pool"
+    assert pools_in_use() > before, "no output came from the pool"
     ref = torch.nn.BatchNorm2d(6, dtype=params)
     ref.load_state_dict(state)
     y_ref, g_ref = _grads(ref, x, dy)
@@ -160,7 +162,7 @@ def test_outputs_from_the_buffer_pool(monkeypatch, backend, dtype, channels_last
         for k in g_ref:
             assert_close(g_pooled[k], g_ref[k], rtol, atol, f"grad {k}")
     del y_pooled, g_pooled
-    assert pool.in_use() == before, "a block did not return to the pool"
+    assert pools_in_use() == before, "a block did not return to the pool"
 
 
 # inputs whose strides differ from their layout's canonical ones only at size-1 dimensions
@@ -171,16 +173,15 @@ STRIDED_ALIKE = {
 }
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_PATHS)
 @pytest.mark.parametrize("pooled", [False, True], ids=["torch.empty", "pool"])
 @pytest.mark.parametrize("make", STRIDED_ALIKE.values(), ids=STRIDED_ALIKE.keys())
-def test_output_and_gradient_strides_are_torchs(monkeypatch, backend, pooled, make):
+def test_output_and_gradient_strides_are_torchs(monkeypatch, pool_min_bytes, backend, pooled, make):
     """y has its layout's canonical strides and dx the input's, as torch's (they differ at size-1
-    dimensions: seen by hooks, .grad and later views), from torch's allocator or the pool."""
-    from fastnorm._arrays import pool
-
+    dimensions: seen by hooks, .grad and later views), from torch's allocator or a pool."""
+    backend = bn_backend(backend, monkeypatch)
     if pooled:
-        monkeypatch.setattr(pool, "min_bytes", 1)
+        pool_min_bytes(1)
     x = make()
     strides = []
     for module in (torch.nn.BatchNorm2d(x.shape[1]), fastnorm.nn.BatchNorm2d(x.shape[1], backend=backend)):
@@ -227,11 +228,12 @@ def test_nan_and_inf_propagate_like_torch(backend):
         assert_close(ours, ref, 1e-5, 1e-6, what)
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_PATHS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(6, 4), (3, 2, 5), (2, 3, 2, 3)], ids=str)
-def test_gradcheck_float64(backend, training, affine, shape):
+def test_gradcheck_float64(monkeypatch, backend, training, affine, shape):
+    backend = bn_backend(backend, monkeypatch)
     c = shape[1]
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_(affine)
@@ -243,6 +245,25 @@ def test_gradcheck_float64(backend, training, affine, shape):
         return fastnorm.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, backend=backend)
 
     assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BN_PATHS)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("make", [lambda: torch.randn(6, 4), lambda: torch.randn(3, 2, 2, 3).permute(0, 3, 1, 2)],
+                         ids=["(6, 4)", "permuted (3, 3, 2, 2)"])  # fmt: skip
+def test_gradgradcheck_float64(monkeypatch, backend, affine, make):
+    """Second derivatives in training (create_graph=True: torch operations on the saved tensors),
+    also of an input that the forward copies to a dense one first."""
+    backend = bn_backend(backend, monkeypatch)
+    x = make().double().requires_grad_(True)
+    c = x.shape[1]
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_(affine)
+    b = torch.randn(c, dtype=torch.float64).requires_grad_(affine)
+
+    def fn(x, w, b):
+        return fastnorm.functional.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BN_BACKENDS)

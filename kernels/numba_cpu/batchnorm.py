@@ -46,6 +46,7 @@ statistics and outputs NaN; an Inf gives mean Inf and variance NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -64,7 +65,8 @@ from ._bits import accumulator, cast_like, narrow, widen
 from ._jit import REASSOC, twins
 from ._prefetch import prefetch
 
-__all__ = [*BATCH_NORM_API, "forward_train_at", "forward_eval_at", "backward_at", "plan", "BATCH_NORM_DTYPES"]
+__all__ = [*BATCH_NORM_API, "forward_train_at", "forward_eval_at", "backward_at", "plan", "c_entry_points",
+           "C_DTYPE_CODES", "BATCH_NORM_DTYPES"]  # fmt: skip
 
 _F = compiled(njit(inline="always"), formulas)
 
@@ -519,3 +521,61 @@ def plan(n: int, c: int, s: int, itemsize: int, threads: int | None = None) -> t
     parallel = n * c * s >= _jit.PARALLEL_MIN_ELEMENTS and threads > 1
     return (parallel, _rows_per_chunk(n, c), _channel_block(n, c, s, itemsize, 1),
             _channel_block(n, c, s, itemsize, 2))  # fmt: skip
+
+
+# -- C entry points: the address-level kernels as C functions, for callers outside Python --------
+# fastnorm's C++ autograd node (fastnorm/csrc/batch_norm.cpp) calls these through their addresses,
+# so that a training step's BatchNorm runs no Python between the module and the kernels. One C
+# function per entry point serves every storage dtype: ``dtype`` is a code of C_DTYPE_CODES
+# (the C++ side maps torch's scalar types to it); all addresses and sizes are int64, flags are
+# int64 0/1, momentum and eps doubles. Signatures (argument order as the *_at functions above):
+#   void forward_train(int64 dtype, int64 x, weight, bias, running_mean, running_var, y,
+#                      save_mean, save_invstd, n, c, s, double momentum, double eps,
+#                      int64 parallel, rows_per_chunk, block)
+#   void backward(int64 dtype, int64 dy, x, mean, invstd, weight, training, dx, dweight, dbias,
+#                 n, c, s, parallel, rows_per_chunk, block)
+
+#: storage dtype name -> the ``dtype`` code of the C entry points
+C_DTYPE_CODES = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
+_I64, _F64 = types.int64, types.float64
+_C_FORWARD_TRAIN = types.void(*[_I64] * 12, _F64, _F64, *[_I64] * 3)
+_C_BACKWARD = types.void(*[_I64] * 16)
+
+
+@functools.cache
+def c_entry_points() -> tuple[int, int]:
+    """(forward_train, backward): addresses of the C entry points, compiled on the first call
+    (or loaded from Numba's cache: ~0.1 s; compiling them takes ~5 s)."""
+    # a cached C function that runs parallel code needs Numba's threading layer loaded first
+    # (else LLVM cannot resolve its scheduler's symbols: "Symbol not found: allocate_sched")
+    numba.get_num_threads()
+
+    @numba.cfunc(_C_FORWARD_TRAIN, cache=True, nogil=True)
+    def forward_train(dtype, x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, n, c, s,
+                      momentum, eps, parallel, rows_per_chunk, block):  # fmt: skip
+        args = (x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, n, c, s, momentum, eps,
+                parallel != 0, rows_per_chunk, block)  # fmt: skip
+        if dtype == 0:
+            forward_train_at(np.float32(0), np.float32(0), *args)
+        elif dtype == 1:
+            forward_train_at(np.float64(0), np.float64(0), *args)
+        elif dtype == 2:
+            forward_train_at(np.uint16(0), np.float32(0), *args)
+        else:
+            forward_train_at(np.int16(0), np.float32(0), *args)
+
+    @numba.cfunc(_C_BACKWARD, cache=True, nogil=True)
+    def backward(dtype, dy, x, mean, invstd, weight, training, dx, dweight, dbias, n, c, s, parallel,
+                 rows_per_chunk, block):  # fmt: skip
+        args = (dy, x, mean, invstd, weight, training != 0, dx, dweight, dbias, n, c, s, parallel != 0,
+                rows_per_chunk, block)  # fmt: skip
+        if dtype == 0:
+            backward_at(np.float32(0), np.float32(0), *args)
+        elif dtype == 1:
+            backward_at(np.float64(0), np.float64(0), *args)
+        elif dtype == 2:
+            backward_at(np.uint16(0), np.float32(0), *args)
+        else:
+            backward_at(np.int16(0), np.float32(0), *args)
+
+    return forward_train.address, backward.address

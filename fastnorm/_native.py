@@ -1,0 +1,109 @@
+"""BatchNorm's training forward and backward as a C++ autograd node (fastnorm/csrc/batch_norm.cpp).
+
+The numba backend's eager CPU path in training: the kernels are the same (their C entry points,
+:func:`kernels.numba_cpu.batchnorm.c_entry_points`), but the autograd node and the output
+allocation are C++, so no Python runs between the module's forward and the kernels' launch, nor
+in the backward. Measured here: after a large kernel has flushed the caches, every distinct
+Python operation costs tens of microseconds, and the Python ``torch.autograd.Function`` with the
+engine's calls into it was ~0.3 ms of a training step's BatchNorm (bench/results/bn_profile.md).
+
+The extension is compiled on first use with :func:`torch.utils.cpp_extension.load` (a C++
+compiler and ninja are needed; ~20 s once, cached by torch under ``TORCH_EXTENSIONS_DIR``).
+When it cannot be built, or with ``FASTNORM_NATIVE=0``, fastnorm warns once (build failure only) and
+serves the same kernels through :class:`fastnorm._address_autograd.AddressBatchNormFunction`,
+whose semantics this node has. Eval-mode forwards that need a gradient stay on that path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "batch_norm.cpp"
+_lock = threading.Lock()
+_log = logging.getLogger(__name__)
+_extension: ModuleType | None = None
+_failed = False
+
+
+#: whether the C++ node serves training where it can be built (``FASTNORM_NATIVE=0`` at import
+#: turns it off; tests and benchmarks set it to run the Python autograd Function instead)
+ENABLED = os.environ.get("FASTNORM_NATIVE", "1") != "0"
+
+
+def extension() -> ModuleType | None:
+    """The built and configured extension, or None when it cannot be built (warned once)."""
+    global _extension, _failed
+    if _extension is not None or _failed:
+        return _extension
+    with _lock:
+        if _extension is None and not _failed:
+            try:
+                _extension = _build()
+            except Exception as error:  # no compiler, no headers, a numba without the hooks used
+                _failed = True
+                warnings.warn(
+                    f"fastnorm: the C++ BatchNorm node could not be built ({type(error).__name__}: "
+                    f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); BatchNorm "
+                    "runs the same kernels through a Python autograd Function (slower by ~0.1-0.3 ms a call). "
+                    "Set FASTNORM_NATIVE=0 to skip the attempt.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _extension
+
+
+def _build() -> ModuleType:
+    import numba
+    from numba.np.ufunc import parallel
+
+    from kernels.numba_cpu.batchnorm import c_entry_points
+
+    from ._arrays import pool
+    from ._dispatch import _numba_max_threads
+    from .autograd import _differentiable_backward
+
+    forward_train, backward = c_entry_points()  # also launches Numba's threading layer
+    numba.get_num_threads()
+    set_threads = ctypes.cast(parallel._set_num_threads, ctypes.c_void_p).value
+    if shutil.which("ninja") is None:  # the ninja wheel's binary, off PATH when the venv is not activated
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    _log.info("fastnorm: building its C++ BatchNorm node (once; cached by torch.utils.cpp_extension)")
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant to a CPU extension
+    try:
+        from torch.utils import cpp_extension
+
+        module = cpp_extension.load("fastnorm_batch_norm", [str(_SOURCE)], extra_cflags=["-O2"], verbose=False)
+    finally:
+        logger.setLevel(level)
+    module.configure(forward_train, backward, set_threads, _numba_max_threads(), _differentiable_backward)
+    module.pool_configure(pool.min_bytes, pool.max_bytes)  # the Python pool's limits (FASTNORM_CPU_POOL_MB)
+    return module
+
+
+def batch_norm_train(x: torch.Tensor, weight, bias, running_mean, running_var, momentum: float, eps: float,
+                     channels_last: bool, geometry: tuple[int, int, int], plan: tuple) -> torch.Tensor:  # fmt: skip
+    """y of a training forward with an autograd node; arguments as
+    :func:`fastnorm._address_autograd.forward` computes them (x dense, the plan of its shape)."""
+    n, c, s = geometry
+    parallel, rows_per_chunk, forward_block, backward_block = plan
+    return _extension.batch_norm_train(x, weight, bias, running_mean, running_var, float(momentum), float(eps),
+                                       channels_last, n, c, s, parallel, rows_per_chunk, forward_block,
+                                       backward_block)  # fmt: skip
+
+
+def pool_in_use() -> int:
+    """Bytes of the C++ node's output pool handed out and still referenced (0 if not built)."""
+    return 0 if _extension is None else _extension.pool_in_use()
