@@ -110,16 +110,17 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
     return y, x, stats, (channels_last, (n, c, s), plan)
 
 
-def train_native(input, weight, bias, running_mean, running_var, momentum, eps, backend: Backend) -> torch.Tensor:
+def train_native(x, channels_last, source, weight, bias, running_mean, running_var, momentum, eps,
+                 backend: Backend) -> torch.Tensor:  # fmt: skip
     """A training forward with an autograd node through the C++ extension (fastnorm/_native.py):
     the same kernels as :func:`forward` and :class:`AddressBatchNormFunction`, the same
-    semantics. A strided input is made dense here, where autograd records the copy."""
+    semantics. x: dense (contiguous, or channels-last if ``channels_last``); source: the
+    caller's strided input of which x is a copy, or None (saved for torch's in-place error)."""
     threads = follow_torch_threads()
-    x, channels_last = _layout(input)
     geometry = _geometry(x, channels_last)
     plan = backend.kernels.plan(*geometry, x.element_size(), threads)
-    return _native.batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, channels_last,
-                                    geometry, plan)  # fmt: skip
+    return _native.batch_norm_train(x, weight, bias, running_mean, running_var, source, momentum, eps,
+                                    channels_last, geometry, plan)  # fmt: skip
 
 
 def _eval_constants(running_mean, running_var, eps) -> torch.Tensor:
@@ -138,21 +139,21 @@ class AddressBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, backend):
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, backend, source=None):
         y, x, stats, launch = forward(input, weight, bias, running_mean, running_var, training, momentum, eps, backend)
         if stats is None:
             stats = _eval_constants(running_mean, running_var, eps)
-        ctx.save_for_backward(x, weight, running_mean, running_var)
+        ctx.save_for_backward(x, weight, running_mean, running_var, source)
         ctx.lean = (stats, launch, training, eps, backend.kernels)
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, _, _ = ctx.saved_tensors
+        x, weight, *_ = ctx.saved_tensors
         stats, (channels_last, (n, c, s), plan), training, eps, kernels = ctx.lean
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             grads = _differentiable_backward(training, eps, grad_output, x, weight, stats[0], stats[1])
-            return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *[None] * 6)
+            return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *[None] * 7)
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
         layout = _CHANNELS_LAST[x.dim()] if channels_last else torch.contiguous_format
         if not grad_output.is_contiguous(memory_format=layout):
@@ -171,4 +172,4 @@ class AddressBatchNormFunction(torch.autograd.Function):
             mean + c * stats.element_size(), _address(weight), training, _address(dx), _address(dweight),
             _address(dbias), n, c, s, parallel, rows_per_chunk, block,
         )  # fmt: skip
-        return dx, dweight, dbias, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None

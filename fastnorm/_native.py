@@ -93,14 +93,14 @@ def _build() -> ModuleType:
     return module
 
 
-def batch_norm_train(x: torch.Tensor, weight, bias, running_mean, running_var, momentum: float, eps: float,
-                     channels_last: bool, geometry: tuple[int, int, int], plan: tuple) -> torch.Tensor:  # fmt: skip
+def batch_norm_train(x: torch.Tensor, weight, bias, running_mean, running_var, source, momentum: float,
+                     eps: float, channels_last: bool, geometry: tuple, plan: tuple) -> torch.Tensor:  # fmt: skip
     """y of a training forward with an autograd node; arguments as
-    :func:`fastnorm._address_autograd.forward` computes them (x dense, the plan of its shape)."""
+    :func:`fastnorm._address_autograd.train_native` has them (x dense, the plan of its shape)."""
     n, c, s = geometry
     parallel, rows_per_chunk, forward_block, backward_block = plan
-    return _extension.batch_norm_train(x, weight, bias, running_mean, running_var, float(momentum), float(eps),
-                                       channels_last, n, c, s, parallel, rows_per_chunk, forward_block,
+    return _extension.batch_norm_train(x, weight, bias, running_mean, running_var, source, float(momentum),
+                                       float(eps), channels_last, n, c, s, parallel, rows_per_chunk, forward_block,
                                        backward_block)  # fmt: skip
 
 

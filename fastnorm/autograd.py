@@ -117,7 +117,9 @@ class BatchNormFunction(torch.autograd.Function):
     The kernels' arrays are kept on ``ctx`` (converting again in the backward costs more than
     the backward itself at the MLP's sizes). The tensors torch's own BatchNorm saves (input,
     weight, running statistics) are saved with ``save_for_backward`` too, so that an in-place
-    change of any of them before the backward raises torch's error. A backward with
+    change of any of them before the backward raises torch's error; ``source``, a strided input
+    the caller made dense (where autograd records the copy) for ``input``, is saved for that
+    alone (it gets no gradient here: the copy's node passes ``input``'s on). A backward with
     ``create_graph=True`` computes the gradients with differentiable torch operations from the
     same saved tensors, so that second derivatives are torch's (the kernels have no graph).
     """
@@ -134,12 +136,13 @@ class BatchNormFunction(torch.autograd.Function):
         momentum: float,
         eps: float,
         backend: Backend,
+        source: torch.Tensor | None = None,  # the caller's strided input, of which input is a dense copy
     ) -> torch.Tensor:
         with backend.device_guard(input):
             y, x, saved = batch_norm_forward(
                 input, weight, bias, running_mean, running_var, training, momentum, eps, backend, True
             )
-        ctx.save_for_backward(x, weight, running_mean, running_var)
+        ctx.save_for_backward(x, weight, running_mean, running_var, source)
         ctx.saved = saved
         ctx.training = training
         ctx.eps = eps
@@ -149,12 +152,12 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         # raises torch's error if the input, weight or running statistics changed in place
-        x, weight, _, _ = ctx.saved_tensors
+        x, weight, *_ = ctx.saved_tensors
         saved: SavedForBackward = ctx.saved
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             grads = _differentiable_backward(ctx.training, ctx.eps, grad_output, x, weight, saved.mean, saved.invstd)
-            return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *[None] * 6)
+            return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *[None] * 7)
         backend: Backend = ctx.backend
         arrays = backend.arrays
         layout = _CHANNELS_LAST[x.dim()] if saved.channels_last else torch.contiguous_format
@@ -172,7 +175,7 @@ class BatchNormFunction(torch.autograd.Function):
                 arrays.kernel_array(grad_output, saved.channels_last), saved.input, saved.mean, saved.invstd,
                 saved.weight, ctx.training, dx_array, dweight_array, dbias_array,
             )  # fmt: skip
-        return dx, dweight, dbias, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
 def _differentiable_backward(training, eps, dy, x, weight, saved_mean, saved_invstd):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import _address_autograd, _native
 from ._dispatch import Backend, batch_norm_kind, resolve
-from .autograd import BatchNormFunction, batch_norm_forward
+from .autograd import BatchNormFunction, _layout, batch_norm_forward
 
 __all__ = ["batch_norm"]
 
@@ -123,12 +123,17 @@ def _kernels_path(chosen: Backend, input, running_mean, running_var, weight, bia
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
+        # A strided input is made dense here, where autograd records the copy (second derivatives
+        # differentiate the saved tensor, which must lead back to the input), and the input itself
+        # is saved too: torch's error if it changes in place before the backward, as torch's own.
+        x, channels_last = _layout(input)
+        source = None if x is input else input
         if lean and training and _native.ENABLED and _native.extension() is not None:
             # the C++ autograd node (fastnorm/_native.py): no Python between module and kernels
-            return _address_autograd.train_native(input, weight, bias, running_mean, running_var, momentum, eps,
-                                                  chosen)  # fmt: skip
+            return _address_autograd.train_native(x, channels_last, source, weight, bias, running_mean, running_var,
+                                                  momentum, eps, chosen)  # fmt: skip
         function = _address_autograd.AddressBatchNormFunction if lean else BatchNormFunction
-        return function.apply(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen)
+        return function.apply(x, weight, bias, running_mean, running_var, training, momentum, eps, chosen, source)
     # no gradient wanted (inference, torch.no_grad): no autograd node to build
     if lean:
         return _address_autograd.forward(input, weight, bias, running_mean, running_var, training, momentum, eps,

@@ -249,8 +249,8 @@ def test_gradcheck_float64(monkeypatch, backend, training, affine, shape):
 
 @pytest.mark.parametrize("backend", BN_PATHS)
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("make", [lambda: torch.randn(6, 4), lambda: torch.randn(3, 2, 2, 3).permute(0, 3, 1, 2)],
-                         ids=["(6, 4)", "permuted (3, 3, 2, 2)"])  # fmt: skip
+@pytest.mark.parametrize("make", [lambda: torch.randn(6, 4), lambda: torch.randn(3, 3, 4, 3)[:, :, ::2].mT],
+                         ids=["(6, 4)", "strided (3, 3, 3, 2)"])  # fmt: skip
 def test_gradgradcheck_float64(monkeypatch, backend, affine, make):
     """Second derivatives in training (create_graph=True: torch operations on the saved tensors),
     also of an input that the forward copies to a dense one first."""

@@ -3,7 +3,7 @@
 A hypothesis state machine drives a fastnorm BatchNorm module and its ``torch.nn`` twin (float64)
 through the same random program and compares after every rule: outputs, input and parameter
 gradients, running statistics and ``num_batches_tracked``, or the same exception type. Rules:
-forward+backward on random batches (contiguous or channels-last, several sizes; the output's
+forward+backward on random batches (contiguous, channels-last or strided, several sizes; the output's
 gradient in the input's layout, the other one, or strided), forwards without autograd
 (``torch.no_grad``, ``torch.inference_mode``), train/eval toggles, momentum changed (``None`` =
 cumulative average), in-place edits of the weight, bias or input between forward and backward
@@ -44,6 +44,8 @@ TOL = (1e-9, 1e-10)
 # (N, spatial) batch shapes per module dimensionality; N = 1 appears as an invalid training batch
 BATCHES = {1: [(2, ()), (7, ()), (33, ())], 2: [(2, (3, 4)), (5, (1, 1)), (3, (7, 5))]}
 #: the thresholds shrunk while the machine runs: (module, name, small value)
+#: input memory layouts drawn (tests/test_differential_batchnorm.py's _batch)
+LAYOUTS = ["contiguous", "channels_last", "strided"]
 #: what a forward_backward changes in place between forward and backward ("none" twice: more plain steps)
 EDITS = ["none", "none", "weight", "bias", "input"]
 SMALL_THRESHOLDS = [(numba_bn, "CHUNK_ELEMENTS", 8), (numba_bn, "MAX_CHUNKS", 3), (numba_bn, "BLOCK_BYTES", 96)]
@@ -112,13 +114,29 @@ class BatchNormTwins(RuleBasedStateMachine):
 
     # -- helpers ------------------------------------------------------------------------------------
 
-    def _batch(self, index, channels_last, n=None):
+    def _batch(self, index, layout, n=None):
+        """A batch in ``layout``: "contiguous", "channels_last" (4-D; else contiguous) or "strided"
+        (every other element of a wider tensor, which the kernels read through a dense copy)."""
         size, spatial = BATCHES[self.dims][index % len(BATCHES[self.dims])]
         shape = (n or size, self.channels, *spatial)
         x = (torch.randn(shape, dtype=DTYPE, generator=self.generator) * 2 + 1).to(self.input_dtype)
-        if channels_last and len(shape) == 4:
+        if layout == "channels_last" and len(shape) == 4:
             x = x.to(memory_format=torch.channels_last)
-        return x
+        return self._strided(x) if layout == "strided" else x
+
+    @staticmethod
+    def _strided(x):
+        """x's values as every other element of a wider tensor (along the last dimension)."""
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        view = wide[..., ::2]
+        view.copy_(x)
+        return view
+
+    def _leaves(self, x):
+        """Two leaves requiring grad with x's values and strides (one per twin)."""
+        if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+            return x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        return self._strided(x).requires_grad_(True), self._strided(x).requires_grad_(True)
 
     def _both(self, fn):
         """``fn(module)`` on both twins: (ours, theirs) results, or the same exception type."""
@@ -151,14 +169,14 @@ class BatchNormTwins(RuleBasedStateMachine):
             return dy.contiguous(memory_format=torch.contiguous_format if channels_last else torch.channels_last)
         return dy
 
-    @rule(index=st.integers(0, 2), channels_last=st.booleans(), edit=st.sampled_from(EDITS),
+    @rule(index=st.integers(0, 2), layout=st.sampled_from(LAYOUTS), edit=st.sampled_from(EDITS),
           dy_kind=st.sampled_from(["contiguous", "contiguous", "other_layout", "strided"]))  # fmt: skip
-    def forward_backward(self, index, channels_last, edit, dy_kind):
+    def forward_backward(self, index, layout, edit, dy_kind):
         """Forward, then (``edit``) a tensor changed in place, then backward: torch raises where its
         backward reads the changed tensor (weight, input) and computes as saved otherwise."""
-        x = self._batch(index, channels_last)
+        x = self._batch(index, layout)
         dy = self._output_grad(x, dy_kind)
-        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        xa, xb = self._leaves(x)
         (ya, yb), error = self._both(lambda m: m(xa if m is self.ours else xb))
         if error is not None:
             return
@@ -181,11 +199,11 @@ class BatchNormTwins(RuleBasedStateMachine):
         if error_b is None:
             self._compare_grads(xa, xb)
 
-    @rule(index=st.integers(0, 2), channels_last=st.booleans(), mode=st.sampled_from(["no_grad", "inference_mode"]))
-    def forward_without_grad(self, index, channels_last, mode):
+    @rule(index=st.integers(0, 2), layout=st.sampled_from(LAYOUTS), mode=st.sampled_from(["no_grad", "inference_mode"]))
+    def forward_without_grad(self, index, layout, mode):
         """A forward that builds no graph (evaluation loops): the output, and in training the
         running statistics (compared by the invariant)."""
-        x = self._batch(index, channels_last)
+        x = self._batch(index, layout)
         context = torch.no_grad if mode == "no_grad" else torch.inference_mode
 
         def forward(m):
@@ -219,7 +237,7 @@ class BatchNormTwins(RuleBasedStateMachine):
         its module untouched, where torch has counted the batch already: the twins are re-synced
         on that counter."""
         if kind == "batch_of_one":
-            x = self._batch(0, False, n=1)
+            x = self._batch(0, "contiguous", n=1)
             if self.dims == 2:
                 x = x[..., :1, :1].contiguous()
         elif kind == "channels":
@@ -236,13 +254,13 @@ class BatchNormTwins(RuleBasedStateMachine):
                 self.theirs.num_batches_tracked.copy_(self.ours.num_batches_tracked)
 
     @precondition(lambda self: self.input_dtype == DTYPE)
-    @rule(index=st.integers(0, 2))
-    def double_backward(self, index):
+    @rule(index=st.integers(0, 2), layout=st.sampled_from(LAYOUTS))
+    def double_backward(self, index, layout):
         """Second derivatives (create_graph=True) equal torch's (float64 input only: fastnorm's
         differentiable backward of a 16-bit input computes in float32, a graph of its own)."""
-        x = self._batch(index, False)
+        x = self._batch(index, layout)
         dy = torch.randn(x.shape, dtype=DTYPE, generator=self.generator)
-        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        xa, xb = self._leaves(x)
 
         def second(m):
             inp = xa if m is self.ours else xb

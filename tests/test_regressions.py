@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from conftest import BN_BACKENDS, OPTIM_BACKENDS, assert_close, bn_backend
+from conftest import BN_BACKENDS, BN_PATHS, OPTIM_BACKENDS, assert_close, bn_backend
 
 import fastnorm
 from fastnorm import _arrays
@@ -325,3 +325,24 @@ def test_a_group_torch_steps_raises_before_a_later_group_fails_its_checks():
         for index, state in before[1]["state"].items():
             for key, value in state.items():
                 assert torch.equal(after[1]["state"][index][key], value), f"{backend}: the failed step changed {key}"
+
+
+@pytest.mark.parametrize("backend", BN_PATHS)
+def test_an_in_place_change_of_a_strided_input_raises_torchs_error(monkeypatch, backend):
+    """Was: a strided input was copied to a dense one inside the autograd Function, which saved
+    the copy only, so changing the input in place before the backward went unnoticed (torch's
+    BatchNorm raises), and second derivatives, which differentiate the saved tensor, did not reach
+    the input (tests/test_batchnorm_parity.py, test_gradgradcheck_float64). Found in review of the
+    C++ node, which made the same copy; the copy is now made where autograd records it, and the
+    input is saved as well."""
+    backend = bn_backend(backend, monkeypatch)
+    errors = []
+    for module in (torch.nn.BatchNorm2d(3), fastnorm.nn.BatchNorm2d(3, backend=backend)):
+        x = torch.randn(3, 3, 4, 3)[:, :, ::2].mT.requires_grad_(True)  # neither layout: copied
+        y = module(x)
+        with torch.no_grad():
+            x.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation") as error:
+            y.backward(torch.ones_like(y))
+        errors.append(type(error.value))
+    assert errors[0] is errors[1]

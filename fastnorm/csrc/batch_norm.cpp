@@ -161,12 +161,14 @@ namespace fastnorm {
 
 // The node's name in autograd graphs: torch::autograd::CppNode<fastnorm::BatchNormBackward>
 struct BatchNormBackward : public torch::autograd::Function<BatchNormBackward> {
-  // x: (N, C, *), contiguous or channels-last; weight, bias, running_*: (C,) or undefined.
+  // x: (N, C, *), contiguous or channels-last; weight, bias, running_*: (C,) or absent; source: the
+  // caller's input when x is its dense copy, else absent.
   // n, c, s: the (N, C, S) geometry the kernels see; the rest: kernels.numba_cpu.batchnorm.plan.
   // An absent tensor (std::nullopt) is not an input of the node: it has no edge (see backward).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight_,
                             const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& running_mean_,
-                            const std::optional<at::Tensor>& running_var_, double momentum, double eps,
+                            const std::optional<at::Tensor>& running_var_,
+                            const std::optional<at::Tensor>& source, double momentum, double eps,
                             bool channels_last, int64_t n, int64_t c, int64_t s, bool parallel,
                             int64_t rows_per_chunk, int64_t forward_block, int64_t backward_block) {
     at::Tensor weight = value_or_undefined(weight_), bias = value_or_undefined(bias_);
@@ -188,7 +190,9 @@ struct BatchNormBackward : public torch::autograd::Function<BatchNormBackward> {
     }
     if (mean_in.defined() && !mean_in.is_same(running_mean)) running_mean.copy_(mean_in);
     if (var_in.defined() && !var_in.is_same(running_var)) running_var.copy_(var_in);
-    ctx->save_for_backward({x, weight, running_mean, running_var});
+    // saved for torch's error on an in-place change before the backward, as torch's own BatchNorm
+    // saves them; source (the caller's strided input, x its dense copy) for that alone
+    ctx->save_for_backward({x, weight, running_mean, running_var, value_or_undefined(source)});
     ctx->saved_data[kStats] = stats;
     ctx->saved_data[kLaunch] =
         std::vector<int64_t>{channels_last, n, c, s, parallel, rows_per_chunk, backward_block, bias.defined()};
@@ -208,7 +212,7 @@ struct BatchNormBackward : public torch::autograd::Function<BatchNormBackward> {
     const bool has_weight = weight.defined(), has_bias = launch[7];
     const bool need[3] = {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
                           has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
-    variable_list out(15);  // one per input of forward
+    variable_list out(16);  // one per input of forward (source gets none: its copy x passes it on)
     at::Tensor dy = grads[0];
     if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable backward
       py::gil_scoped_acquire gil;
@@ -247,12 +251,13 @@ namespace {
 
 at::Tensor batch_norm_train(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-                            const std::optional<at::Tensor>& running_var, double momentum, double eps,
-                            bool channels_last, int64_t n, int64_t c, int64_t s, bool parallel,
-                            int64_t rows_per_chunk, int64_t forward_block, int64_t backward_block) {
+                            const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& source,
+                            double momentum, double eps, bool channels_last, int64_t n, int64_t c, int64_t s,
+                            bool parallel, int64_t rows_per_chunk, int64_t forward_block, int64_t backward_block) {
   TORCH_CHECK(config.forward_train != nullptr, "fastnorm's C++ BatchNorm is not configured");
-  return fastnorm::BatchNormBackward::apply(x, weight, bias, running_mean, running_var, momentum, eps, channels_last, n, c, s,
-                               parallel, rows_per_chunk, forward_block, backward_block);
+  return fastnorm::BatchNormBackward::apply(x, weight, bias, running_mean, running_var, source, momentum, eps,
+                                            channels_last, n, c, s, parallel, rows_per_chunk, forward_block,
+                                            backward_block);
 }
 
 void configure(int64_t forward_train, int64_t backward, int64_t set_threads, int64_t max_threads,
