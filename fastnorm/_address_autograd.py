@@ -22,7 +22,7 @@ import torch
 from . import _native
 from ._arrays import CpuArrays, pool
 from ._dispatch import Backend, follow_torch_threads
-from .autograd import _CHANNELS_LAST, _differentiable_backward, _layout
+from .autograd import _CHANNELS_LAST, _as_saved, _differentiable_backward, _layout
 
 # a scalar of the storage type (16-bit: their bits, kernels/numba_cpu/_bits.py) and one of the
 # compute dtype of the per-channel arrays, per input dtype: they type the kernels' pointers
@@ -97,10 +97,13 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
             _address(var_in), y.data_ptr(), mean, mean + c * stats.element_size(), n, c, s, float(momentum),
             float(eps), parallel, rows_per_chunk, block,
         )  # fmt: skip
-        if mean_in is not running_mean:  # strided running statistics: updated through a copy
-            running_mean.copy_(mean_in)
-        if var_in is not running_var:
-            running_var.copy_(var_in)
+        # strided running statistics: updated through a copy, written back without a version bump
+        # as the kernels' own writes (torch's BatchNorm does not bump them: a second forward
+        # before the backward must not raise the in-place error for the first one's saved tensors)
+        for buffer, dense in ((running_mean, mean_in), (running_var, var_in)):
+            if dense is not buffer:
+                with torch.autograd._unsafe_preserve_version_counter(buffer):
+                    buffer.copy_(dense)
     else:
         kernels.forward_eval_at(
             _LIKE[dtype], _LIKE_C[compute], x.data_ptr(), _address(weight), _address(bias), mean_in.data_ptr(),
@@ -145,6 +148,7 @@ class AddressBatchNormFunction(torch.autograd.Function):
             stats = _eval_constants(running_mean, running_var, eps)
         ctx.save_for_backward(x, weight, running_mean, running_var, source)
         ctx.lean = (stats, launch, training, eps, backend.kernels)
+        ctx.dtype = x.dtype
         return y
 
     @staticmethod
@@ -156,9 +160,10 @@ class AddressBatchNormFunction(torch.autograd.Function):
             return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *[None] * 7)
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
         layout = _CHANNELS_LAST[x.dim()] if channels_last else torch.contiguous_format
+        compute = stats.dtype  # the per-channel arrays' (float32 for 16-bit input)
+        x = _as_saved(x, weight, layout, ctx.dtype, n * c * s, compute)
         if not grad_output.is_contiguous(memory_format=layout):
             grad_output = grad_output.contiguous(memory_format=layout)
-        compute = stats.dtype  # the per-channel arrays' (float32 for 16-bit input)
         dx = _output(x, channels_last, keep_strides=True) if need_dx else None
         dweight = torch.empty(c, dtype=compute) if need_dweight else None
         dbias = torch.empty(c, dtype=compute) if need_dbias else None

@@ -52,6 +52,9 @@ class BufferPool:
     Buffers of at least ``min_bytes`` are pooled, up to ``max_bytes`` in all
     (``FASTNORM_CPU_POOL_MB``, default 1024; 0 disables the pool). Benchmarks that compare with
     torch should say so: fastnorm's large outputs reuse warm pages where torch's take page faults.
+    The C++ BatchNorm node (fastnorm/_native.py) keeps its training outputs in a pool of its own
+    with the same limits (so up to twice ``max_bytes`` in a process that uses both); :meth:`clear`
+    empties both.
     """
 
     def __init__(self, min_bytes: int = 1 << 20, max_bytes: int | None = None) -> None:
@@ -95,11 +98,15 @@ class BufferPool:
             return self._bytes - free
 
     def clear(self) -> None:
-        """Forget the free blocks (blocks in use return to the pool when their views die)."""
+        """Forget the free blocks (blocks in use return to the pool when their views die), here
+        and in the C++ BatchNorm node's pool."""
+        from . import _native
+
         with self._lock:
             freed = sum(b.nbytes for blocks in self._free.values() for b in blocks)
             self._free.clear()
             self._bytes -= freed
+        _native.pool_clear()
 
 
 pool = BufferPool()

@@ -16,11 +16,13 @@ whose semantics this node has. Eval-mode forwards that need a gradient stay on t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -74,20 +76,22 @@ def _build() -> ModuleType:
     forward_train, backward = c_entry_points()  # also launches Numba's threading layer
     numba.get_num_threads()
     set_threads = ctypes.cast(parallel._set_num_threads, ctypes.c_void_p).value
+    _log.info("fastnorm: building its C++ BatchNorm node (once; cached by torch.utils.cpp_extension)")
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level, path = logger.level, os.environ.get("PATH", "")
+    logger.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant to a CPU extension
     if shutil.which("ninja") is None:  # the ninja wheel's binary, off PATH when the venv is not activated
         import ninja
 
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    _log.info("fastnorm: building its C++ BatchNorm node (once; cached by torch.utils.cpp_extension)")
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant to a CPU extension
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path  # for the build only
     try:
         from torch.utils import cpp_extension
 
-        module = cpp_extension.load("fastnorm_batch_norm", [str(_SOURCE)], extra_cflags=["-O2"], verbose=False)
+        with _build_lock(cpp_extension):
+            module = cpp_extension.load("fastnorm_batch_norm", [str(_SOURCE)], extra_cflags=["-O2"], verbose=False)
     finally:
         logger.setLevel(level)
+        os.environ["PATH"] = path
     module.configure(forward_train, backward, set_threads, _numba_max_threads(), _differentiable_backward)
     module.pool_configure(pool.min_bytes, pool.max_bytes)  # the Python pool's limits (FASTNORM_CPU_POOL_MB)
     return module
@@ -104,6 +108,51 @@ def batch_norm_train(x: torch.Tensor, weight, bias, running_mean, running_var, s
                                        backward_block)  # fmt: skip
 
 
+#: how long a process waits for another one's build of the extension before it gives up (and
+#: serves the Python autograd Function): a build takes ~20 s here
+BUILD_WAIT_SECONDS = 600
+
+
+@contextlib.contextmanager
+def _build_lock(cpp_extension: ModuleType):
+    """An OS lock (released when its process dies, however) around torch's build: older torch
+    releases wait without a timeout on a lock file that a killed build leaves behind, so with this
+    one held a leftover ``lock`` file is stale and removed; a build held by another live process
+    for BUILD_WAIT_SECONDS raises TimeoutError (the caller falls back to the Python Function).
+    Where there is no ``fcntl`` (Windows) or torch does not say its build directory, torch's own
+    locking alone."""
+    try:
+        import fcntl
+
+        directory = Path(cpp_extension._get_build_directory("fastnorm_batch_norm", verbose=False))
+    except (ImportError, AttributeError, TypeError):
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "fastnorm.flock", "w") as handle:
+        deadline = time.monotonic() + BUILD_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    message = f"another process has been building {directory} for {BUILD_WAIT_SECONDS} s"
+                    raise TimeoutError(message) from None
+                time.sleep(0.5)
+        try:
+            (directory / "lock").unlink(missing_ok=True)  # torch's, left by a killed build
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def pool_in_use() -> int:
     """Bytes of the C++ node's output pool handed out and still referenced (0 if not built)."""
     return 0 if _extension is None else _extension.pool_in_use()
+
+
+def pool_clear() -> None:
+    """Frees the C++ node's free output blocks (those in use come back when their tensors die)."""
+    if _extension is not None:
+        _extension.pool_clear()

@@ -11,6 +11,7 @@ buffers are cached (a tensor -> NumPy view costs ~2 µs, a lookup ~0.5 µs).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -143,6 +144,7 @@ class BatchNormFunction(torch.autograd.Function):
                 input, weight, bias, running_mean, running_var, training, momentum, eps, backend, True
             )
         ctx.save_for_backward(x, weight, running_mean, running_var, source)
+        ctx.dtype = x.dtype
         ctx.saved = saved
         ctx.training = training
         ctx.eps = eps
@@ -161,12 +163,15 @@ class BatchNormFunction(torch.autograd.Function):
         backend: Backend = ctx.backend
         arrays = backend.arrays
         layout = _CHANNELS_LAST[x.dim()] if saved.channels_last else torch.contiguous_format
+        compute = torch.float64 if ctx.dtype == torch.float64 else torch.float32
+        x = _as_saved(x, weight, layout, ctx.dtype, math.prod(saved.input.shape), compute)
         if not grad_output.is_contiguous(memory_format=layout):
             grad_output = grad_output.contiguous(memory_format=layout)
         c = x.shape[1]
         dx, dx_array = arrays.empty_like(x, saved.channels_last) if need_dx else (None, None)
-        if dx is not None and dx.stride() != x.stride():
+        if dx is not None and dx.stride() != x.stride() and x.is_contiguous(memory_format=layout):
             # torch's dx has x's strides; ours differ only at size-1 dimensions: the same memory
+            # (x is the saved tensor: a saved-tensor hook may have given it another layout)
             dx = dx.as_strided(x.shape, x.stride())
         dweight, dweight_array = arrays.empty_vector(c, x) if need_dweight else (None, None)
         dbias, dbias_array = arrays.empty_vector(c, x) if need_dbias else (None, None)
@@ -176,6 +181,21 @@ class BatchNormFunction(torch.autograd.Function):
                 saved.weight, ctx.training, dx_array, dweight_array, dbias_array,
             )  # fmt: skip
         return dx, dweight, dbias, None, None, None, None, None, None, None
+
+
+def _as_saved(x, weight, layout, dtype, numel, compute) -> torch.Tensor:
+    """x as the forward saved it for the kernels: a saved-tensor hook (``save_on_cpu``,
+    ``saved_tensors_hooks``) may give it back in another layout (made the forward's here), or
+    another dtype or size than the kernels would read (refused, as the C++ node does)."""
+    if not x.is_contiguous(memory_format=layout):
+        x = x.contiguous(memory_format=layout)
+    if x.dtype != dtype or x.numel() != numel or (weight is not None and weight.dtype != compute):
+        raise RuntimeError(
+            "fastnorm's BatchNorm backward: a saved tensor came back with another dtype or size than the "
+            f"forward saved (a saved-tensor hook?): input {x.dtype} {tuple(x.shape)}, "
+            f"weight {None if weight is None else weight.dtype}"
+        )
+    return x
 
 
 def _differentiable_backward(training, eps, dy, x, weight, saved_mean, saved_invstd):

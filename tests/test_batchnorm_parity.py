@@ -286,3 +286,56 @@ def test_large_offset_input_is_accurate(backend):
     assert_close(y, truth, 0, 1e-5, "normalised output")  # torch float32: 7e-3
     assert_close(rm32, rm64, 1e-6, 0, "running_mean")
     assert_close(rv32, rv64, 1e-5, 0, "running_var")
+
+
+#: saved-tensor hooks that give the saved tensors back in another layout or dtype
+SAVED_TENSOR_HOOKS = {
+    "save_on_cpu": lambda: torch.autograd.graph.save_on_cpu(pin_memory=True),
+    "made contiguous": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(), lambda t: t),
+    "widened to float64": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.double()),
+}
+
+
+@pytest.mark.parametrize("backend", BN_PATHS)
+@pytest.mark.parametrize("hooks", SAVED_TENSOR_HOOKS.values(), ids=SAVED_TENSOR_HOOKS.keys())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_saved_tensor_hooks(monkeypatch, backend, hooks, channels_last):
+    """The backward reads the saved input as a hook gives it back: another layout is read as such
+    (a channels-last input repacked contiguous gave dx off by 0.8), another dtype raises as
+    torch's backward does (never a kernel reading float64 as float32)."""
+    backend = bn_backend(backend, monkeypatch)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, 6, 5, 7).contiguous(memory_format=fmt)
+    dy = torch.linspace(-1, 1, x.numel()).reshape(x.shape)
+    results = []
+    for fn in (F.batch_norm, lambda *a: fastnorm.functional.batch_norm(*a, backend=backend)):
+        xg, w = x.clone().requires_grad_(True), torch.linspace(0.5, 1.5, 6).requires_grad_(True)
+        with hooks():
+            y = fn(xg, None, None, w, None, True)
+        try:
+            results.append((torch.autograd.grad(y, (xg, w), dy), None))
+        except RuntimeError as error:
+            results.append((None, error))
+    (theirs, their_error), (ours, our_error) = results
+    assert (their_error is None) == (our_error is None), f"torch: {their_error!r}, fastnorm: {our_error!r}"
+    if theirs is not None:
+        for a, b, what in zip(ours, theirs, ("dx", "dweight")):
+            assert_close(a, b, 1e-4, 2e-5, what)
+
+
+@pytest.mark.parametrize("backend", BN_PATHS)
+def test_strided_running_statistics_two_forwards_then_backward(monkeypatch, backend):
+    """Strided running statistics are updated through a dense copy and written back without a
+    version bump, as torch's are: a second forward before the first one's backward does not make
+    that backward raise the in-place error (it did, on every fastnorm path)."""
+    backend = bn_backend(backend, monkeypatch)
+    grads = []
+    for fn in (F.batch_norm, lambda *a: fastnorm.functional.batch_norm(*a, backend=backend)):
+        stats = torch.stack([torch.zeros(5), torch.ones(5)], dim=1)  # (5, 2): columns of stride 2
+        x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        w = torch.linspace(0.5, 1.5, 5).requires_grad_(True)
+        y1 = fn(x, stats[:, 0], stats[:, 1], w, None, True)
+        fn(x * 2, stats[:, 0], stats[:, 1], w, None, True)
+        grads.append((*torch.autograd.grad(y1, (x, w), torch.ones_like(y1)), stats))
+    for a, b, what in zip(grads[1], grads[0], ("dx", "dweight", "running statistics")):
+        assert_close(a, b, 1e-4, 2e-5, what)

@@ -152,7 +152,8 @@ at::MemoryFormat layout_of(const at::Tensor& x, bool channels_last) {
 
 // saved_data keys
 constexpr const char* kStats = "stats";    // (2, C): the mean and invstd that normalised x
-constexpr const char* kLaunch = "launch";  // channels_last, n, c, s, parallel, rows_per_chunk, block, has_bias
+constexpr const char* kLaunch = "launch";  // channels_last, n, c, s, parallel, rows_per_chunk, block, has_bias,
+                                           // the input's dtype code
 constexpr const char* kEps = "eps";
 
 }  // namespace
@@ -188,14 +189,21 @@ struct BatchNormBackward : public torch::autograd::Function<BatchNormBackward> {
                            address(var_in), address(y), mean, mean + c * stats.element_size(), n, c, s, momentum,
                            eps, parallel, rows_per_chunk, forward_block);
     }
-    if (mean_in.defined() && !mean_in.is_same(running_mean)) running_mean.copy_(mean_in);
-    if (var_in.defined() && !var_in.is_same(running_var)) running_var.copy_(var_in);
+    {
+      // strided running statistics: written back without a version bump, as the kernels' own
+      // writes (torch's BatchNorm does not bump them either: a second forward before the
+      // backward must not raise the in-place error for the first one's saved tensors)
+      at::AutoDispatchBelowADInplaceOrView no_version_bump;
+      if (mean_in.defined() && !mean_in.is_same(running_mean)) running_mean.copy_(mean_in);
+      if (var_in.defined() && !var_in.is_same(running_var)) running_var.copy_(var_in);
+    }
     // saved for torch's error on an in-place change before the backward, as torch's own BatchNorm
     // saves them; source (the caller's strided input, x its dense copy) for that alone
     ctx->save_for_backward({x, weight, running_mean, running_var, value_or_undefined(source)});
     ctx->saved_data[kStats] = stats;
     ctx->saved_data[kLaunch] =
-        std::vector<int64_t>{channels_last, n, c, s, parallel, rows_per_chunk, backward_block, bias.defined()};
+        std::vector<int64_t>{channels_last, n, c, s, parallel, rows_per_chunk, backward_block, bias.defined(),
+                             dtype_code(x.scalar_type())};
     ctx->saved_data[kEps] = eps;
     return y;
   }
@@ -224,6 +232,15 @@ struct BatchNormBackward : public torch::autograd::Function<BatchNormBackward> {
       return out;
     }
     const auto layout = layout_of(x, channels_last);
+    // a saved-tensor hook (torch.autograd.graph.saved_tensors_hooks, save_on_cpu) may give back
+    // x or weight in another layout (read in the forward's), or another dtype or size (refused:
+    // the kernels would read it as the forward's)
+    if (!x.is_contiguous(layout)) x = x.contiguous(layout);
+    TORCH_CHECK(dtype_code(x.scalar_type()) == launch[8] && x.numel() == n * c * s &&
+                    (!weight.defined() || (weight.scalar_type() == stats.scalar_type() && weight.numel() == c)),
+                "fastnorm's BatchNorm backward: a saved tensor came back with another dtype or size than the "
+                "forward saved (a saved-tensor hook?): input ", x.scalar_type(), " ", x.sizes(), ", weight ",
+                weight.defined() ? c10::toString(weight.scalar_type()) : "None");
     if (!dy.is_contiguous(layout)) dy = dy.contiguous(layout);
     at::Tensor dx, dweight, dbias;
     if (need[0]) dx = output(x, x.strides());  // torch's dx has x's strides
