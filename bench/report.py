@@ -141,9 +141,11 @@ def markdown(report: dict, title: str, table: dict | None = None) -> str:
         "torch's own kernels (`aten::native_batch_norm(_backward).out`, no autograd) into outputs allocated once, "
         "and `numba-kernels` fastnorm's numba kernels the same way (address entry points, no autograd, no Python "
         "module): compare `numba` with `torch` for the modules users call, `numba-kernels` with `torch-prealloc` "
-        "for the kernels alone. The gap between `numba` and `numba-kernels` is fastnorm's Python layer "
-        "(module, checks, autograd Function, buffer pool): ~50 µs hot, but several hundred µs after a large "
-        "kernel has streamed the caches (bench/results/bn_profile.md).",
+        "for the kernels alone. The gap between `numba` and `numba-kernels` is fastnorm's layer "
+        "(the Python module and checks, the C++ autograd node of training, buffer pool): ~25 µs hot, a few "
+        "hundred µs after a large kernel has streamed the caches (bench/results/bn_profile.md). "
+        "`numba-python` is the numba module with its training autograd node in Python (a "
+        "`torch.autograd.Function`), what fastnorm runs where its C++ extension cannot be built.",
     ]
     if roof:
         lines.append(

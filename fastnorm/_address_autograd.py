@@ -9,6 +9,10 @@ integers instead, after :func:`fastnorm.functional.batch_norm` validated the ten
 are torch tensors (large ones from fastnorm's CPU buffer pool). The semantics are those of
 :class:`fastnorm.autograd.BatchNormFunction`, which serves the other backends.
 
+Training with a gradient goes through :func:`train_native`: the same kernels behind a C++
+autograd node (fastnorm/_native.py); :class:`AddressBatchNormFunction` serves eval-mode
+forwards that need a gradient, and training where the C++ extension cannot be built.
+
 Addresses are read from live tensors at each call and used within it; nothing keeps an address.
 """
 
