@@ -213,30 +213,40 @@ def _environment() -> str | None:
 #: ``"auto"`` on CPU: below this many elements (the BatchNorm input's, or a parameter group's
 #: total) torch's kernels run, from it on numba's. Measured with ``python bench/auto_thresholds.py``
 #: (training forward+backward / one step, numba against the torch code "auto" would otherwise run,
-#: paired and interleaved, 30 rounds, torch 2.15, 2 cores; 2026-11-29), speedup of numba:
+#: paired and interleaved, torch 2.15, 2 cores), speedup of numba:
 #:
-#: - ``batch_norm`` (an (N, C) input): 0.76-0.86x up to (256, 1024); (1024, 1024) 0.89-1.35x
-#:   (noise); (2048, 2048) 1.83x; (4096, 2048) 2.37x. A few microseconds of arithmetic per call
-#:   where the Python around fastnorm's kernels costs more than torch's C++ path.
-#: - ``batch_norm_planes`` ((N, C, *) contiguous): (8, 16, 14, 14) 0.92x; (8, 64, 14, 14) 1.02x;
-#:   (4, 64, 28, 28) 1.29x; (16, 64, 28, 28) 1.40-2.77x.
-#: - ``batch_norm_channels_last`` (4-D channels-last): 0.76x, 0.84x, 0.96x at 100K, 800K, 3.2M
-#:   elements: torch's at every size until the channels-last kernels improve (issue #17).
+#: - BatchNorm, with its training autograd node in C++ (fastnorm/_native.py; 3 runs of 30-60
+#:   rounds, 2026-11-29, session 5):
+#:   ``batch_norm`` (an (N, C) input): (64, 128) 1.08-1.60x, (64, 256) 1.03-1.53x, (256, 256)
+#:   0.92-0.94x (the one size where torch is ahead: numba's first parallel size, and its serial
+#:   kernels tie there), (256, 1024) 1.04-1.91x, (1024, 1024) 1.09-1.96x, (4096, 2048) 2.3-4.0x.
+#:   ``batch_norm_planes`` ((N, C, *) contiguous): 1.17-1.42x at (8, 16, 14, 14), 1.45-2.8x above.
+#:   ``batch_norm_channels_last`` (4-D channels-last): 0.97-1.00x at (8, 64, 14, 14) (100K),
+#:   1.04-1.09x at (16, 64, 28, 28) (800K), 1.03-1.66x at (64, 64, 28, 28).
 #: - ``sgd`` without momentum: 0.55-0.97x from 1K to 4M elements (torch's step is one ``add_``
-#:   per parameter): torch's at every size.
+#:   per parameter): torch's at every size (2026-11-29, earlier session, as the rest).
 #: - ``sgd_momentum``: 0.93x at 1K and 10K, 1.05x at 50K, 1.20x at 235K (the book's MLP).
 #: - ``adagrad``, ``rmsprop``, ``adam`` (Adam and AdamW): 1.48-7.4x from 1K elements on: numba.
 #:
 #: Other dtypes than float32 and other devices use the same values (GPUs: no threshold).
 AUTO_CPU_MIN_NUMEL: dict[str, float] = {
-    "batch_norm": 1_500_000,
-    "batch_norm_planes": 150_000,
-    "batch_norm_channels_last": math.inf,
+    "batch_norm": 0,
+    "batch_norm_planes": 0,
+    "batch_norm_channels_last": 500_000,
     "sgd": math.inf,
     "sgd_momentum": 50_000,
     "adagrad": 0,
     "rmsprop": 0,
     "adam": 0,
+}
+#: BatchNorm's thresholds where the C++ node cannot be built (its autograd node is then a Python
+#: ``torch.autograd.Function``, ~0.1-0.3 ms a step more), measured before the node existed:
+#: (N, C) 0.76-0.86x up to (256, 1024), 1.83x at (2048, 2048); planes 0.92x at 25K, 1.02x at 100K,
+#: 1.29x at 200K; channels-last 0.76-0.96x up to 3.2M.
+AUTO_CPU_MIN_NUMEL_PYTHON_NODE: dict[str, float] = {
+    "batch_norm": 1_500_000,
+    "batch_norm_planes": 150_000,
+    "batch_norm_channels_last": math.inf,
 }
 
 
@@ -252,7 +262,16 @@ def batch_norm_kind(input: torch.Tensor) -> str:
 def auto_prefers_torch(kind: str, numel: int) -> bool:
     """Whether ``"auto"`` leaves a CPU ``kind`` of work (a key of :data:`AUTO_CPU_MIN_NUMEL`) of
     ``numel`` elements to torch."""
+    if kind in AUTO_CPU_MIN_NUMEL_PYTHON_NODE and not _native_node():
+        return numel < AUTO_CPU_MIN_NUMEL_PYTHON_NODE[kind]
     return numel < AUTO_CPU_MIN_NUMEL[kind]
+
+
+def _native_node() -> bool:
+    """Whether numba's BatchNorm trains through its C++ autograd node (building it on first use)."""
+    from . import _native
+
+    return _native.ENABLED and _native.extension() is not None
 
 
 #: torch dtype -> the kernels' storage dtype (bfloat16 as uint16 bits: kernels/_bits.py)

@@ -33,7 +33,7 @@ def test_auto_picks_a_fast_backend_for_cpu(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve("auto", "batch_norm", cpu).name == "numba"
     assert resolve("auto", "batch_norm", cpu, numel=64 * 3136 * 16, kind="batch_norm_planes").name == "numba"
-    assert resolve("auto", "batch_norm", cpu, numel=64 * 256).name == "torch"  # the MLP's: torch is faster
+    assert resolve("auto", "batch_norm", cpu, numel=64 * 256).name == "numba"  # the MLP's (C++ node)
     assert resolve("auto", "sgd", cpu, numel=10**9).name == "torch"  # plain SGD: never faster here
     assert resolve("auto", "adam", cpu).name == "numba"
     assert resolve("numba", "batch_norm", cpu, numel=64 * 256).name == "numba"  # explicit wins
@@ -41,18 +41,26 @@ def test_auto_picks_a_fast_backend_for_cpu(monkeypatch):
 
 # what "auto" runs on CPU, per op, layout and size (fastnorm/_dispatch.py: AUTO_CPU_MIN_NUMEL,
 # measured by bench/auto_thresholds.py): (module, input shape, memory format, expected backend)
+# (the C++ autograd node's thresholds, and the Python node's where it cannot be built)
 AUTO_BATCH_NORM_CASES = [
-    (fastnorm.nn.BatchNorm1d, (64, 256), torch.contiguous_format, "torch"),  # the book's MLP
-    (fastnorm.nn.BatchNorm1d, (2048, 1024), torch.contiguous_format, "numba"),  # 2.1M rows
-    (fastnorm.nn.BatchNorm1d, (7, 64, 451), torch.contiguous_format, "numba"),  # 202K planes, odd sizes
-    (fastnorm.nn.BatchNorm2d, (8, 16, 14, 14), torch.contiguous_format, "torch"),  # 25K planes
-    (fastnorm.nn.BatchNorm2d, (4, 64, 28, 28), torch.contiguous_format, "numba"),  # 200K planes
-    (fastnorm.nn.BatchNorm2d, (16, 64, 28, 28), torch.channels_last, "torch"),  # channels-last: torch's
+    (fastnorm.nn.BatchNorm1d, (64, 256), torch.contiguous_format, "numba", "torch"),  # the book's MLP
+    (fastnorm.nn.BatchNorm1d, (2048, 1024), torch.contiguous_format, "numba", "numba"),  # 2.1M rows
+    (fastnorm.nn.BatchNorm1d, (7, 64, 451), torch.contiguous_format, "numba", "numba"),  # 202K planes, odd sizes
+    (fastnorm.nn.BatchNorm2d, (8, 16, 14, 14), torch.contiguous_format, "numba", "torch"),  # 25K planes
+    (fastnorm.nn.BatchNorm2d, (4, 64, 28, 28), torch.contiguous_format, "numba", "numba"),  # 200K planes
+    (fastnorm.nn.BatchNorm2d, (8, 64, 14, 14), torch.channels_last, "torch", "torch"),  # 100K channels-last
+    (fastnorm.nn.BatchNorm2d, (16, 64, 28, 28), torch.channels_last, "numba", "torch"),  # 800K channels-last
 ]
 
 
-@pytest.mark.parametrize("cls, shape, fmt, expected", AUTO_BATCH_NORM_CASES)
-def test_auto_batch_norm_runs_the_faster_backend(monkeypatch, cls, shape, fmt, expected):
+@pytest.mark.parametrize("node", ["C++", "Python"])
+@pytest.mark.parametrize("cls, shape, fmt, expected, expected_python", AUTO_BATCH_NORM_CASES)
+def test_auto_batch_norm_runs_the_faster_backend(monkeypatch, cls, shape, fmt, expected, expected_python, node):
+    from fastnorm import _native
+
+    monkeypatch.setattr(_native, "ENABLED", node == "C++")
+    if node == "Python":
+        expected = expected_python
     monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
     calls = []
     torch_batch_norm = torch.nn.functional.batch_norm
