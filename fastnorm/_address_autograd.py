@@ -10,8 +10,9 @@ are torch tensors (large ones from fastnorm's CPU buffer pool). The semantics ar
 :class:`fastnorm.autograd.BatchNormFunction`, which serves the other backends.
 
 Training with a gradient goes through :func:`train_native`: the same kernels behind a C++
-autograd node (fastnorm/_native.py); :class:`AddressBatchNormFunction` serves eval-mode
-forwards that need a gradient, and training where the C++ extension cannot be built.
+autograd node (fastnorm/_native.py), and forwards without one through :func:`forward_native`;
+:class:`AddressBatchNormFunction` and :func:`forward` serve eval-mode forwards that need a
+gradient, and everything where the C++ extension cannot be built.
 
 Addresses are read from live tensors at each call and used within it; nothing keeps an address.
 """
@@ -128,6 +129,18 @@ def train_native(x, channels_last, source, weight, bias, running_mean, running_v
     plan = backend.kernels.plan(*geometry, x.element_size(), threads)
     return _native.batch_norm_train(x, weight, bias, running_mean, running_var, source, momentum, eps,
                                     channels_last, geometry, plan)  # fmt: skip
+
+
+def forward_native(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                   backend: Backend) -> torch.Tensor:  # fmt: skip
+    """y of :func:`forward` (no autograd node) through the C++ extension: one call, no Numba
+    dispatcher typing its arguments."""
+    threads = follow_torch_threads()
+    x, channels_last = _layout(input)
+    geometry = _geometry(x, channels_last)
+    plan = backend.kernels.plan(*geometry, x.element_size(), threads)
+    return _native.batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                      channels_last, geometry, plan)  # fmt: skip
 
 
 def _eval_constants(running_mean, running_var, eps) -> torch.Tensor:

@@ -11,7 +11,8 @@ The extension is compiled on first use with :func:`torch.utils.cpp_extension.loa
 compiler and ninja are needed; ~20 s once, cached by torch under ``TORCH_EXTENSIONS_DIR``).
 When it cannot be built, or with ``FASTNORM_NATIVE=0``, fastnorm warns once (build failure only) and
 serves the same kernels through :class:`fastnorm._address_autograd.AddressBatchNormFunction`,
-whose semantics this node has. Eval-mode forwards that need a gradient stay on that path.
+whose semantics this node has. Eval-mode forwards that need a gradient stay on that path;
+forwards that need none (``torch.no_grad``, inference) run through :func:`batch_norm_forward`.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _build() -> ModuleType:
     from ._dispatch import _numba_max_threads
     from .autograd import _differentiable_backward
 
-    forward_train, backward = c_entry_points()  # also launches Numba's threading layer
+    forward_train, forward_eval, backward = c_entry_points()  # also launches Numba's threading layer
     numba.get_num_threads()
     set_threads = ctypes.cast(parallel._set_num_threads, ctypes.c_void_p).value
     _log.info("fastnorm: building its C++ BatchNorm node (once; cached by torch.utils.cpp_extension)")
@@ -92,7 +93,8 @@ def _build() -> ModuleType:
     finally:
         logger.setLevel(level)
         os.environ["PATH"] = path
-    module.configure(forward_train, backward, set_threads, _numba_max_threads(), _differentiable_backward)
+    module.configure(forward_train, forward_eval, backward, set_threads, _numba_max_threads(),
+                     _differentiable_backward)  # fmt: skip
     module.pool_configure(pool.min_bytes, pool.max_bytes)  # the Python pool's limits (FASTNORM_CPU_POOL_MB)
     return module
 
@@ -145,6 +147,16 @@ def _build_lock(cpp_extension: ModuleType):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def batch_norm_forward(x: torch.Tensor, weight, bias, running_mean, running_var, training: bool, momentum: float,
+                       eps: float, channels_last: bool, geometry: tuple, plan: tuple) -> torch.Tensor:  # fmt: skip
+    """y of a forward without an autograd node (training: the running statistics updated)."""
+    n, c, s = geometry
+    parallel, rows_per_chunk, forward_block, _ = plan
+    return _extension.batch_norm_forward(x, weight, bias, running_mean, running_var, training, float(momentum),
+                                         float(eps), channels_last, n, c, s, parallel, rows_per_chunk,
+                                         forward_block)  # fmt: skip
 
 
 def pool_in_use() -> int:

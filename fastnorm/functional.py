@@ -136,6 +136,9 @@ def _kernels_path(chosen: Backend, input, running_mean, running_var, weight, bia
         return function.apply(x, weight, bias, running_mean, running_var, training, momentum, eps, chosen, source)
     # no gradient wanted (inference, torch.no_grad): no autograd node to build
     if lean:
+        if _native.ENABLED and _native.extension() is not None:  # one call into C++ (fastnorm/_native.py)
+            return _address_autograd.forward_native(input, weight, bias, running_mean, running_var, training,
+                                                    momentum, eps, chosen)  # fmt: skip
         return _address_autograd.forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
                                          chosen)[0]  # fmt: skip
     return batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen,

@@ -93,3 +93,23 @@ def test_two_threads_training_through_the_node_equal_a_sequential_run():
     for got, want in zip(results, expected):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("training", [True, False])
+def test_forwards_without_a_gradient_run_through_the_extension(monkeypatch, mode, training):
+    """torch.no_grad / inference_mode forwards: one call into C++ (no autograd node), torch's
+    values and running statistics, and under inference_mode an inference tensor as torch's."""
+    calls = []
+    real = _native.batch_norm_forward
+    monkeypatch.setattr(_native, "batch_norm_forward", lambda *a: calls.append(1) or real(*a))
+    ours, theirs = fastnorm.nn.BatchNorm2d(5, backend="numba"), torch.nn.BatchNorm2d(5)
+    ours.train(training), theirs.train(training)
+    x = torch.randn(6, 5, 4, 3)
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with context():
+        y, y_ref = ours(x), theirs(x)
+    assert calls == [1]
+    assert y.is_inference() == y_ref.is_inference()
+    assert_close(y, y_ref, 1e-4, 2e-5, "output")
+    assert_close(ours.running_var, theirs.running_var, 1e-5, 1e-6, "running_var")

@@ -34,6 +34,9 @@ using ForwardTrain = void (*)(int64_t dtype, int64_t x, int64_t weight, int64_t 
                               int64_t running_var, int64_t y, int64_t save_mean, int64_t save_invstd, int64_t n,
                               int64_t c, int64_t s, double momentum, double eps, int64_t parallel,
                               int64_t rows_per_chunk, int64_t block);
+using ForwardEval = void (*)(int64_t dtype, int64_t x, int64_t weight, int64_t bias, int64_t running_mean,
+                             int64_t running_var, int64_t y, int64_t n, int64_t c, int64_t s, double eps,
+                             int64_t parallel, int64_t rows_per_chunk);
 using Backward = void (*)(int64_t dtype, int64_t dy, int64_t x, int64_t mean, int64_t invstd, int64_t weight,
                           int64_t training, int64_t dx, int64_t dweight, int64_t dbias, int64_t n, int64_t c,
                           int64_t s, int64_t parallel, int64_t rows_per_chunk, int64_t block);
@@ -41,6 +44,7 @@ using SetThreads = void (*)(int);  // Numba's threading layer: the calling threa
 
 struct Config {
   ForwardTrain forward_train = nullptr;
+  ForwardEval forward_eval = nullptr;
   Backward backward = nullptr;
   SetThreads set_threads = nullptr;
   int64_t max_threads = 1;              // Numba's pool size
@@ -150,6 +154,45 @@ at::MemoryFormat layout_of(const at::Tensor& x, bool channels_last) {
   return x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
 }
 
+// The forward kernels into a new y: (y, stats), stats the (2, C) mean and invstd that normalised x
+// (training; undefined in eval). Running statistics are updated in training where given.
+std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                               const at::Tensor& running_mean, const at::Tensor& running_var,
+                                               bool training, double momentum, double eps, bool channels_last,
+                                               int64_t n, int64_t c, int64_t s, bool parallel, int64_t rows_per_chunk,
+                                               int64_t block) {
+  at::Tensor y = output(x, canonical_strides(x, channels_last));
+  const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor stats = training ? at::empty({2, c}, x.options().dtype(compute)) : at::Tensor();
+  // the kernels read (C,) vectors with unit stride: strided ones through dense copies
+  at::Tensor w = weight.defined() ? weight.contiguous() : weight;
+  at::Tensor b = bias.defined() ? bias.contiguous() : bias;
+  at::Tensor mean_in = running_mean.defined() ? running_mean.contiguous() : running_mean;
+  at::Tensor var_in = running_var.defined() ? running_var.contiguous() : running_var;
+  const int64_t dtype = dtype_code(x.scalar_type());
+  {
+    py::gil_scoped_release no_gil;
+    if (training) {
+      const int64_t mean = address(stats);
+      config.forward_train(dtype, address(x), address(w), address(b), address(mean_in), address(var_in), address(y),
+                           mean, mean + c * stats.element_size(), n, c, s, momentum, eps, parallel, rows_per_chunk,
+                           block);
+    } else {
+      config.forward_eval(dtype, address(x), address(w), address(b), address(mean_in), address(var_in), address(y), n,
+                          c, s, eps, parallel, rows_per_chunk);
+    }
+  }
+  if (training) {
+    // strided running statistics: written back without a version bump, as the kernels' own
+    // writes (torch's BatchNorm does not bump them either: a second forward before the
+    // backward must not raise the in-place error for the first one's saved tensors)
+    at::AutoDispatchBelowADInplaceOrView no_version_bump;
+    if (mean_in.defined() && !mean_in.is_same(running_mean)) running_mean.copy_(mean_in);
+    if (var_in.defined() && !var_in.is_same(running_var)) running_var.copy_(var_in);
+  }
+  return {y, stats};
+}
+
 // saved_data keys
 constexpr const char* kStats = "stats";    // (2, C): the mean and invstd that normalised x
 constexpr const char* kLaunch = "launch";  // channels_last, n, c, s, parallel, rows_per_chunk, block, has_bias,
@@ -174,29 +217,8 @@ struct BatchNormBackward : public torch::autograd::Function<BatchNormBackward> {
                             int64_t rows_per_chunk, int64_t forward_block, int64_t backward_block) {
     at::Tensor weight = value_or_undefined(weight_), bias = value_or_undefined(bias_);
     at::Tensor running_mean = value_or_undefined(running_mean_), running_var = value_or_undefined(running_var_);
-    at::Tensor y = output(x, canonical_strides(x, channels_last));
-    const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    at::Tensor stats = at::empty({2, c}, x.options().dtype(compute));
-    // the kernels read (C,) vectors with unit stride: strided ones through dense copies
-    at::Tensor w = weight.defined() ? weight.contiguous() : weight;
-    at::Tensor b = bias.defined() ? bias.contiguous() : bias;
-    at::Tensor mean_in = running_mean.defined() ? running_mean.contiguous() : running_mean;
-    at::Tensor var_in = running_var.defined() ? running_var.contiguous() : running_var;
-    const int64_t mean = address(stats);
-    {
-      py::gil_scoped_release no_gil;
-      config.forward_train(dtype_code(x.scalar_type()), address(x), address(w), address(b), address(mean_in),
-                           address(var_in), address(y), mean, mean + c * stats.element_size(), n, c, s, momentum,
-                           eps, parallel, rows_per_chunk, forward_block);
-    }
-    {
-      // strided running statistics: written back without a version bump, as the kernels' own
-      // writes (torch's BatchNorm does not bump them either: a second forward before the
-      // backward must not raise the in-place error for the first one's saved tensors)
-      at::AutoDispatchBelowADInplaceOrView no_version_bump;
-      if (mean_in.defined() && !mean_in.is_same(running_mean)) running_mean.copy_(mean_in);
-      if (var_in.defined() && !var_in.is_same(running_var)) running_var.copy_(var_in);
-    }
+    auto [y, stats] = run_forward(x, weight, bias, running_mean, running_var, /*training=*/true, momentum, eps,
+                                  channels_last, n, c, s, parallel, rows_per_chunk, forward_block);
     // saved for torch's error on an in-place change before the backward, as torch's own BatchNorm
     // saves them; source (the caller's strided input, x its dense copy) for that alone
     ctx->save_for_backward({x, weight, running_mean, running_var, value_or_undefined(source)});
@@ -277,9 +299,23 @@ at::Tensor batch_norm_train(const at::Tensor& x, const std::optional<at::Tensor>
                                             backward_block);
 }
 
-void configure(int64_t forward_train, int64_t backward, int64_t set_threads, int64_t max_threads,
-               py::object differentiable) {
+// A forward without an autograd node (torch.no_grad, inference_mode, or nothing requires a
+// gradient): training (batch statistics, running statistics updated) or eval.
+at::Tensor batch_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                              const std::optional<at::Tensor>& running_var, bool training, double momentum,
+                              double eps, bool channels_last, int64_t n, int64_t c, int64_t s, bool parallel,
+                              int64_t rows_per_chunk, int64_t block) {
+  TORCH_CHECK(config.forward_eval != nullptr, "fastnorm's C++ BatchNorm is not configured");
+  return std::get<0>(run_forward(x, value_or_undefined(weight), value_or_undefined(bias),
+                                 value_or_undefined(running_mean), value_or_undefined(running_var), training,
+                                 momentum, eps, channels_last, n, c, s, parallel, rows_per_chunk, block));
+}
+
+void configure(int64_t forward_train, int64_t forward_eval, int64_t backward, int64_t set_threads,
+               int64_t max_threads, py::object differentiable) {
   config.forward_train = reinterpret_cast<ForwardTrain>(forward_train);
+  config.forward_eval = reinterpret_cast<ForwardEval>(forward_eval);
   config.backward = reinterpret_cast<Backward>(backward);
   config.set_threads = reinterpret_cast<SetThreads>(set_threads);
   config.max_threads = max_threads;
@@ -291,6 +327,7 @@ void configure(int64_t forward_train, int64_t backward, int64_t set_threads, int
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastnorm's BatchNorm training forward and backward as a C++ autograd node";
   m.def("batch_norm_train", &batch_norm_train);
+  m.def("batch_norm_forward", &batch_norm_forward);
   m.def("configure", &configure);
   m.def("pool_configure", [](int64_t min_bytes, int64_t max_bytes) {
     pool->configure(static_cast<size_t>(min_bytes), static_cast<size_t>(std::max<int64_t>(0, max_bytes)));

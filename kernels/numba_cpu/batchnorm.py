@@ -532,6 +532,8 @@ def plan(n: int, c: int, s: int, itemsize: int, threads: int | None = None) -> t
 #   void forward_train(int64 dtype, int64 x, weight, bias, running_mean, running_var, y,
 #                      save_mean, save_invstd, n, c, s, double momentum, double eps,
 #                      int64 parallel, rows_per_chunk, block)
+#   void forward_eval(int64 dtype, int64 x, weight, bias, running_mean, running_var, y, n, c, s,
+#                     double eps, int64 parallel, rows_per_chunk)
 #   void backward(int64 dtype, int64 dy, x, mean, invstd, weight, training, dx, dweight, dbias,
 #                 n, c, s, parallel, rows_per_chunk, block)
 
@@ -539,13 +541,14 @@ def plan(n: int, c: int, s: int, itemsize: int, threads: int | None = None) -> t
 C_DTYPE_CODES = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
 _I64, _F64 = types.int64, types.float64
 _C_FORWARD_TRAIN = types.void(*[_I64] * 12, _F64, _F64, *[_I64] * 3)
+_C_FORWARD_EVAL = types.void(*[_I64] * 10, _F64, _I64, _I64)
 _C_BACKWARD = types.void(*[_I64] * 16)
 
 
 @functools.cache
-def c_entry_points() -> tuple[int, int]:
-    """(forward_train, backward): addresses of the C entry points, compiled on the first call
-    (or loaded from Numba's cache: ~0.1 s; compiling them takes ~5 s)."""
+def c_entry_points() -> tuple[int, int, int]:
+    """(forward_train, forward_eval, backward): addresses of the C entry points, compiled on the
+    first call (or loaded from Numba's cache: ~0.1 s; compiling them takes a minute or two)."""
     # a cached C function that runs parallel code needs Numba's threading layer loaded first
     # (else LLVM cannot resolve its scheduler's symbols: "Symbol not found: allocate_sched")
     numba.get_num_threads()
@@ -564,6 +567,18 @@ def c_entry_points() -> tuple[int, int]:
         else:
             forward_train_at(np.int16(0), np.float32(0), *args)
 
+    @numba.cfunc(_C_FORWARD_EVAL, cache=True, nogil=True)
+    def forward_eval(dtype, x, weight, bias, running_mean, running_var, y, n, c, s, eps, parallel, rows_per_chunk):
+        args = (x, weight, bias, running_mean, running_var, y, n, c, s, eps, parallel != 0, rows_per_chunk)
+        if dtype == 0:
+            forward_eval_at(np.float32(0), np.float32(0), *args)
+        elif dtype == 1:
+            forward_eval_at(np.float64(0), np.float64(0), *args)
+        elif dtype == 2:
+            forward_eval_at(np.uint16(0), np.float32(0), *args)
+        else:
+            forward_eval_at(np.int16(0), np.float32(0), *args)
+
     @numba.cfunc(_C_BACKWARD, cache=True, nogil=True)
     def backward(dtype, dy, x, mean, invstd, weight, training, dx, dweight, dbias, n, c, s, parallel,
                  rows_per_chunk, block):  # fmt: skip
@@ -578,4 +593,4 @@ def c_entry_points() -> tuple[int, int]:
         else:
             backward_at(np.int16(0), np.float32(0), *args)
 
-    return forward_train.address, backward.address
+    return forward_train.address, forward_eval.address, backward.address
