@@ -37,8 +37,9 @@ _extension: ModuleType | None = None
 _failed = False
 
 
-#: whether the C++ node serves training where it can be built (``FASTNORM_NATIVE=0`` at import
-#: turns it off; tests and benchmarks set it to run the Python autograd Function instead)
+#: whether the numba backend's eager BatchNorm runs through the C++ extension where it can be
+#: built (``FASTNORM_NATIVE=0`` at import turns it off; tests and benchmarks set it to run the
+#: Python path instead)
 ENABLED = os.environ.get("FASTNORM_NATIVE", "1") != "0"
 
 
