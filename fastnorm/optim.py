@@ -228,10 +228,26 @@ class _KernelOptimizer:
         self.__dict__.update(kept)
         self.__dict__.pop("_plans", None)
 
+    #: the state_dict key of the stochastic rounding launch count (top level: torch's
+    #: ``load_state_dict`` ignores it, so such a checkpoint still loads into torch's optimizer)
+    ROUNDING_CALLS_KEY = "fastnorm_rounding_calls"
+
+    def state_dict(self) -> dict:
+        """torch's; with ``stochastic_rounding`` also the launch count that seeds the rounding
+        stream, so that a run resumed from it rounds as the uninterrupted run would."""
+        state = super().state_dict()
+        if self.stochastic_rounding:
+            state[self.ROUNDING_CALLS_KEY] = self._rounding_calls
+        return state
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, except that with ``master_weights`` the float32 master copies and state of
-        16-bit parameters stay float32 (torch casts every state tensor to its parameter's dtype)."""
+        16-bit parameters stay float32 (torch casts every state tensor to its parameter's dtype),
+        and a saved stochastic rounding launch count is taken (a checkpoint without one leaves
+        this optimizer's)."""
         super().load_state_dict(state_dict)
+        if self.ROUNDING_CALLS_KEY in state_dict:
+            self._rounding_calls = int(state_dict[self.ROUNDING_CALLS_KEY])
         if not getattr(self, "master_weights", False):
             return
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])

@@ -115,11 +115,14 @@ class StochasticRoundingTwins(RuleBasedStateMachine):
     @precondition(_running)
     @rule()
     def checkpoint_round_trip(self):
-        """A new optimizer resumes from the old one's checkpoint (state and group options)."""
+        """A new optimizer resumes from the old one's checkpoint (state, group options, and the
+        launch count seeding the rounding stream: it rounds as the old one would have)."""
         state = copy.deepcopy(self.ours.state_dict())
+        calls = self.ours._rounding_calls
         self.ours = getattr(fastnorm.optim, self.name)(self.params, backend=self.backend, stochastic_rounding=True,
                                                        **self.options)  # fmt: skip
         self.ours.load_state_dict(state)
+        assert self.ours._rounding_calls == calls, "the rounding stream restarted"
 
     @precondition(_running)
     @rule(index=st.integers(0, 2), how=st.sampled_from(["copy_", "data"]))

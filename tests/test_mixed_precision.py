@@ -213,6 +213,34 @@ def test_stochastic_rounding_is_reproducible_and_the_same_on_every_backend():
     assert not torch.equal(first[0], nearest[0])
 
 
+@pytest.mark.parametrize("backend", OPTIM_BACKENDS)
+def test_stochastic_rounding_resumes_from_a_checkpoint_bit_for_bit(backend):
+    """A run resumed from ``state_dict()`` rounds as the uninterrupted run: the checkpoint
+    carries the launch count the rounding stream is seeded by (it restarted from zero, so the
+    resumed run drew the first steps' random bits again)."""
+    torch.manual_seed(123)
+    grads = [[torch.randn(300, 7).bfloat16(), torch.randn(5).bfloat16()] for _ in range(6)]
+
+    def steps(opt, params, which):
+        for i in which:
+            for p, g in zip(params, grads[i]):
+                p.grad = g.clone()
+            opt.step()
+
+    params = _params(torch.bfloat16, [(300, 7), (5,)])
+    opt = fastnorm.optim.Adam(params, lr=1e-3, backend=backend, stochastic_rounding=True)
+    steps(opt, params, range(3))
+    checkpoint = copy.deepcopy(({"params": [p.detach().clone() for p in params]}, opt.state_dict()))
+    steps(opt, params, range(3, 6))
+    resumed = [torch.nn.Parameter(p.clone()) for p in checkpoint[0]["params"]]
+    opt2 = fastnorm.optim.Adam(resumed, lr=1e-3, backend=backend, stochastic_rounding=True)
+    opt2.load_state_dict(checkpoint[1])
+    steps(opt2, resumed, range(3, 6))
+    for a, b in zip(params, resumed):
+        assert torch.equal(a.detach().view(torch.int16), b.detach().view(torch.int16))
+    torch.optim.Adam([torch.nn.Parameter(p.clone()) for p in checkpoint[0]["params"]]).load_state_dict(checkpoint[1])
+
+
 def test_stochastic_rounding_is_unbiased_for_every_state_buffer():
     """exp_avg after one Adam step is (1 - beta1) * g: its stochastic roundings average to it."""
     g = torch.full((100_000,), 0.3, dtype=torch.bfloat16)
