@@ -37,12 +37,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bn_providers import kernels_fn, prealloc_fn  # noqa: E402
+from bn_providers import kernels_fn, prealloc_fn, python_node  # noqa: E402
 from paired import Ratio, Spread, paired, ratio  # noqa: E402
 
 import fastnorm  # noqa: E402
 import kernels.numba_cpu as nb  # noqa: E402
-from fastnorm import _native  # noqa: E402
 from kernels.numba_cpu import batchnorm as nb_bn  # noqa: E402
 
 SHAPES = [  # (shape, channels_last, quick)
@@ -169,14 +168,10 @@ def profile_shape(shape, channels_last: bool, rounds: int, roof: dict, l3: int) 
         xg = x.detach().clone(memory_format=fmt).requires_grad_(True)
 
         def step():
-            _native.ENABLED = native
-            try:
-                bn(xg).backward(dy)
-            finally:
-                _native.ENABLED = True
+            bn(xg).backward(dy)
             xg.grad = None
 
-        return step
+        return step if native else python_node(step)
 
     providers = {"torch": module("torch"), "numba": module("numba"), "numba-python": module("numba", native=False),
                  "torch-prealloc": prealloc_fn("forward_backward", x, dy),

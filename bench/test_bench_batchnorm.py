@@ -18,11 +18,10 @@ import math
 
 import pytest
 import torch
-from bn_providers import kernels_fn, prealloc_fn
+from bn_providers import kernels_fn, prealloc_fn, python_node
 from conftest import compare
 
 import fastnorm
-from fastnorm import _native
 
 # (shape, what it is, quick: part of --bench-quick)
 SHAPES = [
@@ -75,26 +74,13 @@ def _module(shape, provider, device):
     return bn
 
 
-def _python_node(fn):
-    """fn, run with fastnorm's training BatchNorm in a Python autograd Function (no C++ node)."""
-
-    def run():
-        _native.ENABLED = False
-        try:
-            return fn()
-        finally:
-            _native.ENABLED = True
-
-    return run
-
-
 def _provider_fn(mode, shape, channels_last, provider, device, x, dy):
     if provider == "torch-prealloc":
         return prealloc_fn(mode, x, dy)
     if provider == "numba-kernels":
         return kernels_fn(mode, x, dy, channels_last)
     if provider == "numba-python":  # its setup too (the backward mode's forward runs there)
-        return _python_node(lambda: _provider_fn(mode, shape, channels_last, "numba", device, x, dy))()
+        return python_node(lambda: _provider_fn(mode, shape, channels_last, "numba", device, x, dy))()
     bn = _module(shape, provider, device)
     if mode == "forward_train":
         return lambda: bn(x)
@@ -135,7 +121,7 @@ def test_batchnorm(benchmark, request, runnable, device, budget, mode, shape, ch
         if provider == "reference" and math.prod(shape) > 4_000_000:
             why = why or "the NumPy reference above 4M values: seconds per call, not a comparison"
         fn = why or _provider_fn(mode, shape, channels_last, provider, device, x, dy)
-        providers[provider] = _python_node(fn) if provider == "numba-python" and not why else fn
+        providers[provider] = python_node(fn) if provider == "numba-python" and not why else fn
     compare(benchmark, request, providers, device=device, budget=budget, op=f"batchnorm_{mode}",
             case=_case(shape, channels_last), bytes_moved=MODES[mode] * math.prod(shape), dtype="float32",
             layout="channels_last" if channels_last else "contiguous")  # fmt: skip

@@ -61,6 +61,14 @@ def _geometry(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int]:
     return shape[0], c, math.prod(shape[2:])
 
 
+def _launch(x: torch.Tensor, channels_last: bool, backend: Backend) -> tuple[tuple[int, int, int], tuple]:
+    """((N, C, S), plan) of a launch on x: Numba's thread count made torch's first, which the
+    plan's parallel choice reads (kernels.numba_cpu.batchnorm.plan)."""
+    threads = follow_torch_threads()
+    geometry = _geometry(x, channels_last)
+    return geometry, backend.kernels.plan(*geometry, x.element_size(), threads)
+
+
 def _output(x: torch.Tensor, channels_last: bool, keep_strides: bool) -> torch.Tensor:
     """An uninitialised output shaped as x: from torch's allocator below the buffer pool's
     threshold, from the pool above it (warm pages: fastnorm/_arrays.py). Strides as torch's
@@ -84,11 +92,8 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
     operation here costs tens of microseconds (its code and data come from DRAM; measured in
     bench/results/bn_profile.md as the module's "Python layer")."""
     kernels = backend.kernels
-    threads = follow_torch_threads()
     x, channels_last = _layout(input)
-    n, c, s = _geometry(x, channels_last)
-    itemsize = x.element_size()
-    plan = kernels.plan(n, c, s, itemsize, threads)
+    (n, c, s), plan = _launch(x, channels_last, backend)
     parallel, rows_per_chunk, block, _ = plan
     y = _output(x, channels_last, keep_strides=False)
     weight, bias, mean_in, var_in = _dense(weight), _dense(bias), _dense(running_mean), _dense(running_var)
@@ -124,9 +129,7 @@ def train_native(x, channels_last, source, weight, bias, running_mean, running_v
     the same kernels as :func:`forward` and :class:`AddressBatchNormFunction`, the same
     semantics. x: dense (contiguous, or channels-last if ``channels_last``); source: the
     caller's strided input of which x is a copy, or None (saved for torch's in-place error)."""
-    threads = follow_torch_threads()
-    geometry = _geometry(x, channels_last)
-    plan = backend.kernels.plan(*geometry, x.element_size(), threads)
+    geometry, plan = _launch(x, channels_last, backend)
     return _native.batch_norm_train(x, weight, bias, running_mean, running_var, source, momentum, eps,
                                     channels_last, geometry, plan)  # fmt: skip
 
@@ -135,10 +138,8 @@ def forward_native(input, weight, bias, running_mean, running_var, training, mom
                    backend: Backend) -> torch.Tensor:  # fmt: skip
     """y of :func:`forward` (no autograd node) through the C++ extension: one call, no Numba
     dispatcher typing its arguments."""
-    threads = follow_torch_threads()
     x, channels_last = _layout(input)
-    geometry = _geometry(x, channels_last)
-    plan = backend.kernels.plan(*geometry, x.element_size(), threads)
+    geometry, plan = _launch(x, channels_last, backend)
     return _native.batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                       channels_last, geometry, plan)  # fmt: skip
 

@@ -23,6 +23,7 @@ import torch
 import kernels
 from kernels._bits import BFLOAT16
 
+from . import _native
 from ._arrays import CpuArrays, CudaArrays
 
 #: Every backend name fastnorm knows, in order of preference for display.
@@ -269,8 +270,6 @@ def auto_prefers_torch(kind: str, numel: int) -> bool:
 
 def _native_node() -> bool:
     """Whether numba's BatchNorm trains through its C++ autograd node (building it on first use)."""
-    from . import _native
-
     return _native.ENABLED and _native.extension() is not None
 
 

@@ -552,6 +552,8 @@ def c_entry_points() -> tuple[int, int, int]:
     # a cached C function that runs parallel code needs Numba's threading layer loaded first
     # (else LLVM cannot resolve its scheduler's symbols: "Symbol not found: allocate_sched")
     numba.get_num_threads()
+    # Each function switches on the dtype code with one call per branch: the like-scalars type
+    # the kernel's pointers at compile time, so the branches cannot share one call.
 
     @numba.cfunc(_C_FORWARD_TRAIN, cache=True, nogil=True)
     def forward_train(dtype, x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, n, c, s,
