@@ -141,15 +141,14 @@ TORCH_OPTIM_VARIANTS = {"torch": {}, "torch-foreach": {"foreach": True}, "torch-
 TORCH_FUSED = {"SGD", "Adagrad", "Adam", "AdamW"}
 
 
-#: providers that run a backend's kernels without its Python layer, or (numba-python) behind a
-#: Python autograd node instead of the C++ one (bench/test_bench_batchnorm.py)
-KERNEL_PROVIDERS = {"torch-prealloc": "torch", "numba-kernels": "numba", "numba-python": "numba"}
+#: providers that run a backend's kernels without its layer around them (bench/test_bench_batchnorm.py)
+KERNEL_PROVIDERS = {"torch-prealloc": "torch", "numba-kernels": "numba"}
 
 
 def provider_skip_reason(provider: str, op: str, device: torch.device) -> str | None:
     """None if ``provider`` runs ``op`` on ``device`` here, else why not."""
     if provider in KERNEL_PROVIDERS:
-        if provider in ("numba-kernels", "numba-python") and device.type != "cpu":
+        if provider == "numba-kernels" and device.type != "cpu":
             return "the numba kernels run on CPU tensors only"
         provider = KERNEL_PROVIDERS[provider]
     if provider in TORCH_OPTIM_VARIANTS or provider == "torch":
@@ -173,12 +172,58 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def _process_memory() -> dict[str, int]:
+    """This process's resident set (VmRSS) and its peak (VmHWM), in bytes (Linux), else {}."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
+
+
+def _reset_peak_rss() -> bool:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``) and reset the peak resident set
+    to the current one (``/proc/self/clear_refs``, Linux): whether both worked."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory(call: Callable[[], object], device: torch.device) -> int | None:
+    """Peak memory one ``call`` adds, in bytes: on CUDA the peak of torch's allocator above what
+    was allocated before; on CPU the growth of the process's peak resident set (after freed heap
+    memory went back to the OS, so that what a call allocates is counted again: buffers a
+    library keeps between calls, fastnorm's output pools among them, were resident before and
+    are not). None where it cannot be measured."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        return torch.cuda.max_memory_allocated() - before
+    if not _reset_peak_rss():
+        return None
+    before = _process_memory().get("VmRSS")
+    call()
+    peak = _process_memory().get("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0)
+
+
 def compare(benchmark, request, providers: dict[str, Callable[[], object] | str], *, device: torch.device,
             budget: float, op: str, case: str, bytes_moved: int, bytes_by_provider: dict | None = None,
-            **info) -> dict[str, list[float]]:  # fmt: skip
+            memory: bool = False, **info) -> dict[str, list[float]]:  # fmt: skip
     """Time ``providers`` ({name: fn, or the reason it cannot run here}) side by side (see the
     module's text); returns each provider's samples in seconds. ``bytes_by_provider`` overrides
-    ``bytes_moved`` for providers that move a different amount (the GPU roofline's copy)."""
+    ``bytes_moved`` for providers that move a different amount (the GPU roofline's copy).
+    ``memory``: also record each provider's :func:`peak_memory` of one call after its warm-up
+    (``peak_bytes``)."""
     test = request.node.name
     skipped = {name: why for name, why in providers.items() if isinstance(why, str)}
     assert all(why.strip() for why in skipped.values()), f"{test}: a provider skipped without a reason"
@@ -224,6 +269,7 @@ def compare(benchmark, request, providers: dict[str, Callable[[], object] | str]
         rounds = int(min(max(budget * len(calls) / max(per_round, 1e-7), MIN_ROUNDS), MAX_ROUNDS))
         benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
     assert set(samples) | set(skipped) == set(providers)
+    peaks = {name: peak_memory(call, device) for name, call in calls.items()} if memory else {}
     results = {}
     for name, times in samples.items():
         assert times, f"{test}: provider {name} has no timed round"
@@ -234,5 +280,7 @@ def compare(benchmark, request, providers: dict[str, Callable[[], object] | str]
                          "samples": [float(f"{t:.4g}") for t in times], "first_call_s": first[name],
                          "compile_s": max(first[name] - med, 0.0),
                          "gbps": (bytes_by_provider or {}).get(name, bytes_moved) / med / 1e9}  # fmt: skip
+        if memory:
+            results[name]["peak_bytes"] = peaks[name]
     benchmark.extra_info["providers"] = results
     return samples

@@ -22,11 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired import ratio  # noqa: E402
 
-TORCH_DEFAULT = {"e2e_mlp_bn_adam_step": "bn:torch+opt:torch"}
+TORCH_DEFAULT = {"e2e_training_step": "eager:torch"}
+#: ops whose providers are named ``mode:variant`` (eager or compiled model): their tables also give
+#: the speedup against the best torch provider of the same mode, and each provider's peak memory
+MODE_OPS = {"e2e_training_step"}
 #: the ops drawn in the chart (every op is in the tables)
 CHART_OPS = [
     "batchnorm_forward_backward", "batchnorm_forward_backward_bfloat16", "optim_sgd_momentum", "optim_adam",
-    "optim_adamw", "optim_adagrad", "optim_rmsprop", "optim_adam_bfloat16", "e2e_mlp_bn_adam_step",
+    "optim_adamw", "optim_adagrad", "optim_rmsprop", "optim_adam_bfloat16", "e2e_training_step",
 ]  # fmt: skip
 
 
@@ -53,8 +56,13 @@ def roofline(records: list[dict]) -> dict | None:
     return max(roofs, key=lambda r: r["gbps"]) if roofs else None
 
 
+def mode_of(provider: str) -> str | None:
+    """``eager`` or ``compiled`` for a ``mode:variant`` provider of the whole-step comparisons, else None."""
+    return provider.split(":", 1)[0] if ":" in provider else None
+
+
 def _is_torch(provider: str) -> bool:
-    return provider.startswith("torch") or provider.startswith("bn:torch+opt:torch")
+    return provider.split(":", 1)[-1].startswith("torch")
 
 
 def _default_torch(op: str) -> str:
@@ -67,6 +75,24 @@ def _fmt_time(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1e3:,.2f} ms"
     return f"{seconds:,.2f} s"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 2**20:,.1f} MB"
+
+
+MODE_NOTE = (
+    "Providers `eager:<variant>` run the model as built, `compiled:<variant>` under `torch.compile(model)` (the "
+    "optimizer outside it); variants: `torch` (torch's BatchNorm, default Adam), `torch-fused` (`fused=True`), "
+    "`torch-compiled` (default Adam, `step` under `torch.compile`), `fastnorm-numba` / `fastnorm-auto` (every "
+    "BatchNorm converted with `fastnorm.nn.convert`, `fastnorm.optim.Adam`, that backend). Peak memory: on CPU "
+    "the growth of the process's peak resident set during one step after freed heap memory was returned to the "
+    "OS (buffers kept between steps, fastnorm's output pools among them, are not counted); on CUDA the peak of "
+    "torch's allocator above the memory allocated before the step. First call: the first step's time "
+    "(compilation for `compiled:` providers and `torch-compiled`)."
+)
 
 
 def _fmt_spread(r: dict) -> str:
@@ -97,6 +123,11 @@ def rows_by_case(records: list[dict]) -> dict:
                 r["best_torch"] = best["provider"] if best else None
                 r["vs_best_torch"] = ratio(best["samples"], r["samples"]) if best else None
                 r["vs_torch_default"] = default["median"] / r["median"] if default else None
+                mode = mode_of(r["provider"])
+                same = [t for t in torch_rows if mode is not None and mode_of(t["provider"]) == mode]
+                best_same = min(same, key=lambda t: t["median"], default=None)
+                r["best_torch_same_mode"] = best_same["provider"] if best_same else None
+                r["vs_best_torch_same_mode"] = ratio(best_same["samples"], r["samples"]) if best_same else None
             rows.sort(key=lambda r: r["median"])
     return table
 
@@ -142,10 +173,8 @@ def markdown(report: dict, title: str, table: dict | None = None) -> str:
         "and `numba-kernels` fastnorm's numba kernels the same way (address entry points, no autograd, no Python "
         "module): compare `numba` with `torch` for the modules users call, `numba-kernels` with `torch-prealloc` "
         "for the kernels alone. The gap between `numba` and `numba-kernels` is fastnorm's layer "
-        "(the Python module and checks, the C++ autograd node of training, buffer pool): ~25 µs hot, a few "
-        "hundred µs after a large kernel has streamed the caches (bench/results/bn_profile.md). "
-        "`numba-python` is the numba module with its training autograd node in Python (a "
-        "`torch.autograd.Function`), what fastnorm runs where its C++ extension cannot be built.",
+        "(the Python module, the dispatch of `torch.ops.fastnorm.batch_norm` and its checks, autograd, "
+        "buffer pool; bench/results/bn_profile.md measures it).",
     ]
     if roof:
         lines.append(
@@ -156,26 +185,47 @@ def markdown(report: dict, title: str, table: dict | None = None) -> str:
             "writes three or four arrays) can exceed a two-array update"
         )
     lines.append("")
-    for op in sorted(table):
+    for op in sorted(table, key=lambda op: (op not in MODE_OPS, op)):  # whole steps first
         lines += [f"## {op}", ""]
+        if op in MODE_OPS:
+            lines += [MODE_NOTE, ""]
         has_bytes = any(r.get("bytes") for cs in table[op].values() for r in cs)
-        head = "| case | provider | median (IQR) | vs best torch [95% CI] | vs torch default |"
-        sep = "|---|---|---:|---:|---:|"
+        has_modes = op in MODE_OPS
+        head = "| case | provider | median (IQR) | vs best torch [95% CI] |"
+        sep = "|---|---|---:|---:|"
+        if has_modes:
+            head += " vs best torch of its mode [95% CI] |"
+            sep += "---:|"
+        head += " vs torch default |"
+        sep += "---:|"
         if has_bytes:
             head += " GB/s | % roofline |"
+            sep += "---:|---:|"
+        if has_modes:
+            head += " peak memory | first call |"
             sep += "---:|---:|"
         lines += [head, sep]
         for case in _sorted_cases(table[op]):
             for r in table[op][case]:
                 name = f"**{r['provider']}**" if r["provider"] == r.get("best_torch") else r["provider"]
                 default = "—" if r["vs_torch_default"] is None else f"{r['vs_torch_default']:.2f}x"
-                row = f"| {case} | {name} | {_fmt_spread(r)} | {_fmt_ratio(r['vs_best_torch'])} | {default} |"
+                row = f"| {case} | {name} | {_fmt_spread(r)} | {_fmt_ratio(r['vs_best_torch'])} |"
+                if has_modes:
+                    row += f" {_fmt_ratio(r.get('vs_best_torch_same_mode'))} |"
+                row += f" {default} |"
                 if has_bytes:
                     pct = f"{100 * r['gbps'] / roof['gbps']:.0f}%" if roof and r.get("gbps") else "—"
                     row += f" {r.get('gbps', 0):.1f} | {pct} |"
+                if has_modes:
+                    row += f" {_fmt_bytes(r.get('peak_bytes'))} | {_fmt_time(r['first_call_s'])} |"
                 lines.append(row)
         lines.append("")
-    compiled = [r for r in records if r["provider"] in ("numba", "cuda", "torch-compiled") and "compile_s" in r]
+    compiled = [
+        r
+        for r in records
+        if "compile_s" in r
+        and (r["provider"] in ("numba", "cuda", "torch-compiled") or mode_of(r["provider"]) is not None)
+    ]
     if compiled:
         lines += ["## First call (compilation or on-disk cache load) minus steady state", "",
                   "| op | case | provider | first call - median |", "|---|---|---|---:|"]  # fmt: skip

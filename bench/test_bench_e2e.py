@@ -1,47 +1,123 @@
-"""End to end: one training step of the book's MNIST MLP with BatchNorm (batch 64, Adam).
+"""Whole training steps, as users run them: forward, cross-entropy, backward, Adam step.
 
-forward, cross-entropy, backward, optimizer step; one provider per (BatchNorm provider,
-optimizer provider) combination, all timed side by side (conftest.compare). Bytes are not
-meaningful here (matmuls dominate): the report shows times and speedups only.
+Models: the book's MNIST MLP (784-256-128-10 with BatchNorm) at batch 64 and 256, and
+torchvision's ResNet-18 (10 classes) at batch 32 on 64x64 images, in the contiguous and the
+channels-last layout (model and input converted with ``memory_format=torch.channels_last``).
+
+Providers, every one of a case timed side by side (conftest.compare), each in two modes:
+``eager:`` the model as built, ``compiled:`` the model under ``torch.compile(model)`` (default
+options; the first call, which compiles, is reported apart). The optimizer runs outside the
+compiled model, as users write it:
+
+* ``torch``: torch's BatchNorm, ``torch.optim.Adam`` (its default implementation: ``foreach``
+  on GPU, the for-loop on CPU);
+* ``torch-fused``: torch's BatchNorm, ``Adam(fused=True)``;
+* ``torch-compiled``: torch's BatchNorm, default Adam with its ``step`` under ``torch.compile``;
+* ``fastnorm-numba``: every BatchNorm converted with ``fastnorm.nn.convert(model, "numba")``,
+  ``fastnorm.optim.Adam(backend="numba")``;
+* ``fastnorm-auto``: the same with ``backend="auto"`` (what fastnorm picks here per op and size).
+
+Bytes are not meaningful here (convolutions and matmuls dominate): the report shows times,
+speedups against the best torch provider (of all modes, and of the provider's own mode) and
+each provider's peak memory during one step (conftest.peak_memory).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TORCH_OPTIM_VARIANTS, compare
-from test_bench_optim import compiled_skip, make_optimizer, step_fn
+from conftest import compare, provider_skip_reason
+from test_bench_optim import step_fn
 
+import fastnorm
 from fastnorm.book.models import SimpleNN
 
-BN_PROVIDERS = ["reference", "numba", "cuda", "torch"]
-OPT_PROVIDERS = ["reference", "numba", "cuda", *TORCH_OPTIM_VARIANTS]
+#: (id, model, batch, image size, channels_last, quick)
+CASES = [
+    ("mlp-b64", "mlp", 64, 28, False, True),
+    ("mlp-b256", "mlp", 256, 28, False, False),
+    ("resnet18-b32-64x64", "resnet18", 32, 64, False, False),
+    ("resnet18-b32-64x64-channels_last", "resnet18", 32, 64, True, False),
+]
+#: optimizer variant -> (BatchNorm backend, optimizer factory)
+VARIANTS = {
+    "torch": ("torch", lambda ps: torch.optim.Adam(ps, lr=1e-3)),
+    "torch-fused": ("torch", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
+    "torch-compiled": ("torch", lambda ps: torch.optim.Adam(ps, lr=1e-3)),
+    "fastnorm-numba": ("numba", lambda ps: fastnorm.optim.Adam(ps, lr=1e-3, backend="numba")),
+    "fastnorm-auto": ("auto", lambda ps: fastnorm.optim.Adam(ps, lr=1e-3, backend="auto")),
+}
+MODES = ("eager", "compiled")
+
+# every compiled model is a recompilation of the same forward (guarded on the module): past
+# dynamo's default limit (8) the rest would silently run eagerly
+for _limit, _value in (("recompile_limit", 512), ("cache_size_limit", 512), ("accumulated_recompile_limit", 8192),
+                       ("accumulated_cache_size_limit", 8192)):  # fmt: skip
+    if hasattr(torch._dynamo.config, _limit):
+        setattr(torch._dynamo.config, _limit, _value)
 
 
-def _step(bn_provider: str, opt_provider: str, device: torch.device):
+def build_model(model: str, channels_last: bool) -> torch.nn.Module:
+    """The case's model with torch's BatchNorm, from seed 0 (every provider starts from the same weights)."""
     torch.manual_seed(0)
-    model = SimpleNN(use_batch_norm=True, backend=bn_provider).to(device)
-    opt = make_optimizer("Adam", {"lr": 1e-3}, model.parameters(), opt_provider)
-    opt_step = step_fn(opt, opt_provider)
-    x = torch.randn(64, 1, 28, 28, device=device)
-    target = torch.randint(0, 10, (64,), device=device)
+    if model == "mlp":
+        return SimpleNN(use_batch_norm=True, backend="torch")
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=10)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def make_step(model_name: str, batch: int, size: int, channels_last: bool, variant: str, mode: str,
+              device: torch.device):  # fmt: skip
+    """One provider's training step (a closure over its own model, optimizer and batch)."""
+    bn, make_opt = VARIANTS[variant]
+    model = build_model(model_name, channels_last).to(device)
+    if bn != "torch":
+        model = fastnorm.nn.convert(model, backend=bn)
+    opt = make_opt(model.parameters())
+    opt_step = step_fn(opt, variant)
+    forward = torch.compile(model) if mode == "compiled" else model
+    gen = torch.Generator().manual_seed(1)
+    if model_name == "mlp":
+        x = torch.randn(batch, 1, 28, 28, generator=gen)
+    else:
+        x = torch.randn(batch, 3, size, size, generator=gen)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+    x = x.to(device)
+    target = torch.randint(0, 10, (batch,), generator=gen).to(device)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), target)
-        loss.backward()
+        loss_fn(forward(x), target).backward()
         opt_step()
 
     return step
 
 
-@pytest.mark.quick
-def test_mlp_training_step(benchmark, request, runnable, device, budget):
+def _params():
+    for cid, model, batch, size, channels_last, quick in CASES:
+        marks = [pytest.mark.quick] if quick else []
+        yield pytest.param(model, batch, size, channels_last, marks=marks, id=cid)
+
+
+@pytest.mark.parametrize("model,batch,size,channels_last", list(_params()))
+def test_training_step(benchmark, request, device, budget, model, batch, size, channels_last):
+    if model == "resnet18":
+        pytest.importorskip("torchvision")
+    wanted = [p for p in request.config.getoption("--bench-providers").split(",") if p]
     providers = {}
-    for bn in BN_PROVIDERS:
-        for opt in OPT_PROVIDERS:
-            why = runnable(bn, "batch_norm") or runnable(opt, "Adam") or compiled_skip(benchmark, opt, ("e2e",))
-            providers[f"bn:{bn}+opt:{opt}"] = why or _step(bn, opt, device)
-    compare(benchmark, request, providers, device=device, budget=budget, op="e2e_mlp_bn_adam_step", case="batch64",
-            bytes_moved=0)  # fmt: skip
+    for mode in MODES:
+        for variant, (bn, _) in VARIANTS.items():
+            name = f"{mode}:{variant}"
+            why = None
+            if wanted and not {name, variant} & set(wanted):
+                why = f"provider {variant!r} not selected (--bench-providers)"
+            elif bn != "torch":
+                why = provider_skip_reason(bn, "batch_norm", device) or provider_skip_reason(bn, "Adam", device)
+            providers[name] = why or make_step(model, batch, size, channels_last, variant, mode, device)
+    case = request.node.callspec.id
+    compare(benchmark, request, providers, device=device, budget=budget, op="e2e_training_step", case=case,
+            bytes_moved=0, memory=True, model=model, batch=batch)  # fmt: skip
