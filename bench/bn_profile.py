@@ -17,9 +17,8 @@ outputs (a store to a line not in cache reads it first: +4 B per float32 output 
 in-place roofline does not pay). Then the whole BatchNorm module forward+backward against
 torch's, interleaved and five calls back to back; the same for the kernels alone (``numba-kernels``
 against ``torch-prealloc``, bench/bn_providers.py), whose difference from the module is fastnorm's
-layer (the Python module and checks, the C++ autograd node, buffer pool), and the module with its
-autograd node in Python (``numba-python``: what the C++ node saves); and the roofline measured in the
-same run: ``a += s*b`` in place over 200 MB arrays (12 B per element), and a plain read of 200 MB.
+layer (the Python module, the op's dispatch and checks, autograd, buffer pool); and the roofline
+measured in the same run: ``a += s*b`` in place over 200 MB arrays (12 B per element), and a plain read of 200 MB.
 
 Usage: python bench/bn_profile.py [--rounds 15] [--quick] [--json out.json]
 """
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bn_providers import kernels_fn, prealloc_fn, python_node  # noqa: E402
+from bn_providers import kernels_fn, prealloc_fn  # noqa: E402
 from paired import Ratio, Spread, paired, ratio  # noqa: E402
 
 import fastnorm  # noqa: E402
@@ -162,8 +161,8 @@ def profile_shape(shape, channels_last: bool, rounds: int, roof: dict, l3: int) 
 
     cls = torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d
 
-    def module(backend, native=True):
-        """One module forward+backward; native=False: fastnorm's autograd node in Python."""
+    def module(backend):
+        """One module forward+backward."""
         bn = cls(c) if backend == "torch" else getattr(fastnorm.nn, cls.__name__)(c, backend=backend)
         xg = x.detach().clone(memory_format=fmt).requires_grad_(True)
 
@@ -171,9 +170,9 @@ def profile_shape(shape, channels_last: bool, rounds: int, roof: dict, l3: int) 
             bn(xg).backward(dy)
             xg.grad = None
 
-        return step if native else python_node(step)
+        return step
 
-    providers = {"torch": module("torch"), "numba": module("numba"), "numba-python": module("numba", native=False),
+    providers = {"torch": module("torch"), "numba": module("numba"),
                  "torch-prealloc": prealloc_fn("forward_backward", x, dy),
                  "numba-kernels": kernels_fn("forward_backward", x, dy, channels_last)}  # fmt: skip
     mods = paired(providers, rounds)  # interleaved: each call after another provider's
@@ -195,7 +194,6 @@ def profile_shape(shape, channels_last: bool, rounds: int, roof: dict, l3: int) 
         "back_to_back_ms": med_alone,
         "python_layer_ms": med["numba"] - med["numba-kernels"],
         "python_layer_back_to_back_ms": med_alone["numba"] - med_alone["numba-kernels"],
-        "numba_python_ms": med["numba-python"], "cpp_node_saves_ms": med["numba-python"] - med["numba"],
     }  # fmt: skip
 
 
@@ -234,8 +232,6 @@ def main(argv=None) -> None:
               f"numba-kernels {res['numba_kernels_ms']:.2f} ms: {res['kernels_speedup']:.2f}x "
               f"[{res['kernels_speedup_ci'][0]:.2f}-{res['kernels_speedup_ci'][1]:.2f}]")  # fmt: skip
         b2b = res["back_to_back_ms"]
-        print(f"the C++ autograd node: numba {res['numba_ms']:.2f} ms, numba-python (the node in Python) "
-              f"{res['numba_python_ms']:.2f} ms: {res['cpp_node_saves_ms']:.2f} ms saved")  # fmt: skip
         print(f"fastnorm's layer (numba - numba-kernels): {res['python_layer_ms']:.2f} ms interleaved, "
               f"{res['python_layer_back_to_back_ms']:.2f} ms back to back (five calls in a row: numba "
               f"{b2b['numba']:.2f}, numba-kernels {b2b['numba-kernels']:.2f}, torch {b2b['torch']:.2f}, "

@@ -6,17 +6,24 @@ variants) into outputs allocated once, no autograd. ``kernels_fn``: fastnorm's n
 same way, called on the tensors' addresses (kernels.numba_cpu's address entry points). ``mode``:
 forward_train, forward_eval, backward or forward_backward; each returns a function of no
 arguments that runs one call (the forward has run once already, so the backward has statistics).
-``python_node(fn)``: fn run on the numba module's Python path (provider ``numba-python``).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
 import kernels.numba_cpu as kn
-from fastnorm import _native
-from fastnorm._address_autograd import _geometry
+
+
+def _geometry(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int]:
+    """(N, C, S) as the kernels see x: (N*H*W, C, 1) for channels-last memory."""
+    c = x.shape[1]
+    if channels_last:
+        return x.numel() // c, c, 1
+    return x.shape[0], c, math.prod(x.shape[2:])
 
 
 def prealloc_fn(mode: str, x: torch.Tensor, dy: torch.Tensor):
@@ -67,20 +74,6 @@ def kernels_fn(mode: str, x: torch.Tensor, dy: torch.Tensor, channels_last: bool
                        rows_per_chunk, backward_block)  # fmt: skip
 
     return _for_mode(mode, forward, forward_eval, backward)
-
-
-def python_node(fn):
-    """fn, run with fastnorm's numba BatchNorm on its Python path (autograd Function, Numba
-    dispatcher) instead of the C++ extension (``numba-python``): what the extension saves."""
-
-    def run():
-        _native.ENABLED = False
-        try:
-            return fn()
-        finally:
-            _native.ENABLED = True
-
-    return run
 
 
 def _for_mode(mode: str, forward, forward_eval, backward):

@@ -1,10 +1,10 @@
-"""Where the time of a small eager BatchNorm forward+backward goes (the #15 overhead question).
+"""Where the time of a small eager BatchNorm forward+backward goes (fastnorm's layer).
 
-At the book's MLP sizes the numba kernels take ~10 µs per direction while a fastnorm
+At the book's MLP sizes the numba kernels take ~10 µs per direction while a module
 forward+backward takes several times that: this script times, side by side and interleaved (the
-machines here are noisy), torch's BatchNorm1d, fastnorm's module on each backend, and the stages
-of fastnorm's numba path one by one (backend resolution, argument checks, array views and
-allocation, each kernel alone, the autograd Function around them), as medians of many rounds.
+machines here are noisy), torch's BatchNorm1d, fastnorm's module on each backend, and the layers
+of fastnorm's numba path one by one (the module's Python forward, the registered op called
+directly with and without autograd, the backward op, the kernels alone), as medians of many rounds.
 
 Usage: python bench/eager_overhead.py [--rounds 300] [--shapes 64x256,64x128]
 """
@@ -19,7 +19,6 @@ import torch
 
 import fastnorm
 from fastnorm import functional
-from fastnorm._arrays import CpuArrays
 from fastnorm._dispatch import resolve
 
 
@@ -53,15 +52,15 @@ def stages(n: int, c: int, rounds: int) -> dict[str, float]:
     dy = torch.randn(n, c)
     ref = torch.nn.BatchNorm1d(c)
     mods = {b: fastnorm.nn.BatchNorm1d(c, backend=b) for b in ("numba", "reference", "torch")}
-    backend = resolve("numba", "batch_norm", x.device)
-    k = backend.kernels
-    arrays = CpuArrays()
-    xa = arrays.kernel_array(x.detach(), False)
-    w, b = ref.weight.detach().numpy(), ref.bias.detach().numpy()
-    rm, rv = ref.running_mean.numpy().copy(), ref.running_var.numpy().copy()
-    y_arr, mean, invstd = xa.copy(), w.copy(), w.copy()
-    dx_arr, dw, db = xa.copy(), w.copy(), w.copy()
-    dya = dy.numpy().reshape(n, c, 1)
+    w, b = ref.weight, ref.bias
+    rm, rv = ref.running_mean.clone(), ref.running_var.clone()
+    ops = torch.ops.fastnorm
+    _, mean, invstd = ops.batch_norm_forward(x.detach(), w.detach(), b.detach(), rm, rv, True, 0.1, 1e-5)
+    k = resolve("numba", "batch_norm", x.device).kernels
+    xa, dya = x.detach().numpy().reshape(n, c, 1), dy.numpy().reshape(n, c, 1)
+    wa, ba = w.detach().numpy(), b.detach().numpy()
+    y_arr, dx_arr, m_arr, i_arr, dw, db = xa.copy(), xa.copy(), wa.copy(), wa.copy(), wa.copy(), wa.copy()
+    rma, rva = rm.numpy().copy(), rv.numpy().copy()
 
     def fwd_bwd(m):
         def run():
@@ -74,17 +73,21 @@ def stages(n: int, c: int, rounds: int) -> dict[str, float]:
         "fastnorm numba fwd+bwd": fwd_bwd(mods["numba"]),
         "fastnorm torch-backend fwd+bwd": fwd_bwd(mods["torch"]),
         "fastnorm numba forward, no grad": lambda: mods["numba"](x.detach()),
-        "stage: resolve()": lambda: resolve("numba", "batch_norm", x.device, x.numel()),
-        "stage: argument checks": lambda: functional._check_arguments(
-            x, ref.running_mean, ref.running_var, ref.weight, ref.bias, True, 1e-5, "numba"
+        "op: fastnorm::batch_norm fwd+bwd": lambda: ops.batch_norm.default(x, w, b, rm, rv, True, 0.1, 1e-5).backward(
+            dy
         ),
-        "stage: views + output allocation": lambda: (arrays.kernel_array(x.detach(), False),
-                                                     arrays.empty_like(x, False), arrays.scratch_vector(c, x)),
-        "stage: forward kernel alone": lambda: k.batch_norm_forward_train(xa, w, b, rm, rv, 0.1, 1e-5, y_arr, mean,
-                                                                          invstd),
-        "stage: backward kernel alone": lambda: k.batch_norm_backward(dya, xa, mean, invstd, w, True, dx_arr, dw, db),
+        "op: fastnorm::batch_norm, no grad": lambda: ops.batch_norm.default(
+            x.detach(), None, None, rm, rv, True, 0.1, 1e-5
+        ),
+        "op: fastnorm::batch_norm_backward": lambda: ops.batch_norm_backward.default(
+            dy, x.detach(), w.detach(), mean, invstd, True, [True, True, True]
+        ),
+        "stage: backend_for()": lambda: functional.backend_for("numba", x),
+        "kernels: forward alone": lambda: k.batch_norm_forward_train(xa, wa, ba, rma, rva, 0.1, 1e-5, y_arr, m_arr,
+                                                                     i_arr),
+        "kernels: backward alone": lambda: k.batch_norm_backward(dya, xa, m_arr, i_arr, wa, True, dx_arr, dw, db),
         "baseline: empty autograd.Function fwd+bwd": lambda: _Identity.apply(x).backward(dy),
-        "baseline: tensor -> NumPy view": lambda: x.detach().numpy(),
+        "baseline: torch.empty_like": lambda: torch.empty_like(x),
     }  # fmt: skip
     # interleaved: every case measured in each of a few passes, the median of the passes kept
     passes = {name: [] for name in cases}

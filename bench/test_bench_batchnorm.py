@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from bn_providers import kernels_fn, prealloc_fn, python_node
+from bn_providers import kernels_fn, prealloc_fn
 from conftest import compare
 
 import fastnorm
@@ -41,12 +41,8 @@ MODES = {"forward_train": 8, "forward_eval": 8, "backward": 12, "forward_backwar
 #: backward, .out variants) writing into outputs allocated once, no autograd: what torch would
 #: cost with a warm output allocator, as fastnorm's CPU buffer pool gives its own outputs;
 #: numba-kernels: fastnorm's numba kernels the same way (address entry points, outputs allocated
-#: once, no autograd): the like-for-like partner of torch-prealloc; numba-python: the numba module
-#: with its training autograd node in Python (torch.autograd.Function) instead of C++
-#: (fastnorm/_native.py): what fastnorm costs where its C++ extension cannot be built
-PROVIDERS = ["reference", "numba", "numba-python", "numba-kernels", "cuda", "torch", "torch-prealloc"]
-#: the modes where numba-python differs from numba (an eval forward without gradient has no node)
-PYTHON_NODE_MODES = {"forward_train", "backward", "forward_backward"}
+#: once, no autograd): the like-for-like partner of torch-prealloc
+PROVIDERS = ["reference", "numba", "numba-kernels", "cuda", "torch", "torch-prealloc"]
 MODULES = {2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}
 
 
@@ -79,8 +75,6 @@ def _provider_fn(mode, shape, channels_last, provider, device, x, dy):
         return prealloc_fn(mode, x, dy)
     if provider == "numba-kernels":
         return kernels_fn(mode, x, dy, channels_last)
-    if provider == "numba-python":  # its setup too (the backward mode's forward runs there)
-        return python_node(lambda: _provider_fn(mode, shape, channels_last, "numba", device, x, dy))()
     bn = _module(shape, provider, device)
     if mode == "forward_train":
         return lambda: bn(x)
@@ -115,13 +109,10 @@ def test_batchnorm(benchmark, request, runnable, device, budget, mode, shape, ch
     dy = torch.randn(shape, device=device).contiguous(memory_format=fmt)
     providers = {}
     for provider in PROVIDERS:
-        if provider == "numba-python" and mode not in PYTHON_NODE_MODES:
-            continue  # the same as numba there
         why = runnable(provider, "batch_norm")
         if provider == "reference" and math.prod(shape) > 4_000_000:
             why = why or "the NumPy reference above 4M values: seconds per call, not a comparison"
-        fn = why or _provider_fn(mode, shape, channels_last, provider, device, x, dy)
-        providers[provider] = python_node(fn) if provider == "numba-python" and not why else fn
+        providers[provider] = why or _provider_fn(mode, shape, channels_last, provider, device, x, dy)
     compare(benchmark, request, providers, device=device, budget=budget, op=f"batchnorm_{mode}",
             case=_case(shape, channels_last), bytes_moved=MODES[mode] * math.prod(shape), dtype="float32",
             layout="channels_last" if channels_last else "contiguous")  # fmt: skip

@@ -11,9 +11,10 @@ CPU kernels and Numba CUDA kernels, next to PyTorch's own implementation:
 >>> model = fastnorm.nn.convert(model)       # swap every BatchNorm of a model
 """
 
-from . import _compiled, _optimizer_ops, functional, nn, optim  # the first two register torch.ops.fastnorm.*
+from . import functional, nn, optim
 from ._dispatch import BACKENDS, backends
+from ._ops import warmup
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backends", "functional", "nn", "optim", "__version__"]
+__all__ = ["BACKENDS", "backends", "functional", "nn", "optim", "warmup", "__version__"]

@@ -52,9 +52,8 @@ class BufferPool:
     Buffers of at least ``min_bytes`` are pooled, up to ``max_bytes`` in all
     (``FASTNORM_CPU_POOL_MB``, default 1024; 0 disables the pool). Benchmarks that compare with
     torch should say so: fastnorm's large outputs reuse warm pages where torch's take page faults.
-    The C++ BatchNorm node (fastnorm/_native.py) keeps its training outputs in a pool of its own
-    with the same limits (so up to twice ``max_bytes`` in a process that uses both); :meth:`clear`
-    empties both.
+    fastnorm's C++ ops (fastnorm/_ops.py) keep their outputs in a pool of their own with the same
+    limits (so up to twice ``max_bytes`` in a process that uses both); :meth:`clear` empties both.
     """
 
     def __init__(self, min_bytes: int = 1 << 20, max_bytes: int | None = None) -> None:
@@ -97,16 +96,18 @@ class BufferPool:
             free = sum(b.nbytes for blocks in self._free.values() for b in blocks)
             return self._bytes - free
 
+    #: what else :meth:`clear` empties: the C++ ops' pool, once they are loaded (fastnorm/_ops.py)
+    also_clear: list = []
+
     def clear(self) -> None:
         """Forget the free blocks (blocks in use return to the pool when their views die), here
-        and in the C++ BatchNorm node's pool."""
-        from . import _native
-
+        and in the C++ ops' pool."""
         with self._lock:
             freed = sum(b.nbytes for blocks in self._free.values() for b in blocks)
             self._free.clear()
             self._bytes -= freed
-        _native.pool_clear()
+        for clear in self.also_clear:
+            clear()
 
 
 pool = BufferPool()

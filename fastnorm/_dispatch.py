@@ -23,7 +23,7 @@ import torch
 import kernels
 from kernels._bits import BFLOAT16
 
-from . import _native
+from . import _ops
 from ._arrays import CpuArrays, CudaArrays
 
 #: Every backend name fastnorm knows, in order of preference for display.
@@ -128,6 +128,11 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
         if not module.is_usable():
             return None, "Numba cannot use the GPU (numba.cuda.is_available() is False)"
         _connect_cuda(module)
+    if name == "numba" and not _ops.available():
+        return None, (
+            f"its C++ ops (torch.ops.fastnorm) could not be built here ({_ops.error()}); they need a C++ compiler "
+            "(g++ or clang) and ninja"
+        )
     return module, None
 
 
@@ -216,8 +221,7 @@ def _environment() -> str | None:
 #: (training forward+backward / one step, numba against the torch code "auto" would otherwise run,
 #: paired and interleaved, torch 2.15, 2 cores), speedup of numba:
 #:
-#: - BatchNorm, with its training autograd node in C++ (fastnorm/_native.py; 3 runs of 30-60
-#:   rounds, 2026-11-29, session 5):
+#: - BatchNorm, with its training autograd node in C++ (3 runs of 30-60 rounds, 2026-11-29):
 #:   ``batch_norm`` (an (N, C) input): (64, 128) 1.08-1.60x, (64, 256) 1.03-1.53x, (256, 256)
 #:   0.92-0.94x (the one size where torch is ahead: numba's first parallel size, and its serial
 #:   kernels tie there), (256, 1024) 1.04-1.91x, (1024, 1024) 1.09-1.96x, (4096, 2048) 2.3-4.0x.
@@ -240,15 +244,6 @@ AUTO_CPU_MIN_NUMEL: dict[str, float] = {
     "rmsprop": 0,
     "adam": 0,
 }
-#: BatchNorm's thresholds where the C++ node cannot be built (its autograd node is then a Python
-#: ``torch.autograd.Function``, ~0.1-0.3 ms a step more), measured before the node existed:
-#: (N, C) 0.76-0.86x up to (256, 1024), 1.83x at (2048, 2048); planes 0.92x at 25K, 1.02x at 100K,
-#: 1.29x at 200K; channels-last 0.76-0.96x up to 3.2M.
-AUTO_CPU_MIN_NUMEL_PYTHON_NODE: dict[str, float] = {
-    "batch_norm": 1_500_000,
-    "batch_norm_planes": 150_000,
-    "batch_norm_channels_last": math.inf,
-}
 
 
 def batch_norm_kind(input: torch.Tensor) -> str:
@@ -263,14 +258,7 @@ def batch_norm_kind(input: torch.Tensor) -> str:
 def auto_prefers_torch(kind: str, numel: int) -> bool:
     """Whether ``"auto"`` leaves a CPU ``kind`` of work (a key of :data:`AUTO_CPU_MIN_NUMEL`) of
     ``numel`` elements to torch."""
-    if kind in AUTO_CPU_MIN_NUMEL_PYTHON_NODE and not _native_node():
-        return numel < AUTO_CPU_MIN_NUMEL_PYTHON_NODE[kind]
     return numel < AUTO_CPU_MIN_NUMEL[kind]
-
-
-def _native_node() -> bool:
-    """Whether numba's BatchNorm trains through its C++ autograd node (building it on first use)."""
-    return _native.ENABLED and _native.extension() is not None
 
 
 #: torch dtype -> the kernels' storage dtype (bfloat16 as uint16 bits: kernels/_bits.py)

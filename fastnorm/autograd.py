@@ -1,5 +1,8 @@
-"""``torch.autograd.Function`` wrappers that route tensors to a backend's kernels.
+"""BatchNorm of the Python backends (``reference``, ``cuda``): a ``torch.autograd.Function``.
 
+The numba backend is a C++ op (fastnorm/csrc/batch_norm.cpp); the backends whose kernels are
+Python code (the NumPy reference, the oracle; numba-cuda) run behind :class:`BatchNormFunction`,
+after :func:`batch_norm_function` checked the arguments as torch does, in torch's words.
 Tensors reach the kernels zero-copy (``Tensor.numpy()`` on CPU, ``__cuda_array_interface__``
 on GPU); outputs are allocated here (see ``_arrays``) and the kernels write into them.
 
@@ -157,7 +160,9 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, *_ = ctx.saved_tensors
         saved: SavedForBackward = ctx.saved
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        if torch.is_grad_enabled() or _batched(grad_output):
+            # create_graph=True, or a vmap over the backward (gradcheck's batched gradients,
+            # torch.func): differentiable torch operations, which the transforms understand
             grads = _differentiable_backward(ctx.training, ctx.eps, grad_output, x, weight, saved.mean, saved.invstd)
             return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *[None] * 7)
         backend: Backend = ctx.backend
@@ -181,6 +186,12 @@ class BatchNormFunction(torch.autograd.Function):
                 saved.weight, ctx.training, dx_array, dweight_array, dbias_array,
             )  # fmt: skip
         return dx, dweight, dbias, None, None, None, None, None, None, None
+
+
+def _batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a vmap-batched tensor (torch.func's, or autograd's is_grads_batched)."""
+    functorch = torch._C._functorch
+    return functorch.peek_interpreter_stack() is not None or functorch.is_legacy_batchedtensor(t)
 
 
 def _as_saved(x, weight, layout, dtype, numel, compute) -> torch.Tensor:
@@ -221,3 +232,118 @@ def _differentiable_backward(training, eps, dy, x, weight, saved_mean, saved_inv
     else:
         dx = scale * dy
     return dx.to(storage), dweight, dbias
+
+
+# -- the entry point of the Python backends: torch's checks, then the Function ---------------------
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_HALF = (torch.bfloat16, torch.float16)
+_PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
+
+
+def batch_norm_function(chosen: Backend, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """:func:`fastnorm.functional.batch_norm` on a Python backend: torch's checks, an empty batch
+    and 16-bit parameters as torch has them, then :class:`BatchNormFunction` (or its forward
+    alone where no gradient is wanted)."""
+    if training:
+        size = input.size()
+        if input.dim() >= 2 and math.prod(size[:1] + size[2:]) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    if input.dim() >= 2 and input.numel() == 0:
+        # torch: an empty batch gives an empty output (still connected to weight and bias, whose
+        # gradients are zeros) and leaves the running statistics alone, whatever the dtypes
+        return torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, False)
+    check_arguments(input, running_mean, running_var, weight, bias, training, eps, chosen.name)
+    if input.dtype in _HALF and any(t is not None and t.dtype == input.dtype for t in (weight, bias, running_mean)):
+        return _with_float32_parameters(chosen, input, running_mean, running_var, weight, bias, training, momentum,
+                                        eps)  # fmt: skip
+    return _run(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _with_float32_parameters(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """A BatchNorm all in 16 bits (input, weight, bias, running statistics): the kernels keep
+    per-channel values in float32, as torch's do. The parameters enter as float32 (``.float()``:
+    their gradients come back in their dtype through autograd), the running statistics are
+    updated in float32 copies and rounded once into the buffers."""
+
+    def wide(t):
+        return None if t is None else t.float()
+
+    mean32, var32 = wide(running_mean), wide(running_var)
+    y = _run(chosen, input, mean32, var32, wide(weight), wide(bias), training, momentum, eps)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(mean32)
+            running_var.copy_(var32)
+    return y
+
+
+def _run(chosen: Backend, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    training = bool(training)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        # A strided input is made dense here, where autograd records the copy (second derivatives
+        # differentiate the saved tensor, which must lead back to the input), and the input itself
+        # is saved too: torch's error if it changes in place before the backward, as torch's own.
+        x, _ = _layout(input)
+        source = None if x is input else input
+        return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, training, momentum, eps, chosen,
+                                       source)  # fmt: skip
+    # no gradient wanted (inference, torch.no_grad): no autograd node to build
+    with chosen.device_guard(input):
+        return batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen,
+                                  False)[0]  # fmt: skip
+
+
+def check_arguments(input, running_mean, running_var, weight, bias, training, eps, name) -> None:
+    """PyTorch's checks, in PyTorch's order and words, plus the kernels' dtype limits (the C++
+    op's ``check_arguments``, fastnorm/csrc/batch_norm.cpp, for the Python backends)."""
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm expects an input of shape (N, C) or (N, C, *spatial), "
+            f"got a {input.dim()}-D input of shape {tuple(input.shape)}"
+        )
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not training:
+        if running_mean is None:
+            raise RuntimeError("running_mean must be defined in evaluation mode")
+        if running_var is None:
+            raise RuntimeError("running_var must be defined in evaluation mode")
+    elif (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    check_tensors(input, weight, bias, running_mean, running_var, name)
+
+
+def check_tensors(input, weight, bias, running_mean, running_var, name) -> None:
+    """Sizes, dtypes and devices of the per-channel tensors against the input's (torch's words)."""
+    channels = input.shape[1]
+    dtype = input.dtype
+    if dtype not in _KERNEL_DTYPES:
+        raise NotImplementedError(
+            f"fastnorm's {name!r} backend computes batch_norm in float32, float64, bfloat16 or float16, but "
+            f"the input is {dtype}; convert it, or use backend='torch' for other dtypes"
+        )
+    # torch's mixed case: a 16-bit input with float32 weight, bias and running statistics
+    mixed = dtype in _HALF and any(
+        t is not None and t.dtype != dtype for t in (weight, bias, running_mean, running_var)
+    )
+    device = input.device
+    for what, t in zip(_PER_CHANNEL, (weight, bias, running_mean, running_var)):
+        if t is None:
+            continue
+        if t.numel() != channels:
+            raise RuntimeError(f"{what} should contain {channels} elements not {t.numel()}")
+        if mixed:
+            if t.dtype != torch.float32:
+                raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+        elif t.dtype != dtype:
+            raise RuntimeError(
+                f"mixed dtype: all inputs must share same datatype, but input is {dtype} and {what} is {t.dtype}"
+            )
+        if t.device != device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two devices, "
+                f"{device} (input) and {t.device} ({what})!"
+            )

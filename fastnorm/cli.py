@@ -321,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     side.add_argument("--repeat", type=_positive_int, default=20, help="timed calls per backend (default 20)")
     side.set_defaults(func=_demo_side_by_side)
 
+    warm = sub.add_parser("warmup", help="build fastnorm's C++ ops and compile every numba kernel ahead of use")
+    warm.add_argument("--dtypes", default="float32,float64,bfloat16,float16",
+                      help="comma-separated storage dtypes to compile (default: all four)")  # fmt: skip
+    warm.set_defaults(func=_warmup)
+
     bench = sub.add_parser("bench", help="run the benchmark suites and write the speed report")
     bench.add_argument("--ops", help=f"comma-separated subset of {', '.join(BENCH_FILES)} (default: all)")
     bench.add_argument("--shapes", help="comma-separated cases, e.g. 64x256,8192x2048,mlp,100M (default: all)")
@@ -332,6 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--title", help="report title")
     bench.set_defaults(func=_bench)
     return parser
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    """Build the C++ ops and compile (or load from Numba's cache) every kernel entry point."""
+    from . import _ops
+
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    unknown = [d for d in dtypes if d not in _ops.STORAGES[:4]]
+    if unknown:
+        raise SystemExit(f"fastnorm warmup: unknown dtype {unknown[0]!r}; choose from {', '.join(_ops.STORAGES[:4])}")
+    for what, seconds in _ops.warmup(dtypes).items():
+        print(f"{what:40s} {seconds:6.1f} s")
+    return 0
 
 
 def _positive_int(text: str) -> int:

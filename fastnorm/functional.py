@@ -1,21 +1,32 @@
-"""Functional forms, with the signatures and semantics of ``torch.nn.functional``."""
+"""Functional forms, with the signatures and semantics of ``torch.nn.functional``.
+
+One dispatch per call (:func:`batch_norm_as`), by backend:
+
+* ``numba``: ``torch.ops.fastnorm.batch_norm``, the C++ op (fastnorm/csrc/batch_norm.cpp) that
+  every layer of torch sees and calls: eager code, ``torch.compile``, TorchScript, ``jit.trace``,
+  ``torch.export``, fx;
+* ``reference`` and ``cuda``: their kernels behind a Python ``torch.autograd.Function``
+  (fastnorm/autograd.py) in eager code;
+* ``torch``: ``torch.nn.functional.batch_norm``.
+
+torch's own op also serves, with the same semantics, where fastnorm's has no rule: under
+``torch.func`` transforms (vmap, grad, jvp, ...) and for forward-mode AD dual tensors; and, for the
+Python backends (reference, cuda), while ``torch.compile``, ``jit.trace`` or TorchScript trace a
+model (NumPy and Numba-CUDA calls cannot be traced into a graph).
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
-from . import _address_autograd, _native
-from ._dispatch import Backend, batch_norm_kind, resolve
-from .autograd import BatchNormFunction, _layout, batch_norm_forward
+from . import _dispatch, _ops
+from .autograd import batch_norm_function
 
 __all__ = ["batch_norm"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _HALF = (torch.bfloat16, torch.float16)
-_PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
 
 
 def batch_norm(
@@ -61,151 +72,62 @@ def batch_norm(
         >>> rm, rv = torch.zeros(256), torch.ones(256)
         >>> y = batch_norm(x, rm, rv, training=True, backend="reference")
     """
-    if torch.compiler.is_compiling():
-        # torch.compile: the registered ops, opaque nodes to the compiler (fastnorm/_compiled.py)
-        from . import _compiled
-
-        name = _compiled.backend_name(backend, input)
-        if name == "torch":
-            return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        _check_arguments(input, running_mean, running_var, weight, bias, training, eps, name)
-        return _compiled.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, name)
-
-    if backend == "auto":  # the size, layout and dtype decide (_dispatch.AUTO_CPU_MIN_NUMEL)
-        chosen = resolve(backend, "batch_norm", input.device, input.numel(), batch_norm_kind(input), input.dtype)
-    else:
-        chosen = resolve(backend, "batch_norm", input.device, dtype=getattr(input, "dtype", None))
-    return batch_norm_with(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps)
-
-
-def batch_norm_with(chosen: Backend, input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """:func:`batch_norm` on a resolved backend (eager: the modules resolve it themselves)."""
-    if chosen.is_torch:
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    _check_arguments(input, running_mean, running_var, weight, bias, training, eps, chosen.name)
-    if input.dtype in _HALF and any(t is not None and t.dtype == input.dtype for t in (weight, bias, running_mean)):
-        return _with_float32_parameters(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return _kernels_path(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps)
-
-
-def _with_float32_parameters(chosen, input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """A BatchNorm all in 16 bits (input, weight, bias, running statistics): the kernels keep
-    per-channel values in float32, as torch's do. The parameters enter as float32 (``.float()``:
-    their gradients come back in their dtype through autograd), the running statistics are
-    updated in float32 copies and rounded once into the buffers."""
-
-    def wide(t):
-        return None if t is None else t.float()
-
-    mean32, var32 = wide(running_mean), wide(running_var)
-    y = _kernels_path(chosen, input, mean32, var32, wide(weight), wide(bias), training, momentum, eps)
-    if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(mean32)
-            running_var.copy_(var32)
-    return y
-
-
-def _kernels_path(chosen: Backend, input, running_mean, running_var, weight, bias, training, momentum, eps):
-    if input.numel() == 0:
-        # PyTorch: an empty batch gives an empty output (still connected to weight and bias,
-        # whose gradients are zeros) and leaves the running statistics alone.
-        out = input.clone()
-        if weight is not None and weight.numel() > 0:
-            out = out * weight[0]
-        if bias is not None and bias.numel() > 0:
-            out = out + bias[0]
-        return out
-    training = bool(training)
-    lean = _address_autograd.usable(chosen)  # the lean CPU path (fastnorm/_address_autograd.py)
-    if torch.is_grad_enabled() and (
-        input.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
-        # A strided input is made dense here, where autograd records the copy (second derivatives
-        # differentiate the saved tensor, which must lead back to the input), and the input itself
-        # is saved too: torch's error if it changes in place before the backward, as torch's own.
-        x, channels_last = _layout(input)
-        source = None if x is input else input
-        if lean and training and _native.ENABLED and _native.extension() is not None:
-            # the C++ autograd node (fastnorm/_native.py): no Python between module and kernels
-            return _address_autograd.train_native(x, channels_last, source, weight, bias, running_mean, running_var,
-                                                  momentum, eps, chosen)  # fmt: skip
-        function = _address_autograd.AddressBatchNormFunction if lean else BatchNormFunction
-        return function.apply(x, weight, bias, running_mean, running_var, training, momentum, eps, chosen, source)
-    # no gradient wanted (inference, torch.no_grad): no autograd node to build
-    if lean:
-        if _native.ENABLED and _native.extension() is not None:  # one call into C++ (fastnorm/_native.py)
-            return _address_autograd.forward_native(input, weight, bias, running_mean, running_var, training,
-                                                    momentum, eps, chosen)  # fmt: skip
-        return _address_autograd.forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                         chosen)[0]  # fmt: skip
-    return batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps, chosen,
-                              False)[0]  # fmt: skip
-
-
-def _check_arguments(input, running_mean, running_var, weight, bias, training, eps, name) -> None:
-    """PyTorch's checks, in PyTorch's order and words, plus the kernels' dtype limits."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(
-            f"batch_norm expects an input of shape (N, C) or (N, C, *spatial), "
-            f"got a {input.dim()}-D input of shape {tuple(input.shape)}"
-        )
-    if training:
-        size = input.size()
-        if math.prod(size[:1] + size[2:]) == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if not training:
-        if running_mean is None:
-            raise RuntimeError("running_mean must be defined in evaluation mode")
-        if running_var is None:
-            raise RuntimeError("running_var must be defined in evaluation mode")
-    elif (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
-
-    check_tensors(input, weight, bias, running_mean, running_var, name)
+    name = backend_for(backend, input)
+    return batch_norm_as(name, input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
-class UnsupportedDtypeError(TypeError, NotImplementedError):
-    """A dtype fastnorm's kernels do not compute in. A TypeError, and a NotImplementedError as
-    torch's own "batch_norm not implemented for 'Long'" is, so that code catching either works."""
+def backend_for(backend: str, input: torch.Tensor) -> str:
+    """The backend ``backend`` resolves to for ``input`` (its device, size, layout and dtype; see
+    :func:`fastnorm._dispatch.resolve`). Under ``torch.compile`` the resolution runs while tracing,
+    its result a constant of the graph (a size guard where ``"auto"``'s choice depends on the size)."""
+    if torch.compiler.is_compiling():
+        if _dispatch.auto_prefers_torch(_dispatch.batch_norm_kind(input), input.numel()):
+            return _compiled_choice(backend, input.device, input.dtype, True)
+        return _compiled_choice(backend, input.device, input.dtype, False)
+    if backend == _dispatch.AUTO:
+        return _dispatch.resolve(backend, "batch_norm", input.device, input.numel(), _dispatch.batch_norm_kind(input),
+                                 input.dtype).name  # fmt: skip
+    return _dispatch.resolve(backend, "batch_norm", input.device, dtype=input.dtype).name
 
 
-def check_tensors(input, weight, bias, running_mean, running_var, name) -> None:
-    """Sizes, dtypes and devices of the per-channel tensors against the input's (torch's words)."""
-    channels = input.shape[1]
-    dtype = input.dtype
-    if dtype not in _KERNEL_DTYPES:
-        raise UnsupportedDtypeError(
-            f"fastnorm's {name!r} backend computes batch_norm in float32, float64, bfloat16 or float16, but "
-            f"the input is {dtype}; convert it, or use backend='torch' for other dtypes"
-        )
-    # torch's mixed case: a 16-bit input with float32 weight, bias and running statistics
-    mixed = dtype in _HALF and any(
-        t is not None and t.dtype != dtype for t in (weight, bias, running_mean, running_var)
-    )
-    device = input.device
-    for what, t in zip(_PER_CHANNEL, (weight, bias, running_mean, running_var)):
-        if t is None:
-            continue
-        if t.numel() != channels:
-            raise RuntimeError(f"{what} should contain {channels} elements not {t.numel()}")
-        if mixed:
-            if t.dtype != torch.float32:
-                raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
-        elif t.dtype != dtype:
-            raise RuntimeError(
-                f"mixed dtype: all inputs must share same datatype, but input is {dtype} and {what} is {t.dtype}"
-            )
-        if t.device != device:
-            raise RuntimeError(
-                "Expected all tensors to be on the same device, but found at least two devices, "
-                f"{device} (input) and {t.device} ({what})!"
-            )
+@torch.compiler.assume_constant_result
+def _compiled_choice(backend: str, device: torch.device, dtype: torch.dtype, small: bool) -> str:
+    return _dispatch._resolve(backend, "batch_norm", device, small, dtype).name
+
+
+def torch_semantics_only(*tensors: torch.Tensor | None) -> bool:
+    """Whether torch's own op must serve: a ``torch.func`` transform is active (fastnorm's ops have
+    no batching or forward-mode rules), or one of ``tensors`` is a forward-mode AD dual tensor
+    (torch's op then gives the tangents, and its error for a dual running statistic)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _tracing() -> bool:
+    """Whether torch.compile, jit.trace or TorchScript is turning this call into a graph."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def batch_norm_as(name: str, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """:func:`batch_norm` on the backend ``name`` (resolved: not "auto")."""
+    if name == "torch" or (
+        not torch.compiler.is_compiling() and torch_semantics_only(input, running_mean, running_var, weight, bias)
+    ):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if name == "numba":
+        return torch.ops.fastnorm.batch_norm.default(input, weight, bias, running_mean, running_var, bool(training),
+                                                     float(momentum), float(eps))  # fmt: skip
+    if _tracing():  # the Python backends cannot be traced into a graph: torch's op, the same semantics
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return batch_norm_function(_dispatch.resolve(name, "batch_norm", input.device), input, running_mean, running_var,
+                               weight, bias, training, momentum, eps)  # fmt: skip
+
+
+def ops_available() -> bool:
+    """Whether fastnorm's C++ ops are registered here (see fastnorm/_ops.py)."""
+    return _ops.available()

@@ -10,69 +10,125 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import functional
-from ._dispatch import AUTO, batch_norm_kind, check_name, resolve
+from . import _ops, functional
+from ._dispatch import AUTO, check_name, resolve
 from ._signature import with_backend_signature
+from .autograd import check_tensors
 from .distributed import SyncBatchNormFunction
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "revert"]
+
+
+#: what each module's input must look like: (allowed numbers of dimensions, or a minimum as
+#: (n, None)) and torch's message (its ``_check_input_dim``'s, in torch's words)
+_INPUT_DIMS = {
+    "BatchNorm1d": ((2, 3), "expected 2D or 3D input (got {}D input)"),
+    "BatchNorm2d": ((4,), "expected 4D input (got {}D input)"),
+    "BatchNorm3d": ((5,), "expected 5D input (got {}D input)"),
+    "SyncBatchNorm": ((2, None), "expected at least 2D input (got {}D input)"),
+}
+
+
+def _averaging_factor(momentum: float | None, counts: bool, tracked: torch.Tensor | None) -> float:
+    """torch's ``exponential_average_factor`` of a call that counts a batch (``counts``) or not;
+    ``momentum=None``: the cumulative moving average over the batches so far."""
+    if momentum is None:
+        return 1.0 / (float(tracked) + 1.0) if counts else 0.0
+    return momentum
+
+
+def batch_norm_module(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                      num_batches_tracked: torch.Tensor | None, training: bool, track_running_stats: bool,
+                      momentum: float | None, eps: float, backend: str, kind: str) -> torch.Tensor:  # fmt: skip
+    """The forward of torch's ``_BatchNorm`` on fastnorm's backends: the input checked as module
+    ``kind`` (a key of ``_INPUT_DIMS``) checks it, the averaging factor, the batch counted, one
+    :func:`fastnorm.functional.batch_norm_as` call. torch counts the batch before the call (so a
+    call that fails still counts); fastnorm counts it after the call succeeded, with the same
+    factor: a failed call changes nothing."""
+    dims, message = _INPUT_DIMS[kind]
+    bad = input.dim() < dims[0] if dims[-1] is None else input.dim() not in dims
+    if bad:
+        raise ValueError(message.format(input.dim()))
+    counts = training and track_running_stats and num_batches_tracked is not None
+    factor = _averaging_factor(momentum, counts, num_batches_tracked)
+    # batch statistics in training, and in eval when no running statistics are kept
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    if training and not track_running_stats:
+        running_mean = running_var = None
+    name = functional.backend_for(backend, input)
+    y = functional.batch_norm_as(name, input, running_mean, running_var, weight, bias, use_batch_stats, factor, eps)
+    if counts:
+        num_batches_tracked.add_(1)
+    return y
 
 
 class _FastBatchNorm:
-    """The forward of torch's ``_BatchNorm``, routed through :func:`fastnorm.functional.batch_norm`."""
-
-    backend: str
+    """The forward of torch's ``_BatchNorm`` on fastnorm's backends (:func:`batch_norm_module`)."""
 
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         check_name(backend, "batch_norm")
         super().__init__(*args, **kwargs)
         self.backend = backend
 
-    def _averaging_factor(self, tracked: torch.Tensor | None) -> tuple[float, bool]:
-        """(torch's exponential_average_factor, whether this call counts a batch). torch counts
-        the batch before the call (so a call that fails still counts); fastnorm counts it after
-        the call succeeded (``tracked.add_(1)`` in :meth:`forward`), with the same factor: a
-        failed call changes nothing. ``tracked``: the num_batches_tracked buffer (or None)."""
-        momentum = self.momentum
-        counts = self.training and self.track_running_stats and tracked is not None
-        if momentum is None:  # cumulative moving average over the batches so far
-            momentum = 1.0 / (float(tracked) + 1.0) if counts else 0.0
-        return momentum, counts
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
-            if self.backend == AUTO:  # size, layout and dtype decide (_dispatch.AUTO_CPU_MIN_NUMEL)
-                chosen = resolve(AUTO, "batch_norm", input.device, input.numel(), batch_norm_kind(input), input.dtype)
-            else:
-                chosen = resolve(self.backend, "batch_norm", input.device, dtype=input.dtype)
-            if chosen.is_torch:
-                # torch's kernels chosen (backend="torch", or "auto" at a size where torch is
-                # faster): torch's own forward, with nothing of fastnorm's around it
-                return super().forward(input)
-        self._check_input_dim(input)
-        # the module's tensors read from its dicts (as Module.__getattr__ finds them, without
-        # its cost: at the MLP's sizes every microsecond of the forward counts)
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
+        return self._forward(input)
+
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx.symbolic_trace: a leaf of the graph, as torch's BatchNorm is (a call_module
+            # node: the graph calls this module, whose mode .train()/.eval() then still switch)
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+        # the module's tensors read from its dicts (as Module.__getattr__ finds them, without its
+        # cost: at the MLP's sizes every microsecond of the forward counts; fx finds them too)
         params, buffers = self._parameters, self._buffers
-        tracked = buffers.get("num_batches_tracked")
-        momentum, counts = self._averaging_factor(tracked)
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
-        # batch statistics in training, and in eval when no running statistics are kept
-        use_batch_stats = self.training or (running_mean is None and running_var is None)
-        if self.training and not self.track_running_stats:
-            running_mean = running_var = None
-        args = (input, running_mean, running_var, params.get("weight"), params.get("bias"), use_batch_stats,
-                momentum, self.eps)  # fmt: skip
-        if compiling:
-            y = functional.batch_norm(*args, backend=self.backend)
-        else:
-            y = functional.batch_norm_with(chosen, *args)
-        if counts:
-            tracked.add_(1)
-        return y
+        return batch_norm_module(input, params.get("weight"), params.get("bias"), buffers.get("running_mean"),
+                                 buffers.get("running_var"), buffers.get("num_batches_tracked"), self.training,
+                                 self.track_running_stats, self.momentum, self.eps, self.backend,
+                                 self._input_kind)  # fmt: skip
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The forward TorchScript compiles: torch's own ``_BatchNorm.forward`` (the batch counted
+        first, as torch counts it), with fastnorm's op for the numba and auto backends on CPU
+        tensors and torch's op otherwise (TorchScript cannot run the Python backends)."""
+        self._check_input_dim(input)
+        factor = 0.0
+        if self.momentum is not None:
+            factor = self.momentum
+        if self.training and self.track_running_stats:
+            tracked = self.num_batches_tracked
+            if tracked is not None:
+                tracked.add_(1)
+                momentum = self.momentum
+                if momentum is None:
+                    factor = 1.0 / float(tracked)
+                else:
+                    factor = momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        running_mean = self.running_mean if keep else None
+        running_var = self.running_var if keep else None
+        if (self.backend == "numba" or self.backend == "auto") and input.device.type == "cpu":
+            return torch.ops.fastnorm.batch_norm(input, self.weight, self.bias, running_mean, running_var,
+                                                 use_batch_stats, factor, self.eps)  # fmt: skip
+        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
+                            self.eps)  # fmt: skip
+
+    def __prepare_scriptable__(self):
+        """Before TorchScript compiles the module: its scripted forward calls fastnorm's op, which
+        must be registered by then (the C++ extension loaded); where it cannot be built, the
+        module scripts as torch's own class (:func:`revert`)."""
+        if _ops.available():
+            return self
+        return revert(self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
@@ -96,6 +152,8 @@ class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):
         >>> y = bn(torch.randn(64, 256))
     """
 
+    _input_kind = "BatchNorm1d"
+
     @with_backend_signature(nn.BatchNorm1d)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
@@ -111,6 +169,8 @@ class BatchNorm2d(_FastBatchNorm, nn.BatchNorm2d):
         >>> y = bn(torch.randn(8, 64, 28, 28))
     """
 
+    _input_kind = "BatchNorm2d"
+
     @with_backend_signature(nn.BatchNorm2d)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
@@ -121,6 +181,8 @@ class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
 
     Arguments as :class:`BatchNorm1d`.
     """
+
+    _input_kind = "BatchNorm3d"
 
     @with_backend_signature(nn.BatchNorm3d)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
@@ -152,6 +214,8 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
         >>> model = fastnorm.nn.convert(model, backend="numba", sync=True)
         >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
+
+    _input_kind = "SyncBatchNorm"
 
     @with_backend_signature(nn.SyncBatchNorm)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
@@ -187,9 +251,10 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
             chosen = resolve("torch", "batch_norm", input.device)
         if chosen.is_torch:  # "auto" where no fastnorm kernel runs: torch's own
             return nn.SyncBatchNorm.forward(self, input)
-        functional.check_tensors(input, self.weight, self.bias, self.running_mean, self.running_var, chosen.name)
+        check_tensors(input, self.weight, self.bias, self.running_mean, self.running_var, chosen.name)
         tracked = self.num_batches_tracked
-        momentum, counts = self._averaging_factor(tracked)
+        counts = self.track_running_stats and tracked is not None
+        momentum = _averaging_factor(self.momentum, counts, tracked)
         track = self.track_running_stats
         y = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.running_mean if track else None,
@@ -206,6 +271,22 @@ _BIAS_OPTION = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
 _DROP_IN = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 
 
+def _share_state(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` holding ``old``'s very Parameter and buffer objects (an optimizer built before keeps
+    updating the same tensors), its mode and quantization config."""
+    for name, p in old.named_parameters(recurse=False):
+        setattr(new, name, p)
+    for name, b in old.named_buffers(recurse=False):
+        setattr(new, name, b)
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        if getattr(old, name, None) is None:
+            setattr(new, name, None)
+    new.train(old.training)
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
+    return new
+
+
 def _converted(bn: nn.Module, backend: str, sync: bool, process_group) -> nn.Module:
     if isinstance(bn, _FastBatchNorm) and (not sync or isinstance(bn, SyncBatchNorm)):
         bn.backend = backend  # already fastnorm's (a SyncBatchNorm stays one)
@@ -219,19 +300,7 @@ def _converted(bn: nn.Module, backend: str, sync: bool, process_group) -> nn.Mod
     else:
         cls = _DROP_IN[type(bn)]
     new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **options)
-    # share the very Parameter and buffer objects: an optimizer built before the conversion
-    # keeps updating the same tensors
-    for name, p in bn.named_parameters(recurse=False):
-        setattr(new, name, p)
-    for name, b in bn.named_buffers(recurse=False):
-        setattr(new, name, b)
-    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        if getattr(bn, name, None) is None:
-            setattr(new, name, None)
-    new.train(bn.training)
-    if hasattr(bn, "qconfig"):
-        new.qconfig = bn.qconfig
-    return new
+    return _share_state(bn, new)
 
 
 def convert(module: nn.Module, backend: str = "auto", sync: bool = False, process_group=None) -> nn.Module:
@@ -266,3 +335,66 @@ def convert(module: nn.Module, backend: str = "auto", sync: bool = False, proces
         if new is not child:
             setattr(module, name, new)
     return module
+
+
+_TORCH_CLASS = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d,
+                SyncBatchNorm: nn.SyncBatchNorm}  # fmt: skip
+
+
+def _reverted(bn: _FastBatchNorm) -> nn.Module:
+    cls = next(torch_cls for ours, torch_cls in _TORCH_CLASS.items() if isinstance(bn, ours))
+    options = dict(device="meta")
+    if _BIAS_OPTION:
+        options["bias"] = bn.bias is not None or not bn.affine
+    if cls is nn.SyncBatchNorm:
+        options["process_group"] = bn.process_group
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **options)
+    return _share_state(bn, new)
+
+
+def revert(module: nn.Module) -> nn.Module:
+    """Replace every fastnorm BatchNorm inside ``module`` by torch's class: :func:`convert`'s
+    inverse (the same Parameter and buffer objects, mode and ``state_dict`` keys), for tools that
+    look torch's classes up exactly.
+
+    Returns:
+        The reverted module (the same object unless ``module`` itself is a fastnorm BatchNorm).
+
+    Example:
+        >>> model = revert(convert(torchvision.models.resnet18(), backend="numba"))
+    """
+    if isinstance(module, _FastBatchNorm):
+        return _reverted(module)
+    for name, child in module.named_children():
+        new = revert(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _register_quantization_fusion() -> None:
+    """``torch.ao.quantization.fuse_modules`` looks the module types of each pattern up exactly
+    (``(nn.Conv2d, nn.BatchNorm2d, nn.ReLU)``): every pattern with one of torch's BatchNorms gets
+    its twin with fastnorm's, whose fuser reverts fastnorm's module to torch's first (the fused
+    modules check torch's classes too), so that fusion gives torch's fused modules and values."""
+    try:
+        from torch.ao.quantization import fuser_method_mappings as mappings
+    except ImportError:  # a torch without torch.ao.quantization
+        return
+    table = getattr(mappings, "_DEFAULT_OP_LIST_TO_FUSER_METHOD", None)
+    if not isinstance(table, dict):
+        return
+    ours = {torch_cls: fast for fast, torch_cls in _TORCH_CLASS.items() if fast is not SyncBatchNorm}
+
+    def reverting(method):
+        def fuse(is_qat, *modules):
+            return method(is_qat, *(revert(m) for m in modules))
+
+        return fuse
+
+    for pattern, method in list(table.items()):
+        if any(t in ours for t in pattern) and callable(method):
+            table.setdefault(tuple(ours.get(t, t) for t in pattern), reverting(method))
+
+
+_register_quantization_fusion()

@@ -42,6 +42,7 @@ import torch.optim.optimizer as _torch_optimizer
 
 from kernels._bits import BFLOAT16
 
+from . import _dispatch, _ops
 from ._dispatch import AUTO, BACKENDS, Backend, _load, check_name, resolve
 from ._signature import with_backend_signature
 
@@ -87,6 +88,8 @@ def _with_step_hooks(step: Callable) -> Callable:
 
     @functools.wraps(step)
     def wrapper(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return run(self, args, kwargs)
         if torch._C._autograd._profiler_enabled():
             with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
                 return run(self, args, kwargs)
@@ -275,13 +278,13 @@ class _KernelOptimizer:
 
     # -- the step -------------------------------------------------------------------------------
 
-    @torch.compiler.disable  # NumPy and Numba inside: under torch.compile, the step runs eagerly
     @_with_step_hooks
     def step(self, closure: Callable[[], float] | None = None):
         """Perform a single optimization step.
 
-        Under ``torch.compile`` (a compiled ``optimizer.step`` or a compiled training step) this
-        runs eagerly, a graph break: the kernels are NumPy and Numba code the compiler cannot trace.
+        Under ``torch.compile`` (a compiled ``optimizer.step`` or a compiled training step) the
+        numba backend's update is one ``torch.ops.fastnorm.<op>_`` node per parameter group in the
+        graph (:meth:`_traced_step`); the other backends run torch's own update there.
 
         Args:
             closure: reevaluates the model and returns the loss (optional).
@@ -290,6 +293,9 @@ class _KernelOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._traced_step()
+            return loss
         plans = self.__dict__.setdefault("_plans", {})
         ready, torch_groups = [], []
         for group in self.param_groups:
@@ -355,6 +361,62 @@ class _KernelOptimizer:
             if p in self.state:
                 state[q] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.state[p].items()}
         self._torch_step([{**group, "params": [copies[p] for p in group["params"]]} for group in groups], state)
+
+    # -- under torch.compile ------------------------------------------------------------------------
+
+    def _traced_step(self) -> None:
+        """The step ``torch.compile`` traces: per group, torch's ``_init_group`` (which creates state
+        as torch does, and which the compiler runs with its own guards), then one
+        ``torch.ops.fastnorm.<op>_`` call on the lists it gathered, the backend chosen while
+        tracing. Groups the numba kernels do not take (another backend, 16-bit parameters with
+        master weights or stochastic rounding, sparse or complex gradients, torch-only options)
+        run torch's own update, traced as torch's is."""
+        torch_groups = []
+        for group in self.param_groups:
+            lists = {name: [] for name in self._state_lists}
+            params, grads = [], []
+            if not self._traceable(group):
+                torch_groups.append(group)
+                continue
+            self._init_group(group, params, grads, *lists.values())  # torch's (the compiler knows it by name)
+            if not params:
+                continue
+            numel = sum(p.numel() for p in params)
+            kind = "sgd_momentum" if self._op == "sgd" and group.get("momentum", 0) != 0 else self._op
+            if _traced_backend(self.backend, self._op, params[0].device.type, kind, numel) != "numba" or any(
+                g.is_sparse or p.is_complex() or p.dtype not in _KERNEL_DTYPES for p, g in zip(params, grads)
+            ):
+                torch_groups.append(group)
+                continue
+            options = self._kernel_options(group)
+            if self._op == "sgd":
+                buffers = lists["momentum_buffer"]
+                first_step = [b is None for b in buffers]
+                if options["momentum"] != 0:
+                    buffers = [torch.zeros_like(p) if b is None else b for p, b in zip(params, buffers)]
+                _OPS["sgd"](params, grads, buffers if options["momentum"] != 0 else [], **options,
+                            first_step=first_step if options["momentum"] != 0 else [])  # fmt: skip
+                if options["momentum"] != 0:
+                    for p, b, new in zip(params, buffers, first_step):
+                        if new:
+                            self.state[p]["momentum_buffer"] = b
+                continue
+            rows = [lists[name] if (lists[name] and self._row_used(name, group)) else [] for name in self._table_rows]
+            _OPS[self._op](params, grads, *rows, lists["step"], **options)
+        if torch_groups:
+            self._torch_step(torch_groups)
+
+    def _traceable(self, group: dict) -> bool:
+        """Whether a group may take the traced kernel update (else torch's traced update serves).
+        (``capturable`` is not read: the compiler sets it itself for the step it traces.)"""
+        if self.master_weights or self.stochastic_rounding:
+            return False
+        return not (bool(group.get("foreach")) or bool(group.get("fused")) or bool(group.get("differentiable")))
+
+    def _row_used(self, name: str, group: dict) -> bool:
+        """Whether state row ``name`` takes part in the update (the op's empty list otherwise)."""
+        return {"grad_avg": group.get("centered", False), "momentum_buffer": group.get("momentum", 0) > 0,
+                "max_exp_avg_sq": group.get("amsgrad", False)}.get(name, True)  # fmt: skip
 
     # -- the plan ---------------------------------------------------------------------------------
 
@@ -422,7 +484,7 @@ class _KernelOptimizer:
         entries = [(d, key, t) for _, d in state_dicts for key, t in d.items() if isinstance(t, torch.Tensor)]
         entries += [(self.state[p], "momentum_buffer", rows[0][i]) for i, p in enumerate(params) if first_step[i]]
         parts = []
-        table = hasattr(backend.kernels, f"{self._op}_step_table")
+        table = hasattr(backend.kernels, f"{self._op}_step_table") and backend.name != "numba"  # cuda's address table
         for index in _by_dtype(params, master):
             live_rows = [None if row is None else [row[i] for i in index] for row in rows]
             live = [t for row in live_rows if row is not None for t in row] + [steps[i] for i in index if steps]
@@ -604,7 +666,14 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
             copies = {id(t): c for t, c in staged}
             tensors = [[copies.get(id(t), t) for t in row] for row in tensors]
     table = getattr(backend.kernels, f"{op}_step_table", None)
-    if table is not None:
+    if backend.name == "numba":  # the C++ op (fastnorm/csrc/optim.cpp)
+        buffers = [[] if row is None else tensors[2 + i] for i, row in enumerate(part.buffers)]
+        if op == "sgd":
+            first_step = part.first_step if part.buffers[0] is not None else []
+            _OPS["sgd"](tensors[0], tensors[1], buffers[0], **options, first_step=first_step)
+        else:
+            _OPS[op](tensors[0], tensors[1], *buffers[: _ROWS_OF[op]], part.steps, **options)
+    elif table is not None:
         if addrs is None:
             addrs = np.array([[t.data_ptr() for t in row] for row in tensors], np.int64)
         dtype = part.kernel_dtype
@@ -657,6 +726,30 @@ def _adopt_outside_changes(part: _Part) -> None:
 
 
 _ROWS_OF = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3}
+
+
+class _Ops(dict):
+    """op name -> ``torch.ops.fastnorm.<op>_.default`` (looked up once the ops are registered)."""
+
+    def __missing__(self, op: str):
+        _ops.load()
+        fn = self[op] = getattr(torch.ops.fastnorm, f"{op}_").default
+        return fn
+
+
+_OPS = _Ops()
+
+
+@torch.compiler.assume_constant_result
+def _traced_backend(backend: str, op: str, device_type: str, kind: str, numel: int) -> str:
+    """The backend a group's update resolves to, while torch.compile traces (a constant of the graph)."""
+    small = numel < _dispatch.AUTO_CPU_MIN_NUMEL.get(kind, 0)
+    try:
+        return _dispatch._resolve(backend, op, torch.device(device_type), small).name
+    except ValueError:
+        return "torch"
+
+
 _TORCH = Backend("torch", None)
 
 

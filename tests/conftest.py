@@ -14,33 +14,16 @@ from hypothesis import HealthCheck, settings
 #: itself is the yardstick). Listed explicitly so a backend that fails to load fails the suite.
 BN_BACKENDS = ["reference", "numba"]
 OPTIM_BACKENDS = ["reference", "numba"]
-#: BN_BACKENDS with the numba backend's two eager training paths: "numba", the C++ autograd node
-#: (fastnorm/_native.py), and "numba-python", the same kernels behind the Python autograd
-#: Function that serves where the extension cannot be built; tests take them through bn_backend
-BN_PATHS = [*BN_BACKENDS, "numba-python"]
-
-
-def bn_backend(name: str, monkeypatch) -> str:
-    """fastnorm's backend name for a BN_PATHS entry, its path chosen (``fastnorm._native.ENABLED``)."""
-    from fastnorm import _native
-
-    if name == "numba-python":
-        monkeypatch.setattr(_native, "ENABLED", False)
-        return "numba"
-    if name == "numba":
-        monkeypatch.setattr(_native, "ENABLED", True)
-        assert _native.extension() is not None, "the C++ BatchNorm node was not built"
-    return name
 
 
 @pytest.fixture
 def pool_min_bytes(monkeypatch):
-    """A setter of the smallest output both CPU buffer pools hand out (the Python one and the C++
-    node's); the thresholds are restored afterwards."""
-    from fastnorm import _native
+    """A setter of the smallest output both CPU buffer pools hand out (the Python one, which the
+    reference backend's outputs come from, and the C++ ops'); the thresholds are restored afterwards."""
+    from fastnorm import _ops
     from fastnorm._arrays import pool
 
-    extension = _native.extension()
+    extension = _ops.load()
     saved = pool.min_bytes
 
     def set_min_bytes(n: int) -> None:
@@ -55,10 +38,10 @@ def pool_min_bytes(monkeypatch):
 
 def pools_in_use() -> int:
     """Bytes handed out by both CPU buffer pools and still referenced."""
-    from fastnorm import _native
+    from fastnorm import _ops
     from fastnorm._arrays import pool
 
-    return pool.in_use() + _native.pool_in_use()
+    return pool.in_use() + _ops.pool_in_use()
 
 
 # Differential tests (hypothesis): deterministic in CI, longer on demand

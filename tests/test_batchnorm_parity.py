@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BN_BACKENDS, BN_PATHS, assert_close, bn_backend, pools_in_use, tol
+from conftest import BN_BACKENDS, assert_close, pools_in_use, tol
 
 import fastnorm
 
@@ -60,12 +60,11 @@ def _grads(module, x, dy):
     return y, grads
 
 
-@pytest.mark.parametrize("backend", BN_PATHS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=str)
 @pytest.mark.parametrize("affine,bias,track,momentum", OPTIONS)
 def test_module_matches_torch(monkeypatch, backend, dtype, shape, affine, bias, track, momentum):
-    backend = bn_backend(backend, monkeypatch)
     rtol, atol = tol(dtype)
     ref, ours = _pair(shape, dtype, affine, bias, track, momentum, backend)
     for step in range(3):  # several steps: running statistics and num_batches_tracked evolve
@@ -90,7 +89,7 @@ def test_module_matches_torch(monkeypatch, backend, dtype, shape, affine, bias, 
         assert_close(g_ours[k], g_ref[k], rtol, atol, f"eval grad {k}")
 
 
-@pytest.mark.parametrize("backend", BN_PATHS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(
@@ -104,7 +103,6 @@ def test_module_matches_torch(monkeypatch, backend, dtype, shape, affine, bias, 
     ids=["transposed", "permuted", "channels_last", "sliced"],
 )
 def test_non_contiguous_inputs(monkeypatch, backend, dtype, training, make):
-    backend = bn_backend(backend, monkeypatch)
     rtol, atol = tol(dtype)
     x = make(dtype)
     assert not x.is_contiguous()
@@ -125,7 +123,7 @@ def test_non_contiguous_inputs(monkeypatch, backend, dtype, training, make):
     assert_close(rv2, rv, rtol, atol, "running_var")
 
 
-@pytest.mark.parametrize("backend", BN_PATHS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_outputs_from_the_buffer_pool(monkeypatch, pool_min_bytes, backend, dtype, channels_last):
@@ -134,7 +132,6 @@ def test_outputs_from_the_buffer_pool(monkeypatch, pool_min_bytes, backend, dtyp
     outputs (bit for bit), and each block back in the pool once its tensors are gone. The
     threshold is lowered here so that small tensors take that path (and raised first, so that
     the others do not)."""
-    backend = bn_backend(backend, monkeypatch)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = (torch.randn(4, 6, 5, 3) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
     dy = torch.randn(4, 6, 5, 3).to(dtype).contiguous(memory_format=fmt)
@@ -173,13 +170,12 @@ STRIDED_ALIKE = {
 }
 
 
-@pytest.mark.parametrize("backend", BN_PATHS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("pooled", [False, True], ids=["torch.empty", "pool"])
 @pytest.mark.parametrize("make", STRIDED_ALIKE.values(), ids=STRIDED_ALIKE.keys())
 def test_output_and_gradient_strides_are_torchs(monkeypatch, pool_min_bytes, backend, pooled, make):
     """y has its layout's canonical strides and dx the input's, as torch's (they differ at size-1
     dimensions: seen by hooks, .grad and later views), from torch's allocator or a pool."""
-    backend = bn_backend(backend, monkeypatch)
     if pooled:
         pool_min_bytes(1)
     x = make()
@@ -228,12 +224,11 @@ def test_nan_and_inf_propagate_like_torch(backend):
         assert_close(ours, ref, 1e-5, 1e-6, what)
 
 
-@pytest.mark.parametrize("backend", BN_PATHS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(6, 4), (3, 2, 5), (2, 3, 2, 3)], ids=str)
 def test_gradcheck_float64(monkeypatch, backend, training, affine, shape):
-    backend = bn_backend(backend, monkeypatch)
     c = shape[1]
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_(affine)
@@ -247,14 +242,13 @@ def test_gradcheck_float64(monkeypatch, backend, training, affine, shape):
     assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", BN_PATHS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("make", [lambda: torch.randn(6, 4), lambda: torch.randn(3, 3, 4, 3)[:, :, ::2].mT],
                          ids=["(6, 4)", "strided (3, 3, 3, 2)"])  # fmt: skip
 def test_gradgradcheck_float64(monkeypatch, backend, affine, make):
     """Second derivatives in training (create_graph=True: torch operations on the saved tensors),
     also of an input that the forward copies to a dense one first."""
-    backend = bn_backend(backend, monkeypatch)
     x = make().double().requires_grad_(True)
     c = x.shape[1]
     w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_(affine)
@@ -296,14 +290,13 @@ SAVED_TENSOR_HOOKS = {
 }
 
 
-@pytest.mark.parametrize("backend", BN_PATHS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 @pytest.mark.parametrize("hooks", SAVED_TENSOR_HOOKS.values(), ids=SAVED_TENSOR_HOOKS.keys())
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_saved_tensor_hooks(monkeypatch, backend, hooks, channels_last):
     """The backward reads the saved input as a hook gives it back: another layout is read as such
     (a channels-last input repacked contiguous gave dx off by 0.8), another dtype raises as
     torch's backward does (never a kernel reading float64 as float32)."""
-    backend = bn_backend(backend, monkeypatch)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(4, 6, 5, 7).contiguous(memory_format=fmt)
     dy = torch.linspace(-1, 1, x.numel()).reshape(x.shape)
@@ -323,12 +316,11 @@ def test_saved_tensor_hooks(monkeypatch, backend, hooks, channels_last):
             assert_close(a, b, 1e-4, 2e-5, what)
 
 
-@pytest.mark.parametrize("backend", BN_PATHS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 def test_strided_running_statistics_two_forwards_then_backward(monkeypatch, backend):
     """Strided running statistics are updated through a dense copy and written back without a
     version bump, as torch's are: a second forward before the first one's backward does not make
     that backward raise the in-place error (it did, on every fastnorm path)."""
-    backend = bn_backend(backend, monkeypatch)
     grads = []
     for fn in (F.batch_norm, lambda *a: fastnorm.functional.batch_norm(*a, backend=backend)):
         stats = torch.stack([torch.zeros(5), torch.ones(5)], dim=1)  # (5, 2): columns of stride 2

@@ -30,14 +30,14 @@ import copy
 
 import pytest
 import torch
-from conftest import BN_PATHS, assert_close
+from conftest import BN_BACKENDS, assert_close
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import fastnorm
 import kernels.numba_cpu.batchnorm as numba_bn
-from fastnorm import _native
+from fastnorm import _ops
 
 DTYPE = torch.float64
 TOL = (1e-9, 1e-10)
@@ -69,9 +69,8 @@ _BACKEND = st.deferred(lambda: st.sampled_from(BatchNormTwins.backends))
 
 
 class BatchNormTwins(RuleBasedStateMachine):
-    #: the backends drawn (tests/cudasim runs this machine with ["cuda"]); "numba-python": the
-    #: numba kernels behind the Python autograd Function instead of the C++ node
-    backends = BN_PATHS
+    #: the backends drawn (tests/cudasim runs this machine with ["cuda"])
+    backends = BN_BACKENDS
     #: the input's dtype, and (rtol, atol) of input-shaped values ("data") and per-channel ones
     input_dtype = DTYPE
     tolerance = {"data": TOL, "per channel": TOL}
@@ -84,23 +83,16 @@ class BatchNormTwins(RuleBasedStateMachine):
         self.saved = [(m, name, getattr(m, name)) for m, name, _ in SMALL_THRESHOLDS]
         for m, name, value in SMALL_THRESHOLDS:
             setattr(m, name, value)
-        self.saved_native = _native.ENABLED
+        _ops.sync_tunables()
 
     def teardown(self) -> None:
         for m, name, value in self.saved:
             setattr(m, name, value)
-        _native.ENABLED = self.saved_native
-
-    @staticmethod
-    def _backend(drawn: str) -> str:
-        """fastnorm's backend name for a drawn one, its training path set (``_native.ENABLED``)."""
-        _native.ENABLED = drawn != "numba-python"
-        return "numba" if drawn == "numba-python" else drawn
+        _ops.sync_tunables()
 
     @initialize(dims=st.sampled_from([1, 2]), channels=st.sampled_from([1, 3, 5]), backend=_BACKEND,
                 affine=st.booleans(), track=st.booleans(), momentum=st.sampled_from([0.1, None]))  # fmt: skip
     def build(self, dims, channels, backend, affine, track, momentum):
-        backend = self._backend(backend)
         self.dims, self.channels = dims, channels
         name = f"BatchNorm{dims}d"
         options = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=DTYPE)
@@ -329,7 +321,6 @@ class HalfBatchNormTwins(BatchNormTwins):
                 affine=st.booleans(), track=st.booleans(), momentum=st.sampled_from([0.1, None]),
                 input_dtype=st.sampled_from([torch.bfloat16, torch.float16]))  # fmt: skip
     def build(self, dims, channels, backend, affine, track, momentum, input_dtype):
-        backend = self._backend(backend)
         self.input_dtype = input_dtype
         self.tolerance = {"data": HALF_DATA[input_dtype], "per channel": (1e-5, 1e-6)}
         self.dims, self.channels = dims, channels

@@ -44,6 +44,7 @@ from ulps import assert_a_neighbour
 
 import fastnorm
 import kernels.numba_cpu.optim as numba_optim
+from fastnorm import _ops
 
 # parameter shapes: (shape, transposed) - odd sizes, a scalar-like tensor, a non-contiguous one
 SHAPES = [((7,), False), ((3, 5), False), ((1,), False), ((4, 6), True), ((257, 3), False)]
@@ -207,9 +208,11 @@ class OptimizerTwins(RuleBasedStateMachine):
         self.was_float32 = False  # float32 roundings stay in the values after a trip to float32
         # chunks of 64 values: the 257x3 parameter spans several, with an uneven tail
         self.saved_chunk, numba_optim.CHUNK = numba_optim.CHUNK, 64
+        _ops.sync_tunables()
 
     def teardown(self) -> None:
         numba_optim.CHUNK = self.saved_chunk
+        _ops.sync_tunables()
 
     @initialize(name=st.sampled_from(OPTIMIZERS), data=st.data(), backend=_BACKEND,
                 shapes=st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4),

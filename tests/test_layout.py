@@ -49,3 +49,45 @@ def test_the_application_lives_in_fastnorm_book(old):
 def test_cli_help_does_not_load_the_application():
     loaded = _modules_after("from fastnorm import cli\nparser = cli.build_parser()")
     assert not _loaded(loaded, "matplotlib") and not _loaded(loaded, "torchvision")
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """fastnorm's library modules (not the book or the CLI) -> the fastnorm modules each imports,
+    at module level or inside functions (lazy imports close cycles too)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "fastnorm"
+    names = {p.stem for p in root.glob("*.py")} - {"__init__", "__main__", "cli"}
+    graph = {}
+    for name in names:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    found.add(node.module.split(".")[0])
+                else:
+                    found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fastnorm."):
+                found.add(node.module.split(".")[1])
+        graph[name] = found & names
+    return graph
+
+
+def test_the_library_has_no_import_cycle():
+    """Was: _arrays -> _native -> _dispatch -> autograd -> ... -> _arrays."""
+    graph = _package_imports()
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for other in sorted(graph[name]):
+            assert state.get(other) != 1, "import cycle: " + " -> ".join([*path, name, other])
+            if other not in state:
+                visit(other, [*path, name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])

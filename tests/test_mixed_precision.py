@@ -46,8 +46,13 @@ CONFIGS = [
 def _small_chunks(monkeypatch):
     """Several chunks per tensor in the numba loop (its chunk-local element indices matter)."""
     import kernels.numba_cpu.optim as numba_optim
+    from fastnorm import _ops
 
     monkeypatch.setattr(numba_optim, "CHUNK", 1000)
+    _ops.sync_tunables()
+    yield
+    monkeypatch.undo()
+    _ops.sync_tunables()
 
 
 def _params(dtype, shapes=SHAPES):

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from conftest import BN_BACKENDS, BN_PATHS, OPTIM_BACKENDS, assert_close, bn_backend
+from conftest import BN_BACKENDS, OPTIM_BACKENDS, assert_close
 
 import fastnorm
 from fastnorm import _arrays
@@ -260,13 +260,11 @@ def test_two_threads_running_batchnorm_equal_a_sequential_run():
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("path", ["numba", "numba-python"])
 @pytest.mark.parametrize("training", [True, False])
-def test_strided_per_channel_tensors_give_torchs_values(monkeypatch, path, training):
+def test_strided_per_channel_tensors_give_torchs_values(training):
     """The numba backend reads (C,) vectors on raw addresses: a strided weight, bias or running
     statistic must be read (and the running statistics written back) as torch does, not
     refused or misread."""
-    bn_backend(path, monkeypatch)
     c = 5
     ours, theirs = fastnorm.nn.BatchNorm1d(c, backend="numba").double(), torch.nn.BatchNorm1d(c).double()
     for m in (ours, theirs):
@@ -278,10 +276,7 @@ def test_strided_per_channel_tensors_give_torchs_values(monkeypatch, path, train
         m.train(training)
     x = torch.randn(7, c, dtype=torch.float64, requires_grad=True)
     ya, yb = ours(x), theirs(x)
-    # the address-level path ran: the C++ node in training unless turned off, else the Python one
-    native = training and path == "numba"
-    assert ("fastnorm::BatchNormBackward" in ya.grad_fn.name()) == native
-    assert ("AddressBatchNormFunction" in ya.grad_fn.name()) == (not native)
+    assert ya.grad_fn.name() == "fastnorm::BatchNormBackward"  # the op ran
     dy = torch.randn_like(ya)
     ga = torch.autograd.grad(ya, (x, ours.weight, ours.bias), dy)
     gb = torch.autograd.grad(yb, (x, theirs.weight, theirs.bias), dy)
@@ -327,7 +322,7 @@ def test_a_group_torch_steps_raises_before_a_later_group_fails_its_checks():
                 assert torch.equal(after[1]["state"][index][key], value), f"{backend}: the failed step changed {key}"
 
 
-@pytest.mark.parametrize("backend", BN_PATHS)
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 def test_an_in_place_change_of_a_strided_input_raises_torchs_error(monkeypatch, backend):
     """Was: a strided input was copied to a dense one inside the autograd Function, which saved
     the copy only, so changing the input in place before the backward went unnoticed (torch's
@@ -335,7 +330,6 @@ def test_an_in_place_change_of_a_strided_input_raises_torchs_error(monkeypatch, 
     the input (tests/test_batchnorm_parity.py, test_gradgradcheck_float64). Found in review of the
     C++ node, which made the same copy; the copy is now made where autograd records it, and the
     input is saved as well."""
-    backend = bn_backend(backend, monkeypatch)
     errors = []
     for module in (torch.nn.BatchNorm2d(3), fastnorm.nn.BatchNorm2d(3, backend=backend)):
         x = torch.randn(3, 3, 4, 3)[:, :, ::2].mT.requires_grad_(True)  # neither layout: copied

@@ -1,337 +1,575 @@
-// Batch Normalization (training) as a C++ autograd node around fastnorm's Numba CPU kernels.
+// Batch Normalization as ops of torch's dispatcher: torch.ops.fastnorm.batch_norm and the ops
+// it is made of.
 //
-// Book: "Deep Learning from Scratch", section 6.3. The math is the kernels' (kernels/numba_cpu/
-// batchnorm.py); this file only moves tensors: it allocates the outputs, calls the kernels' C
-// entry points (Numba cfuncs, kernels.numba_cpu.batchnorm.c_entry_points) on the tensors'
-// addresses, and records an autograd node whose backward is C++ too.
+// Book: "Deep Learning from Scratch", section 6.3. The math is the numba kernels'
+// (kernels/numba_cpu/batchnorm.py, called through their C entry points); this file checks
+// arguments in torch's words, moves tensors and records autograd.
 //
-// Why: after a large kernel has streamed the caches, every distinct Python operation around it
-// costs tens of microseconds (bench/results/bn_profile.md); a Python torch.autograd.Function and
-// the engine's calls into it were ~0.3 ms of a training step's BatchNorm. Here the forward is one
-// call from Python and the backward none.
+//   fastnorm::batch_norm            CompositeImplicitAutograd: torch.nn.functional.batch_norm's
+//                                   arguments and semantics (an empty batch, 16-bit parameters),
+//                                   built on the two ops below
+//   fastnorm::batch_norm_forward    CPU (the kernels), Meta (shapes), Autograd (BatchNormBackward):
+//                                   (y, save_mean, save_invstd); the running statistics are
+//                                   updated in place in training (annotated as mutated)
+//   fastnorm::batch_norm_backward   CPU, Meta: (dx, dweight, dbias), those of output_mask
+//   fastnorm::batch_norm_stats      CPU, Meta: per-channel mean and biased variance in float64
+//                                   (what fastnorm.nn.SyncBatchNorm merges across processes)
 //
-// Semantics are those of fastnorm._address_autograd.AddressBatchNormFunction (which serves the
-// same kernels where this extension cannot be built): input, weight and running statistics saved
-// for backward (torch's error on an in-place change), gradients with the input's strides, and a
-// backward with create_graph=True computed by differentiable torch operations (a Python callback).
-#include <torch/extension.h>
+// Every layer of torch calls these same ops: eager code, torch.compile (Meta gives shapes;
+// running statistics are functionalised), TorchScript, jit.trace, torch.export and fx. A backward
+// with create_graph=True computes the gradients with differentiable ATen ops, so that second
+// derivatives are torch's.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/library.h>
 
-#include <sys/mman.h>
-
-#include <algorithm>
-#include <cstdlib>
-#include <mutex>
-#include <unordered_map>
+#include <sstream>
+#include <tuple>
 #include <vector>
 
+#include "fastnorm.h"
+
+namespace fastnorm {
 namespace {
 
-using torch::autograd::AutogradContext;
+using at::Tensor;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
+using OptionalTensor = std::optional<Tensor>;
+using Outputs = std::tuple<Tensor, Tensor, Tensor>;
 
-// The C entry points (argument lists documented in kernels/numba_cpu/batchnorm.py).
-using ForwardTrain = void (*)(int64_t dtype, int64_t x, int64_t weight, int64_t bias, int64_t running_mean,
-                              int64_t running_var, int64_t y, int64_t save_mean, int64_t save_invstd, int64_t n,
-                              int64_t c, int64_t s, double momentum, double eps, int64_t parallel,
-                              int64_t rows_per_chunk, int64_t block);
-using ForwardEval = void (*)(int64_t dtype, int64_t x, int64_t weight, int64_t bias, int64_t running_mean,
-                             int64_t running_var, int64_t y, int64_t n, int64_t c, int64_t s, double eps,
-                             int64_t parallel, int64_t rows_per_chunk);
-using Backward = void (*)(int64_t dtype, int64_t dy, int64_t x, int64_t mean, int64_t invstd, int64_t weight,
-                          int64_t training, int64_t dx, int64_t dweight, int64_t dbias, int64_t n, int64_t c,
-                          int64_t s, int64_t parallel, int64_t rows_per_chunk, int64_t block);
-using SetThreads = void (*)(int);  // Numba's threading layer: the calling thread's thread count
+// The C entry points (argument lists: kernels/numba_cpu/batchnorm.py).
+using ForwardTrain = void (*)(int64_t x, int64_t weight, int64_t bias, int64_t running_mean, int64_t running_var,
+                              int64_t y, int64_t save_mean, int64_t save_invstd, int64_t n, int64_t c, int64_t s,
+                              double momentum, double eps, int64_t parallel, int64_t rows_per_chunk, int64_t block);
+using ForwardEval = void (*)(int64_t x, int64_t weight, int64_t bias, int64_t running_mean, int64_t running_var,
+                             int64_t y, int64_t n, int64_t c, int64_t s, double eps, int64_t parallel,
+                             int64_t rows_per_chunk);
+using Backward = void (*)(int64_t dy, int64_t x, int64_t mean, int64_t invstd, int64_t weight, int64_t training,
+                          int64_t dx, int64_t dweight, int64_t dbias, int64_t n, int64_t c, int64_t s,
+                          int64_t parallel, int64_t rows_per_chunk, int64_t block);
+using Stats = void (*)(int64_t x, int64_t mean, int64_t var, int64_t n, int64_t c, int64_t s, int64_t parallel,
+                       int64_t rows_per_chunk, int64_t block);
 
-struct Config {
-  ForwardTrain forward_train = nullptr;
-  ForwardEval forward_eval = nullptr;
-  Backward backward = nullptr;
-  SetThreads set_threads = nullptr;
-  int64_t max_threads = 1;              // Numba's pool size
-  py::object* differentiable = nullptr;  // fastnorm.autograd._differentiable_backward (never freed)
-};
-Config config;
+const char* const kPerChannel[] = {"weight", "bias", "running_mean", "running_var"};
 
-// A caching allocator for large outputs (fastnorm._arrays.BufferPool's policy, in C++): torch's
-// CPU allocator gives large blocks back to the OS, so every fresh output of megabytes is paid
-// again in page faults. Blocks of at least min_bytes are kept, up to max_bytes in all, keyed by
-// their exact size; a block is free again when the last tensor viewing it dies.
-class Pool {
- public:
-  void configure(size_t min_bytes, size_t max_bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    min_bytes_ = min_bytes;
-    max_bytes_ = max_bytes;
-  }
-
-  // A block of nbytes, or nullptr when it is not pooled (small, or over the budget).
-  void* take(size_t nbytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (nbytes < min_bytes_ || max_bytes_ == 0) return nullptr;
-    auto& free = free_[nbytes];
-    if (!free.empty()) {
-      void* block = free.back();
-      free.pop_back();
-      return block;
-    }
-    if (bytes_ + nbytes > max_bytes_) return nullptr;
-    void* block = nullptr;
-    // 2 MB aligned and advised as huge pages, as NumPy does for large arrays
-    if (posix_memalign(&block, size_t(2) << 20, nbytes) != 0) return nullptr;
-    madvise(block, nbytes, MADV_HUGEPAGE);
-    bytes_ += nbytes;
-    return block;
-  }
-
-  void give_back(void* block, size_t nbytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    free_[nbytes].push_back(block);
-  }
-
-  size_t in_use() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return bytes_ - free_bytes();
-  }
-
-  void clear() {  // forget the free blocks (those in use come back when their tensors die)
-    std::lock_guard<std::mutex> lock(mutex_);
-    bytes_ -= free_bytes();
-    for (auto& [nbytes, blocks] : free_) {
-      for (void* block : blocks) std::free(block);
-    }
-    free_.clear();
-  }
-
- private:
-  size_t free_bytes() const {
-    size_t total = 0;
-    for (const auto& [nbytes, blocks] : free_) total += nbytes * blocks.size();
-    return total;
-  }
-
-  std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_;
-  size_t bytes_ = 0;  // owned by the pool: free and handed out
-  size_t min_bytes_ = size_t(1) << 20;
-  size_t max_bytes_ = size_t(1) << 30;
-};
-Pool* pool = new Pool();  // never freed: tensors from it may outlive this library's statics
-
-// An uninitialised tensor shaped as x with the given strides (x is dense in them), from the pool.
-at::Tensor output(const at::Tensor& x, at::IntArrayRef strides) {
-  size_t nbytes = x.numel() * x.element_size();
-  void* block = pool->take(nbytes);
-  if (block == nullptr) return at::empty_strided(x.sizes(), strides, x.options());
-  return torch::from_blob(block, x.sizes(), strides, [nbytes](void* p) { pool->give_back(p, nbytes); },
-                          x.options());
-}
-
-int64_t dtype_code(at::ScalarType t) {  // kernels.numba_cpu.batchnorm.C_DTYPE_CODES
+// torch's name of a dtype ("torch.float32"), as Python prints it
+std::string dtype_name(at::ScalarType t) {
+  std::string name = c10::toString(t);
   switch (t) {
-    case at::kFloat: return 0;
-    case at::kDouble: return 1;
-    case at::kBFloat16: return 2;
-    case at::kHalf: return 3;
-    default: TORCH_CHECK(false, "fastnorm's C++ BatchNorm: unsupported dtype ", t);
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return "torch." + name;
   }
 }
 
-int64_t address(const at::Tensor& t) { return t.defined() ? reinterpret_cast<int64_t>(t.data_ptr()) : 0; }
+std::string size_repr(c10::SymIntArrayRef sizes) {  // torch.Size([2, 3])
+  std::ostringstream out;
+  out << "torch.Size([";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << "])";
+  return out.str();
+}
 
-at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+const Tensor& value(const OptionalTensor& t) {
+  static const Tensor undefined;
+  return t.has_value() ? *t : undefined;
+}
+
+// The layout the kernels read x in: channels-last (4-D or 5-D memory N, *spatial, C) if x is
+// dense in it and not contiguous, else contiguous.
+at::MemoryFormat layout_of(const Tensor& x) {
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (x.dim() == 5 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// (N, C, S) as the kernels see x: (N*H*W, C, 1) for channels-last memory.
+struct Geometry {
+  int64_t n, c, s;
+};
+Geometry geometry_of(const Tensor& x, at::MemoryFormat layout) {
+  const int64_t c = x.size(1);
+  if (layout != at::MemoryFormat::Contiguous) return {x.numel() / c, c, 1};
+  return {x.size(0), c, x.numel() / std::max<int64_t>(1, x.size(0) * c)};
+}
+
+// kernels.numba_cpu.batchnorm.plan: (parallel, rows_per_chunk, forward block, backward block)
+struct Plan {
+  bool parallel;
+  int64_t rows_per_chunk, forward_block, backward_block;
+};
+Plan plan_of(const Geometry& g, int64_t itemsize) {
+  const auto& t = tunables();
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), t.max_threads));
+  const int64_t chunks = std::max<int64_t>(1, std::min({t.max_chunks, (g.n * g.c) / t.chunk_elements, g.n}));
+  auto block = [&](int64_t arrays) {
+    if (g.s == 1) return g.c;
+    const int64_t per_channel = std::max<int64_t>(1, g.n * g.s * itemsize * arrays);
+    return std::min(g.c, std::max<int64_t>(1, t.block_bytes / per_channel));
+  };
+  return {g.n * g.c * g.s >= t.parallel_min_elements && threads > 1, (g.n + chunks - 1) / chunks, block(1), block(2)};
+}
 
 // y's strides: its layout's own (torch's outputs have them; they differ from x's at size-1 dims)
-std::vector<int64_t> canonical_strides(const at::Tensor& x, bool channels_last) {
-  if (channels_last) {
-    return x.dim() == 5 ? c10::get_channels_last_strides_3d(x.sizes()) : c10::get_channels_last_strides_2d(x.sizes());
-  }
+std::vector<int64_t> canonical_strides(const Tensor& x, at::MemoryFormat layout) {
+  if (layout == at::MemoryFormat::ChannelsLast) return c10::get_channels_last_strides_2d(x.sizes());
+  if (layout == at::MemoryFormat::ChannelsLast3d) return c10::get_channels_last_strides_3d(x.sizes());
   const auto strides = c10::contiguous_strides(x.sizes());
   return std::vector<int64_t>(strides.begin(), strides.end());
 }
 
-at::MemoryFormat layout_of(const at::Tensor& x, bool channels_last) {
-  if (!channels_last) return at::MemoryFormat::Contiguous;
-  return x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
-}
+Tensor dense_vector(const Tensor& t) { return t.defined() && !t.is_contiguous() ? t.contiguous() : t; }
 
-// The forward kernels into a new y: (y, stats), stats the (2, C) mean and invstd that normalised x
-// (training; undefined in eval). Running statistics are updated in training where given.
-std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                               const at::Tensor& running_mean, const at::Tensor& running_var,
-                                               bool training, double momentum, double eps, bool channels_last,
-                                               int64_t n, int64_t c, int64_t s, bool parallel, int64_t rows_per_chunk,
-                                               int64_t block) {
-  at::Tensor y = output(x, canonical_strides(x, channels_last));
-  const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor stats = training ? at::empty({2, c}, x.options().dtype(compute)) : at::Tensor();
-  // the kernels read (C,) vectors with unit stride: strided ones through dense copies
-  at::Tensor w = weight.defined() ? weight.contiguous() : weight;
-  at::Tensor b = bias.defined() ? bias.contiguous() : bias;
-  at::Tensor mean_in = running_mean.defined() ? running_mean.contiguous() : running_mean;
-  at::Tensor var_in = running_var.defined() ? running_var.contiguous() : running_var;
-  const int64_t dtype = dtype_code(x.scalar_type());
-  {
-    py::gil_scoped_release no_gil;
-    if (training) {
-      const int64_t mean = address(stats);
-      config.forward_train(dtype, address(x), address(w), address(b), address(mean_in), address(var_in), address(y),
-                           mean, mean + c * stats.element_size(), n, c, s, momentum, eps, parallel, rows_per_chunk,
-                           block);
-    } else {
-      config.forward_eval(dtype, address(x), address(w), address(b), address(mean_in), address(var_in), address(y), n,
-                          c, s, eps, parallel, rows_per_chunk);
-    }
-  }
+// torch's checks of F.batch_norm's arguments, in torch's order and words, plus the kernels' dtypes.
+// symbolic: sizes may be symbolic (Meta under torch.compile): only checks that need no values.
+void check_arguments(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                     const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+                     double eps) {
+  TORCH_CHECK_VALUE(input.dim() >= 2, "batch_norm expects an input of shape (N, C) or (N, C, *spatial), got a ",
+                    input.dim(), "-D input of shape ", size_repr(input.sym_sizes()));
   if (training) {
-    // strided running statistics: written back without a version bump, as the kernels' own
-    // writes (torch's BatchNorm does not bump them either: a second forward before the
-    // backward must not raise the in-place error for the first one's saved tensors)
-    at::AutoDispatchBelowADInplaceOrView no_version_bump;
-    if (mean_in.defined() && !mean_in.is_same(running_mean)) running_mean.copy_(mean_in);
-    if (var_in.defined() && !var_in.is_same(running_var)) running_var.copy_(var_in);
+    c10::SymInt values = input.sym_size(0);
+    for (int64_t d = 2; d < input.dim(); ++d) values = values * input.sym_size(d);
+    TORCH_CHECK_VALUE(values != 1, "Expected more than 1 value per channel when training, got input size ",
+                      size_repr(input.sym_sizes()));
+    TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
   }
-  return {y, stats};
+  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  if (!training) {
+    TORCH_CHECK(has_mean, "running_mean must be defined in evaluation mode");
+    TORCH_CHECK(has_var, "running_var must be defined in evaluation mode");
+  } else {
+    TORCH_CHECK_VALUE(has_mean == has_var, "running_mean and running_var must either both be None or neither be None");
+  }
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(storage_of(dtype) >= 0,
+                              "fastnorm's 'numba' backend computes batch_norm in float32, float64, bfloat16 or "
+                              "float16, but the input is ", dtype_name(dtype),
+                              "; convert it, or use backend='torch' for other dtypes");
+  const OptionalTensor* per_channel[] = {&weight, &bias, &running_mean, &running_var};
+  bool mixed = false;  // torch's mixed case: a 16-bit input with float32 per-channel tensors
+  for (const auto* t : per_channel) {
+    if (t->has_value() && (*t)->defined() && (*t)->scalar_type() != dtype) mixed = is_half(dtype);
+  }
+  const auto channels = input.sym_size(1);
+  for (int i = 0; i < 4; ++i) {
+    const auto& t = *per_channel[i];
+    if (!t.has_value() || !t->defined()) continue;
+    TORCH_CHECK(t->sym_numel() == channels, kPerChannel[i], " should contain ", channels, " elements not ",
+                t->sym_numel());
+    if (mixed) {
+      TORCH_CHECK(t->scalar_type() == at::kFloat, "mixed dtype (CPU): expect parameter to have scalar type of Float");
+    } else {
+      TORCH_CHECK(t->scalar_type() == dtype, "mixed dtype: all inputs must share same datatype, but input is ",
+                  dtype_name(dtype), " and ", kPerChannel[i], " is ", dtype_name(t->scalar_type()));
+    }
+    TORCH_CHECK(t->device() == input.device(),
+                "Expected all tensors to be on the same device, but found at least two devices, ", input.device(),
+                " (input) and ", t->device(), " (", kPerChannel[i], ")!");
+  }
 }
 
-// saved_data keys
-constexpr const char* kStats = "stats";    // (2, C): the mean and invstd that normalised x
-constexpr const char* kLaunch = "launch";  // channels_last, n, c, s, parallel, rows_per_chunk, block, has_bias,
-                                           // the input's dtype code
-constexpr const char* kEps = "eps";
+// The forward op's own requirement beyond torch's: a 16-bit input takes float32 per-channel
+// tensors (fastnorm::batch_norm converts 16-bit ones).
+void check_per_channel_compute(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                               const OptionalTensor& running_mean, const OptionalTensor& running_var) {
+  const auto compute = compute_dtype(input.scalar_type());
+  for (const auto* t : {&weight, &bias, &running_mean, &running_var}) {
+    TORCH_CHECK(!t->has_value() || !(*t)->defined() || (*t)->scalar_type() == compute,
+                "fastnorm::batch_norm_forward takes ", dtype_name(compute), " weight, bias and running statistics "
+                "for a ", dtype_name(input.scalar_type()), " input (fastnorm::batch_norm converts 16-bit ones)");
+  }
+}
 
-}  // namespace
+// ---- fastnorm::batch_norm_forward -----------------------------------------------------------
 
-namespace fastnorm {
+Outputs forward_cpu(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                    const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+                    double momentum, double eps) {
+  check_arguments(input, weight, bias, running_mean, running_var, training, eps);
+  check_per_channel_compute(input, weight, bias, running_mean, running_var);
+  const int64_t c = input.size(1);
+  const auto per_channel = input.options().dtype(compute_dtype(input.scalar_type()));
+  const auto layout = layout_of(input);
+  if (input.numel() == 0) {  // torch: an empty output, the running statistics left alone
+    return {at::empty(input.sizes(), input.options().memory_format(layout)), at::zeros({c}, per_channel),
+            at::zeros({c}, per_channel)};
+  }
+  const Tensor x = input.is_contiguous(layout) ? input : input.contiguous();  // strided: a dense copy
+  const Geometry g = geometry_of(x, layout);
+  const Plan p = plan_of(g, x.element_size());
+  Tensor y = pooled_empty(x, canonical_strides(x, layout));
+  const Tensor w = dense_vector(value(weight)), b = dense_vector(value(bias));
+  const Tensor& rm = value(running_mean);
+  const Tensor& rv = value(running_var);
+  const Tensor mean_in = dense_vector(rm), var_in = dense_vector(rv);
+  Tensor save_mean = at::empty({c}, per_channel), save_invstd = at::empty({c}, per_channel);
+  const int storage = storage_of(x.scalar_type());
+  if (training) {
+    auto kernel = reinterpret_cast<ForwardTrain>(entry(Entry::kForwardTrain, storage));
+    without_gil([&] {
+      follow_torch_threads();
+      kernel(address(x), address(w), address(b), address(mean_in), address(var_in), address(y), address(save_mean),
+             address(save_invstd), g.n, g.c, g.s, momentum, eps, p.parallel, p.rows_per_chunk, p.forward_block);
+    });
+    // strided running statistics: updated through a dense copy, written back without a version
+    // bump, as the kernels' own writes (torch's BatchNorm bumps neither: a second forward
+    // before the backward must not raise the in-place error for the first one's saved tensors)
+    at::AutoDispatchBelowADInplaceOrView no_version_bump;
+    if (mean_in.defined() && !mean_in.is_same(rm)) rm.copy_(mean_in);
+    if (var_in.defined() && !var_in.is_same(rv)) rv.copy_(var_in);
+  } else {
+    auto kernel = reinterpret_cast<ForwardEval>(entry(Entry::kForwardEval, storage));
+    without_gil([&] {
+      follow_torch_threads();
+      kernel(address(x), address(w), address(b), address(mean_in), address(var_in), address(y), g.n, g.c, g.s, eps,
+             p.parallel, p.rows_per_chunk);
+    });
+    // the eval forward's constants, frozen now (the buffers may change before the backward)
+    save_mean.copy_(rm);
+    save_invstd.copy_(at::rsqrt(rv.to(at::kDouble) + eps));
+  }
+  return {y, save_mean, save_invstd};
+}
 
-// The node's name in autograd graphs: torch::autograd::CppNode<fastnorm::BatchNormBackward>
-struct BatchNormBackward : public torch::autograd::Function<BatchNormBackward> {
-  // x: (N, C, *), contiguous or channels-last; weight, bias, running_*: (C,) or absent; source: the
-  // caller's input when x is its dense copy, else absent.
-  // n, c, s: the (N, C, S) geometry the kernels see; the rest: kernels.numba_cpu.batchnorm.plan.
-  // An absent tensor (std::nullopt) is not an input of the node: it has no edge (see backward).
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight_,
-                            const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& running_mean_,
-                            const std::optional<at::Tensor>& running_var_,
-                            const std::optional<at::Tensor>& source, double momentum, double eps,
-                            bool channels_last, int64_t n, int64_t c, int64_t s, bool parallel,
-                            int64_t rows_per_chunk, int64_t forward_block, int64_t backward_block) {
-    at::Tensor weight = value_or_undefined(weight_), bias = value_or_undefined(bias_);
-    at::Tensor running_mean = value_or_undefined(running_mean_), running_var = value_or_undefined(running_var_);
-    auto [y, stats] = run_forward(x, weight, bias, running_mean, running_var, /*training=*/true, momentum, eps,
-                                  channels_last, n, c, s, parallel, rows_per_chunk, forward_block);
-    // saved for torch's error on an in-place change before the backward, as torch's own BatchNorm
-    // saves them; source (the caller's strided input, x its dense copy) for that alone
-    ctx->save_for_backward({x, weight, running_mean, running_var, value_or_undefined(source)});
-    ctx->saved_data[kStats] = stats;
-    ctx->saved_data[kLaunch] =
-        std::vector<int64_t>{channels_last, n, c, s, parallel, rows_per_chunk, backward_block, bias.defined(),
-                             dtype_code(x.scalar_type())};
-    ctx->saved_data[kEps] = eps;
-    return y;
+Outputs forward_meta(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                     const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+                     double momentum, double eps) {
+  check_arguments(input, weight, bias, running_mean, running_var, training, eps);
+  check_per_channel_compute(input, weight, bias, running_mean, running_var);
+  const auto per_channel = input.options().dtype(compute_dtype(input.scalar_type()));
+  const c10::SymInt c = input.sym_size(1);
+  return {at::empty_symint(input.sym_sizes(), input.options().memory_format(layout_of(input))),
+          at::empty_symint({c}, per_channel), at::empty_symint({c}, per_channel)};
+}
+
+// ---- fastnorm::batch_norm_backward ------------------------------------------------------------
+
+void check_backward(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight, const Tensor& mean,
+                    const Tensor& invstd) {
+  TORCH_CHECK(input.dim() >= 2, "fastnorm::batch_norm_backward: input must be (N, C, *), got ", input.dim(), "-D");
+  TORCH_CHECK(grad_out.sym_sizes() == input.sym_sizes(), "fastnorm::batch_norm_backward: grad_output of shape ",
+              size_repr(grad_out.sym_sizes()), " for an input of shape ", size_repr(input.sym_sizes()));
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "fastnorm::batch_norm_backward: grad_output is ",
+              dtype_name(grad_out.scalar_type()), ", input ", dtype_name(input.scalar_type()));
+  TORCH_CHECK_NOT_IMPLEMENTED(storage_of(input.scalar_type()) >= 0, "fastnorm::batch_norm_backward: ",
+                              dtype_name(input.scalar_type()), " is not float32, float64, bfloat16 or float16");
+  const auto compute = compute_dtype(input.scalar_type());
+  const Tensor* vectors[] = {&mean, &invstd, weight.has_value() ? &*weight : nullptr};
+  const char* names[] = {"save_mean", "save_invstd", "weight"};
+  for (int i = 0; i < 3; ++i) {
+    if (vectors[i] == nullptr || !vectors[i]->defined()) continue;
+    TORCH_CHECK(vectors[i]->sym_numel() == input.sym_size(1) && vectors[i]->scalar_type() == compute,
+                "fastnorm::batch_norm_backward: ", names[i], " must hold ", input.sym_size(1), " ",
+                dtype_name(compute), " values, got ", vectors[i]->sym_numel(), " ",
+                dtype_name(vectors[i]->scalar_type()));
+  }
+}
+
+Outputs backward_cpu(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight, const Tensor& mean,
+                     const Tensor& invstd, bool training, std::array<bool, 3> mask) {
+  check_backward(grad_out, input, weight, mean, invstd);
+  const int64_t c = input.size(1);
+  const auto per_channel = input.options().dtype(compute_dtype(input.scalar_type()));
+  const auto layout = layout_of(input);
+  const Tensor x = input.is_contiguous(layout) ? input : input.contiguous();
+  if (x.numel() == 0) {
+    return {mask[0] ? at::empty_like(x) : Tensor(), mask[1] ? at::zeros({c}, per_channel) : Tensor(),
+            mask[2] ? at::zeros({c}, per_channel) : Tensor()};
+  }
+  const Tensor dy = grad_out.is_contiguous(layout) ? grad_out : grad_out.contiguous(layout);
+  const Geometry g = geometry_of(x, layout);
+  const Plan p = plan_of(g, x.element_size());
+  Tensor dx = mask[0] ? pooled_empty(x, x.strides()) : Tensor();  // torch's dx has x's strides
+  Tensor dweight = mask[1] ? at::empty({c}, per_channel) : Tensor();
+  Tensor dbias = mask[2] ? at::empty({c}, per_channel) : Tensor();
+  const Tensor w = dense_vector(value(weight)), m = dense_vector(mean), inv = dense_vector(invstd);
+  auto kernel = reinterpret_cast<Backward>(entry(Entry::kBackward, storage_of(x.scalar_type())));
+  without_gil([&] {
+    follow_torch_threads();
+    kernel(address(dy), address(x), address(m), address(inv), address(w), training, address(dx), address(dweight),
+           address(dbias), g.n, g.c, g.s, p.parallel, p.rows_per_chunk, p.backward_block);
+  });
+  return {dx, dweight, dbias};
+}
+
+Outputs backward_meta(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight, const Tensor& mean,
+                      const Tensor& invstd, bool training, std::array<bool, 3> mask) {
+  check_backward(grad_out, input, weight, mean, invstd);
+  const auto per_channel = input.options().dtype(compute_dtype(input.scalar_type()));
+  const auto layout = layout_of(input);
+  Tensor dx;
+  if (mask[0]) {
+    dx = input.is_contiguous(layout) ? at::empty_strided_symint(input.sym_sizes(), input.sym_strides(), input.options())
+                                     : at::empty_symint(input.sym_sizes(), input.options());
+  }
+  const c10::SymInt c = input.sym_size(1);
+  return {dx, mask[1] ? at::empty_symint({c}, per_channel) : Tensor(),
+          mask[2] ? at::empty_symint({c}, per_channel) : Tensor()};
+}
+
+// ---- fastnorm::batch_norm_stats -----------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> stats_cpu(const Tensor& input) {
+  TORCH_CHECK(input.dim() >= 2, "fastnorm::batch_norm_stats takes an (N, C, *) input, got a ", input.dim(), "-D one");
+  TORCH_CHECK_NOT_IMPLEMENTED(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+                              "fastnorm::batch_norm_stats takes a float32 or float64 input, got ",
+                              dtype_name(input.scalar_type()));
+  const int64_t c = input.size(1);
+  const auto f64 = input.options().dtype(at::kDouble);
+  if (input.numel() == 0) return {at::full({c}, NAN, f64), at::full({c}, NAN, f64)};
+  const auto layout = layout_of(input);
+  const Tensor x = input.is_contiguous(layout) ? input : input.contiguous();
+  const Geometry g = geometry_of(x, layout);
+  const Plan p = plan_of(g, x.element_size());
+  Tensor mean = at::empty({c}, f64), var = at::empty({c}, f64);
+  auto kernel = reinterpret_cast<Stats>(entry(Entry::kStats, storage_of(x.scalar_type())));
+  without_gil([&] {
+    follow_torch_threads();
+    kernel(address(x), address(mean), address(var), g.n, g.c, g.s, p.parallel, p.rows_per_chunk, p.forward_block);
+  });
+  return {mean, var};
+}
+
+std::tuple<Tensor, Tensor> stats_meta(const Tensor& input) {
+  TORCH_CHECK(input.dim() >= 2, "fastnorm::batch_norm_stats takes an (N, C, *) input, got a ", input.dim(), "-D one");
+  const auto f64 = input.options().dtype(at::kDouble);
+  return {at::empty_symint({input.sym_size(1)}, f64), at::empty_symint({input.sym_size(1)}, f64)};
+}
+
+// ---- autograd -----------------------------------------------------------------------------------
+
+// (dx, dweight, dbias) as differentiable functions of x, weight and dy (double backward); in eval
+// mode mean and invstd are the forward's constants.
+Outputs differentiable_backward(bool training, double eps, const Tensor& dy_in, const Tensor& x_in,
+                                const Tensor& weight, const Tensor& save_mean, const Tensor& save_invstd) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < x_in.dim(); ++d) dims.push_back(d);
+  std::vector<c10::SymInt> shape(x_in.dim(), 1);
+  shape[1] = x_in.sym_size(1);
+  const auto storage = x_in.scalar_type();
+  const Tensor x = is_half(storage) ? x_in.to(at::kFloat) : x_in;  // computed in float32, as the kernels do
+  const Tensor dy = is_half(storage) ? dy_in.to(at::kFloat) : dy_in;
+  Tensor mean, invstd;
+  if (training) {  // the statistics are functions of x
+    mean = x.mean(dims, /*keepdim=*/true);
+    invstd = at::rsqrt(x.var(dims, /*unbiased=*/false, /*keepdim=*/true) + eps);
+  } else {
+    mean = save_mean.view_symint(shape);
+    invstd = save_invstd.view_symint(shape);
+  }
+  const Tensor xhat = (x - mean) * invstd;
+  const Tensor scale = weight.defined() ? invstd * weight.view_symint(shape) : invstd;
+  const Tensor dbias = dy.sum(dims);
+  const Tensor dweight = (dy * xhat).sum(dims);
+  Tensor dx = training ? scale * (dy - dy.mean(dims, true) - xhat * (dy * xhat).mean(dims, true)) : scale * dy;
+  return {dx.to(storage), dweight, dbias};
+}
+
+const c10::TypedOperatorHandle<Outputs(const Tensor&, const OptionalTensor&, const OptionalTensor&,
+                                       const OptionalTensor&, const OptionalTensor&, bool, double, double)>&
+forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastnorm::batch_norm_forward", "")
+                             .typed<Outputs(const Tensor&, const OptionalTensor&, const OptionalTensor&,
+                                            const OptionalTensor&, const OptionalTensor&, bool, double, double)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<Outputs(const Tensor&, const Tensor&, const OptionalTensor&, const Tensor&,
+                                       const Tensor&, bool, std::array<bool, 3>)>&
+backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastnorm::batch_norm_backward", "")
+                             .typed<Outputs(const Tensor&, const Tensor&, const OptionalTensor&, const Tensor&,
+                                            const Tensor&, bool, std::array<bool, 3>)>();
+  return op;
+}
+
+// The node of fastnorm::batch_norm_forward in autograd graphs. It saves what torch's own
+// BatchNorm saves (input, weight, running statistics: torch's error on an in-place change of any
+// of them before the backward) and the normalising mean and invstd.
+struct BatchNormBackward : public torch::autograd::Node {
+  SavedVariable input_, weight_, running_mean_, running_var_, save_mean_, save_invstd_;
+  bool training_ = true, has_weight_ = false, has_running_ = false;
+  double eps_ = 0.0;
+  at::MemoryFormat layout_ = at::MemoryFormat::Contiguous;
+  at::ScalarType dtype_ = at::kFloat;
+  c10::SymInt numel_ = 0;
+
+  std::string name() const override { return "fastnorm::BatchNormBackward"; }
+
+  void release_variables() override {
+    for (auto* v : {&input_, &weight_, &running_mean_, &running_var_, &save_mean_, &save_invstd_}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();  // torch's error if any changed in place
-    at::Tensor x = saved[0], weight = saved[1];
-    at::Tensor stats = ctx->saved_data[kStats].toTensor();
-    const auto launch = ctx->saved_data[kLaunch].toIntVector();
-    const bool channels_last = launch[0];
-    const int64_t n = launch[1], c = launch[2], s = launch[3], parallel = launch[4];
-    // which gradients are wanted: the node's edges are its defined tensor inputs only (x, then
-    // weight and bias where given, then the running statistics), its outputs one per forward input
-    const bool has_weight = weight.defined(), has_bias = launch[7];
-    const bool need[3] = {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
-                          has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
-    variable_list out(16);  // one per input of forward (source gets none: its copy x passes it on)
-    at::Tensor dy = grads[0];
-    if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable backward
-      py::gil_scoped_acquire gil;
-      auto result = (*config.differentiable)(true, ctx->saved_data[kEps].toDouble(), dy, x, weight, stats[0],
-                                             stats[1]).cast<py::tuple>();
-      for (int i = 0; i < 3; ++i) {
-        if (need[i]) out[i] = result[i].cast<at::Tensor>();
-      }
-      return out;
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(3);
+    if (!grads[0].defined()) return out;
+    auto self = getptr();
+    Tensor x = input_.unpack(self);  // torch's error if any of these changed in place
+    Tensor weight = has_weight_ ? weight_.unpack(self) : Tensor();
+    if (has_running_) {
+      running_mean_.unpack(self);
+      running_var_.unpack(self);
     }
-    const auto layout = layout_of(x, channels_last);
-    // a saved-tensor hook (torch.autograd.graph.saved_tensors_hooks, save_on_cpu) may give back
-    // x or weight in another layout (read in the forward's), or another dtype or size (refused:
-    // the kernels would read it as the forward's)
-    if (!x.is_contiguous(layout)) x = x.contiguous(layout);
-    TORCH_CHECK(dtype_code(x.scalar_type()) == launch[8] && x.numel() == n * c * s &&
-                    (!weight.defined() || (weight.scalar_type() == stats.scalar_type() && weight.numel() == c)),
-                "fastnorm's BatchNorm backward: a saved tensor came back with another dtype or size than the "
-                "forward saved (a saved-tensor hook?): input ", x.scalar_type(), " ", x.sizes(), ", weight ",
-                weight.defined() ? c10::toString(weight.scalar_type()) : "None");
-    if (!dy.is_contiguous(layout)) dy = dy.contiguous(layout);
-    at::Tensor dx, dweight, dbias;
-    if (need[0]) dx = output(x, x.strides());  // torch's dx has x's strides
-    if (need[1]) dweight = at::empty({c}, stats.options());
-    if (need[2]) dbias = at::empty({c}, stats.options());
-    at::Tensor w = weight.defined() ? weight.contiguous() : weight;  // held while the kernel reads it
-    if (parallel) {  // torch.set_num_threads governs the kernels (fastnorm._dispatch.follow_torch_threads)
-      config.set_threads(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
-                                                                                    config.max_threads))));
+    const Tensor mean = save_mean_.unpack(self), invstd = save_invstd_.unpack(self);
+    // a saved-tensor hook (saved_tensors_hooks, save_on_cpu) may give x back in another layout
+    // (read in the forward's), or with another dtype or size (refused: not what the forward saved)
+    TORCH_CHECK(x.scalar_type() == dtype_ && x.sym_numel() == numel_ && x.dim() >= 2 &&
+                    x.sym_size(1) == mean.sym_numel() &&
+                    (!weight.defined() ||
+                     (weight.scalar_type() == mean.scalar_type() && weight.sym_numel() == mean.sym_numel())),
+                "fastnorm's BatchNorm backward: a saved tensor came back with another dtype or size than the forward "
+                "saved (a saved-tensor hook?): input ", dtype_name(x.scalar_type()), " ", size_repr(x.sym_sizes()), ", weight ",
+                weight.defined() ? dtype_name(weight.scalar_type()) : "None");
+    if (!x.is_contiguous(layout_)) x = x.contiguous(layout_);
+    const bool need[3] = {should_compute_output(0), should_compute_output(1), should_compute_output(2)};
+    const Tensor& dy = grads[0];
+    Tensor dx, dweight, dbias;
+    if (c10::GradMode::is_enabled()) {  // create_graph=True: differentiable ATen ops
+      std::tie(dx, dweight, dbias) = differentiable_backward(training_, eps_, dy, x, weight, mean, invstd);
+    } else {
+      std::tie(dx, dweight, dbias) = backward_op().call(dy, x, weight.defined() ? OptionalTensor(weight) : std::nullopt,
+                                                        mean, invstd, training_, {need[0], need[1], need[2]});
     }
-    const int64_t mean = address(stats);
-    config.backward(dtype_code(x.scalar_type()), address(dy), address(x), mean, mean + c * stats.element_size(),
-                    address(w), /*training=*/1, address(dx), address(dweight), address(dbias), n, c, s, parallel,
-                    launch[5], launch[6]);
-    out[0] = dx;
-    out[1] = dweight;
-    out[2] = dbias;
+    if (need[0]) out[0] = dx;
+    if (need[1]) out[1] = dweight;
+    if (need[2]) out[2] = dbias;
     return out;
   }
 };
 
-}  // namespace fastnorm
-
-namespace {
-
-at::Tensor batch_norm_train(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-                            const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& source,
-                            double momentum, double eps, bool channels_last, int64_t n, int64_t c, int64_t s,
-                            bool parallel, int64_t rows_per_chunk, int64_t forward_block, int64_t backward_block) {
-  TORCH_CHECK(config.forward_train != nullptr, "fastnorm's C++ BatchNorm is not configured");
-  return fastnorm::BatchNormBackward::apply(x, weight, bias, running_mean, running_var, source, momentum, eps,
-                                            channels_last, n, c, s, parallel, rows_per_chunk, forward_block,
-                                            backward_block);
+Outputs forward_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                         const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+                         double momentum, double eps) {
+  const Tensor& w = value(weight);
+  const Tensor& b = value(bias);
+  TORCH_CHECK(!torch::autograd::isFwGradDefined(input) && !torch::autograd::isFwGradDefined(weight) &&
+                  !torch::autograd::isFwGradDefined(bias),
+              "fastnorm::batch_norm_forward has no forward-mode AD formula (fastnorm.nn's modules and "
+              "fastnorm.functional.batch_norm run torch's batch_norm for dual tensors)");
+  c10::intrusive_ptr<BatchNormBackward> node;
+  if (torch::autograd::compute_requires_grad(input, w, b)) {
+    node = c10::make_intrusive<BatchNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input, w, b));
+  }
+  Outputs out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = forward_op().call(input, weight, bias, running_mean, running_var, training, momentum, eps);
+  }
+  if (node) {
+    torch::autograd::set_history(std::get<0>(out), c10::intrusive_ptr<torch::autograd::Node>(node));
+    node->input_ = SavedVariable(input, false);
+    node->has_weight_ = w.defined();
+    if (w.defined()) node->weight_ = SavedVariable(w, false);
+    const Tensor& rm = value(running_mean);
+    node->has_running_ = rm.defined();
+    if (rm.defined()) {
+      node->running_mean_ = SavedVariable(rm, false);
+      node->running_var_ = SavedVariable(value(running_var), false);
+    }
+    node->save_mean_ = SavedVariable(std::get<1>(out), false);
+    node->save_invstd_ = SavedVariable(std::get<2>(out), false);
+    node->training_ = training;
+    node->eps_ = eps;
+    node->layout_ = layout_of(input);
+    node->dtype_ = input.scalar_type();
+    node->numel_ = input.sym_numel();
+  }
+  return out;
 }
 
-// A forward without an autograd node (torch.no_grad, inference_mode, or nothing requires a
-// gradient): training (batch statistics, running statistics updated) or eval.
-at::Tensor batch_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-                              const std::optional<at::Tensor>& running_var, bool training, double momentum,
-                              double eps, bool channels_last, int64_t n, int64_t c, int64_t s, bool parallel,
-                              int64_t rows_per_chunk, int64_t block) {
-  TORCH_CHECK(config.forward_eval != nullptr, "fastnorm's C++ BatchNorm is not configured");
-  return std::get<0>(run_forward(x, value_or_undefined(weight), value_or_undefined(bias),
-                                 value_or_undefined(running_mean), value_or_undefined(running_var), training,
-                                 momentum, eps, channels_last, n, c, s, parallel, rows_per_chunk, block));
-}
+// ---- fastnorm::batch_norm: torch.nn.functional.batch_norm's semantics ---------------------------
 
-void configure(int64_t forward_train, int64_t forward_eval, int64_t backward, int64_t set_threads,
-               int64_t max_threads, py::object differentiable) {
-  config.forward_train = reinterpret_cast<ForwardTrain>(forward_train);
-  config.forward_eval = reinterpret_cast<ForwardEval>(forward_eval);
-  config.backward = reinterpret_cast<Backward>(backward);
-  config.set_threads = reinterpret_cast<SetThreads>(set_threads);
-  config.max_threads = max_threads;
-  config.differentiable = new py::object(std::move(differentiable));
+Tensor batch_norm(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
+                  const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training, double momentum,
+                  double eps) {
+  if (training) {  // F.batch_norm's own check, before anything else
+    TORCH_CHECK_VALUE(input.dim() >= 2, "batch_norm expects an input of shape (N, C) or (N, C, *spatial), got a ",
+                      input.dim(), "-D input of shape ", size_repr(input.sym_sizes()));
+  }
+  if (input.dim() >= 2 && input.sym_numel() == 0) {
+    // torch: an empty batch gives an empty output (connected to weight and bias, whose gradients
+    // are zeros) and leaves the running statistics alone, whatever the dtypes
+    return at::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, false);
+  }
+  check_arguments(input, weight, bias, running_mean, running_var, training, eps);
+  const auto dtype = input.scalar_type();
+  bool all_half = false;  // a BatchNorm all in 16 bits: per-channel values in float32, as torch's
+  for (const auto* t : {&weight, &bias, &running_mean}) {
+    if (is_half(dtype) && t->has_value() && (*t)->defined() && (*t)->scalar_type() == dtype) all_half = true;
+  }
+  if (!all_half) return std::get<0>(forward_op().call(input, weight, bias, running_mean, running_var, training,
+                                                      momentum, eps));
+  auto wide = [](const OptionalTensor& t) -> OptionalTensor {  // .float(): gradients flow back in t's dtype
+    return t.has_value() && t->defined() ? OptionalTensor(t->to(at::kFloat)) : std::nullopt;
+  };
+  OptionalTensor mean32 = wide(running_mean), var32 = wide(running_var);
+  Tensor y = std::get<0>(forward_op().call(input, wide(weight), wide(bias), mean32, var32, training, momentum, eps));
+  if (training && mean32.has_value()) {  // updated in float32 copies, rounded once into the buffers
+    c10::NoGradGuard no_grad;
+    running_mean->copy_(*mean32);
+    running_var->copy_(*var32);
+  }
+  return y;
 }
 
 }  // namespace
+}  // namespace fastnorm
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastnorm's BatchNorm training forward and backward as a C++ autograd node";
-  m.def("batch_norm_train", &batch_norm_train);
-  m.def("batch_norm_forward", &batch_norm_forward);
-  m.def("configure", &configure);
-  m.def("pool_configure", [](int64_t min_bytes, int64_t max_bytes) {
-    pool->configure(static_cast<size_t>(min_bytes), static_cast<size_t>(std::max<int64_t>(0, max_bytes)));
-  });
-  m.def("pool_in_use", [] { return pool->in_use(); });
-  m.def("pool_clear", [] { pool->clear(); });
+TORCH_LIBRARY(fastnorm, m) {
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float momentum, float eps) -> Tensor");
+  m.def(
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+      "bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(fastnorm, CompositeImplicitAutograd, m) { m.impl("batch_norm", &fastnorm::batch_norm); }
+
+TORCH_LIBRARY_IMPL(fastnorm, CPU, m) {
+  m.impl("batch_norm_forward", &fastnorm::forward_cpu);
+  m.impl("batch_norm_backward", &fastnorm::backward_cpu);
+  m.impl("batch_norm_stats", &fastnorm::stats_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastnorm, Meta, m) {
+  m.impl("batch_norm_forward", &fastnorm::forward_meta);
+  m.impl("batch_norm_backward", &fastnorm::backward_meta);
+  m.impl("batch_norm_stats", &fastnorm::stats_meta);
+}
+
+TORCH_LIBRARY_IMPL(fastnorm, Autograd, m) { m.impl("batch_norm_forward", &fastnorm::forward_autograd); }

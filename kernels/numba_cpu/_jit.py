@@ -54,3 +54,14 @@ def twins(**flags) -> Callable[[Callable], Twins]:
         return Twins(fn, **flags)
 
     return decorate
+
+
+def cached(py_func: Callable) -> bool | None:
+    """Whether Numba's on-disk cache holds compiled code for ``py_func``'s current source (so that
+    compiling it is a load), None where that cannot be told (Numba's cache internals moved)."""
+    try:
+        from numba.core.caching import FunctionCache
+
+        return bool(FunctionCache(py_func)._cache_file._load_index())
+    except Exception:  # noqa: BLE001 - a private API: any failure means "cannot tell"
+        return None

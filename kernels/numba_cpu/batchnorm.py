@@ -65,8 +65,8 @@ from ._bits import accumulator, cast_like, narrow, widen
 from ._jit import REASSOC, twins
 from ._prefetch import prefetch
 
-__all__ = [*BATCH_NORM_API, "forward_train_at", "forward_eval_at", "backward_at", "plan", "c_entry_points",
-           "C_DTYPE_CODES", "BATCH_NORM_DTYPES"]  # fmt: skip
+__all__ = [*BATCH_NORM_API, "forward_train_at", "forward_eval_at", "backward_at", "stats_at", "plan",
+           "c_entry_point", "C_DTYPES", "C_ENTRY_DTYPES", "BATCH_NORM_DTYPES"]  # fmt: skip
 
 _F = compiled(njit(inline="always"), formulas)
 
@@ -464,6 +464,7 @@ def _vector_at(addr, like, c):  # (C,) at addr, or an empty array for address 0
 _forward_train_serial, _forward_train_parallel = _forward_train.serial, _forward_train.parallel
 _forward_eval_serial, _forward_eval_parallel = _forward_eval.serial, _forward_eval.parallel
 _backward_serial, _backward_parallel = _backward.serial, _backward.parallel
+_stats_serial, _stats_parallel = _stats.serial, _stats.parallel
 
 
 @njit(cache=True, nogil=True)
@@ -523,76 +524,97 @@ def plan(n: int, c: int, s: int, itemsize: int, threads: int | None = None) -> t
             _channel_block(n, c, s, itemsize, 2))  # fmt: skip
 
 
-# -- C entry points: the address-level kernels as C functions, for callers outside Python --------
-# fastnorm's C++ autograd node (fastnorm/csrc/batch_norm.cpp) calls these through their addresses,
-# so that a training step's BatchNorm runs no Python between the module and the kernels. One C
-# function per entry point serves every storage dtype: ``dtype`` is a code of C_DTYPE_CODES
-# (the C++ side maps torch's scalar types to it); all addresses and sizes are int64, flags are
-# int64 0/1, momentum and eps doubles. Signatures (argument order as the *_at functions above):
-#   void forward_train(int64 dtype, int64 x, weight, bias, running_mean, running_var, y,
-#                      save_mean, save_invstd, n, c, s, double momentum, double eps,
-#                      int64 parallel, rows_per_chunk, block)
-#   void forward_eval(int64 dtype, int64 x, weight, bias, running_mean, running_var, y, n, c, s,
-#                     double eps, int64 parallel, rows_per_chunk)
-#   void backward(int64 dtype, int64 dy, x, mean, invstd, weight, training, dx, dweight, dbias,
-#                 n, c, s, parallel, rows_per_chunk, block)
+@njit(cache=True, nogil=True)
+def stats_at(like, x, mean, var, n, c, s, parallel, rows_per_chunk, block):
+    """Per-channel mean and biased variance of (N, C, S) x into float64 (C,) mean and var."""
+    xa = _at(x, like, (n, c, s))
+    m, v = _at(mean, np.float64(0), c), _at(var, np.float64(0), c)
+    if parallel:
+        _stats_parallel(xa, m, v, rows_per_chunk, block)
+    else:
+        _stats_serial(xa, m, v, rows_per_chunk, block)
 
-#: storage dtype name -> the ``dtype`` code of the C entry points
-C_DTYPE_CODES = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
+
+# -- C entry points: the address-level kernels as C functions, for callers outside Python --------
+# fastnorm's C++ ops (fastnorm/csrc/batch_norm.cpp) call these through their addresses, so that
+# a BatchNorm runs no Python between the op and the kernels. One C function per (entry point,
+# storage dtype), compiled (or loaded from Numba's cache) the first time it is asked for: all
+# addresses and sizes are int64, flags int64 0/1, momentum and eps doubles. Signatures (argument
+# order as the *_at functions above):
+#   void forward_train(int64 x, weight, bias, running_mean, running_var, y, save_mean,
+#                      save_invstd, n, c, s, double momentum, double eps,
+#                      int64 parallel, rows_per_chunk, block)
+#   void forward_eval(int64 x, weight, bias, running_mean, running_var, y, n, c, s,
+#                     double eps, int64 parallel, rows_per_chunk)
+#   void backward(int64 dy, x, mean, invstd, weight, training, dx, dweight, dbias,
+#                 n, c, s, parallel, rows_per_chunk, block)
+#   void stats(int64 x, mean, var, n, c, s, parallel, rows_per_chunk, block)   (float32, float64)
+
+#: storage dtype name -> (the storage's like-scalar, the per-channel compute dtype's), as source
+C_DTYPES = {"float32": ("np.float32(0)", "np.float32(0)"), "float64": ("np.float64(0)", "np.float64(0)"),
+            "bfloat16": ("np.uint16(0)", "np.float32(0)"), "float16": ("np.int16(0)", "np.float32(0)")}  # fmt: skip
 _I64, _F64 = types.int64, types.float64
-_C_FORWARD_TRAIN = types.void(*[_I64] * 12, _F64, _F64, *[_I64] * 3)
-_C_FORWARD_EVAL = types.void(*[_I64] * 10, _F64, _I64, _I64)
-_C_BACKWARD = types.void(*[_I64] * 16)
+#: entry point -> (C signature, arguments, the call of its *_at function with like-scalars L, LC)
+_C_ENTRY_POINTS = {
+    "forward_train": (
+        types.void(*[_I64] * 11, _F64, _F64, *[_I64] * 3),
+        "x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, n, c, s, momentum, eps, parallel, "
+        "rows_per_chunk, block",
+        "forward_train_at(L, LC, x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, n, c, s, "
+        "momentum, eps, parallel != 0, rows_per_chunk, block)",
+    ),
+    "forward_eval": (
+        types.void(*[_I64] * 9, _F64, _I64, _I64),
+        "x, weight, bias, running_mean, running_var, y, n, c, s, eps, parallel, rows_per_chunk",
+        "forward_eval_at(L, LC, x, weight, bias, running_mean, running_var, y, n, c, s, eps, parallel != 0, "
+        "rows_per_chunk)",
+    ),
+    "backward": (
+        types.void(*[_I64] * 15),
+        "dy, x, mean, invstd, weight, training, dx, dweight, dbias, n, c, s, parallel, rows_per_chunk, block",
+        "backward_at(L, LC, dy, x, mean, invstd, weight, training != 0, dx, dweight, dbias, n, c, s, parallel != 0, "
+        "rows_per_chunk, block)",
+    ),
+    "stats": (
+        types.void(*[_I64] * 9),
+        "x, mean, var, n, c, s, parallel, rows_per_chunk, block",
+        "stats_at(L, x, mean, var, n, c, s, parallel != 0, rows_per_chunk, block)",
+    ),
+}
+#: the storage dtypes each entry point has (the statistics SyncBatchNorm merges: float32, float64)
+C_ENTRY_DTYPES = {"forward_train": tuple(C_DTYPES), "forward_eval": tuple(C_DTYPES), "backward": tuple(C_DTYPES),
+                  "stats": ("float32", "float64")}  # fmt: skip
 
 
 @functools.cache
-def c_entry_points() -> tuple[int, int, int]:
-    """(forward_train, forward_eval, backward): addresses of the C entry points, compiled on the
-    first call (or loaded from Numba's cache: ~0.1 s; compiling them takes a minute or two)."""
+def _c_function(name: str, dtype: str):
+    """The Python source of C entry point ``name`` for ``dtype``, written out with a name of its
+    own (``_c_<name>_<dtype>``), so that Numba's on-disk cache keys each apart."""
+    if dtype not in C_ENTRY_DTYPES[name]:
+        raise ValueError(f"no {name} C entry point for {dtype}: it has {', '.join(C_ENTRY_DTYPES[name])}")
+    _, args, call = _C_ENTRY_POINTS[name]
+    like, like_c = C_DTYPES[dtype]
+    fn = f"_c_{name}_{dtype}"
+    source = f"def {fn}({args}):\n    {call.replace('LC', like_c).replace('L,', like + ',')}\n"
+    namespace = dict(globals())
+    exec(compile(source, __file__, "exec"), namespace)  # noqa: S102 - fixed text, no input
+    function = namespace[fn]
+    function.__module__ = __name__
+    return function
+
+
+@functools.cache
+def c_entry_point(name: str, dtype: str):
+    """The C function ``name`` (a key of ``_C_ENTRY_POINTS``) for storage ``dtype`` (a key of
+    C_DTYPES): a ``numba.cfunc``, whose ``.address`` callers take, compiled on the first call
+    (~10-30 s) or loaded from Numba's on-disk cache (~0.1 s; :func:`c_entry_point_cached`)."""
+    function = _c_function(name, dtype)
     # a cached C function that runs parallel code needs Numba's threading layer loaded first
     # (else LLVM cannot resolve its scheduler's symbols: "Symbol not found: allocate_sched")
     numba.get_num_threads()
-    # Each function switches on the dtype code with one call per branch: the like-scalars type
-    # the kernel's pointers at compile time, so the branches cannot share one call.
+    return numba.cfunc(_C_ENTRY_POINTS[name][0], cache=True, nogil=True)(function)
 
-    @numba.cfunc(_C_FORWARD_TRAIN, cache=True, nogil=True)
-    def forward_train(dtype, x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, n, c, s,
-                      momentum, eps, parallel, rows_per_chunk, block):  # fmt: skip
-        args = (x, weight, bias, running_mean, running_var, y, save_mean, save_invstd, n, c, s, momentum, eps,
-                parallel != 0, rows_per_chunk, block)  # fmt: skip
-        if dtype == 0:
-            forward_train_at(np.float32(0), np.float32(0), *args)
-        elif dtype == 1:
-            forward_train_at(np.float64(0), np.float64(0), *args)
-        elif dtype == 2:
-            forward_train_at(np.uint16(0), np.float32(0), *args)
-        else:
-            forward_train_at(np.int16(0), np.float32(0), *args)
 
-    @numba.cfunc(_C_FORWARD_EVAL, cache=True, nogil=True)
-    def forward_eval(dtype, x, weight, bias, running_mean, running_var, y, n, c, s, eps, parallel, rows_per_chunk):
-        args = (x, weight, bias, running_mean, running_var, y, n, c, s, eps, parallel != 0, rows_per_chunk)
-        if dtype == 0:
-            forward_eval_at(np.float32(0), np.float32(0), *args)
-        elif dtype == 1:
-            forward_eval_at(np.float64(0), np.float64(0), *args)
-        elif dtype == 2:
-            forward_eval_at(np.uint16(0), np.float32(0), *args)
-        else:
-            forward_eval_at(np.int16(0), np.float32(0), *args)
-
-    @numba.cfunc(_C_BACKWARD, cache=True, nogil=True)
-    def backward(dtype, dy, x, mean, invstd, weight, training, dx, dweight, dbias, n, c, s, parallel,
-                 rows_per_chunk, block):  # fmt: skip
-        args = (dy, x, mean, invstd, weight, training != 0, dx, dweight, dbias, n, c, s, parallel != 0,
-                rows_per_chunk, block)  # fmt: skip
-        if dtype == 0:
-            backward_at(np.float32(0), np.float32(0), *args)
-        elif dtype == 1:
-            backward_at(np.float64(0), np.float64(0), *args)
-        elif dtype == 2:
-            backward_at(np.uint16(0), np.float32(0), *args)
-        else:
-            backward_at(np.int16(0), np.float32(0), *args)
-
-    return forward_train.address, forward_eval.address, backward.address
+def c_entry_point_cached(name: str, dtype: str) -> bool | None:
+    """Whether :func:`c_entry_point` will load from Numba's cache rather than compile (None: unknown)."""
+    return _jit.cached(_c_function(name, dtype))

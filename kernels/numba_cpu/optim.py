@@ -277,3 +277,80 @@ _API = OptimizerAPI("numba", OPTIMIZER_DTYPES, _launch, lambda a: a.ctypes.data,
 sgd_step, adagrad_step, rmsprop_step, adam_step = _API.sgd_step, _API.adagrad_step, _API.rmsprop_step, _API.adam_step
 sgd_step_table, adagrad_step_table = _API.sgd_step_table, _API.adagrad_step_table
 rmsprop_step_table, adam_step_table = _API.rmsprop_step_table, _API.adam_step_table
+
+
+# -- C entry points: one C function per (optimizer, storage), for fastnorm's C++ ops --------------
+# fastnorm/csrc/optim.cpp builds the tables (addresses, chunks, per-tensor scalars, constants in
+# the compute dtype, kernels/_optimizer_api.py's flags and uses) and calls these through their
+# addresses. Every one has the same C signature:
+#   void step(int64 addrs, T, chunks, K, steps, step_f64, advance, double host0, host1, host2,
+#             int64 scalars, constants, flag0, flag1, use0, use1, use2, seed)
+# addrs: (5, T) int64; chunks: (K, 3) int64; steps: (T,) int64 step counter addresses (0 for SGD);
+# scalars: (T, 2) and constants: (N_CONSTANTS[op],) in the compute dtype (float32 for 16-bit
+# storage); flags: the op's N_FLAGS[op] flags (the rest ignored); seed: the stochastic rounding
+# seed (storage "bfloat16_sr" only).
+
+#: storage -> (the kernels' pointer type of the storage and of the compute dtype, 16-bit kernel suffix)
+C_STORAGES = {"float32": ("np.float32(0)", None), "float64": ("np.float64(0)", None),
+              "bfloat16": ("np.float32(0)", "bf16"), "float16": ("np.float32(0)", "f16"),
+              "bfloat16_sr": ("np.float32(0)", "bf16_sr")}  # fmt: skip
+#: per optimizer: how many flags and constants its kernel takes (kernels/_optimizer_api.py)
+N_FLAGS = {"sgd": 2, "adagrad": 1, "rmsprop": 2, "adam": 2}
+N_CONSTANTS = {"sgd": 5, "adagrad": 3, "rmsprop": 7, "adam": 8}
+_I64, _F64 = types.int64, types.float64
+_C_STEP = types.void(*[_I64] * 7, _F64, _F64, _F64, *[_I64] * 8)
+_C_STEP_ARGS = "addrs, t, chunks, k, steps, step_f64, advance, h0, h1, h2, scalars, constants, f0, f1, u0, u1, u2, seed"
+
+
+@njit(inline="always")
+def _table_at(addr, like, rows, cols):
+    return numba.carray(_pointer(addr, like), (rows, cols))
+
+
+@njit(inline="always")
+def _vector_at(addr, like, n):
+    return numba.carray(_pointer(addr, like), n)
+
+
+@functools.cache
+def _c_function(op: str, storage: str):
+    """The Python source of the C entry point of (op, storage), written out with a name of its own
+    (``_c_<op>_<storage>``), so that Numba's on-disk cache keys each apart."""
+    if op not in N_FLAGS or storage not in C_STORAGES:
+        raise ValueError(f"no C entry point for optimizer {op!r} and storage {storage!r}")
+    compute, suffix = C_STORAGES[storage]
+    if storage == "float64":
+        compute = "np.float64(0)"
+    flags = ", ".join(f"f{i} != 0" for i in range(N_FLAGS[op])) + ","
+    kernel = f"_{op}" if suffix is None else f"_{op}_{suffix}"
+    seed = "" if suffix is None else ", np.uint32(seed)"
+    fn = f"_c_{op}_{storage}"
+    source = (
+        f"def {fn}({_C_STEP_ARGS}):\n"
+        f"    {kernel}(_table_at(addrs, np.int64(0), 5, t), _table_at(chunks, np.int64(0), k, 3),\n"
+        f"        _vector_at(steps, np.int64(0), t if steps != 0 else 0), step_f64 != 0, advance != 0, (h0, h1, h2),\n"
+        f"        _table_at(scalars, {compute}, t, 2), _vector_at(constants, {compute}, {N_CONSTANTS[op]}),\n"
+        f"        ({flags}), (u0 != 0, u1 != 0, u2 != 0){seed})\n"
+    )
+    namespace = dict(globals())
+    exec(compile(source, __file__, "exec"), namespace)  # noqa: S102 - fixed text, no input
+    function = namespace[fn]
+    function.__module__ = __name__
+    return function
+
+
+@functools.cache
+def c_entry_point(op: str, storage: str):
+    """The C function of optimizer ``op`` ("sgd", "adagrad", "rmsprop", "adam") for ``storage`` (a
+    key of C_STORAGES): a ``numba.cfunc`` (callers take its ``.address``), compiled on the first
+    call (~5-60 s) or loaded from Numba's on-disk cache (:func:`c_entry_point_cached`)."""
+    function = _c_function(op, storage)
+    numba.get_num_threads()  # the threading layer before a cached parallel C function (batchnorm.py)
+    return numba.cfunc(_C_STEP, cache=True, nogil=True)(function)
+
+
+def c_entry_point_cached(op: str, storage: str) -> bool | None:
+    """Whether :func:`c_entry_point` will load from Numba's cache rather than compile (None: unknown)."""
+    from ._jit import cached
+
+    return cached(_c_function(op, storage))

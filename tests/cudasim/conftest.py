@@ -34,5 +34,4 @@ def cuda_backend_on_cpu(monkeypatch):
 _spec = importlib.util.spec_from_file_location("_suite_conftest", Path(__file__).parents[1] / "conftest.py")
 _suite = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_suite)
-assert_close, BN_BACKENDS, BN_PATHS, OPTIM_BACKENDS = (_suite.assert_close, _suite.BN_BACKENDS, _suite.BN_PATHS,
-                                                    _suite.OPTIM_BACKENDS)  # fmt: skip
+assert_close, BN_BACKENDS, OPTIM_BACKENDS = _suite.assert_close, _suite.BN_BACKENDS, _suite.OPTIM_BACKENDS

@@ -1,0 +1,250 @@
+"""fastnorm's C++ op layer: ``torch.ops.fastnorm.*``, built on first use and loaded.
+
+The ops (fastnorm/csrc: ``batch_norm``, ``batch_norm_forward``, ``batch_norm_backward``,
+``batch_norm_stats``, ``sgd_``, ``adagrad_``, ``rmsprop_``, ``adam_``) are registered with torch's
+dispatcher by a C++ extension that :func:`load` compiles once with
+:func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; ~1 minute on two
+cores, then cached by torch under ``TORCH_EXTENSIONS_DIR``) and loads in every process that uses
+the numba backend. Their CPU kernels are the numba kernels' C entry points
+(``kernels.numba_cpu.batchnorm.c_entry_point``, ``kernels.numba_cpu.optim.c_entry_point``), which
+the extension asks for the first time each one runs (compiled then, or loaded from Numba's cache).
+
+Where the extension cannot be built (no compiler), the numba backend is unavailable:
+``fastnorm.backends()`` leaves it out, asking for it raises ``ValueError`` naming the build's
+error, and ``"auto"`` runs torch (docs/architecture.md). What is compiled for the first time
+says so in one line on stderr; ``fastnorm warmup`` compiles everything ahead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [_CSRC / "runtime.cpp", _CSRC / "batch_norm.cpp", _CSRC / "optim.cpp"]
+NAME = "fastnorm_ops"
+_lock = threading.RLock()
+_extension: ModuleType | None = None
+_error: str | None = None
+
+#: the C entry point families of the extension (fastnorm/csrc/runtime.cpp, kFamilies) -> kernels module
+_BATCH_NORM_FAMILIES = ("forward_train", "forward_eval", "backward", "stats")
+_OPTIMIZER_FAMILIES = ("sgd", "adagrad", "rmsprop", "adam")
+#: storage codes (fastnorm/csrc/fastnorm.h, Storage)
+STORAGES = ("float32", "float64", "bfloat16", "float16", "bfloat16_sr")
+
+
+def say(message: str) -> None:
+    """One line on stderr about first-use compilation (what users see while they wait)."""
+    print(f"fastnorm: {message}", file=sys.stderr, flush=True)
+
+
+def load() -> ModuleType | None:
+    """The configured extension (its ops registered as ``torch.ops.fastnorm.*``), or None when it
+    cannot be built (:func:`error` says why)."""
+    global _extension, _error
+    if _extension is not None or _error is not None:
+        return _extension
+    with _lock:
+        if _extension is None and _error is None:
+            try:
+                _extension = _build()
+            except Exception as exc:  # no compiler, no headers, a numba without the hooks used
+                text = str(exc).strip()
+                _error = f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
+    return _extension
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the ops are registered (building and loading them on the first call). Under
+    ``torch.compile`` this runs once while tracing, its result a constant of the graph."""
+    return load() is not None
+
+
+def error() -> str | None:
+    """Why the extension could not be built, or None."""
+    return _error
+
+
+def _build_directory() -> Path | None:
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its import warns of no CUDA runtime
+    from torch.utils import cpp_extension
+
+    try:
+        return Path(cpp_extension._get_build_directory(NAME, verbose=False))
+    except (AttributeError, TypeError):
+        return None
+
+
+def _built_before(directory: Path | None) -> bool:
+    """Whether a build of the current sources is on disk (torch then only loads it)."""
+    if directory is None:
+        return False
+    built = directory / f"{NAME}.so"
+    return built.is_file() and all(built.stat().st_mtime >= s.stat().st_mtime for s in SOURCES)
+
+
+def _build() -> ModuleType:
+    import numba
+    from numba.np.ufunc import parallel
+
+    from ._arrays import pool
+
+    numba.get_num_threads()  # launches Numba's threading layer (its thread-count setter exists from then on)
+    set_threads = ctypes.cast(parallel._set_num_threads, ctypes.c_void_p).value
+    directory = _build_directory()
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level, path = logger.level, os.environ.get("PATH", "")
+    logger.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant to a CPU extension
+    if shutil.which("ninja") is None:  # the ninja wheel's binary, off PATH when the venv is not activated
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path  # for the build only
+    try:
+        from torch.utils import cpp_extension
+
+        with _build_lock(directory):
+            fresh = not _built_before(directory)
+            if fresh:
+                say(f"compiling its C++ ops for first use (~1 min on 2 cores, cached in {directory})")
+            started = time.perf_counter()
+            module = cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=["-O2"], verbose=False)
+            if fresh:
+                say(f"C++ ops compiled in {time.perf_counter() - started:.0f} s")
+    finally:
+        logger.setLevel(level)
+        os.environ["PATH"] = path
+    module.configure(_entry_point, set_threads, _tunables())
+    module.pool_configure(pool.min_bytes, pool.max_bytes)  # the Python pool's limits (FASTNORM_CPU_POOL_MB)
+    pool.also_clear.append(module.pool_clear)
+    return module
+
+
+def _tunables() -> dict[str, int]:
+    """The kernels' tunables as their modules hold them now (kernels/numba_cpu)."""
+    import numba
+
+    from kernels.numba_cpu import _jit
+    from kernels.numba_cpu import batchnorm as bn_kernels
+    from kernels.numba_cpu import optim as optim_kernels
+
+    return {"parallel_min_elements": _jit.PARALLEL_MIN_ELEMENTS, "max_chunks": bn_kernels.MAX_CHUNKS,
+            "chunk_elements": bn_kernels.CHUNK_ELEMENTS, "block_bytes": bn_kernels.BLOCK_BYTES,
+            "optimizer_chunk": optim_kernels.CHUNK, "max_threads": numba.config.NUMBA_NUM_THREADS}  # fmt: skip
+
+
+def sync_tunables() -> None:
+    """Hand the kernels' tunables (``kernels.numba_cpu``'s PARALLEL_MIN_ELEMENTS, MAX_CHUNKS,
+    CHUNK_ELEMENTS, BLOCK_BYTES, optim.CHUNK) to the ops again, after a change (tests shrink them
+    to exercise chunked and blocked loops on small tensors). Not loaded yet: it reads them when it loads."""
+    if _extension is not None:
+        _extension.set_tunables(_tunables())
+
+
+def _kernels_of(family: str) -> ModuleType:
+    if family in _BATCH_NORM_FAMILIES:
+        from kernels.numba_cpu import batchnorm
+
+        return batchnorm
+    from kernels.numba_cpu import optim
+
+    return optim
+
+
+def _entry_point(family: str, storage: int) -> int:
+    """The address of a kernel's C entry point (called by the extension, once per entry point)."""
+    return _compiled(family, STORAGES[storage]).address
+
+
+def _compiled(family: str, storage: str):
+    """The C entry point of (family, storage), saying so in one line when it compiles rather than
+    loads from Numba's on-disk cache."""
+    kernels = _kernels_of(family)
+    label = f"batch_norm {family}" if family in _BATCH_NORM_FAMILIES else f"{family} step"
+    if kernels.c_entry_point_cached(family, storage) is False:
+        say(f"compiling its {label} kernel for {storage} for first use (~10-60 s, cached for later runs)")
+    return kernels.c_entry_point(family, storage)
+
+
+def warmup(dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")) -> dict[str, float]:
+    """Build the extension and compile (or load) every kernel entry point ahead of use; returns
+    the seconds each took (``fastnorm warmup``)."""
+    from kernels.numba_cpu import batchnorm as bn_kernels
+
+    times = {}
+    started = time.perf_counter()
+    if load() is None:
+        raise RuntimeError(f"fastnorm's C++ ops cannot be built here: {_error}")
+    times["C++ ops"] = time.perf_counter() - started
+    for family in _BATCH_NORM_FAMILIES:
+        for dtype in dtypes:
+            if dtype in bn_kernels.C_ENTRY_DTYPES[family]:
+                started = time.perf_counter()
+                _compiled(family, dtype)
+                times[f"batch_norm {family} {dtype}"] = time.perf_counter() - started
+    for family in _OPTIMIZER_FAMILIES:
+        for storage in (*dtypes, "bfloat16_sr") if "bfloat16" in dtypes else dtypes:
+            started = time.perf_counter()
+            _compiled(family, storage)
+            times[f"{family} step {storage}"] = time.perf_counter() - started
+    return times
+
+
+#: how long a process waits for another one's build of the extension before it gives up (and
+#: reports the numba backend unavailable): a build takes ~1 minute here
+BUILD_WAIT_SECONDS = 600
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path | None):
+    """An OS lock (released when its process dies, however) around torch's build: older torch
+    releases wait without a timeout on a lock file that a killed build leaves behind, so with this
+    one held a leftover ``lock`` file is stale and removed; a build held by another live process
+    for BUILD_WAIT_SECONDS raises TimeoutError. Where there is no ``fcntl`` (Windows) or torch
+    does not say its build directory, torch's own locking alone."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or directory is None:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "fastnorm.flock", "w") as handle:
+        deadline = time.monotonic() + BUILD_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    message = f"another process has been building {directory} for {BUILD_WAIT_SECONDS} s"
+                    raise TimeoutError(message) from None
+                time.sleep(0.5)
+        try:
+            (directory / "lock").unlink(missing_ok=True)  # torch's, left by a killed build
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def pool_in_use() -> int:
+    """Bytes of the extension's output pool handed out and still referenced (0 if not loaded)."""
+    return 0 if _extension is None else _extension.pool_in_use()
+
+
+def pool_clear() -> None:
+    """Frees the extension's free output blocks (those in use come back when their tensors die)."""
+    if _extension is not None:
+        _extension.pool_clear()

@@ -1,0 +1,68 @@
+// fastnorm's C++ op layer: what the translation units share.
+//
+// The ops (TORCH_LIBRARY(fastnorm, m) in library.cpp) run the Numba CPU kernels through their C
+// entry points (Numba cfuncs: kernels/numba_cpu/batchnorm.py and optim.py, `c_entry_point`),
+// whose addresses Python hands over the first time each one is needed (runtime.cpp). Outputs of
+// a megabyte and more come from a caching pool (torch's CPU allocator gives large blocks back to
+// the OS, and every fresh output is then paid again in page faults).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+namespace fastnorm {
+
+// Entry point families; each has one C function per storage code (see entry()).
+enum class Entry : int {
+  kForwardTrain = 0,
+  kForwardEval,
+  kBackward,
+  kStats,
+  kSgd,
+  kAdagrad,
+  kRmsprop,
+  kAdam,
+  kCount
+};
+
+// Storage codes: BatchNorm's storage dtypes, and the optimizers' storages (bfloat16_sr: bfloat16
+// with stochastic rounding).
+enum Storage : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3, kBFloat16SR = 4 };
+
+// The C function of (family, storage), resolved through Python the first time (the GIL is taken
+// then, once per entry point and process); raises if it cannot be compiled.
+void* entry(Entry family, int storage);
+
+// Storage code of a tensor dtype (float32, float64, bfloat16, float16), -1 for any other.
+int storage_of(at::ScalarType t);
+
+// Runs f with the GIL released where the calling thread holds it (ops called from Python).
+void without_gil(const std::function<void()>& f);
+
+// Numba's thread count for the calling thread made torch's (at::get_num_threads(), capped by
+// Numba's pool), so that torch.set_num_threads governs the kernels too.
+void follow_torch_threads();
+
+// The kernels' tunables (kernels/numba_cpu: PARALLEL_MIN_ELEMENTS, MAX_CHUNKS, CHUNK_ELEMENTS,
+// BLOCK_BYTES; optim.CHUNK), handed over by Python when the extension is configured.
+struct Tunables {
+  int64_t parallel_min_elements = 1 << 16;
+  int64_t max_chunks = 64;
+  int64_t chunk_elements = 1 << 14;
+  int64_t block_bytes = int64_t(6) << 20;
+  int64_t optimizer_chunk = 1 << 15;
+  int64_t max_threads = 1;
+};
+Tunables& tunables();
+
+// An uninitialised CPU tensor of x's sizes, dtype and the given strides (dense in them): from the
+// pool when it is large enough, else from torch's allocator.
+at::Tensor pooled_empty(const at::Tensor& x, at::IntArrayRef strides);
+
+// Address of a tensor's data, 0 for an undefined tensor.
+inline int64_t address(const at::Tensor& t) { return t.defined() ? reinterpret_cast<int64_t>(t.data_ptr()) : 0; }
+
+}  // namespace fastnorm
