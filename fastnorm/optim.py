@@ -429,10 +429,19 @@ class _KernelOptimizer:
         the gradients, e.g. sparse ones.)"""
         if plan.backend.is_torch or plan.state is not self.state or plan.options != self._options_key(group):
             return False
-        if len(params) != len(plan.params) or any(a is not b for a, b in zip(params, plan.params)):
+        if len(params) != len(plan.params):
             return False
+        for a, b in zip(params, plan.params):  # plain loops: this runs every step
+            if a is not b:
+                return False
         get = self.state.get
-        return all(get(p) is d for p, d in plan.state_dicts) and all(d.get(key) is t for d, key, t in plan.entries)
+        for p, d in plan.state_dicts:
+            if get(p) is not d:
+                return False
+        for d, key, t in plan.entries:
+            if d.get(key) is not t:
+                return False
+        return True
 
     def _build_plan(self, group: dict, params: list[torch.Tensor]) -> _Plan:
         """Choose the backend, create state as torch does, check everything (torch's errors)."""
@@ -588,16 +597,20 @@ class _KernelOptimizer:
         the plan was built (the caller plans again), or with ``strict`` the error."""
         arguments = []
         on_gpu = plan.backend.device_type == "cuda"
+        strided = torch.strided
         for part in plan.parts:
             params, dtype = part.params, part.dtype
             grads = [p.grad for p in params]
-            if (
-                [p.shape for p in params] != part.shapes
-                or [g.shape for g in grads] != part.shapes
-                or any(t.dtype is not dtype or t.is_cuda is not on_gpu for t in (*params, *grads))
-                or any(g.layout is not torch.strided for g in grads)
-                or [t.data_ptr() for t in part.live_state] != part.state_ptrs
-            ):
+            # one plain loop (no generators: this runs every step, for every tensor)
+            ok = [t.data_ptr() for t in part.live_state] == part.state_ptrs
+            if ok:
+                for p, g, shape in zip(params, grads, part.shapes):
+                    if (p.shape != shape or g.shape != shape or p.dtype is not dtype or g.dtype is not dtype
+                            or p.is_cuda is not on_gpu or g.is_cuda is not on_gpu
+                            or g.layout is not strided):  # fmt: skip
+                        ok = False
+                        break
+            if not ok:
                 if strict:
                     raise RuntimeError(
                         f"{type(self).__name__}: parameters, gradients and state must be dense tensors that "
@@ -661,11 +674,14 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
         candidates = (*tensors[0], *tensors[1])
         if not part.dense_buffers:
             candidates = {id(t): t for row in tensors for t in row}.values()
-        staged = [(t, t.contiguous()) for t in candidates if not t.is_contiguous()]
+        if not all(t.is_contiguous() for t in candidates):
+            if backend.name == "numba":  # the op takes any one dense layout per tensor (channels-last weights)
+                keep = _same_dense_layout(tensors)
+                candidates = [t for i, column in enumerate(zip(*tensors)) if not keep[i] for t in column]
+            staged = [(t, t.contiguous()) for t in {id(t): t for t in candidates}.values() if not t.is_contiguous()]
         if staged:
             copies = {id(t): c for t, c in staged}
             tensors = [[copies.get(id(t), t) for t in row] for row in tensors]
-    table = getattr(backend.kernels, f"{op}_step_table", None)
     if backend.name == "numba":  # the C++ op (fastnorm/csrc/optim.cpp)
         buffers = [[] if row is None else tensors[2 + i] for i, row in enumerate(part.buffers)]
         if op == "sgd":
@@ -673,7 +689,7 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
             _OPS["sgd"](tensors[0], tensors[1], buffers[0], **options, first_step=first_step)
         else:
             _OPS[op](tensors[0], tensors[1], *buffers[: _ROWS_OF[op]], part.steps, **options)
-    elif table is not None:
+    elif (table := getattr(backend.kernels, f"{op}_step_table", None)) is not None:
         if addrs is None:
             addrs = np.array([[t.data_ptr() for t in row] for row in tensors], np.int64)
         dtype = part.kernel_dtype
@@ -689,6 +705,8 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
         else:
             steps = [backend.as_array(s) for s in part.steps]
             getattr(backend.kernels, f"{op}_step")(arrays[0], arrays[1], *buffers[: _ROWS_OF[op]], steps, **options)
+    if not staged and part.masters is None:
+        return
     with torch.no_grad():  # parameters are leaves that require grad (torch's step runs under no_grad too)
         for original, copy in staged:
             original.copy_(copy)
@@ -696,6 +714,23 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
             for p, master in zip(part.params, part.masters):
                 p.copy_(master)
             part.master_seen = [_mark(p) for p in part.params]
+
+
+_DENSE_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _same_dense_layout(rows: list[list[torch.Tensor]]) -> list[bool]:
+    """Per tensor index, whether the parameter is dense (contiguous or channels-last) and its
+    gradient and state buffers have its very strides: an elementwise update then runs over their
+    memory as it lies (the op's own check, fastnorm/csrc/optim.cpp), without staging copies."""
+    keep = []
+    for column in zip(*rows):
+        p = column[0]
+        fmt = _DENSE_FORMATS.get(p.dim())
+        dense = p.is_contiguous() or (fmt is not None and p.is_contiguous(memory_format=fmt))
+        strides = p.stride()
+        keep.append(dense and all(t.stride() == strides for t in column))
+    return keep
 
 
 def _mark(p: torch.Tensor) -> tuple:

@@ -46,8 +46,11 @@ import fastnorm
 import kernels.numba_cpu.optim as numba_optim
 from fastnorm import _ops
 
-# parameter shapes: (shape, transposed) - odd sizes, a scalar-like tensor, a non-contiguous one
-SHAPES = [((7,), False), ((3, 5), False), ((1,), False), ((4, 6), True), ((257, 3), False)]
+#: parameter shapes, (shape, layout): odd sizes, a scalar-like tensor; contiguous, transposed (the
+#: numba op is handed contiguous copies) or channels-last (updated in place: its gradient and
+#: state take its layout)
+SHAPES = [((7,), "contiguous"), ((3, 5), "contiguous"), ((1,), "contiguous"), ((4, 6), "transposed"),
+          ((257, 3), "contiguous"), ((5, 3, 2, 3), "channels_last")]  # fmt: skip
 
 # per optimizer: options to construct with, and options a rule may change mid-run (key -> values)
 OPTIONS = {
@@ -147,9 +150,17 @@ class _Model(torch.nn.Module):
         self.params = torch.nn.ParameterList(params)
 
 
-def _parameter(shape, transposed, generator, dtype=DTYPE):
+def _parameter(shape, layout, generator, dtype=DTYPE):
+    transposed = layout == "transposed"
     data = torch.randn(shape[::-1] if transposed else shape, dtype=DTYPE, generator=generator).to(dtype)
+    if layout == "channels_last":
+        data = data.contiguous(memory_format=torch.channels_last)
     return torch.nn.Parameter(data.t() if transposed else data)  # transposed: non-contiguous
+
+
+def _same_layout(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with its very strides."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t)
 
 
 def _tolerance(dtype: torch.dtype, was_float32: bool = False, key: str = "") -> tuple[float, float]:
@@ -248,7 +259,7 @@ class OptimizerTwins(RuleBasedStateMachine):
         groups; continue from torch's values."""
         with torch.no_grad():
             for p, q in zip(self._params(self.theirs), self._params(self.ours)):
-                q.data = p.data.clone() if p.is_contiguous() else p.data.t().clone().t()
+                q.data = _same_layout(p.data)
         # both twins load torch's state: loading casts it to the parameters' dtype, for both alike
         state = self.theirs.state_dict()
         self.theirs.load_state_dict(copy.deepcopy(state))
@@ -307,7 +318,7 @@ class OptimizerTwins(RuleBasedStateMachine):
         plans are reused at the next step)."""
         with torch.no_grad():
             for p, q in zip(self._params(self.theirs), self._params(self.ours)):
-                p.data = q.data.clone() if q.is_contiguous() else q.data.t().clone().t()
+                p.data = _same_layout(q.data)
         state = self.ours.state_dict()
         self.theirs.load_state_dict(copy.deepcopy(state))  # casts the state to its parameters' dtypes
         if any(isinstance(v, torch.Tensor) and k != "step" and v.dtype != p.dtype

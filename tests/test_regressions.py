@@ -340,3 +340,31 @@ def test_an_in_place_change_of_a_strided_input_raises_torchs_error(monkeypatch, 
             y.backward(torch.ones_like(y))
         errors.append(type(error.value))
     assert errors[0] is errors[1]
+
+
+@pytest.mark.parametrize("grad_layout", ["same", "contiguous"])
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_channels_last_parameters_are_updated_in_their_layout(name, grad_layout):
+    """Was: a channels-last model's conv weights (and their gradients and state, which take their
+    layout) were copied to contiguous memory and back at every step: ResNet-18 channels-last
+    trained 30% slower with fastnorm's Adam than with torch's (bench/test_bench_e2e.py). The op
+    updates any one dense layout in place; a gradient of another layout is staged, as before."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(8, 3, 3, 3, dtype=torch.float64).to(memory_format=torch.channels_last))
+            for _ in range(2)]  # fmt: skip
+    theirs = [torch.nn.Parameter(p.detach().clone(memory_format=torch.channels_last)) for p in ours]
+    options = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
+    opt = getattr(fastnorm.optim, name)(ours, backend="numba", **options)
+    ref = getattr(torch.optim, name)(theirs, **options)
+    addresses = [p.data_ptr() for p in ours]
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, dtype=torch.float64)
+            p.grad = g.to(memory_format=torch.channels_last) if grad_layout == "same" else g
+            q.grad = g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        assert_close(p, q, 1e-12, 1e-12, "parameter")
+        assert p.is_contiguous(memory_format=torch.channels_last)
+    assert [p.data_ptr() for p in ours] == addresses

@@ -572,4 +572,10 @@ TORCH_LIBRARY_IMPL(fastnorm, Meta, m) {
   m.impl("batch_norm_stats", &fastnorm::stats_meta);
 }
 
-TORCH_LIBRARY_IMPL(fastnorm, Autograd, m) { m.impl("batch_norm_forward", &fastnorm::forward_autograd); }
+TORCH_LIBRARY_IMPL(fastnorm, Autograd, m) {
+  m.impl("batch_norm_forward", &fastnorm::forward_autograd);
+  // not differentiable themselves (the forward's node differentiates through ATen ops for second
+  // derivatives): autograd passes them straight to their kernels, unboxed
+  m.impl("batch_norm_backward", torch::CppFunction::makeFallthrough());
+  m.impl("batch_norm_stats", torch::CppFunction::makeFallthrough());
+}

@@ -73,11 +73,14 @@ void run(const Update& u, TensorList params, TensorList grads, const std::array<
                       "bfloat16 parameters, got ", dtype_name(dtype));
     storage = kBFloat16SR;
   }
+  // Every tensor is updated elementwise over its memory as it lies: dense (contiguous, or any other
+  // non-overlapping dense layout such as channels-last), with its parameter's strides.
   auto check = [&](const Tensor& x, const Tensor& p, const char* what) {
     TORCH_CHECK(x.defined() && x.layout() == at::kStrided && x.device().is_cpu() && x.scalar_type() == dtype &&
-                    x.numel() == p.numel() && x.is_contiguous(),
+                    x.sizes() == p.sizes() && x.is_non_overlapping_and_dense() &&
+                    (x.is_contiguous() ? p.is_contiguous() : x.strides() == p.strides()),
                 "fastnorm::", u.name, ": every ", what, " must be a dense (contiguous) CPU tensor of its parameter's "
-                "dtype and size (", dtype_name(dtype), ", ", p.numel(), " values)");
+                "dtype, shape and strides (", dtype_name(dtype), ", ", p.sizes(), ")");
   };
   bool step_f64 = false;
   for (int64_t i = 0; i < t; ++i) {
