@@ -58,9 +58,12 @@ def _sync_forward(ctx, input, weight, bias, running_mean, running_var, eps, mome
     f64 = dict(dtype=torch.float64, device=x.device)
     local = torch.zeros(1 + 2 * c, **f64)
     if count > 0:
-        mean_l, var_l = torch.empty(c, **f64), torch.empty(c, **f64)
-        mean_array, var_array = backend.as_array(mean_l), backend.as_array(var_l)
-        backend.kernels.batch_norm_stats(arrays.kernel_array(x, cl), mean_array, var_array)
+        if backend.name == "numba":  # the C++ op (fastnorm/csrc/batch_norm.cpp)
+            mean_l, var_l = torch.ops.fastnorm.batch_norm_stats.default(x)
+        else:
+            mean_l, var_l = torch.empty(c, **f64), torch.empty(c, **f64)
+            mean_array, var_array = backend.as_array(mean_l), backend.as_array(var_l)
+            backend.kernels.batch_norm_stats(arrays.kernel_array(x, cl), mean_array, var_array)
         local[0] = count
         local[1 : 1 + c] = mean_l
         local[1 + c :] = var_l * count  # M2
@@ -83,8 +86,11 @@ def _sync_forward(ctx, input, weight, bias, running_mean, running_var, eps, mome
         unbiased = formulas.unbiased_var(var, total)
         running_var.copy_(formulas.running_update(running_var.double(), unbiased, momentum))
     mean_x, var_x = mean.to(x.dtype), var.to(x.dtype)
-    y, y_arr = arrays.empty_like(x, cl)
-    if count > 0:
+    if backend.name == "numba":  # the eval forward op normalises with the merged statistics
+        y = torch.ops.fastnorm.batch_norm_forward.default(x, weight, bias, mean_x, var_x, False, 0.0, float(eps))[0]
+    else:
+        y, y_arr = arrays.empty_like(x, cl)
+    if count > 0 and backend.name != "numba":
         backend.kernels.batch_norm_forward_eval(
             arrays.kernel_array(x, cl), channel_view(backend, weight), channel_view(backend, bias),
             backend.as_array(mean_x), backend.as_array(var_x), float(eps), y_arr,
@@ -108,7 +114,10 @@ def _sync_backward(ctx, grad_output):
     c = x.shape[1]
     sum_dy = torch.zeros(c, dtype=x.dtype, device=x.device)
     sum_dy_xhat = torch.zeros(c, dtype=x.dtype, device=x.device)
-    if x.numel() > 0:
+    if x.numel() > 0 and backend.name == "numba":  # eval-mode sums of the backward op: sum(dy * xhat), sum(dy)
+        _, sum_dy_xhat, sum_dy = torch.ops.fastnorm.batch_norm_backward.default(dy, x, None, mean, invstd, False,
+                                                                                [False, True, True])  # fmt: skip
+    elif x.numel() > 0:
         backend.kernels.batch_norm_backward(
             arrays.kernel_array(dy, cl), arrays.kernel_array(x, cl), backend.as_array(mean),
             backend.as_array(invstd), None, False, None, backend.as_array(sum_dy_xhat), backend.as_array(sum_dy),
