@@ -22,7 +22,6 @@ lint: $(STAMP)
 
 test: lint
 	bash tests/run_suites.sh $(BIN)/python
-	$(BIN)/python -m pytest bench -q -p no:cacheprovider --benchmark-disable
 
 demo: $(STAMP)
 	$(BIN)/python -m fastnorm demo $(DATA_ARG) --out results
