@@ -1,8 +1,10 @@
 """Whole training steps, as users run them: forward, cross-entropy, backward, Adam step.
 
-Models: the book's MNIST MLP (784-256-128-10 with BatchNorm) at batch 64 and 256, and
+Models: the book's MNIST MLP (784-256-128-10 with BatchNorm) at batch 64 and 256,
 torchvision's ResNet-18 (10 classes) at batch 32 on 64x64 images, in the contiguous and the
-channels-last layout (model and input converted with ``memory_format=torch.channels_last``).
+channels-last layout (model and input converted with ``memory_format=torch.channels_last``), and
+a pre-norm transformer block (:class:`Block`: LayerNorm, attention, RMSNorm, MLP; 16 sequences of
+128 tokens of width 256), whose norms fastnorm converts too.
 
 Providers, every one of a case timed side by side (conftest.compare), each in two modes:
 ``eager:`` the model as built, ``compiled:`` the model under ``torch.compile(model)`` (default
@@ -38,6 +40,7 @@ CASES = [
     ("mlp-b256", "mlp", 256, 28, False, False),
     ("resnet18-b32-64x64", "resnet18", 32, 64, False, False),
     ("resnet18-b32-64x64-channels_last", "resnet18", 32, 64, True, False),
+    ("block-b16x128x256", "block", 16, 128, False, False),
 ]
 #: optimizer variant -> (BatchNorm backend, optimizer factory)
 VARIANTS = {
@@ -57,11 +60,36 @@ for _limit, _value in (("recompile_limit", 512), ("cache_size_limit", 512), ("ac
         setattr(torch._dynamo.config, _limit, _value)
 
 
+class Block(torch.nn.Module):
+    """A pre-norm transformer block and a classifier head: x + attn(LayerNorm(x)), then
+    x + MLP(RMSNorm(x)), mean over tokens, Linear to 10 classes. Input (batch, tokens, width)."""
+
+    def __init__(self, width: int = 256, heads: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(width)
+        self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = torch.nn.RMSNorm(width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * width, width))  # fmt: skip
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+BLOCK_WIDTH = 256
+
+
 def build_model(model: str, channels_last: bool) -> torch.nn.Module:
-    """The case's model with torch's BatchNorm, from seed 0 (every provider starts from the same weights)."""
+    """The case's model with torch's norms, from seed 0 (every provider starts from the same weights)."""
     torch.manual_seed(0)
     if model == "mlp":
         return SimpleNN(use_batch_norm=True, backend="torch")
+    if model == "block":
+        return Block(BLOCK_WIDTH)
     import torchvision
 
     net = torchvision.models.resnet18(num_classes=10)
@@ -81,6 +109,8 @@ def make_step(model_name: str, batch: int, size: int, channels_last: bool, varia
     gen = torch.Generator().manual_seed(1)
     if model_name == "mlp":
         x = torch.randn(batch, 1, 28, 28, generator=gen)
+    elif model_name == "block":
+        x = torch.randn(batch, size, BLOCK_WIDTH, generator=gen)  # size: tokens per sequence
     else:
         x = torch.randn(batch, 3, size, size, generator=gen)
         if channels_last:

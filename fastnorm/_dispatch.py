@@ -238,6 +238,8 @@ AUTO_CPU_MIN_NUMEL: dict[str, float] = {
     "batch_norm": 0,
     "batch_norm_planes": 0,
     "batch_norm_channels_last": 500_000,
+    "layer_norm": 0,
+    "rms_norm": 0,
     "sgd": math.inf,
     "sgd_momentum": 50_000,
     "adagrad": 0,
@@ -264,7 +266,8 @@ def auto_prefers_torch(kind: str, numel: int) -> bool:
 #: torch dtype -> the kernels' storage dtype (bfloat16 as uint16 bits: kernels/_bits.py)
 KERNEL_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
                  torch.float16: np.dtype(np.float16), torch.bfloat16: BFLOAT16}  # fmt: skip
-_DTYPES_ATTRIBUTE = {"batch_norm": "BATCH_NORM_DTYPES"}  # the optimizers': OPTIMIZER_DTYPES
+_DTYPES_ATTRIBUTE = {"batch_norm": "BATCH_NORM_DTYPES", "layer_norm": "LAYER_NORM_DTYPES",
+                     "rms_norm": "LAYER_NORM_DTYPES"}  # fmt: skip  # the optimizers': OPTIMIZER_DTYPES
 
 
 def has_dtype(name: str, op: str, dtype: torch.dtype) -> bool:

@@ -1,7 +1,8 @@
 """fastnorm's C++ op layer: ``torch.ops.fastnorm.*``, built on first use and loaded.
 
 The ops (fastnorm/csrc: ``batch_norm``, ``batch_norm_forward``, ``batch_norm_backward``,
-``batch_norm_stats``, ``sgd_``, ``adagrad_``, ``rmsprop_``, ``adam_``) are registered with torch's
+``batch_norm_stats``, ``layer_norm``, ``rms_norm``, ``row_norm_forward``, ``row_norm_backward``,
+``sgd_``, ``adagrad_``, ``rmsprop_``, ``adam_``) are registered with torch's
 dispatcher by a C++ extension that :func:`load` compiles once with
 :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; ~1 minute on two
 cores, then cached by torch under ``TORCH_EXTENSIONS_DIR``) and loads in every process that uses
@@ -31,7 +32,7 @@ from types import ModuleType
 import torch
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [_CSRC / "runtime.cpp", _CSRC / "batch_norm.cpp", _CSRC / "optim.cpp"]
+SOURCES = [_CSRC / "runtime.cpp", _CSRC / "batch_norm.cpp", _CSRC / "layer_norm.cpp", _CSRC / "optim.cpp"]
 NAME = "fastnorm_ops"
 _lock = threading.RLock()
 _extension: ModuleType | None = None
@@ -40,6 +41,7 @@ _error: str | None = None
 #: the C entry point families of the extension (fastnorm/csrc/runtime.cpp, kFamilies) -> kernels module
 _BATCH_NORM_FAMILIES = ("forward_train", "forward_eval", "backward", "stats")
 _OPTIMIZER_FAMILIES = ("sgd", "adagrad", "rmsprop", "adam")
+_ROW_NORM_FAMILIES = ("row_norm_forward", "row_norm_backward")  # LayerNorm and RMSNorm
 #: storage codes (fastnorm/csrc/fastnorm.h, Storage)
 STORAGES = ("float32", "float64", "bfloat16", "float16", "bfloat16_sr")
 
@@ -153,6 +155,10 @@ def sync_tunables() -> None:
 
 
 def _kernels_of(family: str) -> ModuleType:
+    if family in _ROW_NORM_FAMILIES:
+        from kernels.numba_cpu import layernorm
+
+        return layernorm
     if family in _BATCH_NORM_FAMILIES:
         from kernels.numba_cpu import batchnorm
 
@@ -172,6 +178,8 @@ def _compiled(family: str, storage: str):
     loads from Numba's on-disk cache."""
     kernels = _kernels_of(family)
     label = f"batch_norm {family}" if family in _BATCH_NORM_FAMILIES else f"{family} step"
+    if family in _ROW_NORM_FAMILIES:
+        label = f"layer/rms norm {family.removeprefix('row_norm_')}"
     if kernels.c_entry_point_cached(family, storage) is False:
         say(f"compiling its {label} kernel for {storage} for first use (~10-60 s, cached for later runs)")
     return kernels.c_entry_point(family, storage)
@@ -193,6 +201,11 @@ def warmup(dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16
                 started = time.perf_counter()
                 _compiled(family, dtype)
                 times[f"batch_norm {family} {dtype}"] = time.perf_counter() - started
+    for family in _ROW_NORM_FAMILIES:
+        for dtype in dtypes:
+            started = time.perf_counter()
+            _compiled(family, dtype)
+            times[f"layer/rms norm {family.removeprefix('row_norm_')} {dtype}"] = time.perf_counter() - started
     for family in _OPTIMIZER_FAMILIES:
         for storage in (*dtypes, "bfloat16_sr") if "bfloat16" in dtypes else dtypes:
             started = time.perf_counter()

@@ -347,3 +347,97 @@ def check_tensors(input, weight, bias, running_mean, running_var, name) -> None:
                 "Expected all tensors to be on the same device, but found at least two devices, "
                 f"{device} (input) and {t.device} ({what})!"
             )
+
+
+# -- LayerNorm and RMSNorm on the Python backends ----------------------------------------------
+# The numba backend is a C++ op (fastnorm/csrc/layer_norm.cpp); the reference kernels run behind
+# RowNormFunction, after fastnorm.functional checked that they take the call (else torch's op).
+
+
+def _row_view(backend: Backend, t: torch.Tensor, d: int) -> np.ndarray:
+    """A contiguous tensor as the kernels' (M, D) array."""
+    return backend.as_array(t).reshape(-1, d)
+
+
+def _differentiable_row_backward(dims, center, eps, dy, x, weight):
+    """(dx, dweight, dbias) as differentiable torch functions of dy, x and weight (double
+    backward), the statistics recomputed from x in the compute dtype (as the C++ node does)."""
+    inner = tuple(range(x.dim() - dims, x.dim()))
+    outer = tuple(range(x.dim() - dims))
+    storage = x.dtype
+    if storage in (torch.bfloat16, torch.float16):
+        x, dy = x.float(), dy.float()
+    xc = x - x.mean(inner, keepdim=True) if center else x
+    rstd = torch.rsqrt((xc * xc).mean(inner, keepdim=True) + eps)
+    xhat = xc * rstd
+    g = dy * weight if weight is not None else dy
+    dx = g - xhat * (g * xhat).mean(inner, keepdim=True)
+    if center:
+        dx = dx - g.mean(inner, keepdim=True)
+    dx = rstd * dx
+    dweight = (dy * xhat).sum(outer) if outer else dy * xhat
+    dbias = dy.sum(outer) if outer else dy
+    return dx.to(storage), dweight, dbias
+
+
+class RowNormFunction(torch.autograd.Function):
+    """LayerNorm (``center``) or RMSNorm over the last ``dims`` dims, on a Python backend's
+    kernels; weight and bias in the compute dtype (float32 for a 16-bit input), of the
+    normalized shape. Returns y (contiguous, the input's dtype)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, dims, eps, center, backend):
+        x = input.contiguous()
+        d = math.prod(x.shape[x.dim() - dims :])
+        m = x.numel() // d
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        rstd = torch.empty(m, dtype=compute)
+        as_array = backend.as_array
+        w = None if weight is None else as_array(weight.contiguous()).reshape(d)
+        if center:
+            mean = torch.empty(m, dtype=compute)
+            b = None if bias is None else as_array(bias.contiguous()).reshape(d)
+            backend.kernels.layer_norm_forward(_row_view(backend, x, d), w, b, float(eps), _row_view(backend, y, d),
+                                               as_array(mean), as_array(rstd))  # fmt: skip
+        else:
+            mean = torch.empty(0, dtype=compute)
+            backend.kernels.rms_norm_forward(_row_view(backend, x, d), w, float(eps), _row_view(backend, y, d),
+                                             as_array(rstd))  # fmt: skip
+        ctx.save_for_backward(input, weight, mean, rstd)  # input itself: torch's in-place check sees edits
+        ctx.meta = (dims, eps, center, backend, x.dtype, x.numel())
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dims, eps, center, backend, dtype, numel = ctx.meta
+        if x.dtype != dtype or x.numel() != numel:
+            raise RuntimeError(
+                "fastnorm's LayerNorm/RMSNorm backward: a saved tensor came back with another dtype or size than "
+                f"the forward saved (a saved-tensor hook?): input {x.dtype} {tuple(x.shape)}"
+            )
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() or _batched(dy):  # create_graph=True, or vmap over the backward
+            dx, dw, db = _differentiable_row_backward(dims, center, eps, dy, x, weight)
+            return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None, None, None)
+        x = x.contiguous()
+        dy = dy.contiguous()
+        d = math.prod(x.shape[x.dim() - dims :])
+        compute = rstd.dtype
+        normalized = x.shape[x.dim() - dims :]
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
+        dw = torch.empty(normalized, dtype=compute) if need_dw else None
+        db = torch.empty(normalized, dtype=compute) if need_db and center else None
+        as_array = backend.as_array
+        w = None if weight is None else as_array(weight.contiguous()).reshape(d)
+        dx_a = None if dx is None else _row_view(backend, dx, d)
+        dw_a = None if dw is None else as_array(dw).reshape(d)
+        if center:
+            db_a = None if db is None else as_array(db).reshape(d)
+            backend.kernels.layer_norm_backward(_row_view(backend, dy, d), _row_view(backend, x, d), as_array(mean),
+                                                as_array(rstd), w, dx_a, dw_a, db_a)  # fmt: skip
+        else:
+            backend.kernels.rms_norm_backward(_row_view(backend, dy, d), _row_view(backend, x, d), as_array(rstd), w,
+                                              dx_a, dw_a)  # fmt: skip
+        return dx, dw, db, None, None, None, None

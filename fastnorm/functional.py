@@ -1,12 +1,12 @@
 """Functional forms, with the signatures and semantics of ``torch.nn.functional``.
 
-One dispatch per call (:func:`batch_norm_as`), by backend:
+One dispatch per call (:func:`batch_norm_as`, :func:`layer_norm_as`, :func:`rms_norm_as`), by backend:
 
-* ``numba``: ``torch.ops.fastnorm.batch_norm``, the C++ op (fastnorm/csrc/batch_norm.cpp) that
+* ``numba``: ``torch.ops.fastnorm.batch_norm`` (``layer_norm``, ``rms_norm``), the C++ ops (fastnorm/csrc) that
   every layer of torch sees and calls: eager code, ``torch.compile``, TorchScript, ``jit.trace``,
   ``torch.export``, fx;
 * ``reference`` and ``cuda``: their kernels behind a Python ``torch.autograd.Function``
-  (fastnorm/autograd.py) in eager code;
+  (fastnorm/autograd.py) in eager code (LayerNorm and RMSNorm: reference only so far);
 * ``torch``: ``torch.nn.functional.batch_norm``.
 
 torch's own op also serves, with the same semantics, where fastnorm's has no rule: under
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from . import _dispatch, _ops
-from .autograd import batch_norm_function
+from .autograd import RowNormFunction, batch_norm_function
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "layer_norm", "rms_norm"]
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -76,6 +76,143 @@ def batch_norm(
         raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
     name = backend_for(backend, input)
     return batch_norm_as(name, input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: list[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Layer Normalization over the last dims, as :func:`torch.nn.functional.layer_norm`.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    Mean and biased variance are those of each row: the input's last ``len(normalized_shape)``
+    dims, which must equal ``normalized_shape``.
+
+    Args:
+        input: ``(*, *normalized_shape)``; float32, float64, bfloat16 or float16 for fastnorm's
+            kernels (a 16-bit input takes 16-bit or float32 weight and bias, torch's mixed case);
+            anything else runs torch's op (its values, its errors).
+        normalized_shape: the sizes of the normalised trailing dims.
+        weight, bias: ``normalized_shape`` affine parameters (gamma, beta), or None.
+        eps: added to the variance.
+        backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"torch"``.
+
+    Shape:
+        input and output: ``(*, *normalized_shape)`` (the output contiguous, as torch's).
+
+    Example:
+        >>> x = torch.randn(8, 16, 768)
+        >>> y = layer_norm(x, [768], backend="reference")
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"layer_norm(): input must be a Tensor, not {type(input).__name__}")
+    name = _row_backend_for(backend, "layer_norm", input)
+    return layer_norm_as(name, input, normalized_shape, weight, bias, eps)
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: list[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Root Mean Square Normalization over the last dims, as :func:`torch.nn.functional.rms_norm`.
+
+    .. math:: y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot \gamma
+
+    Args:
+        input: ``(*, *normalized_shape)``; dtypes as :func:`layer_norm`.
+        normalized_shape: the sizes of the normalised trailing dims.
+        weight: ``normalized_shape`` scale, or None.
+        eps: added to the mean square; None: torch's default, the machine epsilon of the compute
+            dtype (``torch.finfo(torch.float32).eps`` for 16-bit inputs).
+        backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"torch"``.
+
+    Shape:
+        input and output: ``(*, *normalized_shape)``.
+
+    Example:
+        >>> y = rms_norm(torch.randn(8, 16, 768), [768], backend="reference")
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"rms_norm(): input must be a Tensor, not {type(input).__name__}")
+    name = _row_backend_for(backend, "rms_norm", input)
+    return rms_norm_as(name, input, normalized_shape, weight, eps)
+
+
+def _row_backend_for(backend: str, op: str, input: torch.Tensor) -> str:
+    if torch.compiler.is_compiling():
+        return _compiled_row_choice(backend, op, input.device, input.dtype)
+    return _dispatch.resolve(backend, op, input.device, input.numel(), dtype=input.dtype).name
+
+
+@torch.compiler.assume_constant_result
+def _compiled_row_choice(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
+    return _dispatch._resolve(backend, op, device, False, dtype).name
+
+
+def _kernels_take(input, normalized_shape, weight, bias) -> bool:
+    """Whether fastnorm's row-norm kernels take this call as it is (the C++ ops' ``kernels_take``):
+    a shape torch accepts, a CPU input of a kernel dtype, parameters of its dtype or float32 for
+    a 16-bit input. Otherwise torch's op runs: its values and its errors."""
+    shape = tuple(normalized_shape)
+    dims = len(shape)
+    if dims == 0 or input.dim() < dims or tuple(input.shape[input.dim() - dims :]) != shape:
+        return False
+    if input.device.type != "cpu" or input.dtype not in _ROW_DTYPES or input.numel() == 0:
+        return False
+    for t in (weight, bias):
+        if t is None:
+            continue
+        if tuple(t.shape) != shape or t.device.type != "cpu":
+            return False
+        if t.dtype != input.dtype and not (input.dtype in _HALF and t.dtype == torch.float32):
+            return False
+    return True
+
+
+_ROW_DTYPES = (torch.float32, torch.float64, *_HALF)
+
+
+def _wide(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.float() if t is not None and t.dtype in _HALF else t
+
+
+def layer_norm_as(name: str, input, normalized_shape, weight, bias, eps):
+    """:func:`layer_norm` on the backend ``name`` (resolved: not "auto")."""
+    if name == "numba":
+        if torch.compiler.is_compiling() or not torch_semantics_only(input, weight, bias):
+            return torch.ops.fastnorm.layer_norm.default(input, list(normalized_shape), weight, bias, float(eps))
+    elif name != "torch" and not _tracing() and not torch_semantics_only(input, weight, bias):
+        if _kernels_take(input, normalized_shape, weight, bias):
+            chosen = _dispatch.resolve(name, "layer_norm", input.device)
+            return RowNormFunction.apply(input, _wide(weight), _wide(bias), len(normalized_shape), float(eps), True,
+                                         chosen)  # fmt: skip
+    return F.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def rms_norm_as(name: str, input, normalized_shape, weight, eps):
+    """:func:`rms_norm` on the backend ``name`` (resolved: not "auto")."""
+    if name == "numba":
+        if torch.compiler.is_compiling() or not torch_semantics_only(input, weight):
+            return torch.ops.fastnorm.rms_norm.default(input, list(normalized_shape), weight,
+                                                       None if eps is None else float(eps))  # fmt: skip
+    elif name != "torch" and not _tracing() and not torch_semantics_only(input, weight):
+        if _kernels_take(input, normalized_shape, weight, None):
+            chosen = _dispatch.resolve(name, "rms_norm", input.device)
+            if eps is None:  # torch's default: the compute dtype's machine epsilon
+                eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+            return RowNormFunction.apply(input, _wide(weight), None, len(normalized_shape), float(eps), False, chosen)
+    return F.rms_norm(input, normalized_shape, weight, eps)
 
 
 def backend_for(backend: str, input: torch.Tensor) -> str:

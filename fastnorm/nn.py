@@ -1,4 +1,5 @@
-"""Drop-in ``nn`` modules: ``BatchNorm1d/2d/3d`` and :func:`convert`.
+"""Drop-in ``nn`` modules: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``LayerNorm``, ``RMSNorm`` and
+:func:`convert` / :func:`revert`.
 
 Each class subclasses its torch counterpart (so ``isinstance(m, torch.nn.BatchNorm2d)`` holds,
 and parameters, buffers, ``state_dict`` keys, input checks and error messages are torch's own)
@@ -20,7 +21,7 @@ from ._signature import with_backend_signature
 from .autograd import check_tensors
 from .distributed import SyncBatchNormFunction
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "revert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LayerNorm", "RMSNorm", "convert", "revert"]
 
 
 #: what each module's input must look like: (allowed numbers of dimensions, or a minimum as
@@ -265,6 +266,122 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
         return y
 
 
+class _FastRowNorm:
+    """The forward of torch's ``LayerNorm`` / ``RMSNorm`` on fastnorm's backends: one
+    :func:`fastnorm.functional.layer_norm_as` / ``rms_norm_as`` call; an fx leaf, scriptable."""
+
+    _op = "layer_norm"
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        check_name(backend, self._op)
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
+        return self._forward(input)
+
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):  # a leaf of fx graphs, as torch's modules are
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+        params = self._parameters
+        name = functional._row_backend_for(self.backend, self._op, input)
+        if self._op == "layer_norm":
+            return functional.layer_norm_as(name, input, self.normalized_shape, params.get("weight"),
+                                            params.get("bias"), self.eps)  # fmt: skip
+        return functional.rms_norm_as(name, input, self.normalized_shape, params.get("weight"), self.eps)
+
+    def __prepare_scriptable__(self):
+        """Before TorchScript compiles the module: its scripted forward calls fastnorm's op, which
+        must be registered by then; where it cannot be built, the module scripts as torch's class."""
+        if _ops.available():
+            return self
+        return revert(self)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+class LayerNorm(_FastRowNorm, nn.LayerNorm):
+    r"""Layer Normalization over the last dims, as :class:`torch.nn.LayerNorm`.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    Args:
+        normalized_shape, eps, elementwise_affine, bias, device, dtype: exactly as
+            :class:`torch.nn.LayerNorm`.
+        backend: ``"auto"`` (default), ``"reference"``, ``"numba"`` or ``"torch"``.
+
+    Shape:
+        Input ``(*, *normalized_shape)``; output the same.
+
+    Example:
+        >>> ln = LayerNorm(768, backend="reference")
+        >>> y = ln(torch.randn(8, 16, 768))
+    """
+
+    _op = "layer_norm"
+
+    @with_backend_signature(nn.LayerNorm)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, backend=backend, **kwargs)
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The forward TorchScript compiles: fastnorm's op for the numba and auto backends on CPU
+        tensors, torch's otherwise (TorchScript cannot run the Python backends)."""
+        if (self.backend == "numba" or self.backend == "auto") and input.device.type == "cpu":
+            return torch.ops.fastnorm.layer_norm(input, list(self.normalized_shape), self.weight, self.bias, self.eps)
+        return F.layer_norm(input, list(self.normalized_shape), self.weight, self.bias, self.eps)
+
+
+class RMSNorm(_FastRowNorm, nn.RMSNorm):
+    r"""Root Mean Square Normalization over the last dims, as :class:`torch.nn.RMSNorm`.
+
+    .. math:: y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot \gamma
+
+    Args:
+        normalized_shape, eps, elementwise_affine, device, dtype: exactly as
+            :class:`torch.nn.RMSNorm` (eps=None: the compute dtype's machine epsilon).
+        backend: ``"auto"`` (default), ``"reference"``, ``"numba"`` or ``"torch"``.
+
+    Shape:
+        Input ``(*, *normalized_shape)``; output the same.
+
+    Example:
+        >>> norm = RMSNorm(768, backend="reference")
+        >>> y = norm(torch.randn(8, 16, 768))
+    """
+
+    _op = "rms_norm"
+
+    @with_backend_signature(nn.RMSNorm)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, backend=backend, **kwargs)
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """As :meth:`LayerNorm._scripted_forward`."""
+        if (self.backend == "numba" or self.backend == "auto") and input.device.type == "cpu":
+            return torch.ops.fastnorm.rms_norm(input, list(self.normalized_shape), self.weight, self.eps)
+        return F.rms_norm(input, list(self.normalized_shape), self.weight, self.eps)
+
+
+_ROW_DROP_IN = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm}
+_ROW_TORCH_CLASS = {LayerNorm: nn.LayerNorm, RMSNorm: nn.RMSNorm}
+
+
+def _row_module(cls: type, old: nn.Module, **options) -> nn.Module:
+    """A ``cls`` (LayerNorm or RMSNorm, fastnorm's or torch's) with ``old``'s configuration and its
+    very Parameter objects, mode and quantization config."""
+    affine = old.elementwise_affine
+    if cls in (nn.LayerNorm, LayerNorm):
+        options["bias"] = getattr(old, "bias", None) is not None
+    new = cls(old.normalized_shape, old.eps, affine, device="meta", **options)
+    return _share_state(old, new)
+
+
 _SYNC_SIGNATURE = inspect.signature(nn.SyncBatchNorm.__init__)
 #: recent torch lets BatchNorm go without a bias (``bias=False``; 2.14 has it, 2.11 does not)
 _BIAS_OPTION = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
@@ -279,7 +396,7 @@ def _share_state(old: nn.Module, new: nn.Module) -> nn.Module:
     for name, b in old.named_buffers(recurse=False):
         setattr(new, name, b)
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        if getattr(old, name, None) is None:
+        if getattr(old, name, None) is None and hasattr(new, name):
             setattr(new, name, None)
     new.train(old.training)
     if hasattr(old, "qconfig"):
@@ -304,7 +421,8 @@ def _converted(bn: nn.Module, backend: str, sync: bool, process_group) -> nn.Mod
 
 
 def convert(module: nn.Module, backend: str = "auto", sync: bool = False, process_group=None) -> nn.Module:
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` inside ``module`` by fastnorm's.
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d``, ``LayerNorm`` and ``RMSNorm`` inside ``module``
+    by fastnorm's.
 
     Weights, buffers (the same tensor objects, so device and dtype are kept), train/eval mode
     and ``state_dict`` keys are preserved. fastnorm modules already present get ``backend``.
@@ -325,6 +443,11 @@ def convert(module: nn.Module, backend: str = "auto", sync: bool = False, proces
         >>> model = convert(torchvision.models.resnet18(num_classes=10), backend="reference")
     """
     check_name(backend, "batch_norm")
+    if type(module) in _ROW_DROP_IN or isinstance(module, _FastRowNorm):
+        if isinstance(module, _FastRowNorm):
+            module.backend = backend
+            return module
+        return _row_module(_ROW_DROP_IN[type(module)], module, backend=backend)
     convertible = type(module) in _DROP_IN or isinstance(module, _FastBatchNorm)
     if sync:
         convertible = convertible or type(module) is nn.SyncBatchNorm
@@ -353,7 +476,7 @@ def _reverted(bn: _FastBatchNorm) -> nn.Module:
 
 
 def revert(module: nn.Module) -> nn.Module:
-    """Replace every fastnorm BatchNorm inside ``module`` by torch's class: :func:`convert`'s
+    """Replace every fastnorm BatchNorm, LayerNorm and RMSNorm inside ``module`` by torch's class: :func:`convert`'s
     inverse (the same Parameter and buffer objects, mode and ``state_dict`` keys), for tools that
     look torch's classes up exactly.
 
@@ -365,6 +488,8 @@ def revert(module: nn.Module) -> nn.Module:
     """
     if isinstance(module, _FastBatchNorm):
         return _reverted(module)
+    if isinstance(module, _FastRowNorm):
+        return _row_module(next(t for ours, t in _ROW_TORCH_CLASS.items() if isinstance(module, ours)), module)
     for name, child in module.named_children():
         new = revert(child)
         if new is not child:

@@ -101,6 +101,25 @@ for name, options in [("Adam", dict(lr=0.01, weight_decay=0.1)), ("AdamW", dict(
                         if n.op == "call_function" and "fastnorm" in str(n.target)})
     out[f"optim-{name}"] = dict(breaks=explained.graph_break_count, ops=graph_ops, values=values)
 
+# 5. LayerNorm and RMSNorm (a pre-norm block), fullgraph, sequence lengths that change
+torch.manual_seed(0)
+theirs = torch.nn.Sequential(torch.nn.LayerNorm(24), torch.nn.Linear(24, 24), torch.nn.GELU(), torch.nn.RMSNorm(24),
+                             torch.nn.Linear(24, 24)).double()
+ours = fastnorm.nn.convert(copy.deepcopy(theirs), backend="numba")
+x = torch.randn(3, 5, 24, dtype=torch.float64)
+explained = torch._dynamo.explain(copy.deepcopy(ours))(x)
+compiled = torch.compile(ours, fullgraph=True)
+worst = 0.0
+for n in (5, 7, 9):
+    x = torch.randn(3, n, 24, dtype=torch.float64)
+    y, expected = compiled(x), theirs(x)
+    worst = max(worst, diff([y], [expected]))
+    y.square().sum().backward(), expected.square().sum().backward()
+graph_ops = sorted({str(n.target) for g in explained.graphs for n in g.graph.nodes
+                    if n.op == "call_function" and "fastnorm" in str(n.target)})
+out["norms"] = dict(breaks=explained.graph_break_count, ops=graph_ops, outputs=worst,
+                    grads=diff([p.grad for p in ours.parameters()], [p.grad for p in theirs.parameters()]))
+
 print("RESULTS " + json.dumps(out))
 """
 
@@ -140,3 +159,9 @@ def test_a_function_calling_optimizer_step_compiles_fullgraph(fresh, name):
     op = {"Adam": "adam_", "AdamW": "adam_", "SGD": "sgd_", "Adagrad": "adagrad_", "RMSprop": "rmsprop_"}[name]
     assert r["breaks"] == 0 and r["ops"] == [f"fastnorm.{op}.default"], r
     assert r["values"] < 1e-12, r
+
+
+def test_layer_norm_and_rms_norm_compile_fullgraph(fresh):
+    r = fresh["norms"]
+    assert r["breaks"] == 0 and r["ops"] == ["fastnorm.layer_norm.default", "fastnorm.rms_norm.default"], r
+    assert r["outputs"] < 1e-10 and r["grads"] < 1e-9, r

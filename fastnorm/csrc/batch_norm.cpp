@@ -58,34 +58,6 @@ using Stats = void (*)(int64_t x, int64_t mean, int64_t var, int64_t n, int64_t 
 
 const char* const kPerChannel[] = {"weight", "bias", "running_mean", "running_var"};
 
-// torch's name of a dtype ("torch.float32"), as Python prints it
-std::string dtype_name(at::ScalarType t) {
-  std::string name = c10::toString(t);
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    case at::kComplexFloat: return "torch.complex64";
-    case at::kComplexDouble: return "torch.complex128";
-    default: return "torch." + name;
-  }
-}
-
-std::string size_repr(c10::SymIntArrayRef sizes) {  // torch.Size([2, 3])
-  std::ostringstream out;
-  out << "torch.Size([";
-  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  out << "])";
-  return out.str();
-}
-
 bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }

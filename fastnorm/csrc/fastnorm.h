@@ -25,6 +25,8 @@ enum class Entry : int {
   kAdagrad,
   kRmsprop,
   kAdam,
+  kRowNormForward,
+  kRowNormBackward,
   kCount
 };
 
@@ -61,6 +63,10 @@ Tunables& tunables();
 // An uninitialised CPU tensor of x's sizes, dtype and the given strides (dense in them): from the
 // pool when it is large enough, else from torch's allocator.
 at::Tensor pooled_empty(const at::Tensor& x, at::IntArrayRef strides);
+
+// torch's name of a dtype ("torch.float32") and of sizes ("torch.Size([2, 3])"), as Python prints them.
+std::string dtype_name(at::ScalarType t);
+std::string size_repr(c10::SymIntArrayRef sizes);
 
 // Address of a tensor's data, 0 for an undefined tensor.
 inline int64_t address(const at::Tensor& t) { return t.defined() ? reinterpret_cast<int64_t>(t.data_ptr()) : 0; }

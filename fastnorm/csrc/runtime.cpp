@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
+#include <sstream>
 #include <unordered_map>
 #include <vector>
 
@@ -18,8 +19,9 @@
 namespace fastnorm {
 namespace {
 
-constexpr const char* kFamilies[] = {"forward_train", "forward_eval", "backward", "stats",
-                                     "sgd",           "adagrad",      "rmsprop",  "adam"};
+constexpr const char* kFamilies[] = {"forward_train", "forward_eval", "backward",         "stats",
+                                     "sgd",           "adagrad",      "rmsprop",          "adam",
+                                     "row_norm_forward", "row_norm_backward"};
 constexpr int kStorages = 5;
 
 std::array<std::atomic<void*>, static_cast<int>(Entry::kCount) * kStorages> entries{};
@@ -134,6 +136,35 @@ void follow_torch_threads() {
 }
 
 Tunables& tunables() { return settings; }
+
+// torch's name of a dtype ("torch.float32"), as Python prints it
+std::string dtype_name(at::ScalarType t) {
+  std::string name = c10::toString(t);
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return "torch." + name;
+  }
+}
+
+std::string size_repr(c10::SymIntArrayRef sizes) {  // torch.Size([2, 3])
+  std::ostringstream out;
+  out << "torch.Size([";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << "])";
+  return out.str();
+}
+
 
 at::Tensor pooled_empty(const at::Tensor& x, at::IntArrayRef strides) {
   const size_t nbytes = x.numel() * x.element_size();

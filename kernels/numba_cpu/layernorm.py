@@ -1,0 +1,332 @@
+"""Layer Normalization and RMS Normalization on CPU threads with Numba: one kernel per direction
+for both (``center``: LayerNorm subtracts the row mean, RMSNorm does not).
+
+The math is kernels/reference/layernorm.py's (the readable version these kernels are tested
+against); conventions are PyTorch's (``torch.nn.LayerNorm``, ``torch.nn.RMSNorm``).
+
+Algorithm
+---------
+Inputs arrive as C-contiguous (M, D) arrays: M rows (every dim before ``normalized_shape``), each
+normalised over its D contiguous values (the ``normalized_shape``). The rows are cut into at most
+MAX_CHUNKS chunks (a function of the shape only, never of the thread count, so results do not
+depend on it); a parallel loop runs over chunks, each chunk over its rows one by one.
+
+Forward, per row (three passes over a row that stays in L1/L2 after the first, one DRAM read of x
+and one write of y):
+    pass 1 (LayerNorm): mean = sum(x) / D
+    pass 2: var = sum((x - mean)^2) / D (RMSNorm: mean = 0, the mean of x^2): two passes, not
+            E[x^2] - E[x]^2, so no cancellation when |mean| >> std
+    pass 3: y = (x - mean) * rstd * weight + bias,  rstd = 1 / sqrt(var + eps)
+Sums run in the compute dtype (float32 for float32 and 16-bit storage, float64 for float64, as
+torch's CPU kernels), vectorised with reassociation (many partial sums: pairwise-like error).
+
+Backward, per row, with xhat = (x - mean) * rstd and g = dy * weight:
+    pass 1: S_g = sum(g), S_gx = sum(g * xhat)
+    pass 2: dx = rstd * (g - S_g / D - xhat * S_gx / D)  (RMSNorm: no S_g term), and the row's
+            dy * xhat and dy added to its chunk's (D,) partial sums of dweight and dbias
+then the chunks' partials are added in float64, in chunk order.
+
+NaN and Inf propagate as in torch (no nnan/ninf fast-math flags).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .. import LAYER_NORM_API
+from .._bits import HALF_DTYPES
+from .._pointer import pointer_intrinsic
+from .._validate import FLOAT_DTYPES, compute_dtype
+from . import _jit
+from . import batchnorm as _bn
+from ._bits import cast_like, narrow, widen
+from ._jit import REASSOC, twins
+
+__all__ = [*LAYER_NORM_API, "LAYER_NORM_DTYPES", "forward_at", "backward_at", "rows_per_chunk", "c_entry_point",
+           "c_entry_point_cached", "C_DTYPES"]  # fmt: skip
+
+#: storage dtypes: float32, float64, float16 and bfloat16 (uint16 bits); 16-bit ones computed in float32
+LAYER_NORM_DTYPES = (*FLOAT_DTYPES, *HALF_DTYPES)
+
+
+def rows_per_chunk(m: int, d: int) -> int:
+    """Rows per chunk of an (M, D) problem (the shape alone decides: thread-count independent):
+    at most batchnorm.MAX_CHUNKS chunks (it bounds the backward's (chunks, D) partial sums) of at
+    least batchnorm.CHUNK_ELEMENTS elements, the BatchNorm kernels' tunables (one set for the ops)."""
+    chunks = max(1, min(_bn.MAX_CHUNKS, (m * d) // _bn.CHUNK_ELEMENTS, m))
+    return -(-m // chunks)
+
+
+@twins(fastmath=REASSOC)
+def _forward(x, weight, bias, has_weight, has_bias, eps, inv_d, center, y, mean, rstd, rows):
+    # x, y: (M, D) storage; weight, bias: (D,) compute dtype or empty; mean, rstd: (M,) compute
+    # dtype (mean empty for RMSNorm); eps, inv_d (1/D): compute-dtype scalars; rows: per chunk
+    M, D = x.shape
+    zero = cast_like(0.0, eps)
+    one = cast_like(1.0, eps)
+    chunks = (M + rows - 1) // rows
+    for k in prange(chunks):
+        for i in range(k * rows, min((k + 1) * rows, M)):
+            xi = x[i]
+            yi = y[i]
+            mu = zero
+            if center:
+                s = zero
+                for j in range(D):
+                    s += widen(xi[j])
+                mu = s * inv_d
+                mean[i] = mu
+            q = zero
+            for j in range(D):
+                v = widen(xi[j]) - mu
+                q += v * v
+            inv = one / math.sqrt(q * inv_d + eps)
+            rstd[i] = inv
+            if has_weight and has_bias:
+                for j in range(D):
+                    yi[j] = narrow((widen(xi[j]) - mu) * inv * weight[j] + bias[j], y)
+            elif has_weight:
+                for j in range(D):
+                    yi[j] = narrow((widen(xi[j]) - mu) * inv * weight[j], y)
+            elif has_bias:
+                for j in range(D):
+                    yi[j] = narrow((widen(xi[j]) - mu) * inv + bias[j], y)
+            else:
+                for j in range(D):
+                    yi[j] = narrow((widen(xi[j]) - mu) * inv, y)
+
+
+@twins(fastmath=REASSOC)
+def _backward(dy, x, mean, rstd, weight, has_weight, center, inv_d, need_dx, need_params, dx, dweight, dbias,
+              rows):  # fmt: skip
+    # dy, x, dx: (M, D) storage; mean, rstd: (M,) (mean empty for RMSNorm); weight: (D,) or
+    # empty; dweight, dbias: (D,) compute dtype or empty; inv_d: 1/D in the compute dtype
+    M, D = x.shape
+    zero = cast_like(0.0, inv_d)
+    one = cast_like(1.0, inv_d)
+    chunks = (M + rows - 1) // rows
+    width = D if need_params else 0
+    pw = np.zeros((chunks, width), dtype=rstd.dtype)  # per chunk: sum of dy * xhat, of dy
+    pb = np.zeros((chunks, width), dtype=rstd.dtype)
+    for k in prange(chunks):
+        aw = pw[k]
+        ab = pb[k]
+        for i in range(k * rows, min((k + 1) * rows, M)):
+            xi = x[i]
+            gi = dy[i]
+            mu = mean[i] if center else zero
+            inv = rstd[i]
+            if need_dx:
+                dxi = dx[i]
+                s_g = zero
+                s_gx = zero
+                for j in range(D):
+                    g = widen(gi[j]) * (weight[j] if has_weight else one)
+                    s_g += g
+                    s_gx += g * ((widen(xi[j]) - mu) * inv)
+                a = s_g * inv_d if center else zero
+                b = s_gx * inv_d
+                for j in range(D):
+                    xh = (widen(xi[j]) - mu) * inv
+                    gy = widen(gi[j])
+                    g = gy * (weight[j] if has_weight else one)
+                    dxi[j] = narrow(inv * (g - a - xh * b), dx)
+                    if need_params:
+                        aw[j] += gy * xh
+                        ab[j] += gy
+            elif need_params:
+                for j in range(D):
+                    gy = widen(gi[j])
+                    aw[j] += gy * ((widen(xi[j]) - mu) * inv)
+                    ab[j] += gy
+    if need_params:
+        for j in range(D):
+            sw = 0.0
+            sb = 0.0
+            for k in range(chunks):
+                sw += np.float64(pw[k, j])
+                sb += np.float64(pb[k, j])
+            if dweight.size:
+                dweight[j] = sw
+            if dbias.size:
+                dbias[j] = sb
+
+
+# -- array entry points: the kernels API (same names and arguments as kernels.reference) --------
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+def _or_empty(a, dtype):
+    return _EMPTY[compute_dtype(dtype)] if a is None else a
+
+
+def _bits(a):
+    """float16 arrays as int16 bits: the kernels' element type says the storage (_bits.widen)."""
+    return a.view(np.int16) if a is not None and a.dtype == np.float16 else a
+
+
+def _check(x, outputs, rows, columns):
+    dtype = np.dtype(getattr(x, "dtype", None) or np.object_)
+    if dtype not in LAYER_NORM_DTYPES:
+        raise TypeError(f"the numba backend's layer/rms norm takes float32, float64, float16 or bfloat16, got {dtype}")
+    if x.ndim != 2 or not x.flags.c_contiguous:
+        raise ValueError(f"kernels take C-contiguous (M, D) arrays, got shape {x.shape}")
+    for a in outputs:
+        if a is not None and (a.shape != x.shape or a.dtype != dtype or not a.flags.c_contiguous):
+            raise ValueError(f"expected a C-contiguous {dtype} array of shape {x.shape}")
+    compute = compute_dtype(dtype)
+    for n, arrays in ((x.shape[0], rows), (x.shape[1], columns)):
+        for a in arrays:
+            if a is not None and (a.shape != (n,) or a.dtype != compute or not a.flags.c_contiguous):
+                raise ValueError(f"per-row and per-column arrays must be dense {compute} of shape ({n},)")
+
+
+def _scalars(x, eps):
+    c = compute_dtype(x.dtype).type
+    return c(eps), c(1.0 / x.shape[1])
+
+
+def layer_norm_forward(x, weight, bias, eps, y, mean, rstd):
+    """LayerNorm forward; see kernels.reference.layer_norm_forward for the contract."""
+    _check(x, [y], [mean, rstd], [weight, bias])
+    m, d = x.shape
+    eps_c, inv_d = _scalars(x, eps)
+    _forward(x.size)(_bits(x), _or_empty(weight, x.dtype), _or_empty(bias, x.dtype), weight is not None,
+                     bias is not None, eps_c, inv_d, True, _bits(y), mean, rstd, rows_per_chunk(m, d))  # fmt: skip
+
+
+def layer_norm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    """LayerNorm backward; see kernels.reference.layer_norm_backward."""
+    _check(x, [dy, dx], [mean, rstd], [weight, dweight, dbias])
+    _run_backward(dy, x, mean, rstd, weight, True, dx, dweight, dbias)
+
+
+def rms_norm_forward(x, weight, eps, y, rstd):
+    """RMSNorm forward; see kernels.reference.rms_norm_forward."""
+    _check(x, [y], [rstd], [weight])
+    m, d = x.shape
+    eps_c, inv_d = _scalars(x, eps)
+    _forward(x.size)(_bits(x), _or_empty(weight, x.dtype), _or_empty(None, x.dtype), weight is not None, False,
+                     eps_c, inv_d, False, _bits(y), _or_empty(None, x.dtype), rstd, rows_per_chunk(m, d))  # fmt: skip
+
+
+def rms_norm_backward(dy, x, rstd, weight, dx, dweight):
+    """RMSNorm backward; see kernels.reference.rms_norm_backward."""
+    _check(x, [dy, dx], [rstd], [weight, dweight])
+    _run_backward(dy, x, None, rstd, weight, False, dx, dweight, None)
+
+
+def _run_backward(dy, x, mean, rstd, weight, center, dx, dweight, dbias):
+    m, d = x.shape
+    _, inv_d = _scalars(x, 0.0)
+    need_params = dweight is not None or dbias is not None
+    _backward(x.size)(_bits(dy), _bits(x), _or_empty(mean, x.dtype), rstd, _or_empty(weight, x.dtype),
+                      weight is not None, center, inv_d, dx is not None, need_params,
+                      _bits(dy if dx is None else dx), _or_empty(dweight, x.dtype), _or_empty(dbias, x.dtype),
+                      rows_per_chunk(m, d))  # fmt: skip
+
+
+# -- address-level entry points and their C functions (fastnorm/csrc/layer_norm.cpp) ----------
+# As kernels/numba_cpu/batchnorm.py's: ``like`` a scalar of the storage type, ``like_c`` one of
+# the compute dtype, then int64 addresses (0: absent), then the (M, D) geometry. C signatures:
+#   void forward(int64 x, weight, bias, y, mean, rstd, m, d, double eps, int64 center, parallel, rows)
+#   void backward(int64 dy, x, mean, rstd, weight, center, dx, dweight, dbias, m, d, parallel, rows)
+
+_pointer = pointer_intrinsic(intrinsic, types)
+
+
+@njit(inline="always")
+def _at(addr, like, shape):
+    return numba.carray(_pointer(addr, like), shape)
+
+
+@njit(inline="always")
+def _vector_at(addr, like, n):  # (n,) at addr, or an empty array for address 0
+    return numba.carray(_pointer(addr, like), n if addr != 0 else 0)
+
+
+_forward_serial, _forward_parallel = _forward.serial, _forward.parallel
+_backward_serial, _backward_parallel = _backward.serial, _backward.parallel
+
+
+@njit(cache=True, nogil=True)
+def forward_at(like, like_c, x, weight, bias, y, mean, rstd, m, d, eps, center, parallel, rows):
+    xa, ya = _at(x, like, (m, d)), _at(y, like, (m, d))
+    w, b = _vector_at(weight, like_c, d), _vector_at(bias, like_c, d)
+    mu, inv = _vector_at(mean, like_c, m), _at(rstd, like_c, m)
+    eps_c, inv_d = cast_like(eps, like_c), cast_like(1.0 / d, like_c)
+    if parallel:
+        _forward_parallel(xa, w, b, weight != 0, bias != 0, eps_c, inv_d, center, ya, mu, inv, rows)
+    else:
+        _forward_serial(xa, w, b, weight != 0, bias != 0, eps_c, inv_d, center, ya, mu, inv, rows)
+
+
+@njit(cache=True, nogil=True)
+def backward_at(like, like_c, dy, x, mean, rstd, weight, center, dx, dweight, dbias, m, d, parallel, rows):
+    """dx, dweight, dbias: addresses, 0 for a gradient not wanted."""
+    dya, xa = _at(dy, like, (m, d)), _at(x, like, (m, d))
+    mu, inv, w = _vector_at(mean, like_c, m), _at(rstd, like_c, m), _vector_at(weight, like_c, d)
+    dxa = _at(dx if dx != 0 else dy, like, (m, d))  # unused when dx is not wanted
+    dw, db = _vector_at(dweight, like_c, d), _vector_at(dbias, like_c, d)
+    inv_d = cast_like(1.0 / d, like_c)
+    need_params = dweight != 0 or dbias != 0
+    if parallel:
+        _backward_parallel(dya, xa, mu, inv, w, weight != 0, center, inv_d, dx != 0, need_params, dxa, dw, db, rows)
+    else:
+        _backward_serial(dya, xa, mu, inv, w, weight != 0, center, inv_d, dx != 0, need_params, dxa, dw, db, rows)
+
+
+#: storage dtype name -> (the storage's like-scalar, the compute dtype's), as source
+C_DTYPES = {"float32": ("np.float32(0)", "np.float32(0)"), "float64": ("np.float64(0)", "np.float64(0)"),
+            "bfloat16": ("np.uint16(0)", "np.float32(0)"), "float16": ("np.int16(0)", "np.float32(0)")}  # fmt: skip
+_I64, _F64 = types.int64, types.float64
+_C_ENTRY_POINTS = {
+    "row_norm_forward": (
+        types.void(*[_I64] * 8, _F64, *[_I64] * 3),
+        "x, weight, bias, y, mean, rstd, m, d, eps, center, parallel, rows",
+        "forward_at(L, LC, x, weight, bias, y, mean, rstd, m, d, eps, center != 0, parallel != 0, rows)",
+    ),
+    "row_norm_backward": (
+        types.void(*[_I64] * 13),
+        "dy, x, mean, rstd, weight, center, dx, dweight, dbias, m, d, parallel, rows",
+        "backward_at(L, LC, dy, x, mean, rstd, weight, center != 0, dx, dweight, dbias, m, d, parallel != 0, rows)",
+    ),
+}
+
+
+@functools.cache
+def _c_function(name: str, dtype: str):
+    """The Python source of C entry point ``name`` for ``dtype``, with a name of its own
+    (``_c_<name>_<dtype>``) so that Numba's on-disk cache keys each apart."""
+    if name not in _C_ENTRY_POINTS or dtype not in C_DTYPES:
+        raise ValueError(f"no {name} C entry point for {dtype}")
+    _, args, call = _C_ENTRY_POINTS[name]
+    like, like_c = C_DTYPES[dtype]
+    fn = f"_c_{name}_{dtype}"
+    source = f"def {fn}({args}):\n    {call.replace('LC', like_c).replace('L,', like + ',')}\n"
+    namespace = dict(globals())
+    exec(compile(source, __file__, "exec"), namespace)  # noqa: S102 - fixed text, no input
+    function = namespace[fn]
+    function.__module__ = __name__
+    return function
+
+
+@functools.cache
+def c_entry_point(name: str, dtype: str):
+    """The C function ``name`` ("row_norm_forward", "row_norm_backward") for storage ``dtype``: a
+    ``numba.cfunc`` compiled on the first call or loaded from Numba's on-disk cache."""
+    function = _c_function(name, dtype)
+    numba.get_num_threads()  # Numba's threading layer first (kernels/numba_cpu/batchnorm.py says why)
+    return numba.cfunc(_C_ENTRY_POINTS[name][0], cache=True, nogil=True)(function)
+
+
+def c_entry_point_cached(name: str, dtype: str) -> bool | None:
+    """Whether :func:`c_entry_point` will load from Numba's cache rather than compile (None: unknown)."""
+    return _jit.cached(_c_function(name, dtype))
