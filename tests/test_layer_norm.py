@@ -352,3 +352,16 @@ def test_results_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_kernel_packages_export_each_name_once():
+    """Each backend package re-exports its modules' ``__all__``: a name in two of them would be
+    the last one's (layernorm's ``backward_at`` once shadowed batchnorm's in kernels.numba_cpu)."""
+    import importlib
+
+    for package in ("kernels.reference", "kernels.numba_cpu"):
+        seen = {}
+        for module in ("batchnorm", "layernorm", "optim"):
+            for name in importlib.import_module(f"{package}.{module}").__all__:
+                assert name not in seen, f"{package}: {name} in both {seen[name]} and {module}"
+                seen[name] = module

@@ -48,8 +48,9 @@ from . import batchnorm as _bn
 from ._bits import cast_like, narrow, widen
 from ._jit import REASSOC, twins
 
-__all__ = [*LAYER_NORM_API, "LAYER_NORM_DTYPES", "forward_at", "backward_at", "rows_per_chunk", "c_entry_point",
-           "c_entry_point_cached", "C_DTYPES"]  # fmt: skip
+# the package re-exports these; the address-level entry points and C functions stay in this module
+# (kernels.numba_cpu.layernorm.c_entry_point): their names are batchnorm's too
+__all__ = [*LAYER_NORM_API, "LAYER_NORM_DTYPES"]
 
 #: storage dtypes: float32, float64, float16 and bfloat16 (uint16 bits); 16-bit ones computed in float32
 LAYER_NORM_DTYPES = (*FLOAT_DTYPES, *HALF_DTYPES)
