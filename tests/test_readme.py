@@ -18,8 +18,10 @@ def test_every_speed_figure_in_the_readme_is_in_the_report():
     readme = _section((ROOT / "README.md").read_text(), "## Speed (this machine's CPU)")
     report = (ROOT / "bench" / "results" / "cpu.md").read_text()
     block = readme[readme.index("<!-- speed-table -->") : readme.index("<!-- /speed-table -->")]
-    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| op ")]
+    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith(("| op ", "| case "))]
     assert len(rows) >= 10, "the speed table is empty: run python bench/readme_speed.py"
+    assert "Whole training steps" in block.split("The ops alone")[0], "the whole-step rows come first"
+    assert any("resnet18" in row and "compiled:fastnorm-numba" in row for row in rows)
     ratios = re.findall(r"\d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\](?: tie)?", block)
     assert len(ratios) >= len(rows)
     for figure in ratios:  # speedups with their intervals, exactly as the report prints them
