@@ -30,6 +30,8 @@ OPS = [
     ("layernorm_forward_backward_bfloat16", "LayerNorm fwd+bwd, bfloat16", FASTNORM),
     ("rmsnorm_forward_backward", "RMSNorm fwd+bwd", FASTNORM),
     ("rmsnorm_forward_backward_bfloat16", "RMSNorm fwd+bwd, bfloat16", FASTNORM),
+    ("groupnorm_forward_backward", "GroupNorm fwd+bwd", FASTNORM),
+    ("groupnorm_forward_backward_bfloat16", "GroupNorm fwd+bwd, bfloat16", FASTNORM),
     ("optim_sgd_momentum", "SGD momentum step", FASTNORM),
     ("optim_adam", "Adam step", FASTNORM),
     ("optim_adamw", "AdamW step", FASTNORM),

@@ -233,13 +233,19 @@ def _environment() -> str | None:
 #: - ``sgd_momentum``: 0.93x at 1K and 10K, 1.05x at 50K, 1.20x at 235K (the book's MLP).
 #: - ``adagrad``, ``rmsprop``, ``adam`` (Adam and AdamW): 1.48-7.4x from 1K elements on: numba.
 #:
+#: - LayerNorm, RMSNorm fwd+bwd (bench/results/cpu.md, 2026-12-02, Intel Xeon): LayerNorm (64, 256)
+#:   0.99x float32, 0.89x bfloat16, 1.13x and above from (4096, 768) on: torch's below 64K values
+#:   (where numba's kernels run serial, the sizes between unmeasured); RMSNorm 1.8x at (64, 256)
+#:   and 4-23x above: numba's everywhere. GroupNorm: numba's (measured from 100K values).
+#:
 #: Other dtypes than float32 and other devices use the same values (GPUs: no threshold).
 AUTO_CPU_MIN_NUMEL: dict[str, float] = {
     "batch_norm": 0,
     "batch_norm_planes": 0,
     "batch_norm_channels_last": 500_000,
-    "layer_norm": 0,
+    "layer_norm": 65_536,
     "rms_norm": 0,
+    "group_norm": 0,
     "sgd": math.inf,
     "sgd_momentum": 50_000,
     "adagrad": 0,
@@ -266,8 +272,9 @@ def auto_prefers_torch(kind: str, numel: int) -> bool:
 #: torch dtype -> the kernels' storage dtype (bfloat16 as uint16 bits: kernels/_bits.py)
 KERNEL_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
                  torch.float16: np.dtype(np.float16), torch.bfloat16: BFLOAT16}  # fmt: skip
+#: each op's kernels' dtype list (the optimizers': OPTIMIZER_DTYPES)
 _DTYPES_ATTRIBUTE = {"batch_norm": "BATCH_NORM_DTYPES", "layer_norm": "LAYER_NORM_DTYPES",
-                     "rms_norm": "LAYER_NORM_DTYPES"}  # fmt: skip  # the optimizers': OPTIMIZER_DTYPES
+                     "rms_norm": "LAYER_NORM_DTYPES", "group_norm": "GROUP_NORM_DTYPES"}  # fmt: skip
 
 
 def has_dtype(name: str, op: str, dtype: torch.dtype) -> bool:

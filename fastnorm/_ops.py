@@ -2,8 +2,8 @@
 
 The ops (fastnorm/csrc: ``batch_norm``, ``batch_norm_forward``, ``batch_norm_backward``,
 ``batch_norm_stats``, ``layer_norm``, ``rms_norm``, ``row_norm_forward``, ``row_norm_backward``,
-``sgd_``, ``adagrad_``, ``rmsprop_``, ``adam_``) are registered with torch's
-dispatcher by a C++ extension that :func:`load` compiles once with
+``group_norm``, ``group_norm_forward``, ``group_norm_backward``, ``sgd_``, ``adagrad_``,
+``rmsprop_``, ``adam_``) are registered with torch's dispatcher by a C++ extension that :func:`load` compiles once with
 :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; ~1 minute on two
 cores, then cached by torch under ``TORCH_EXTENSIONS_DIR``) and loads in every process that uses
 the numba backend. Their CPU kernels are the numba kernels' C entry points
@@ -32,7 +32,13 @@ from types import ModuleType
 import torch
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [_CSRC / "runtime.cpp", _CSRC / "batch_norm.cpp", _CSRC / "layer_norm.cpp", _CSRC / "optim.cpp"]
+SOURCES = [
+    _CSRC / "runtime.cpp",
+    _CSRC / "batch_norm.cpp",
+    _CSRC / "layer_norm.cpp",
+    _CSRC / "group_norm.cpp",
+    _CSRC / "optim.cpp",
+]
 NAME = "fastnorm_ops"
 _lock = threading.RLock()
 _extension: ModuleType | None = None
@@ -42,6 +48,7 @@ _error: str | None = None
 _BATCH_NORM_FAMILIES = ("forward_train", "forward_eval", "backward", "stats")
 _OPTIMIZER_FAMILIES = ("sgd", "adagrad", "rmsprop", "adam")
 _ROW_NORM_FAMILIES = ("row_norm_forward", "row_norm_backward")  # LayerNorm and RMSNorm
+_GROUP_NORM_FAMILIES = ("group_norm_forward", "group_norm_backward")
 #: storage codes (fastnorm/csrc/fastnorm.h, Storage)
 STORAGES = ("float32", "float64", "bfloat16", "float16", "bfloat16_sr")
 
@@ -155,6 +162,10 @@ def sync_tunables() -> None:
 
 
 def _kernels_of(family: str) -> ModuleType:
+    if family in _GROUP_NORM_FAMILIES:
+        from kernels.numba_cpu import groupnorm
+
+        return groupnorm
     if family in _ROW_NORM_FAMILIES:
         from kernels.numba_cpu import layernorm
 
@@ -180,6 +191,8 @@ def _compiled(family: str, storage: str):
     label = f"batch_norm {family}" if family in _BATCH_NORM_FAMILIES else f"{family} step"
     if family in _ROW_NORM_FAMILIES:
         label = f"layer/rms norm {family.removeprefix('row_norm_')}"
+    if family in _GROUP_NORM_FAMILIES:
+        label = f"group norm {family.removeprefix('group_norm_')}"
     if kernels.c_entry_point_cached(family, storage) is False:
         say(f"compiling its {label} kernel for {storage} for first use (~10-60 s, cached for later runs)")
     return kernels.c_entry_point(family, storage)
@@ -201,11 +214,11 @@ def warmup(dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16
                 started = time.perf_counter()
                 _compiled(family, dtype)
                 times[f"batch_norm {family} {dtype}"] = time.perf_counter() - started
-    for family in _ROW_NORM_FAMILIES:
+    for family in (*_ROW_NORM_FAMILIES, *_GROUP_NORM_FAMILIES):
         for dtype in dtypes:
             started = time.perf_counter()
             _compiled(family, dtype)
-            times[f"layer/rms norm {family.removeprefix('row_norm_')} {dtype}"] = time.perf_counter() - started
+            times[f"{family} {dtype}"] = time.perf_counter() - started
     for family in _OPTIMIZER_FAMILIES:
         for storage in (*dtypes, "bfloat16_sr") if "bfloat16" in dtypes else dtypes:
             started = time.perf_counter()

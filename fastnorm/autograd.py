@@ -441,3 +441,82 @@ class RowNormFunction(torch.autograd.Function):
             backend.kernels.rms_norm_backward(_row_view(backend, dy, d), _row_view(backend, x, d), as_array(rstd), w,
                                               dx_a, dw_a)  # fmt: skip
         return dx, dw, db, None, None, None, None
+
+
+# -- GroupNorm on the Python backends ----------------------------------------------------------
+
+
+def _differentiable_group_backward(groups, eps, dy, x, weight):
+    """(dx, dweight, dbias) as differentiable torch functions of dy, x and weight (double backward)."""
+    storage = x.dtype
+    if storage in (torch.bfloat16, torch.float16):
+        x, dy = x.float(), dy.float()
+    grouped = (x.shape[0], groups, -1)
+    xg = x.reshape(grouped)
+    xc = xg - xg.mean(2, keepdim=True)
+    rstd = torch.rsqrt((xc * xc).mean(2, keepdim=True) + eps)
+    xhat = (xc * rstd).reshape(x.shape)
+    channel = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    g = dy * weight.reshape(channel) if weight is not None else dy
+    gr, xr = g.reshape(grouped), xhat.reshape(grouped)
+    dx = (rstd * (gr - gr.mean(2, keepdim=True) - xr * (gr * xr).mean(2, keepdim=True))).reshape(x.shape)
+    dims = (0, *range(2, x.dim()))
+    return dx.to(storage), (dy * xhat).sum(dims), dy.sum(dims)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    fmt = _CHANNELS_LAST.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return fmt
+    return torch.contiguous_format
+
+
+class GroupNormFunction(torch.autograd.Function):
+    """GroupNorm of an (N, C, *) input on a Python backend's kernels (weight and bias (C,) in the
+    compute dtype); the output keeps the input's memory format (contiguous or channels-last)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, groups, eps, backend):
+        fmt = _memory_format(input)
+        x = input.contiguous()
+        n, c = x.shape[:2]
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        mean, rstd = torch.empty(n * groups, dtype=compute), torch.empty(n * groups, dtype=compute)
+        as_array = backend.as_array
+        backend.kernels.group_norm_forward(
+            as_array(x).reshape(n, c, -1), None if weight is None else as_array(weight.contiguous()),
+            None if bias is None else as_array(bias.contiguous()), groups, float(eps), as_array(y).reshape(n, c, -1),
+            as_array(mean), as_array(rstd),
+        )  # fmt: skip
+        ctx.save_for_backward(input, weight, mean, rstd)
+        ctx.meta = (groups, eps, backend, x.dtype, x.numel())
+        return y.contiguous(memory_format=fmt)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        groups, eps, backend, dtype, numel = ctx.meta
+        if x.dtype != dtype or x.numel() != numel:
+            raise RuntimeError(
+                "fastnorm's GroupNorm backward: a saved tensor came back with another dtype or size than the "
+                f"forward saved (a saved-tensor hook?): input {x.dtype} {tuple(x.shape)}"
+            )
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() or _batched(dy):
+            dx, dw, db = _differentiable_group_backward(groups, eps, dy, x, weight)
+            return dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None, None
+        fmt = _memory_format(x)
+        x, dy = x.contiguous(), dy.contiguous()
+        n, c = x.shape[:2]
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
+        dw = torch.empty(c, dtype=rstd.dtype) if need_dw else None
+        db = torch.empty(c, dtype=rstd.dtype) if need_db else None
+        as_array = backend.as_array
+        backend.kernels.group_norm_backward(
+            as_array(dy).reshape(n, c, -1), as_array(x).reshape(n, c, -1), as_array(mean), as_array(rstd),
+            None if weight is None else as_array(weight.contiguous()), groups,
+            None if dx is None else as_array(dx).reshape(n, c, -1), None if dw is None else as_array(dw),
+            None if db is None else as_array(db),
+        )  # fmt: skip
+        return None if dx is None else dx.contiguous(memory_format=fmt), dw, db, None, None, None

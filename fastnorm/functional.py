@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from . import _dispatch, _ops
-from .autograd import RowNormFunction, batch_norm_function
+from .autograd import GroupNormFunction, RowNormFunction, batch_norm_function
 
-__all__ = ["batch_norm", "layer_norm", "rms_norm"]
+__all__ = ["batch_norm", "layer_norm", "rms_norm", "group_norm"]
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -150,14 +150,17 @@ def rms_norm(
 
 
 def _row_backend_for(backend: str, op: str, input: torch.Tensor) -> str:
+    """The backend of a LayerNorm / RMSNorm / GroupNorm call (as :func:`backend_for`)."""
     if torch.compiler.is_compiling():
-        return _compiled_row_choice(backend, op, input.device, input.dtype)
+        if _dispatch.auto_prefers_torch(op, input.numel()):
+            return _compiled_row_choice(backend, op, input.device, input.dtype, True)
+        return _compiled_row_choice(backend, op, input.device, input.dtype, False)
     return _dispatch.resolve(backend, op, input.device, input.numel(), dtype=input.dtype).name
 
 
 @torch.compiler.assume_constant_result
-def _compiled_row_choice(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
-    return _dispatch._resolve(backend, op, device, False, dtype).name
+def _compiled_row_choice(backend: str, op: str, device: torch.device, dtype: torch.dtype, small: bool) -> str:
+    return _dispatch._resolve(backend, op, device, small, dtype).name
 
 
 def _kernels_take(input, normalized_shape, weight, bias) -> bool:
@@ -213,6 +216,74 @@ def rms_norm_as(name: str, input, normalized_shape, weight, eps):
                 eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
             return RowNormFunction.apply(input, _wide(weight), None, len(normalized_shape), float(eps), False, chosen)
     return F.rms_norm(input, normalized_shape, weight, eps)
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Group Normalization, as :func:`torch.nn.functional.group_norm`.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma_c + \beta_c
+
+    The C channels are split into ``num_groups`` groups of consecutive channels; mean and biased
+    variance are those of each (sample, group), over its channels and spatial positions.
+
+    Args:
+        input: ``(N, C, *)``, C divisible by ``num_groups``; contiguous or channels-last (the
+            output keeps the layout); dtypes as :func:`layer_norm`.
+        num_groups: the number of groups.
+        weight, bias: ``(C,)`` per-channel affine parameters, or None.
+        eps: added to the variance.
+        backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"torch"``.
+
+    Shape:
+        input and output: ``(N, C, *)``.
+
+    Example:
+        >>> y = group_norm(torch.randn(8, 64, 28, 28), 32, backend="reference")
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"group_norm(): input must be a Tensor, not {type(input).__name__}")
+    name = _row_backend_for(backend, "group_norm", input)
+    return group_norm_as(name, input, num_groups, weight, bias, eps)
+
+
+def _group_kernels_take(input, num_groups, weight, bias) -> bool:
+    """Whether fastnorm's GroupNorm kernels take this call as it is (the C++ op's ``kernels_take``)."""
+    if input.dim() < 2 or not isinstance(num_groups, int) or num_groups <= 0 or input.shape[1] % num_groups:
+        return False
+    if input.device.type != "cpu" or input.dtype not in _ROW_DTYPES or input.numel() == 0:
+        return False
+    for t in (weight, bias):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.numel() != input.shape[1] or t.device.type != "cpu":
+            return False
+        if t.dtype != input.dtype and not (input.dtype in _HALF and t.dtype == torch.float32):
+            return False
+    return True
+
+
+def group_norm_as(name: str, input, num_groups, weight, bias, eps):
+    """:func:`group_norm` on the backend ``name`` (resolved: not "auto")."""
+    if input.dim() < 2:  # F.group_norm's own checks, in its words, before any backend runs
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    F._verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
+    if name == "numba":
+        if torch.compiler.is_compiling() or not torch_semantics_only(input, weight, bias):
+            return torch.ops.fastnorm.group_norm.default(input, int(num_groups), weight, bias, float(eps))
+    elif name != "torch" and not _tracing() and not torch_semantics_only(input, weight, bias):
+        if _group_kernels_take(input, num_groups, weight, bias):
+            chosen = _dispatch.resolve(name, "group_norm", input.device)
+            return GroupNormFunction.apply(input, _wide(weight), _wide(bias), num_groups, float(eps), chosen)
+    return F.group_norm(input, num_groups, weight, bias, eps)
 
 
 def backend_for(backend: str, input: torch.Tensor) -> str:

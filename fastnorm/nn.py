@@ -1,4 +1,4 @@
-"""Drop-in ``nn`` modules: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``LayerNorm``, ``RMSNorm`` and
+"""Drop-in ``nn`` modules: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and
 :func:`convert` / :func:`revert`.
 
 Each class subclasses its torch counterpart (so ``isinstance(m, torch.nn.BatchNorm2d)`` holds,
@@ -21,7 +21,8 @@ from ._signature import with_backend_signature
 from .autograd import check_tensors
 from .distributed import SyncBatchNormFunction
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LayerNorm", "RMSNorm", "convert", "revert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "convert",
+           "revert"]  # fmt: skip
 
 
 #: what each module's input must look like: (allowed numbers of dimensions, or a minimum as
@@ -289,6 +290,9 @@ class _FastRowNorm:
             return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
         params = self._parameters
         name = functional._row_backend_for(self.backend, self._op, input)
+        if self._op == "group_norm":
+            return functional.group_norm_as(name, input, self.num_groups, params.get("weight"), params.get("bias"),
+                                            self.eps)  # fmt: skip
         if self._op == "layer_norm":
             return functional.layer_norm_as(name, input, self.normalized_shape, params.get("weight"),
                                             params.get("bias"), self.eps)  # fmt: skip
@@ -368,18 +372,61 @@ class RMSNorm(_FastRowNorm, nn.RMSNorm):
         return F.rms_norm(input, list(self.normalized_shape), self.weight, self.eps)
 
 
-_ROW_DROP_IN = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm}
-_ROW_TORCH_CLASS = {LayerNorm: nn.LayerNorm, RMSNorm: nn.RMSNorm}
+class GroupNorm(_FastRowNorm, nn.GroupNorm):
+    r"""Group Normalization over ``(N, C, *)`` input, as :class:`torch.nn.GroupNorm`.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma_c + \beta_c
+
+    Statistics per (sample, group of C / num_groups consecutive channels); contiguous and
+    channels-last inputs (the output keeps the layout).
+
+    Args:
+        num_groups, num_channels, eps, affine, device, dtype, bias: exactly as
+            :class:`torch.nn.GroupNorm`.
+        backend: ``"auto"`` (default), ``"reference"``, ``"numba"`` or ``"torch"``.
+
+    Shape:
+        Input ``(N, C, *)``; output the same.
+
+    Example:
+        >>> gn = GroupNorm(32, 256, backend="reference")
+        >>> y = gn(torch.randn(8, 256, 14, 14))
+    """
+
+    _op = "group_norm"
+
+    @with_backend_signature(nn.GroupNorm)
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, backend=backend, **kwargs)
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """As :meth:`LayerNorm._scripted_forward`."""
+        if (self.backend == "numba" or self.backend == "auto") and input.device.type == "cpu":
+            return torch.ops.fastnorm.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+_ROW_DROP_IN = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, nn.GroupNorm: GroupNorm}
+_ROW_TORCH_CLASS = {LayerNorm: nn.LayerNorm, RMSNorm: nn.RMSNorm, GroupNorm: nn.GroupNorm}
 
 
 def _row_module(cls: type, old: nn.Module, **options) -> nn.Module:
     """A ``cls`` (LayerNorm or RMSNorm, fastnorm's or torch's) with ``old``'s configuration and its
     very Parameter objects, mode and quantization config."""
+    if cls in (nn.GroupNorm, GroupNorm):
+        if _GROUP_BIAS_OPTION:
+            options["bias"] = old.bias is not None or not old.affine
+        new = cls(old.num_groups, old.num_channels, old.eps, old.affine, device="meta", **options)
+        return _share_state(old, new)
     affine = old.elementwise_affine
     if cls in (nn.LayerNorm, LayerNorm):
         options["bias"] = getattr(old, "bias", None) is not None
     new = cls(old.normalized_shape, old.eps, affine, device="meta", **options)
     return _share_state(old, new)
+
+
+#: GroupNorm without a bias (``bias=False``) exists in recent torch only
+_GROUP_BIAS_OPTION = "bias" in inspect.signature(nn.GroupNorm.__init__).parameters
 
 
 _SYNC_SIGNATURE = inspect.signature(nn.SyncBatchNorm.__init__)
@@ -421,8 +468,8 @@ def _converted(bn: nn.Module, backend: str, sync: bool, process_group) -> nn.Mod
 
 
 def convert(module: nn.Module, backend: str = "auto", sync: bool = False, process_group=None) -> nn.Module:
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d``, ``LayerNorm`` and ``RMSNorm`` inside ``module``
-    by fastnorm's.
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d``, ``LayerNorm``, ``RMSNorm`` and ``GroupNorm``
+    inside ``module`` by fastnorm's.
 
     Weights, buffers (the same tensor objects, so device and dtype are kept), train/eval mode
     and ``state_dict`` keys are preserved. fastnorm modules already present get ``backend``.
@@ -476,9 +523,9 @@ def _reverted(bn: _FastBatchNorm) -> nn.Module:
 
 
 def revert(module: nn.Module) -> nn.Module:
-    """Replace every fastnorm BatchNorm, LayerNorm and RMSNorm inside ``module`` by torch's class: :func:`convert`'s
-    inverse (the same Parameter and buffer objects, mode and ``state_dict`` keys), for tools that
-    look torch's classes up exactly.
+    """Replace every fastnorm BatchNorm, LayerNorm, RMSNorm and GroupNorm inside ``module`` by
+    torch's class: :func:`convert`'s inverse (the same Parameter and buffer objects, mode and
+    ``state_dict`` keys), for tools that look torch's classes up exactly.
 
     Returns:
         The reverted module (the same object unless ``module`` itself is a fastnorm BatchNorm).

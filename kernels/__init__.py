@@ -13,7 +13,8 @@ backend name   package                   runs on
 BatchNorm: ``batch_norm_forward_train``, ``batch_norm_forward_eval``, ``batch_norm_backward``,
 ``batch_norm_stats`` (statistics only, for SyncBatchNorm).
 LayerNorm and RMSNorm (rows of an (M, D) array): ``layer_norm_forward``, ``layer_norm_backward``,
-``rms_norm_forward``, ``rms_norm_backward``.
+``rms_norm_forward``, ``rms_norm_backward``. GroupNorm ((N, C, S) arrays): ``group_norm_forward``,
+``group_norm_backward``.
 Optimizers: ``sgd_step``, ``adagrad_step``, ``rmsprop_step``, ``adam_step``.
 
 Nothing here imports torch; the PyTorch face is the :mod:`fastnorm` package.
@@ -28,6 +29,7 @@ OPS = {
     "batch_norm": ("batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward", "batch_norm_stats"),
     "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
     "rms_norm": ("rms_norm_forward", "rms_norm_backward"),
+    "group_norm": ("group_norm_forward", "group_norm_backward"),
     "sgd": ("sgd_step",),
     "adagrad": ("adagrad_step",),
     "rmsprop": ("rmsprop_step",),
@@ -37,6 +39,7 @@ OPS = {
 #: entry points, ``<op>_step_table``, which fastnorm's optimizers prefer when present).
 BATCH_NORM_API = OPS["batch_norm"]
 LAYER_NORM_API = (*OPS["layer_norm"], *OPS["rms_norm"])
+GROUP_NORM_API = OPS["group_norm"]
 OPTIMIZER_API = ("sgd_step", "adagrad_step", "rmsprop_step", "adam_step")
 TABLE_API = tuple(f"{name}_table" for name in OPTIMIZER_API)
 

@@ -120,6 +120,23 @@ graph_ops = sorted({str(n.target) for g in explained.graphs for n in g.graph.nod
 out["norms"] = dict(breaks=explained.graph_break_count, ops=graph_ops, outputs=worst,
                     grads=diff([p.grad for p in ours.parameters()], [p.grad for p in theirs.parameters()]))
 
+# 6. GroupNorm after a convolution, both layouts, fullgraph
+for layout in ("contiguous", "channels_last"):
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(4, 8), torch.nn.SiLU()).double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    if layout == "channels_last":
+        theirs, x = theirs.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    ours = fastnorm.nn.convert(copy.deepcopy(theirs), backend="numba")
+    explained = torch._dynamo.explain(copy.deepcopy(ours))(x)
+    y, expected = torch.compile(ours, fullgraph=True)(x), theirs(x)
+    y.sum().backward(), expected.sum().backward()
+    graph_ops = sorted({str(n.target) for g in explained.graphs for n in g.graph.nodes
+                        if n.op == "call_function" and "fastnorm" in str(n.target)})
+    grads = diff([p.grad for p in ours.parameters()], [p.grad for p in theirs.parameters()])
+    out[f"group-{layout}"] = dict(breaks=explained.graph_break_count, ops=graph_ops, output=diff([y], [expected]),
+                                  grads=grads)
+
 print("RESULTS " + json.dumps(out))
 """
 
@@ -165,3 +182,10 @@ def test_layer_norm_and_rms_norm_compile_fullgraph(fresh):
     r = fresh["norms"]
     assert r["breaks"] == 0 and r["ops"] == ["fastnorm.layer_norm.default", "fastnorm.rms_norm.default"], r
     assert r["outputs"] < 1e-10 and r["grads"] < 1e-9, r
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_compiles_fullgraph(fresh, layout):
+    r = fresh[f"group-{layout}"]
+    assert r["breaks"] == 0 and r["ops"] == ["fastnorm.group_norm.default"], r
+    assert r["output"] < 1e-10 and r["grads"] < 1e-9, r

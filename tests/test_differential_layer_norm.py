@@ -1,13 +1,15 @@
-"""Differential testing of LayerNorm and RMSNorm: torch is the oracle for any sequence of operations.
+"""Differential testing of LayerNorm, RMSNorm and GroupNorm: torch is the oracle for any sequence of
+operations.
 
-A hypothesis state machine drives a fastnorm LayerNorm or RMSNorm and its ``torch.nn`` twin
+A hypothesis state machine drives a fastnorm LayerNorm, RMSNorm or GroupNorm and its ``torch.nn`` twin
 (float64) through the same random program and compares after every rule: outputs, input and
 parameter gradients, or the same exception type. Rules: forward+backward on random batches
-(several leading shapes, contiguous or strided; in-place edits of the weight or the input between
-forward and backward, which torch's backward refuses; ``create_graph=True`` double backward),
+(several leading shapes, contiguous, strided or (GroupNorm) channels-last; in-place edits of the
+weight or the input between forward and backward, which torch's backward refuses; double backward),
 forwards without autograd, eps changed, parameters edited in place or replaced (``p.data = ...``),
 ``state_dict`` loaded both ways, ``copy.deepcopy`` of both modules, and invalid inputs (a wrong
-trailing size, an integer dtype). Modules are built with and without their affine parameters.
+trailing size or channel count, an integer dtype). Modules are built with and without their
+affine parameters.
 
 The numba kernels' row chunks are shrunk while the machine runs, so that the small tensors here
 split into several chunks as the benchmark sizes do.
@@ -16,6 +18,7 @@ split into several chunks as the benchmark sizes do.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -30,6 +33,8 @@ from fastnorm import _ops
 TOL = dict(rtol=1e-9, atol=1e-10)
 LEADING = [(2,), (7,), (3, 5), (1,), (4, 1, 3)]
 SHAPES = [(5,), (3, 4)]
+#: GroupNorm: (channels, *spatial) per sample, and its groups
+GROUP_SHAPES = [((6, 4), 3), ((6, 2, 3), 2), ((4, 3, 2, 2), 4)]
 SMALL_THRESHOLDS = [(numba_bn, "CHUNK_ELEMENTS", 8), (numba_bn, "MAX_CHUNKS", 3)]
 
 
@@ -45,17 +50,25 @@ class RowNormTwins(RuleBasedStateMachine):
         super().__init__()
         self.ours = self.theirs = None
 
-    @initialize(op=st.sampled_from(["LayerNorm", "RMSNorm"]), backend=st.sampled_from(["reference", "numba"]),
-                shape=st.sampled_from(SHAPES), affine=st.booleans(), bias=st.booleans(),
+    @initialize(op=st.sampled_from(["LayerNorm", "RMSNorm", "GroupNorm"]),
+                backend=st.sampled_from(["reference", "numba"]), shape=st.sampled_from(SHAPES),
+                group_shape=st.sampled_from(GROUP_SHAPES), affine=st.booleans(), bias=st.booleans(),
                 eps=st.sampled_from([1e-5, 1e-3, None]))  # fmt: skip
-    def build(self, op, backend, shape, affine, bias, eps):
+    def build(self, op, backend, shape, group_shape, affine, bias, eps):
+        self.op = op
         options = dict(elementwise_affine=affine, dtype=torch.float64)
-        if op == "LayerNorm":
+        if op == "GroupNorm":
+            shape, groups = group_shape
+            options = dict(affine=affine, dtype=torch.float64, eps=1e-5 if eps is None else eps, bias=bias)
+            self.theirs = torch.nn.GroupNorm(groups, shape[0], **options)
+            self.ours = fastnorm.nn.GroupNorm(groups, shape[0], backend=backend, **options)
+        elif op == "LayerNorm":
             options.update(bias=bias, eps=1e-5 if eps is None else eps)
         else:
             options.update(eps=eps)
-        self.theirs = getattr(torch.nn, op)(shape, **options)
-        self.ours = getattr(fastnorm.nn, op)(shape, backend=backend, **options)
+        if op != "GroupNorm":
+            self.theirs = getattr(torch.nn, op)(shape, **options)
+            self.ours = getattr(fastnorm.nn, op)(shape, backend=backend, **options)
         with torch.no_grad():
             for p, q in zip(self.theirs.parameters(), self.ours.parameters()):
                 p.normal_()
@@ -64,7 +77,12 @@ class RowNormTwins(RuleBasedStateMachine):
 
     def _batch(self, leading, strided, seed):
         g = torch.Generator().manual_seed(seed)
+        if self.op == "GroupNorm":
+            leading = (math.prod(leading),)  # (N, C, *spatial)
         full = (*leading, *self.shape)
+        if strided and self.op == "GroupNorm" and len(full) in (4, 5) and seed % 2:  # channels-last
+            fmt = torch.channels_last if len(full) == 4 else torch.channels_last_3d
+            return (torch.randn(full, generator=g, dtype=torch.float64) * 3 + 1).to(memory_format=fmt)
         if strided:  # the same values, laid out transposed in memory
             return torch.randn(tuple(reversed(full)), generator=g, dtype=torch.float64).permute(
                 *reversed(range(len(full))))  # fmt: skip
@@ -143,11 +161,13 @@ class RowNormTwins(RuleBasedStateMachine):
     @rule()
     def deepcopy(self):
         self.ours, self.theirs = copy.deepcopy(self.ours), copy.deepcopy(self.theirs)
-        assert isinstance(self.ours, fastnorm.nn.LayerNorm | fastnorm.nn.RMSNorm)
+        assert isinstance(self.ours, fastnorm.nn.LayerNorm | fastnorm.nn.RMSNorm | fastnorm.nn.GroupNorm)
 
     @rule(kind=st.sampled_from(["trailing", "integer"]))
     def invalid_input(self, kind):
         x = torch.randn(3, *self.shape[:-1], self.shape[-1] + 1, dtype=torch.float64)
+        if self.op == "GroupNorm":  # a channel count the groups do not divide, or not the module's
+            x = torch.randn(3, self.shape[0] + 1, *self.shape[1:], dtype=torch.float64)
         if kind == "integer":
             x = torch.ones(3, *self.shape, dtype=torch.int64)
         results = [_outcome(lambda m=m: [m(x)]) for m in (self.ours, self.theirs)]

@@ -361,7 +361,7 @@ def test_kernel_packages_export_each_name_once():
 
     for package in ("kernels.reference", "kernels.numba_cpu"):
         seen = {}
-        for module in ("batchnorm", "layernorm", "optim"):
+        for module in ("batchnorm", "layernorm", "groupnorm", "optim"):
             for name in importlib.import_module(f"{package}.{module}").__all__:
                 assert name not in seen, f"{package}: {name} in both {seen[name]} and {module}"
                 seen[name] = module

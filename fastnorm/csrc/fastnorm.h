@@ -27,6 +27,8 @@ enum class Entry : int {
   kAdam,
   kRowNormForward,
   kRowNormBackward,
+  kGroupNormForward,
+  kGroupNormBackward,
   kCount
 };
 

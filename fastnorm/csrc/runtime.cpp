@@ -21,7 +21,8 @@ namespace {
 
 constexpr const char* kFamilies[] = {"forward_train", "forward_eval", "backward",         "stats",
                                      "sgd",           "adagrad",      "rmsprop",          "adam",
-                                     "row_norm_forward", "row_norm_backward"};
+                                     "row_norm_forward", "row_norm_backward", "group_norm_forward",
+                                     "group_norm_backward"};
 constexpr int kStorages = 5;
 
 std::array<std::atomic<void*>, static_cast<int>(Entry::kCount) * kStorages> entries{};

@@ -11,5 +11,6 @@ from .._cache import drop_if_stale
 drop_if_stale(__path__[0])  # before the kernels load their cached code
 
 from .batchnorm import *
+from .groupnorm import *
 from .layernorm import *
 from .optim import *

@@ -2,5 +2,6 @@
 and RMSNorm compute in float64 inside; the optimizers in the parameters' dtype, as torch's do)."""
 
 from .batchnorm import *
+from .groupnorm import *
 from .layernorm import *
 from .optim import *

@@ -1,0 +1,386 @@
+"""Group Normalization on CPU threads with Numba: forward and backward, contiguous and channels-last.
+
+The math is kernels/reference/groupnorm.py's (the readable version these kernels are tested
+against); conventions are PyTorch's (``torch.nn.GroupNorm``). G groups of C/G consecutive
+channels; each (sample n, group g) is normalised over its D = C/G * S values.
+
+Algorithm
+---------
+planes (contiguous (N, C, S) storage): a (sample, group) is one contiguous block of D values.
+    A parallel loop over the N*G blocks; per block (in L1/L2 after the first pass):
+    forward  pass 1 mean, pass 2 var = sum((x - mean)^2) / D (two passes: no cancellation),
+             pass 3 y = (x - mean) * (rstd * weight[c]) + bias[c];
+    backward pass 1 per channel S_dy[c] = sum(dy), S_dyx[c] = sum(dy * (x - mean)), then
+             sum(g) = sum_c weight[c] S_dy[c] and sum(g (x - mean)) = sum_c weight[c] S_dyx[c],
+             pass 2 dx = dy * rstd weight[c] + (x - mean) * k2 + k3 with
+             k2 = -rstd^3 sum(g (x - mean)) / D, k3 = -rstd sum(g) / D.
+rows (channels-last (N, S, C) storage, what a channels-last convolution gives): a group is C/G
+    columns of every row of its sample. A parallel loop over samples; per sample, C-wide
+    accumulators along each row (unit stride, vectorised): forward pass 1 the channels' sums ->
+    group means, pass 2 the sums of (x - mean_g)^2 -> group variances, pass 3 y; backward pass 1
+    S_dy[c], S_dyx[c], pass 2 dx. The input keeps its layout (torch's CPU GroupNorm does too;
+    pytorch#111824 is about the GPU losing it).
+dweight[c] = sum_n rstd[n, g] S_dyx[n, c] and dbias[c] = sum_n S_dy[n, c]: per-sample partials
+    reduced in float64 in sample order after the loop (the thread count never changes a result).
+
+Sums run in the compute dtype within a block (float32 for float32 and 16-bit storage, as torch's
+CPU kernels), in float64 for the per-channel accumulators of the rows layout and across samples.
+NaN and Inf propagate as in torch (no nnan/ninf fast-math flags).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .. import GROUP_NORM_API
+from .._bits import HALF_DTYPES
+from .._pointer import pointer_intrinsic
+from .._validate import FLOAT_DTYPES, compute_dtype
+from . import _jit
+from ._bits import cast_like, narrow, widen
+from ._jit import REASSOC, twins
+
+__all__ = [*GROUP_NORM_API, "GROUP_NORM_DTYPES"]
+
+#: storage dtypes: float32, float64, float16 and bfloat16 (uint16 bits); 16-bit ones computed in float32
+GROUP_NORM_DTYPES = (*FLOAT_DTYPES, *HALF_DTYPES)
+
+
+@twins(fastmath=REASSOC)
+def _forward(x, weight, bias, has_weight, has_bias, groups, eps, inv_d, channels_last, y, mean, rstd):
+    # x, y: (N, C, S) (planes) or (N, S, C) (rows: channels_last); weight, bias: (C,) compute
+    # dtype or empty; mean, rstd: (N*G,) compute dtype; eps, inv_d (1/D): compute-dtype scalars
+    N = x.shape[0]
+    zero = cast_like(0.0, eps)
+    one = cast_like(1.0, eps)
+    if not channels_last:
+        C, S = x.shape[1], x.shape[2]
+        cg = C // groups
+        for q in prange(N * groups):
+            n = q // groups
+            c0 = (q - n * groups) * cg
+            s = zero
+            for c in range(c0, c0 + cg):
+                xp = x[n, c]
+                for j in range(S):
+                    s += widen(xp[j])
+            mu = s * inv_d
+            v = zero
+            for c in range(c0, c0 + cg):
+                xp = x[n, c]
+                for j in range(S):
+                    d = widen(xp[j]) - mu
+                    v += d * d
+            inv = one / math.sqrt(v * inv_d + eps)
+            mean[q] = mu
+            rstd[q] = inv
+            for c in range(c0, c0 + cg):
+                a = inv * weight[c] if has_weight else inv
+                b = bias[c] if has_bias else zero
+                xp = x[n, c]
+                yp = y[n, c]
+                for j in range(S):
+                    yp[j] = narrow((widen(xp[j]) - mu) * a + b, y)
+    else:
+        S, C = x.shape[1], x.shape[2]
+        cg = C // groups
+        for n in prange(N):
+            xs = x[n]
+            ys = y[n]
+            s1 = np.zeros(C, np.float64)
+            for j in range(S):
+                row = xs[j]
+                for c in range(C):
+                    s1[c] += np.float64(widen(row[c]))
+            m = np.empty(C, rstd.dtype)  # each channel's group mean, then its scale and shift
+            for g in range(groups):
+                t = 0.0
+                for c in range(g * cg, (g + 1) * cg):
+                    t += s1[c]
+                mu = cast_like(t / np.float64(cg * S), eps)
+                mean[n * groups + g] = mu
+                for c in range(g * cg, (g + 1) * cg):
+                    m[c] = mu
+            s2 = np.zeros(C, np.float64)
+            for j in range(S):
+                row = xs[j]
+                for c in range(C):
+                    d = np.float64(widen(row[c]) - m[c])
+                    s2[c] += d * d
+            a = np.empty(C, rstd.dtype)
+            b = np.empty(C, rstd.dtype)
+            for g in range(groups):
+                t = 0.0
+                for c in range(g * cg, (g + 1) * cg):
+                    t += s2[c]
+                inv = one / math.sqrt(cast_like(t / np.float64(cg * S), eps) + eps)
+                rstd[n * groups + g] = inv
+                for c in range(g * cg, (g + 1) * cg):
+                    a[c] = inv * weight[c] if has_weight else inv
+                    b[c] = bias[c] if has_bias else zero
+            for j in range(S):
+                row = xs[j]
+                out = ys[j]
+                for c in range(C):
+                    out[c] = narrow((widen(row[c]) - m[c]) * a[c] + b[c], y)
+
+
+@twins(fastmath=REASSOC)
+def _backward(dy, x, mean, rstd, weight, has_weight, groups, inv_d, channels_last, need_dx, need_params, dx,
+              dweight, dbias):  # fmt: skip
+    # dy, x, dx: (N, C, S) or (N, S, C) (channels_last); mean, rstd: (N*G,); weight: (C,) or
+    # empty; dweight, dbias: (C,) compute dtype or empty; inv_d: 1/D in the compute dtype
+    N = x.shape[0]
+    zero = cast_like(0.0, inv_d)
+    one = cast_like(1.0, inv_d)
+    C = x.shape[2] if channels_last else x.shape[1]
+    cg = C // groups
+    p_dy = np.zeros((N, C), np.float64)  # per sample and channel: sum(dy), sum(dy * (x - mean))
+    p_dyx = np.zeros((N, C), np.float64)
+    if not channels_last:
+        S = x.shape[2]
+        for q in prange(N * groups):
+            n = q // groups
+            c0 = (q - n * groups) * cg
+            mu = mean[q]
+            inv = rstd[q]
+            sum_g = zero
+            sum_gx = zero
+            for c in range(c0, c0 + cg):
+                xp = x[n, c]
+                gp = dy[n, c]
+                a1 = zero
+                a2 = zero
+                for j in range(S):
+                    w = widen(gp[j])
+                    a1 += w
+                    a2 += w * (widen(xp[j]) - mu)
+                p_dy[n, c] = a1
+                p_dyx[n, c] = a2
+                wc = weight[c] if has_weight else one
+                sum_g += wc * a1
+                sum_gx += wc * a2
+            if need_dx:
+                k2 = -inv * inv * inv * sum_gx * inv_d
+                k3 = -inv * sum_g * inv_d
+                for c in range(c0, c0 + cg):
+                    k1 = inv * weight[c] if has_weight else inv
+                    xp = x[n, c]
+                    gp = dy[n, c]
+                    op = dx[n, c]
+                    for j in range(S):
+                        op[j] = narrow(widen(gp[j]) * k1 + (widen(xp[j]) - mu) * k2 + k3, dx)
+    else:
+        S = x.shape[1]
+        for n in prange(N):
+            m = np.empty(C, rstd.dtype)
+            for c in range(C):
+                m[c] = mean[n * groups + c // cg]
+            a1 = p_dy[n]
+            a2 = p_dyx[n]
+            xs = x[n]
+            gs = dy[n]
+            for j in range(S):
+                row = xs[j]
+                grow = gs[j]
+                for c in range(C):
+                    w = widen(grow[c])
+                    a1[c] += np.float64(w)
+                    a2[c] += np.float64(w * (widen(row[c]) - m[c]))
+            if need_dx:
+                k1 = np.empty(C, rstd.dtype)
+                k2 = np.empty(C, rstd.dtype)
+                k3 = np.empty(C, rstd.dtype)
+                for g in range(groups):
+                    inv = rstd[n * groups + g]
+                    sum_g = 0.0
+                    sum_gx = 0.0
+                    for c in range(g * cg, (g + 1) * cg):
+                        wc = np.float64(weight[c]) if has_weight else 1.0
+                        sum_g += wc * a1[c]
+                        sum_gx += wc * a2[c]
+                    g2 = -inv * inv * inv * cast_like(sum_gx, inv) * inv_d
+                    g3 = -inv * cast_like(sum_g, inv) * inv_d
+                    for c in range(g * cg, (g + 1) * cg):
+                        k1[c] = inv * weight[c] if has_weight else inv
+                        k2[c] = g2
+                        k3[c] = g3
+                outs = dx[n]
+                for j in range(S):
+                    row = xs[j]
+                    grow = gs[j]
+                    out = outs[j]
+                    for c in range(C):
+                        out[c] = narrow(widen(grow[c]) * k1[c] + (widen(row[c]) - m[c]) * k2[c] + k3[c], dx)
+    if need_params:
+        for c in range(C):
+            sw = 0.0
+            sb = 0.0
+            for n in range(N):
+                sw += np.float64(rstd[n * groups + c // cg]) * p_dyx[n, c]
+                sb += p_dy[n, c]
+            if dweight.size:
+                dweight[c] = sw
+            if dbias.size:
+                dbias[c] = sb
+
+
+# -- array entry points: the kernels API (same names and arguments as kernels.reference) --------
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+def _or_empty(a, dtype):
+    return _EMPTY[compute_dtype(dtype)] if a is None else a
+
+
+def _bits(a):
+    return a.view(np.int16) if a is not None and a.dtype == np.float16 else a
+
+
+def _check(x, groups, outputs, per_group, per_channel):
+    dtype = np.dtype(getattr(x, "dtype", None) or np.object_)
+    if dtype not in GROUP_NORM_DTYPES:
+        raise TypeError(f"the numba backend's group norm takes float32, float64, float16 or bfloat16, got {dtype}")
+    if x.ndim != 3 or not x.flags.c_contiguous or x.shape[1] % groups:
+        raise ValueError(f"kernels take C-contiguous (N, C, S) arrays with C divisible by {groups}, got {x.shape}")
+    for a in outputs:
+        if a is not None and (a.shape != x.shape or a.dtype != dtype or not a.flags.c_contiguous):
+            raise ValueError(f"expected a C-contiguous {dtype} array of shape {x.shape}")
+    compute = compute_dtype(dtype)
+    for n, arrays in ((x.shape[0] * groups, per_group), (x.shape[1], per_channel)):
+        for a in arrays:
+            if a is not None and (a.shape != (n,) or a.dtype != compute or not a.flags.c_contiguous):
+                raise ValueError(f"per-group and per-channel arrays must be dense {compute} of shape ({n},)")
+
+
+def _inv_d(x, groups):
+    n, c, s = x.shape
+    return compute_dtype(x.dtype).type(1.0 / (c // groups * s))
+
+
+def group_norm_forward(x, weight, bias, groups, eps, y, mean, rstd):
+    """GroupNorm forward on (N, C, S) arrays; see kernels.reference.group_norm_forward."""
+    _check(x, groups, [y], [mean, rstd], [weight, bias])
+    c = compute_dtype(x.dtype).type
+    _forward(x.size)(_bits(x), _or_empty(weight, x.dtype), _or_empty(bias, x.dtype), weight is not None,
+                     bias is not None, groups, c(eps), _inv_d(x, groups), False, _bits(y), mean, rstd)  # fmt: skip
+
+
+def group_norm_backward(dy, x, mean, rstd, weight, groups, dx, dweight, dbias):
+    """GroupNorm backward on (N, C, S) arrays; see kernels.reference.group_norm_backward."""
+    _check(x, groups, [dy, dx], [mean, rstd], [weight, dweight, dbias])
+    _backward(x.size)(_bits(dy), _bits(x), mean, rstd, _or_empty(weight, x.dtype), weight is not None, groups,
+                      _inv_d(x, groups), False, dx is not None, dweight is not None or dbias is not None,
+                      _bits(dy if dx is None else dx), _or_empty(dweight, x.dtype),
+                      _or_empty(dbias, x.dtype))  # fmt: skip
+
+
+# -- address-level entry points and their C functions (fastnorm/csrc/group_norm.cpp) ----------
+# As kernels/numba_cpu/batchnorm.py's. Geometry (n, c, s, groups); channels_last: x, y, dy, dx
+# are (N, S, C) in memory. C signatures:
+#   void forward(int64 x, weight, bias, y, mean, rstd, n, c, s, groups, double eps,
+#                int64 channels_last, parallel)
+#   void backward(int64 dy, x, mean, rstd, weight, dx, dweight, dbias, n, c, s, groups,
+#                 channels_last, parallel)
+
+_pointer = pointer_intrinsic(intrinsic, types)
+
+
+@njit(inline="always")
+def _at(addr, like, shape):
+    return numba.carray(_pointer(addr, like), shape)
+
+
+@njit(inline="always")
+def _vector_at(addr, like, n):
+    return numba.carray(_pointer(addr, like), n if addr != 0 else 0)
+
+
+_forward_serial, _forward_parallel = _forward.serial, _forward.parallel
+_backward_serial, _backward_parallel = _backward.serial, _backward.parallel
+
+
+@njit(cache=True, nogil=True)
+def forward_at(like, like_c, x, weight, bias, y, mean, rstd, n, c, s, groups, eps, channels_last, parallel):
+    shape = (n, s, c) if channels_last else (n, c, s)
+    xa, ya = _at(x, like, shape), _at(y, like, shape)
+    w, b = _vector_at(weight, like_c, c), _vector_at(bias, like_c, c)
+    mu, inv = _at(mean, like_c, n * groups), _at(rstd, like_c, n * groups)
+    eps_c, inv_d = cast_like(eps, like_c), cast_like(1.0 / (c // groups * s), like_c)
+    if parallel:
+        _forward_parallel(xa, w, b, weight != 0, bias != 0, groups, eps_c, inv_d, channels_last, ya, mu, inv)
+    else:
+        _forward_serial(xa, w, b, weight != 0, bias != 0, groups, eps_c, inv_d, channels_last, ya, mu, inv)
+
+
+@njit(cache=True, nogil=True)
+def backward_at(like, like_c, dy, x, mean, rstd, weight, dx, dweight, dbias, n, c, s, groups, channels_last,
+                parallel):  # fmt: skip
+    shape = (n, s, c) if channels_last else (n, c, s)
+    dya, xa = _at(dy, like, shape), _at(x, like, shape)
+    mu, inv = _at(mean, like_c, n * groups), _at(rstd, like_c, n * groups)
+    w = _vector_at(weight, like_c, c)
+    dxa = _at(dx if dx != 0 else dy, like, shape)
+    dw, db = _vector_at(dweight, like_c, c), _vector_at(dbias, like_c, c)
+    inv_d = cast_like(1.0 / (c // groups * s), like_c)
+    need_params = dweight != 0 or dbias != 0
+    if parallel:
+        _backward_parallel(dya, xa, mu, inv, w, weight != 0, groups, inv_d, channels_last, dx != 0, need_params,
+                           dxa, dw, db)  # fmt: skip
+    else:
+        _backward_serial(dya, xa, mu, inv, w, weight != 0, groups, inv_d, channels_last, dx != 0, need_params,
+                         dxa, dw, db)  # fmt: skip
+
+
+C_DTYPES = {"float32": ("np.float32(0)", "np.float32(0)"), "float64": ("np.float64(0)", "np.float64(0)"),
+            "bfloat16": ("np.uint16(0)", "np.float32(0)"), "float16": ("np.int16(0)", "np.float32(0)")}  # fmt: skip
+_I64, _F64 = types.int64, types.float64
+_C_ENTRY_POINTS = {
+    "group_norm_forward": (
+        types.void(*[_I64] * 10, _F64, _I64, _I64),
+        "x, weight, bias, y, mean, rstd, n, c, s, groups, eps, channels_last, parallel",
+        "forward_at(L, LC, x, weight, bias, y, mean, rstd, n, c, s, groups, eps, channels_last != 0, parallel != 0)",
+    ),
+    "group_norm_backward": (
+        types.void(*[_I64] * 14),
+        "dy, x, mean, rstd, weight, dx, dweight, dbias, n, c, s, groups, channels_last, parallel",
+        "backward_at(L, LC, dy, x, mean, rstd, weight, dx, dweight, dbias, n, c, s, groups, channels_last != 0, "
+        "parallel != 0)",
+    ),
+}
+
+
+@functools.cache
+def _c_function(name: str, dtype: str):
+    """The Python source of C entry point ``name`` for ``dtype``, with a name of its own."""
+    if name not in _C_ENTRY_POINTS or dtype not in C_DTYPES:
+        raise ValueError(f"no {name} C entry point for {dtype}")
+    _, args, call = _C_ENTRY_POINTS[name]
+    like, like_c = C_DTYPES[dtype]
+    fn = f"_c_{name}_{dtype}"
+    source = f"def {fn}({args}):\n    {call.replace('LC', like_c).replace('L,', like + ',')}\n"
+    namespace = dict(globals())
+    exec(compile(source, __file__, "exec"), namespace)  # noqa: S102 - fixed text, no input
+    function = namespace[fn]
+    function.__module__ = __name__
+    return function
+
+
+@functools.cache
+def c_entry_point(name: str, dtype: str):
+    """The C function ``name`` ("group_norm_forward", "group_norm_backward") for storage ``dtype``."""
+    function = _c_function(name, dtype)
+    numba.get_num_threads()  # Numba's threading layer first (kernels/numba_cpu/batchnorm.py says why)
+    return numba.cfunc(_C_ENTRY_POINTS[name][0], cache=True, nogil=True)(function)
+
+
+def c_entry_point_cached(name: str, dtype: str) -> bool | None:
+    """Whether :func:`c_entry_point` will load from Numba's cache rather than compile (None: unknown)."""
+    return _jit.cached(_c_function(name, dtype))
