@@ -58,27 +58,6 @@ using Stats = void (*)(int64_t x, int64_t mean, int64_t var, int64_t n, int64_t 
 
 const char* const kPerChannel[] = {"weight", "bias", "running_mean", "running_var"};
 
-bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
-
-at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-const Tensor& value(const OptionalTensor& t) {
-  static const Tensor undefined;
-  return t.has_value() ? *t : undefined;
-}
-
-// The layout the kernels read x in: channels-last (4-D or 5-D memory N, *spatial, C) if x is
-// dense in it and not contiguous, else contiguous.
-at::MemoryFormat layout_of(const Tensor& x) {
-  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  if (x.dim() == 5 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
-    return at::MemoryFormat::ChannelsLast3d;
-  }
-  return at::MemoryFormat::Contiguous;
-}
-
 // (N, C, S) as the kernels see x: (N*H*W, C, 1) for channels-last memory.
 struct Geometry {
   int64_t n, c, s;
@@ -104,14 +83,6 @@ Plan plan_of(const Geometry& g, int64_t itemsize) {
     return std::min(g.c, std::max<int64_t>(1, t.block_bytes / per_channel));
   };
   return {g.n * g.c * g.s >= t.parallel_min_elements && threads > 1, (g.n + chunks - 1) / chunks, block(1), block(2)};
-}
-
-// y's strides: its layout's own (torch's outputs have them; they differ from x's at size-1 dims)
-std::vector<int64_t> canonical_strides(const Tensor& x, at::MemoryFormat layout) {
-  if (layout == at::MemoryFormat::ChannelsLast) return c10::get_channels_last_strides_2d(x.sizes());
-  if (layout == at::MemoryFormat::ChannelsLast3d) return c10::get_channels_last_strides_3d(x.sizes());
-  const auto strides = c10::contiguous_strides(x.sizes());
-  return std::vector<int64_t>(strides.begin(), strides.end());
 }
 
 Tensor dense_vector(const Tensor& t) { return t.defined() && !t.is_contiguous() ? t.contiguous() : t; }
@@ -501,9 +472,6 @@ Tensor batch_norm(const Tensor& input, const OptionalTensor& weight, const Optio
   }
   if (!all_half) return std::get<0>(forward_op().call(input, weight, bias, running_mean, running_var, training,
                                                       momentum, eps));
-  auto wide = [](const OptionalTensor& t) -> OptionalTensor {  // .float(): gradients flow back in t's dtype
-    return t.has_value() && t->defined() ? OptionalTensor(t->to(at::kFloat)) : std::nullopt;
-  };
   OptionalTensor mean32 = wide(running_mean), var32 = wide(running_var);
   Tensor y = std::get<0>(forward_op().call(input, wide(weight), wide(bias), mean32, var32, training, momentum, eps));
   if (training && mean32.has_value()) {  // updated in float32 copies, rounded once into the buffers

@@ -11,7 +11,9 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
+#include <vector>
 
 namespace fastnorm {
 
@@ -69,6 +71,29 @@ at::Tensor pooled_empty(const at::Tensor& x, at::IntArrayRef strides);
 // torch's name of a dtype ("torch.float32") and of sizes ("torch.Size([2, 3])"), as Python prints them.
 std::string dtype_name(at::ScalarType t);
 std::string size_repr(c10::SymIntArrayRef sizes);
+
+// Small helpers the ops share.
+inline bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+// The dtype the kernels compute and keep statistics and parameters in: float32 for 16-bit storage.
+inline at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+inline const at::Tensor& value(const std::optional<at::Tensor>& t) {
+  static const at::Tensor undefined;
+  return t.has_value() ? *t : undefined;
+}
+inline bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+// A 16-bit parameter as the float32 the kernels compute with (differentiable: gradients flow back
+// in its dtype); others as they are.
+inline std::optional<at::Tensor> wide(const std::optional<at::Tensor>& t) {
+  if (!defined(t)) return std::nullopt;
+  return is_half(t->scalar_type()) ? std::optional<at::Tensor>(t->to(at::kFloat)) : t;
+}
+
+// The layout the kernels read x in: channels-last (4-D or 5-D memory N, *spatial, C) if x is
+// dense in it and not contiguous, else contiguous.
+at::MemoryFormat layout_of(const at::Tensor& x);
+// An output's strides in x's layout: the layout's own (torch's outputs have them; they differ
+// from x's at size-1 dims).
+std::vector<int64_t> canonical_strides(const at::Tensor& x, at::MemoryFormat layout);
 
 // Address of a tensor's data, 0 for an undefined tensor.
 inline int64_t address(const at::Tensor& t) { return t.defined() ? reinterpret_cast<int64_t>(t.data_ptr()) : 0; }

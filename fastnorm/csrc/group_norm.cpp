@@ -40,32 +40,6 @@ using Backward = void (*)(int64_t dy, int64_t x, int64_t mean, int64_t rstd, int
                           int64_t dweight, int64_t dbias, int64_t n, int64_t c, int64_t s, int64_t groups,
                           int64_t channels_last, int64_t parallel);
 
-bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
-at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-const Tensor& value(const OptionalTensor& t) {
-  static const Tensor undefined;
-  return t.has_value() ? *t : undefined;
-}
-bool defined(const OptionalTensor& t) { return t.has_value() && t->defined(); }
-
-// Channels-last (4-D or 5-D, dense in it and not contiguous): the kernels' rows layout.
-at::MemoryFormat layout_of(const Tensor& x) {
-  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  if (x.dim() == 5 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
-    return at::MemoryFormat::ChannelsLast3d;
-  }
-  return at::MemoryFormat::Contiguous;
-}
-
-std::vector<int64_t> strides_of(const Tensor& x, at::MemoryFormat layout) {
-  if (layout == at::MemoryFormat::ChannelsLast) return c10::get_channels_last_strides_2d(x.sizes());
-  if (layout == at::MemoryFormat::ChannelsLast3d) return c10::get_channels_last_strides_3d(x.sizes());
-  const auto strides = c10::contiguous_strides(x.sizes());
-  return std::vector<int64_t>(strides.begin(), strides.end());
-}
-
 bool parallel_for(int64_t numel) {
   const auto& t = tunables();
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), t.max_threads));
@@ -98,7 +72,7 @@ Outputs forward_cpu(const Tensor& input, int64_t groups, const OptionalTensor& w
   const Tensor x = input.is_contiguous(layout) ? input : input.contiguous();
   const int64_t n = x.size(0), c = x.size(1), s = n * c == 0 ? 0 : x.numel() / (n * c);
   const auto stats = x.options().dtype(compute_dtype(x.scalar_type()));
-  Tensor y = pooled_empty(x, strides_of(x, layout));
+  Tensor y = pooled_empty(x, canonical_strides(x, layout));
   Tensor mean = at::empty({n * groups}, stats), rstd = at::empty({n * groups}, stats);
   if (x.numel() == 0) return {y, mean.zero_(), rstd.zero_()};
   const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
@@ -153,7 +127,7 @@ Outputs backward_cpu(const Tensor& grad_out, const Tensor& input, int64_t groups
   const Tensor dy = grad_out.is_contiguous(layout) ? grad_out : grad_out.contiguous(layout);
   const int64_t n = x.size(0), c = x.size(1), s = n * c == 0 ? 0 : x.numel() / (n * c);
   const auto params = x.options().dtype(compute_dtype(x.scalar_type()));
-  Tensor dx = mask[0] ? pooled_empty(x, strides_of(x, layout)) : Tensor();
+  Tensor dx = mask[0] ? pooled_empty(x, canonical_strides(x, layout)) : Tensor();
   Tensor dweight = mask[1] ? at::empty({c}, params) : Tensor();
   Tensor dbias = mask[2] ? at::empty({c}, params) : Tensor();
   if (x.numel() == 0) {
@@ -311,11 +285,6 @@ bool kernels_take(const Tensor& input, int64_t groups, const OptionalTensor& wei
     if (dtype != input.scalar_type() && !(is_half(input.scalar_type()) && dtype == at::kFloat)) return false;
   }
   return true;
-}
-
-OptionalTensor wide(const OptionalTensor& t) {
-  if (!defined(t)) return std::nullopt;
-  return is_half(t->scalar_type()) ? OptionalTensor(t->to(at::kFloat)) : t;
 }
 
 Tensor group_norm(const Tensor& input, int64_t num_groups, const OptionalTensor& weight, const OptionalTensor& bias,

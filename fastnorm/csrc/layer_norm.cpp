@@ -48,14 +48,6 @@ using Backward = void (*)(int64_t dy, int64_t x, int64_t mean, int64_t rstd, int
                           int64_t dx, int64_t dweight, int64_t dbias, int64_t m, int64_t d, int64_t parallel,
                           int64_t rows);
 
-bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
-at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-const Tensor& value(const OptionalTensor& t) {
-  static const Tensor undefined;
-  return t.has_value() ? *t : undefined;
-}
-bool defined(const OptionalTensor& t) { return t.has_value() && t->defined(); }
-
 // kernels.numba_cpu.layernorm.rows_per_chunk and the parallel threshold of its launchers
 struct Plan {
   bool parallel;
@@ -323,11 +315,6 @@ bool kernels_take(const Tensor& input, c10::SymIntArrayRef normalized_shape, con
     if (dtype != input.scalar_type() && !(is_half(input.scalar_type()) && dtype == at::kFloat)) return false;
   }
   return true;
-}
-
-OptionalTensor wide(const OptionalTensor& t) {  // 16-bit parameters computed in float32 (gradients flow back)
-  if (!defined(t)) return std::nullopt;
-  return is_half(t->scalar_type()) ? OptionalTensor(t->to(at::kFloat)) : t;
 }
 
 Tensor layer_norm(const Tensor& input, c10::SymIntArrayRef normalized_shape, const OptionalTensor& weight,

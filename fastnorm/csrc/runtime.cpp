@@ -138,6 +138,23 @@ void follow_torch_threads() {
 
 Tunables& tunables() { return settings; }
 
+at::MemoryFormat layout_of(const at::Tensor& x) {
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (x.dim() == 5 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+std::vector<int64_t> canonical_strides(const at::Tensor& x, at::MemoryFormat layout) {
+  if (layout == at::MemoryFormat::ChannelsLast) return c10::get_channels_last_strides_2d(x.sizes());
+  if (layout == at::MemoryFormat::ChannelsLast3d) return c10::get_channels_last_strides_3d(x.sizes());
+  const auto strides = c10::contiguous_strides(x.sizes());
+  return std::vector<int64_t>(strides.begin(), strides.end());
+}
+
 // torch's name of a dtype ("torch.float32"), as Python prints it
 std::string dtype_name(at::ScalarType t) {
   std::string name = c10::toString(t);

@@ -46,22 +46,20 @@ statistics and outputs NaN; an Inf gives mean Inf and variance NaN.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numba
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import intrinsic
 
 from .. import BATCH_NORM_API
 from .._bits import HALF_DTYPES
-from .._pointer import pointer_intrinsic
 from .._validate import FLOAT_DTYPES, check_arrays, check_float64_vectors, compute_dtype
 from ..formulas import batchnorm as formulas
 from ..formulas import compiled
 from . import _jit
 from ._bits import accumulator, cast_like, narrow, widen
+from ._cfuncs import C_DTYPES, at, entry_points, vector_at
 from ._jit import REASSOC, twins
 from ._prefetch import prefetch
 
@@ -448,17 +446,7 @@ def batch_norm_stats(x, mean, var):
 # types the pointers), then int64 addresses (0 for an absent per-channel array), then the
 # (N, C, S) geometry as the array entry points see it; ``plan`` is :func:`plan` of the shape.
 
-_pointer = pointer_intrinsic(intrinsic, types)
-
-
-@njit(inline="always")
-def _at(addr, like, shape):
-    return numba.carray(_pointer(addr, like), shape)
-
-
-@njit(inline="always")
-def _vector_at(addr, like, c):  # (C,) at addr, or an empty array for address 0
-    return numba.carray(_pointer(addr, like), c if addr != 0 else 0)
+_at, _vector_at = at, vector_at
 
 
 _forward_train_serial, _forward_train_parallel = _forward_train.serial, _forward_train.parallel
@@ -550,9 +538,6 @@ def stats_at(like, x, mean, var, n, c, s, parallel, rows_per_chunk, block):
 #                 n, c, s, parallel, rows_per_chunk, block)
 #   void stats(int64 x, mean, var, n, c, s, parallel, rows_per_chunk, block)   (float32, float64)
 
-#: storage dtype name -> (the storage's like-scalar, the per-channel compute dtype's), as source
-C_DTYPES = {"float32": ("np.float32(0)", "np.float32(0)"), "float64": ("np.float64(0)", "np.float64(0)"),
-            "bfloat16": ("np.uint16(0)", "np.float32(0)"), "float16": ("np.int16(0)", "np.float32(0)")}  # fmt: skip
 _I64, _F64 = types.int64, types.float64
 #: entry point -> (C signature, arguments, the call of its *_at function with like-scalars L, LC)
 _C_ENTRY_POINTS = {
@@ -586,35 +571,4 @@ C_ENTRY_DTYPES = {"forward_train": tuple(C_DTYPES), "forward_eval": tuple(C_DTYP
                   "stats": ("float32", "float64")}  # fmt: skip
 
 
-@functools.cache
-def _c_function(name: str, dtype: str):
-    """The Python source of C entry point ``name`` for ``dtype``, written out with a name of its
-    own (``_c_<name>_<dtype>``), so that Numba's on-disk cache keys each apart."""
-    if dtype not in C_ENTRY_DTYPES[name]:
-        raise ValueError(f"no {name} C entry point for {dtype}: it has {', '.join(C_ENTRY_DTYPES[name])}")
-    _, args, call = _C_ENTRY_POINTS[name]
-    like, like_c = C_DTYPES[dtype]
-    fn = f"_c_{name}_{dtype}"
-    source = f"def {fn}({args}):\n    {call.replace('LC', like_c).replace('L,', like + ',')}\n"
-    namespace = dict(globals())
-    exec(compile(source, __file__, "exec"), namespace)  # noqa: S102 - fixed text, no input
-    function = namespace[fn]
-    function.__module__ = __name__
-    return function
-
-
-@functools.cache
-def c_entry_point(name: str, dtype: str):
-    """The C function ``name`` (a key of ``_C_ENTRY_POINTS``) for storage ``dtype`` (a key of
-    C_DTYPES): a ``numba.cfunc``, whose ``.address`` callers take, compiled on the first call
-    (~10-30 s) or loaded from Numba's on-disk cache (~0.1 s; :func:`c_entry_point_cached`)."""
-    function = _c_function(name, dtype)
-    # a cached C function that runs parallel code needs Numba's threading layer loaded first
-    # (else LLVM cannot resolve its scheduler's symbols: "Symbol not found: allocate_sched")
-    numba.get_num_threads()
-    return numba.cfunc(_C_ENTRY_POINTS[name][0], cache=True, nogil=True)(function)
-
-
-def c_entry_point_cached(name: str, dtype: str) -> bool | None:
-    """Whether :func:`c_entry_point` will load from Numba's cache rather than compile (None: unknown)."""
-    return _jit.cached(_c_function(name, dtype))
+_c_function, c_entry_point, c_entry_point_cached = entry_points(globals(), _C_ENTRY_POINTS, C_ENTRY_DTYPES)

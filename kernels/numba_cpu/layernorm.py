@@ -31,21 +31,17 @@ NaN and Inf propagate as in torch (no nnan/ninf fast-math flags).
 
 from __future__ import annotations
 
-import functools
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import intrinsic
 
 from .. import LAYER_NORM_API
 from .._bits import HALF_DTYPES
-from .._pointer import pointer_intrinsic
 from .._validate import FLOAT_DTYPES, compute_dtype
-from . import _jit
 from . import batchnorm as _bn
 from ._bits import cast_like, narrow, widen
+from ._cfuncs import at, entry_points, vector_at
 from ._jit import REASSOC, twins
 
 # the package re-exports these; the address-level entry points and C functions stay in this module
@@ -240,17 +236,7 @@ def _run_backward(dy, x, mean, rstd, weight, center, dx, dweight, dbias):
 #   void forward(int64 x, weight, bias, y, mean, rstd, m, d, double eps, int64 center, parallel, rows)
 #   void backward(int64 dy, x, mean, rstd, weight, center, dx, dweight, dbias, m, d, parallel, rows)
 
-_pointer = pointer_intrinsic(intrinsic, types)
-
-
-@njit(inline="always")
-def _at(addr, like, shape):
-    return numba.carray(_pointer(addr, like), shape)
-
-
-@njit(inline="always")
-def _vector_at(addr, like, n):  # (n,) at addr, or an empty array for address 0
-    return numba.carray(_pointer(addr, like), n if addr != 0 else 0)
+_at, _vector_at = at, vector_at
 
 
 _forward_serial, _forward_parallel = _forward.serial, _forward.parallel
@@ -285,8 +271,6 @@ def backward_at(like, like_c, dy, x, mean, rstd, weight, center, dx, dweight, db
 
 
 #: storage dtype name -> (the storage's like-scalar, the compute dtype's), as source
-C_DTYPES = {"float32": ("np.float32(0)", "np.float32(0)"), "float64": ("np.float64(0)", "np.float64(0)"),
-            "bfloat16": ("np.uint16(0)", "np.float32(0)"), "float16": ("np.int16(0)", "np.float32(0)")}  # fmt: skip
 _I64, _F64 = types.int64, types.float64
 _C_ENTRY_POINTS = {
     "row_norm_forward": (
@@ -302,32 +286,4 @@ _C_ENTRY_POINTS = {
 }
 
 
-@functools.cache
-def _c_function(name: str, dtype: str):
-    """The Python source of C entry point ``name`` for ``dtype``, with a name of its own
-    (``_c_<name>_<dtype>``) so that Numba's on-disk cache keys each apart."""
-    if name not in _C_ENTRY_POINTS or dtype not in C_DTYPES:
-        raise ValueError(f"no {name} C entry point for {dtype}")
-    _, args, call = _C_ENTRY_POINTS[name]
-    like, like_c = C_DTYPES[dtype]
-    fn = f"_c_{name}_{dtype}"
-    source = f"def {fn}({args}):\n    {call.replace('LC', like_c).replace('L,', like + ',')}\n"
-    namespace = dict(globals())
-    exec(compile(source, __file__, "exec"), namespace)  # noqa: S102 - fixed text, no input
-    function = namespace[fn]
-    function.__module__ = __name__
-    return function
-
-
-@functools.cache
-def c_entry_point(name: str, dtype: str):
-    """The C function ``name`` ("row_norm_forward", "row_norm_backward") for storage ``dtype``: a
-    ``numba.cfunc`` compiled on the first call or loaded from Numba's on-disk cache."""
-    function = _c_function(name, dtype)
-    numba.get_num_threads()  # Numba's threading layer first (kernels/numba_cpu/batchnorm.py says why)
-    return numba.cfunc(_C_ENTRY_POINTS[name][0], cache=True, nogil=True)(function)
-
-
-def c_entry_point_cached(name: str, dtype: str) -> bool | None:
-    """Whether :func:`c_entry_point` will load from Numba's cache rather than compile (None: unknown)."""
-    return _jit.cached(_c_function(name, dtype))
+_c_function, c_entry_point, c_entry_point_cached = entry_points(globals(), _C_ENTRY_POINTS)
