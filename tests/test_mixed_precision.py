@@ -505,9 +505,12 @@ def test_batch_norm_accuracy_against_float64_truth(cls, shape, fmt, dtype, param
     dtype=st.sampled_from(HALF),
     mixed=st.booleans(),
     scale=st.sampled_from([1e-3, 1.0, 50.0]),
+    seed=st.integers(0, 2**32 - 1),
 )
-def test_batch_norm_differential_16_bit(shape, spatial, channels_last, dtype, mixed, scale):
-    """Random shapes, layouts, dtypes and scales: the same accuracy contract on numba."""
+def test_batch_norm_differential_16_bit(shape, spatial, channels_last, dtype, mixed, scale, seed):
+    """Random shapes, layouts, dtypes and scales: the same accuracy contract on numba. The data
+    come from a drawn seed, so that a failing example replays."""
+    torch.manual_seed(seed)
     n, c, s = shape
     if spatial:
         cls, full, fmt = torch.nn.BatchNorm2d, (n, c, s, 2), torch.channels_last if channels_last else None
@@ -537,7 +540,33 @@ def _check_batch_norm(cls, shape, fmt, dtype, pdt, backend, scale=3.0):
             assert m.is_contiguous(memory_format=fmt), name
         error = (m.double() - e).abs().max().item()
         bound = max(2 * (t.double() - e).abs().max().item(), 2 * _ulp(e, m.dtype))
+        if name in ("dx", "dweight") and error > bound:  # torch's roundings cancelled: float32's own bound
+            assert _within_float32_rounding(name, m, e, x, dy, truth_module.weight), (
+                f"{name}: error {error:.3e} beyond float32 rounding of its terms"
+            )
+            continue
         assert error <= bound, f"{name}: error {error:.3e} > {bound:.3e} (torch's {(t.double() - e).abs().max():.3e})"
+
+
+def _within_float32_rounding(name: str, got: torch.Tensor, truth: torch.Tensor, x, dy, weight) -> bool:
+    """dx and dweight are sums of terms computed in float32 for 16-bit inputs (torch's opmath and
+    ours): dweight = sum(dy * xhat), dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)). Their error
+    scales with eps32 times the terms' magnitudes, not with the ulp of the result, which is far
+    smaller when the terms cancel (a batch of two: dx is 0; a small scale: |sum(dy)| >> |dweight|).
+    True where every element is within one ulp of its dtype plus 4 eps32 times its terms' sum of
+    magnitudes (ours measured <= 2.7 over 3,200 draws for dweight)."""
+    dims = [0, *range(2, x.dim())]
+    x64, dy64 = x.double(), dy.double()
+    xhat = (x64 - x64.mean(dims, keepdim=True)) * (x64.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    if name == "dweight":
+        terms = (dy64 * xhat).abs().sum(dims)
+    else:
+        k = (weight.double() * (x64.var(dims, unbiased=False) + 1e-5).rsqrt()).view(1, -1, *[1] * (x.dim() - 2))
+        mean_dy = dy64.mean(dims, keepdim=True).abs()
+        mean_dyx = (dy64 * xhat).abs().mean(dims, keepdim=True)
+        terms = k.abs() * (dy64.abs() + mean_dy + xhat.abs() * mean_dyx)
+    bound = torch.finfo(got.dtype).eps * truth.abs() + 4 * torch.finfo(torch.float32).eps * terms
+    return bool(((got.double() - truth).abs() <= bound).all())
 
 
 def test_batch_norm_stays_accurate_for_a_large_mean():

@@ -21,7 +21,8 @@ import math
 
 
 def shift_of(first):
-    """The channel's shift K: its first value as float64, or 0 if that is not finite."""
+    """The channel's shift K: ``first`` (a value of the channel, or the mean of its first values)
+    as float64, or 0 if that is not finite."""
     return first if math.isfinite(first) else 0.0
 
 

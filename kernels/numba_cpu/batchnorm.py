@@ -22,12 +22,13 @@ Channel blocks: channels are processed in blocks whose data fits in L3 (BLOCK_BY
 second pass over a block (normalise in the forward, dx in the backward) finds it in cache and
 DRAM sees only the minimal traffic: read x, write y; read dy and x, write dx.
 
-Statistics: one read of x computes the shifted sums  sum(x - K)  and  sum((x - K)^2)  in
-float64, with K the channel's first value (0 if that is not finite). Shifting makes the float64
-sums exact enough however large |mean| / std is (the float32 E[x^2] - E[x]^2 cancels
-catastrophically); partial sums from chunks or planes share K, so merging them is an addition
-(Chan's formula with a common shift). The chunking depends on the shape only, never on the
-number of threads, so results are identical whatever the thread count.
+Statistics: one read of x computes the shifted sums sum(x - K) and sum((x - K)^2) in float64
+(per plane in float32 for 16-bit storage), with K the mean of the channel's first 16 values (0
+if that is not finite). Shifting makes the sums exact enough however large |mean| / std is (the
+float32 E[x^2] - E[x]^2 cancels catastrophically); partial sums from chunks or planes share K,
+so merging them is an addition (Chan's formula with a common shift). The chunking depends on
+the shape only, never on the number of threads, so results are identical whatever the thread
+count.
 
 Forward:  mean = K + S1/n,  var = S2/n - (S1/n)^2 (biased, normalises),  invstd = 1/sqrt(var+eps);
           the running statistics are updated in the same call (unbiased var * n/(n-1));
@@ -98,12 +99,25 @@ def _channel_block(n: int, c: int, s: int, itemsize: int, arrays: int) -> int:
 
 
 @njit(inline="always")
-def _shift(x):  # x: (N, C, S) -> (C,) float64: each channel's first value, 0 if not finite
-    C = x.shape[1]
-    shift = np.empty(C, np.float64)
+def _shift(x):  # x: (N, C, S) -> (C,) float64: the mean of each channel's first values, 0 if not finite
+    """The shift K of the statistics: the mean of the channel's first SHIFT_SAMPLE values (in
+    (n, s) order). The shifted sums lose a factor 1 + (mean - K)^2 / var of their precision to
+    the final subtraction; K a single value can sit several std from the mean (x 6 on 16-bit
+    planes, which sum in float32), a mean of 16 values is expected within std / 4 (x 1.06)."""
+    N, C, S = x.shape
+    m = min(N * S, SHIFT_SAMPLE)
+    shift = np.zeros(C, np.float64)
+    for f in range(m):  # channels innermost: rows of the (N, C) layout are read along
+        n, j = f // S, f % S
+        for c in range(C):
+            shift[c] += np.float64(widen(x[n, c, j]))
     for c in range(C):
-        shift[c] = _F.shift_of(np.float64(widen(x[0, c, 0])))
+        shift[c] = _F.shift_of(shift[c] / m)
     return shift
+
+
+#: values of a channel averaged into the statistics' shift K (_shift)
+SHIFT_SAMPLE = 16
 
 
 #: rows of the (N, C) layout added per visit of the C-wide float64 accumulators: each visit loads
