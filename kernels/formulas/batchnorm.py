@@ -2,9 +2,9 @@
 
 The backends reduce each channel's values to two float64 sums; these functions turn the sums
 into what the elementwise passes and the caller need. Statistics use a shift ``K`` per channel
-(its first value): the sums are of ``x - K`` and ``(x - K)^2``, exact enough in float64 however
-large |mean| / std is, and partial sums over chunks merge by addition (Chan's formula with a
-common shift).
+(its first value; the numba CPU kernels: the mean of its first 16 values): the sums are
+of ``x - K`` and ``(x - K)^2``, exact enough in float64 however large |mean| / std is, and
+partial sums over chunks merge by addition (Chan's formula with a common shift).
 
 Forward:  mean = K + S1/n,  var = S2/n - (S1/n)^2 (biased: normalises),  invstd = 1/sqrt(var+eps),
           running = (1 - momentum) * running + momentum * batch  (running_var: unbiased var),
