@@ -557,11 +557,12 @@ def _within_float32_rounding(name: str, got: torch.Tensor, truth: torch.Tensor, 
     magnitudes (ours measured <= 2.7 over 3,200 draws for dweight)."""
     dims = [0, *range(2, x.dim())]
     x64, dy64 = x.double(), dy.double()
-    xhat = (x64 - x64.mean(dims, keepdim=True)) * (x64.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    invstd = (x64.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    xhat = (x64 - x64.mean(dims, keepdim=True)) * invstd
     if name == "dweight":
         terms = (dy64 * xhat).abs().sum(dims)
     else:
-        k = (weight.double() * (x64.var(dims, unbiased=False) + 1e-5).rsqrt()).view(1, -1, *[1] * (x.dim() - 2))
+        k = weight.double().view(invstd.shape) * invstd
         mean_dy = dy64.mean(dims, keepdim=True).abs()
         mean_dyx = (dy64 * xhat).abs().mean(dims, keepdim=True)
         terms = k.abs() * (dy64.abs() + mean_dy + xhat.abs() * mean_dyx)
