@@ -254,6 +254,12 @@ AUTO_CPU_MIN_NUMEL: dict[str, float] = {
 }
 
 
+#: the ops ``"auto"`` runs on the cuda backend on a GPU; LayerNorm, RMSNorm and GroupNorm have
+#: cuda kernels (tested under the simulator, compiled to PTX) that no GPU has timed yet: ``"auto"``
+#: leaves them to torch there until a measurement says otherwise (``backend="cuda"`` runs them)
+AUTO_CUDA_OPS = frozenset({"batch_norm", "sgd", "adagrad", "rmsprop", "adam"})
+
+
 def batch_norm_kind(input: torch.Tensor) -> str:
     """The key of :data:`AUTO_CPU_MIN_NUMEL` for a BatchNorm input: its layout."""
     if input.dim() == 2:
@@ -335,7 +341,8 @@ def _resolve(
     if not isinstance(backend, str) or backend not in BACKENDS + (AUTO,):
         raise _unknown(backend, source, op)
     if backend == AUTO:
-        preferred = {"cpu": None if small else "numba", "cuda": "cuda"}.get(device.type)
+        on_gpu = "cuda" if op in AUTO_CUDA_OPS else None
+        preferred = {"cpu": None if small else "numba", "cuda": on_gpu}.get(device.type)
         usable = preferred and _implements(preferred, op)
         if usable and dtype in KERNEL_DTYPES and not has_dtype(preferred, op, dtype):
             usable = False  # "auto" never refuses a dtype torch supports

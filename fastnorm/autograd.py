@@ -392,18 +392,19 @@ class RowNormFunction(torch.autograd.Function):
         m = x.numel() // d
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        rstd = torch.empty(m, dtype=compute)
+        rstd = torch.empty(m, dtype=compute, device=x.device)
         as_array = backend.as_array
         w = None if weight is None else as_array(weight.contiguous()).reshape(d)
-        if center:
-            mean = torch.empty(m, dtype=compute)
-            b = None if bias is None else as_array(bias.contiguous()).reshape(d)
-            backend.kernels.layer_norm_forward(_row_view(backend, x, d), w, b, float(eps), _row_view(backend, y, d),
-                                               as_array(mean), as_array(rstd))  # fmt: skip
-        else:
-            mean = torch.empty(0, dtype=compute)
-            backend.kernels.rms_norm_forward(_row_view(backend, x, d), w, float(eps), _row_view(backend, y, d),
-                                             as_array(rstd))  # fmt: skip
+        with backend.device_guard(x):
+            if center:
+                mean = torch.empty(m, dtype=compute, device=x.device)
+                b = None if bias is None else as_array(bias.contiguous()).reshape(d)
+                backend.kernels.layer_norm_forward(_row_view(backend, x, d), w, b, float(eps), _row_view(backend, y, d),
+                                                   as_array(mean), as_array(rstd))  # fmt: skip
+            else:
+                mean = torch.empty(0, dtype=compute, device=x.device)
+                backend.kernels.rms_norm_forward(_row_view(backend, x, d), w, float(eps), _row_view(backend, y, d),
+                                                 as_array(rstd))  # fmt: skip
         ctx.save_for_backward(input, weight, mean, rstd)  # input itself: torch's in-place check sees edits
         ctx.meta = (dims, eps, center, backend, x.dtype, x.numel())
         return y
@@ -427,19 +428,20 @@ class RowNormFunction(torch.autograd.Function):
         compute = rstd.dtype
         normalized = x.shape[x.dim() - dims :]
         dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
-        dw = torch.empty(normalized, dtype=compute) if need_dw else None
-        db = torch.empty(normalized, dtype=compute) if need_db and center else None
+        dw = torch.empty(normalized, dtype=compute, device=x.device) if need_dw else None
+        db = torch.empty(normalized, dtype=compute, device=x.device) if need_db and center else None
         as_array = backend.as_array
         w = None if weight is None else as_array(weight.contiguous()).reshape(d)
         dx_a = None if dx is None else _row_view(backend, dx, d)
         dw_a = None if dw is None else as_array(dw).reshape(d)
-        if center:
-            db_a = None if db is None else as_array(db).reshape(d)
-            backend.kernels.layer_norm_backward(_row_view(backend, dy, d), _row_view(backend, x, d), as_array(mean),
-                                                as_array(rstd), w, dx_a, dw_a, db_a)  # fmt: skip
-        else:
-            backend.kernels.rms_norm_backward(_row_view(backend, dy, d), _row_view(backend, x, d), as_array(rstd), w,
-                                              dx_a, dw_a)  # fmt: skip
+        with backend.device_guard(x):
+            if center:
+                db_a = None if db is None else as_array(db).reshape(d)
+                backend.kernels.layer_norm_backward(_row_view(backend, dy, d), _row_view(backend, x, d),
+                                                    as_array(mean), as_array(rstd), w, dx_a, dw_a, db_a)  # fmt: skip
+            else:
+                backend.kernels.rms_norm_backward(_row_view(backend, dy, d), _row_view(backend, x, d),
+                                                  as_array(rstd), w, dx_a, dw_a)  # fmt: skip
         return dx, dw, db, None, None, None, None
 
 
@@ -482,13 +484,15 @@ class GroupNormFunction(torch.autograd.Function):
         n, c = x.shape[:2]
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        mean, rstd = torch.empty(n * groups, dtype=compute), torch.empty(n * groups, dtype=compute)
+        mean = torch.empty(n * groups, dtype=compute, device=x.device)
+        rstd = torch.empty(n * groups, dtype=compute, device=x.device)
         as_array = backend.as_array
-        backend.kernels.group_norm_forward(
-            as_array(x).reshape(n, c, -1), None if weight is None else as_array(weight.contiguous()),
-            None if bias is None else as_array(bias.contiguous()), groups, float(eps), as_array(y).reshape(n, c, -1),
-            as_array(mean), as_array(rstd),
-        )  # fmt: skip
+        with backend.device_guard(x):
+            backend.kernels.group_norm_forward(
+                as_array(x).reshape(n, c, -1), None if weight is None else as_array(weight.contiguous()),
+                None if bias is None else as_array(bias.contiguous()), groups, float(eps),
+                as_array(y).reshape(n, c, -1), as_array(mean), as_array(rstd),
+            )  # fmt: skip
         ctx.save_for_backward(input, weight, mean, rstd)
         ctx.meta = (groups, eps, backend, x.dtype, x.numel())
         return y.contiguous(memory_format=fmt)
@@ -510,13 +514,14 @@ class GroupNormFunction(torch.autograd.Function):
         x, dy = x.contiguous(), dy.contiguous()
         n, c = x.shape[:2]
         dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
-        dw = torch.empty(c, dtype=rstd.dtype) if need_dw else None
-        db = torch.empty(c, dtype=rstd.dtype) if need_db else None
+        dw = torch.empty(c, dtype=rstd.dtype, device=x.device) if need_dw else None
+        db = torch.empty(c, dtype=rstd.dtype, device=x.device) if need_db else None
         as_array = backend.as_array
-        backend.kernels.group_norm_backward(
-            as_array(dy).reshape(n, c, -1), as_array(x).reshape(n, c, -1), as_array(mean), as_array(rstd),
-            None if weight is None else as_array(weight.contiguous()), groups,
-            None if dx is None else as_array(dx).reshape(n, c, -1), None if dw is None else as_array(dw),
-            None if db is None else as_array(db),
-        )  # fmt: skip
+        with backend.device_guard(x):
+            backend.kernels.group_norm_backward(
+                as_array(dy).reshape(n, c, -1), as_array(x).reshape(n, c, -1), as_array(mean), as_array(rstd),
+                None if weight is None else as_array(weight.contiguous()), groups,
+                None if dx is None else as_array(dx).reshape(n, c, -1), None if dw is None else as_array(dw),
+                None if db is None else as_array(db),
+            )  # fmt: skip
         return None if dx is None else dx.contiguous(memory_format=fmt), dw, db, None, None, None

@@ -102,7 +102,8 @@ def layer_norm(
         normalized_shape: the sizes of the normalised trailing dims.
         weight, bias: ``normalized_shape`` affine parameters (gamma, beta), or None.
         eps: added to the variance.
-        backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"torch"``.
+        backend: ``"auto"``, ``"reference"``, ``"numba"``, ``"cuda"`` or ``"torch"`` (``"auto"`` on a
+            GPU: torch's, until the cuda kernels are timed there).
 
     Shape:
         input and output: ``(*, *normalized_shape)`` (the output contiguous, as torch's).
@@ -135,7 +136,8 @@ def rms_norm(
         weight: ``normalized_shape`` scale, or None.
         eps: added to the mean square; None: torch's default, the machine epsilon of the compute
             dtype (``torch.finfo(torch.float32).eps`` for 16-bit inputs).
-        backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"torch"``.
+        backend: ``"auto"``, ``"reference"``, ``"numba"``, ``"cuda"`` or ``"torch"`` (``"auto"`` on a
+            GPU: torch's, until the cuda kernels are timed there).
 
     Shape:
         input and output: ``(*, *normalized_shape)``.
@@ -163,20 +165,21 @@ def _compiled_row_choice(backend: str, op: str, device: torch.device, dtype: tor
     return _dispatch._resolve(backend, op, device, small, dtype).name
 
 
-def _kernels_take(input, normalized_shape, weight, bias) -> bool:
+def _kernels_take(input, normalized_shape, weight, bias, device_type: str = "cpu") -> bool:
     """Whether fastnorm's row-norm kernels take this call as it is (the C++ ops' ``kernels_take``):
-    a shape torch accepts, a CPU input of a kernel dtype, parameters of its dtype or float32 for
-    a 16-bit input. Otherwise torch's op runs: its values and its errors."""
+    a shape torch accepts, an input on the kernels' ``device_type`` of a kernel dtype, parameters
+    on its device of its dtype or float32 for a 16-bit input. Otherwise torch's op runs: its
+    values and its errors."""
     shape = tuple(normalized_shape)
     dims = len(shape)
     if dims == 0 or input.dim() < dims or tuple(input.shape[input.dim() - dims :]) != shape:
         return False
-    if input.device.type != "cpu" or input.dtype not in _ROW_DTYPES or input.numel() == 0:
+    if input.device.type != device_type or input.dtype not in _ROW_DTYPES or input.numel() == 0:
         return False
     for t in (weight, bias):
         if t is None:
             continue
-        if tuple(t.shape) != shape or t.device.type != "cpu":
+        if tuple(t.shape) != shape or t.device != input.device:
             return False
         if t.dtype != input.dtype and not (input.dtype in _HALF and t.dtype == torch.float32):
             return False
@@ -196,8 +199,8 @@ def layer_norm_as(name: str, input, normalized_shape, weight, bias, eps):
         if torch.compiler.is_compiling() or not torch_semantics_only(input, weight, bias):
             return torch.ops.fastnorm.layer_norm.default(input, list(normalized_shape), weight, bias, float(eps))
     elif name != "torch" and not _tracing() and not torch_semantics_only(input, weight, bias):
-        if _kernels_take(input, normalized_shape, weight, bias):
-            chosen = _dispatch.resolve(name, "layer_norm", input.device)
+        chosen = _dispatch.resolve(name, "layer_norm", input.device)
+        if _kernels_take(input, normalized_shape, weight, bias, chosen.device_type):
             return RowNormFunction.apply(input, _wide(weight), _wide(bias), len(normalized_shape), float(eps), True,
                                          chosen)  # fmt: skip
     return F.layer_norm(input, normalized_shape, weight, bias, eps)
@@ -210,8 +213,8 @@ def rms_norm_as(name: str, input, normalized_shape, weight, eps):
             return torch.ops.fastnorm.rms_norm.default(input, list(normalized_shape), weight,
                                                        None if eps is None else float(eps))  # fmt: skip
     elif name != "torch" and not _tracing() and not torch_semantics_only(input, weight):
-        if _kernels_take(input, normalized_shape, weight, None):
-            chosen = _dispatch.resolve(name, "rms_norm", input.device)
+        chosen = _dispatch.resolve(name, "rms_norm", input.device)
+        if _kernels_take(input, normalized_shape, weight, None, chosen.device_type):
             if eps is None:  # torch's default: the compute dtype's machine epsilon
                 eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
             return RowNormFunction.apply(input, _wide(weight), None, len(normalized_shape), float(eps), False, chosen)
@@ -241,7 +244,8 @@ def group_norm(
         num_groups: the number of groups.
         weight, bias: ``(C,)`` per-channel affine parameters, or None.
         eps: added to the variance.
-        backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"torch"``.
+        backend: ``"auto"``, ``"reference"``, ``"numba"``, ``"cuda"`` or ``"torch"`` (``"auto"`` on a
+            GPU: torch's, until the cuda kernels are timed there).
 
     Shape:
         input and output: ``(N, C, *)``.
@@ -255,16 +259,16 @@ def group_norm(
     return group_norm_as(name, input, num_groups, weight, bias, eps)
 
 
-def _group_kernels_take(input, num_groups, weight, bias) -> bool:
+def _group_kernels_take(input, num_groups, weight, bias, device_type: str = "cpu") -> bool:
     """Whether fastnorm's GroupNorm kernels take this call as it is (the C++ op's ``kernels_take``)."""
     if input.dim() < 2 or not isinstance(num_groups, int) or num_groups <= 0 or input.shape[1] % num_groups:
         return False
-    if input.device.type != "cpu" or input.dtype not in _ROW_DTYPES or input.numel() == 0:
+    if input.device.type != device_type or input.dtype not in _ROW_DTYPES or input.numel() == 0:
         return False
     for t in (weight, bias):
         if t is None:
             continue
-        if t.dim() != 1 or t.numel() != input.shape[1] or t.device.type != "cpu":
+        if t.dim() != 1 or t.numel() != input.shape[1] or t.device != input.device:
             return False
         if t.dtype != input.dtype and not (input.dtype in _HALF and t.dtype == torch.float32):
             return False
@@ -280,8 +284,8 @@ def group_norm_as(name: str, input, num_groups, weight, bias, eps):
         if torch.compiler.is_compiling() or not torch_semantics_only(input, weight, bias):
             return torch.ops.fastnorm.group_norm.default(input, int(num_groups), weight, bias, float(eps))
     elif name != "torch" and not _tracing() and not torch_semantics_only(input, weight, bias):
-        if _group_kernels_take(input, num_groups, weight, bias):
-            chosen = _dispatch.resolve(name, "group_norm", input.device)
+        chosen = _dispatch.resolve(name, "group_norm", input.device)
+        if _group_kernels_take(input, num_groups, weight, bias, chosen.device_type):
             return GroupNormFunction.apply(input, _wide(weight), _wide(bias), num_groups, float(eps), chosen)
     return F.group_norm(input, num_groups, weight, bias, eps)
 

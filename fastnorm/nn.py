@@ -317,7 +317,7 @@ class LayerNorm(_FastRowNorm, nn.LayerNorm):
     Args:
         normalized_shape, eps, elementwise_affine, bias, device, dtype: exactly as
             :class:`torch.nn.LayerNorm`.
-        backend: ``"auto"`` (default), ``"reference"``, ``"numba"`` or ``"torch"``.
+        backend: ``"auto"`` (default), ``"reference"``, ``"numba"``, ``"cuda"`` or ``"torch"``.
 
     Shape:
         Input ``(*, *normalized_shape)``; output the same.
@@ -349,7 +349,7 @@ class RMSNorm(_FastRowNorm, nn.RMSNorm):
     Args:
         normalized_shape, eps, elementwise_affine, device, dtype: exactly as
             :class:`torch.nn.RMSNorm` (eps=None: the compute dtype's machine epsilon).
-        backend: ``"auto"`` (default), ``"reference"``, ``"numba"`` or ``"torch"``.
+        backend: ``"auto"`` (default), ``"reference"``, ``"numba"``, ``"cuda"`` or ``"torch"``.
 
     Shape:
         Input ``(*, *normalized_shape)``; output the same.
@@ -383,7 +383,7 @@ class GroupNorm(_FastRowNorm, nn.GroupNorm):
     Args:
         num_groups, num_channels, eps, affine, device, dtype, bias: exactly as
             :class:`torch.nn.GroupNorm`.
-        backend: ``"auto"`` (default), ``"reference"``, ``"numba"`` or ``"torch"``.
+        backend: ``"auto"`` (default), ``"reference"``, ``"numba"``, ``"cuda"`` or ``"torch"``.
 
     Shape:
         Input ``(N, C, *)``; output the same.

@@ -127,3 +127,24 @@ def test_batch_norm_kernels_compile(compile_ptx, dtype, compute):
         # would pass the simulator and write nothing on a GPU
         assert "st.global" in ptx, f"{kernel.py_func.__name__}: no store to global memory in the PTX"
         assert ".local" not in ptx, f"{kernel.py_func.__name__}: local-memory arrays (spills or stack) in the PTX"
+
+
+@pytest.mark.parametrize("dtype,compute", BN_TYPES, ids=lambda t: str(t))
+def test_norm_family_kernels_compile(compile_ptx, dtype, compute):
+    """LayerNorm / RMSNorm / GroupNorm (kernels/numba_cuda/layernorm.py's grouped-row kernels, which
+    groupnorm.py launches too), with the argument types their launchers pass."""
+    from kernels.numba_cuda import layernorm as ln
+
+    A, D, K = I64, dtype, compute
+    signatures = {
+        ln._forward_rows: (A, A, A, B, A, B, D, K, I64, I64, I64, I64, I64, F64, B, A, A),
+        ln._input_grad_rows: (A, A, A, A, A, B, D, K, I64, I64, I64, I64, I64, B, A),
+        ln._param_partials_columns: (A, A, A, A, D, K, I64, I64, I64, I64, B, A),
+        ln._param_partials_planes: (A, A, A, A, D, K, I64, I64, I64, I64, I64, B, A),
+        ln._param_finalize: (A, I64, K, I64, A, B, A, B),
+    }
+    for kernel, signature in signatures.items():
+        ptx = compile_ptx(kernel, signature)
+        assert ".entry" in ptx, kernel.py_func.__name__
+        assert "st.global" in ptx, f"{kernel.py_func.__name__}: no store to global memory in the PTX"
+        assert ".local" not in ptx, f"{kernel.py_func.__name__}: local-memory arrays (spills or stack) in the PTX"

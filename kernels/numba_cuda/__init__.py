@@ -29,4 +29,6 @@ from ._device import (
     set_stream_provider,
 )
 from .batchnorm import *
+from .groupnorm import *
+from .layernorm import *
 from .optim import *

@@ -76,8 +76,12 @@ class DeviceView:
         return True
 
     def reshape(self, *shape) -> DeviceView:
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else shape
-        if math.prod(shape) != self.size:
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else tuple(shape)
+        if shape.count(-1) == 1:  # one size inferred, as NumPy's reshape
+            known = math.prod(n for n in shape if n != -1)
+            if known and self.size % known == 0:
+                shape = tuple(self.size // known if n == -1 else n for n in shape)
+        if math.prod(shape) != self.size or any(n < 0 for n in shape):
             raise ValueError(f"cannot reshape {self.shape} to {shape}")
         return DeviceView(self.ptr, shape, self.dtype, self.owner)
 

@@ -197,3 +197,118 @@ def test_16_bit_batchnorm_against_float64_truth(shape, fmt, dtype, mixed):
         ulp = torch.finfo(m.dtype).eps * max(e.abs().max().item(), 1e-30)
         bound = max(2 * (t.double() - e).abs().max().item(), 2 * ulp)
         assert error <= bound, f"{name}: error {error:.3e} > {bound:.3e}"
+
+
+# -- LayerNorm, RMSNorm and GroupNorm on the cuda backend -------------------------------------------
+
+# (module, constructor arguments, input shape, memory format)
+NORM_CASES = [
+    ("LayerNorm", (7,), (3, 4, 7), None),
+    ("LayerNorm", ((3, 5),), (2, 3, 5), None),
+    ("RMSNorm", (9,), (5, 9), None),
+    ("RMSNorm", ((2, 6),), (3, 2, 6), None),
+    ("GroupNorm", (2, 6), (3, 6, 5), None),
+    ("GroupNorm", (3, 6), (2, 6, 3, 2), torch.channels_last),
+    ("GroupNorm", (4, 4), (5, 4), None),
+]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the cuda kernels' launcher calls: the modules must run them, not fall back to torch."""
+    import kernels.numba_cuda as kc
+
+    calls = []
+    for fn in ("layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
+               "group_norm_forward", "group_norm_backward"):  # fmt: skip
+        real = getattr(kc, fn)
+        monkeypatch.setattr(kc, fn, lambda *a, _real=real, _fn=fn: (calls.append(_fn), _real(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name,args,shape,fmt", NORM_CASES, ids=lambda v: str(v))
+def test_norm_modules_on_the_cuda_backend(name, args, shape, fmt, dtype, kernel_calls):
+    """Against torch in float64 on the same values (the kernels sum in float64: at groups of one
+    value, y = bias exactly, where torch's float32 x * scale + shift is 2e-5 off)."""
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, name)(*args, dtype=torch.float64)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_((torch.rand_like(p) + 0.5).to(dtype))
+    ours = getattr(fastnorm.nn, name)(*args, backend="cuda", dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(shape, dtype=dtype) * 2 + 1
+    dy = torch.randn(shape, dtype=dtype)
+    if fmt is not None:
+        x, dy = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+    xa, xb = x.clone().requires_grad_(), x.double().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    ya.backward(dy)
+    yb.backward(dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert ya.dtype == dtype and ya.is_contiguous(memory_format=fmt or torch.contiguous_format)
+    _close(ya.double(), yb, tol, "y")
+    _close(xa.grad.double(), xb.grad, tol, "dx")
+    for (pname, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert p.grad.dtype == dtype
+        _close(p.grad.double(), q.grad, tol * 10, f"d{pname}")
+    op = {"LayerNorm": "layer_norm", "RMSNorm": "rms_norm", "GroupNorm": "group_norm"}[name]
+    assert kernel_calls == [f"{op}_forward", f"{op}_backward"]
+
+
+@pytest.mark.parametrize("name,args,shape,fmt", [NORM_CASES[0], NORM_CASES[2], NORM_CASES[5]], ids=lambda v: str(v))
+def test_16_bit_norms_on_the_cuda_backend_against_float64_truth(name, args, shape, fmt, kernel_calls):
+    """bfloat16 input, float32 parameters (torch's mixed rule): y and dx within 2x torch's own
+    error (or 2 ulps) against float64 truth on the same values; the parameters' gradients float32."""
+    torch.manual_seed(1)
+    truth = getattr(torch.nn, name)(*args, dtype=torch.float64)
+    theirs, ours = getattr(torch.nn, name)(*args), getattr(fastnorm.nn, name)(*args, backend="cuda")
+    theirs.load_state_dict(truth.state_dict())
+    ours.load_state_dict(truth.state_dict())
+    x = (torch.randn(shape) * 2 + 1).to(torch.bfloat16)
+    dy = torch.randn(shape).to(torch.bfloat16)
+    if fmt is not None:
+        x, dy = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+    outs = []
+    for module, xx, gg in ((truth, x.double(), dy.double()), (theirs, x, dy), (ours, x, dy)):
+        xg = xx.clone().requires_grad_()
+        y = module(xg)
+        y.backward(gg)
+        outs.append([y, xg.grad, *[p.grad for p in module.parameters()]])
+    for i, (e, t, m) in enumerate(zip(*outs)):
+        assert m.dtype == t.dtype, f"output {i}: {m.dtype}, torch's {t.dtype}"
+        error = (m.double() - e).abs().max().item()
+        ulp = torch.finfo(m.dtype).eps * max(e.abs().max().item(), 1e-30)
+        bound = max(2 * (t.double() - e).abs().max().item(), 2 * ulp)
+        assert error <= bound, f"output {i}: error {error:.3e} > {bound:.3e}"
+    assert len(kernel_calls) == 2
+
+
+def test_functional_norms_on_the_cuda_backend():
+    x = torch.randn(4, 6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    for ours, theirs in [
+        (fastnorm.functional.layer_norm(x, (3,), w, None, backend="cuda"), F.layer_norm(x, (3,), w, None)),
+        (fastnorm.functional.rms_norm(x, (3,), w, backend="cuda"), F.rms_norm(x, (3,), w)),
+        (fastnorm.functional.group_norm(x, 3, backend="cuda"), F.group_norm(x, 3)),
+    ]:
+        _close(ours, theirs, 1e-10, "y")
+        for a, b in zip(torch.autograd.grad(ours.square().sum(), (x, w), allow_unused=True),
+                        torch.autograd.grad(theirs.square().sum(), (x, w), allow_unused=True)):  # fmt: skip
+            if b is None:
+                assert a is None
+            else:
+                _close(a, b, 1e-9, "gradient")
+
+
+def test_auto_leaves_the_norm_family_to_torch_on_a_gpu():
+    """The cuda kernels of LayerNorm / RMSNorm / GroupNorm have not been timed on a GPU: "auto"
+    keeps torch's there (BatchNorm and the optimizers, measured, keep the cuda backend)."""
+    from fastnorm import _dispatch
+
+    gpu = torch.device("cuda")
+    for op in ("layer_norm", "rms_norm", "group_norm"):
+        assert _dispatch._implements("cuda", op)
+        assert _dispatch._resolve("auto", op, gpu).name == "torch"
+    assert "batch_norm" in _dispatch.AUTO_CUDA_OPS and "adam" in _dispatch.AUTO_CUDA_OPS
