@@ -200,3 +200,47 @@ def test_converted_model_trains_under_float16_autocast():
         runs.append(losses)
     for a, b in zip(*runs):
         assert abs(a - b) < 0.02 * max(1.0, abs(b)), runs
+
+
+# LayerNorm / RMSNorm / GroupNorm with backend="cuda": (module, constructor arguments, input shape, layout)
+NORM_CASES = [
+    ("LayerNorm", (768,), (4096, 768), None),
+    ("LayerNorm", ((3, 5),), (7, 3, 5), None),
+    ("RMSNorm", (4096,), (512, 4096), None),
+    ("GroupNorm", (32, 256), (8, 256, 28, 28), None),
+    ("GroupNorm", (32, 256), (8, 256, 28, 28), torch.channels_last),
+    ("GroupNorm", (3, 6), (5, 6), None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,args,shape,fmt", NORM_CASES, ids=lambda v: str(v))
+def test_norm_family_against_float64_truth(name, args, shape, fmt, dtype):
+    """Forward and backward: every output within 2x torch's own error in the same dtype (or 2
+    ulps) against torch in float64 on the same values; the output keeps the input's layout."""
+    torch.manual_seed(0)
+    truth = getattr(torch.nn, name)(*args, device=DEV, dtype=torch.float64)
+    with torch.no_grad():
+        for p in truth.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)
+    theirs = getattr(torch.nn, name)(*args, device=DEV)
+    ours = getattr(fastnorm.nn, name)(*args, backend="cuda", device=DEV)
+    theirs.load_state_dict(truth.state_dict())
+    ours.load_state_dict(truth.state_dict())
+    x = (torch.randn(shape, device=DEV) * 2 + 1).to(dtype)
+    dy = torch.randn(shape, device=DEV).to(dtype)
+    if fmt is not None:
+        x, dy = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+    outs = []
+    for module, xx, gg in ((truth, x.double(), dy.double()), (theirs, x, dy), (ours, x, dy)):
+        xg = xx.clone().requires_grad_()
+        y = module(xg)
+        y.backward(gg)
+        outs.append([y, xg.grad, *[p.grad for p in module.parameters()]])
+    assert outs[2][0].is_contiguous(memory_format=fmt or torch.contiguous_format)
+    for i, (e, t, m) in enumerate(zip(*outs)):
+        assert m.dtype == t.dtype, f"output {i}: {m.dtype}, torch's {t.dtype}"
+        error = (m.double() - e).abs().max().item()
+        ulp = torch.finfo(m.dtype).eps * max(e.abs().max().item(), 1e-30)
+        bound = max(2 * (t.double() - e).abs().max().item(), 2 * ulp)
+        assert error <= bound, f"output {i}: error {error:.3e} > {bound:.3e}"
