@@ -236,7 +236,12 @@ def _environment() -> str | None:
 #: - LayerNorm, RMSNorm fwd+bwd (bench/results/cpu.md, 2026-12-02, Intel Xeon): LayerNorm (64, 256)
 #:   0.99x float32, 0.89x bfloat16, 1.13x and above from (4096, 768) on: torch's below 64K values
 #:   (where numba's kernels run serial, the sizes between unmeasured); RMSNorm 1.8x at (64, 256)
-#:   and 4-23x above: numba's everywhere. GroupNorm: numba's (measured from 100K values).
+#:   and 4-23x above: numba's everywhere.
+#: - GroupNorm fwd+bwd (paired, interleaved exploratory script, 2026-12-03, 40 rounds; the bench
+#:   suite agrees at its sizes): float32 contiguous / channels-last 0.94x / 0.91x at (8, 32, 14, 14)
+#:   (50K), 0.95x / 0.86x at (16, 64, 14, 14) (200K; bfloat16 contiguous 0.88x), 1.20x / 3.21x at
+#:   (16, 64, 28, 28) (800K), 1.53x / 1.65x at (32, 128, 28, 28): torch's below 400K values (the
+#:   sizes between 200K and 800K unmeasured).
 #:
 #: Other dtypes than float32 and other devices use the same values (GPUs: no threshold).
 AUTO_CPU_MIN_NUMEL: dict[str, float] = {
@@ -245,7 +250,7 @@ AUTO_CPU_MIN_NUMEL: dict[str, float] = {
     "batch_norm_channels_last": 500_000,
     "layer_norm": 65_536,
     "rms_norm": 0,
-    "group_norm": 0,
+    "group_norm": 400_000,
     "sgd": math.inf,
     "sgd_momentum": 50_000,
     "adagrad": 0,

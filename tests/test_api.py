@@ -69,6 +69,29 @@ def test_auto_batch_norm_runs_the_faster_backend(monkeypatch, cls, shape, fmt, e
     torch.testing.assert_close(m.running_var, twin.running_var)
 
 
+# GroupNorm: (input shape, groups, memory format, expected backend)
+AUTO_GROUP_NORM_CASES = [
+    ((16, 64, 14, 14), 8, torch.contiguous_format, "torch"),  # 200K: torch's is ahead
+    ((16, 64, 14, 14), 8, torch.channels_last, "torch"),
+    ((16, 64, 28, 28), 32, torch.contiguous_format, "numba"),  # 800K
+    ((16, 64, 28, 28), 32, torch.channels_last, "numba"),
+]
+
+
+@pytest.mark.parametrize("shape, groups, fmt, expected", AUTO_GROUP_NORM_CASES)
+def test_auto_group_norm_runs_the_faster_backend(monkeypatch, shape, groups, fmt, expected):
+    monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
+    calls = []
+    torch_group_norm = torch.nn.functional.group_norm
+    monkeypatch.setattr(torch.nn.functional, "group_norm", lambda *a, **k: calls.append(1) or torch_group_norm(*a, **k))
+    x = torch.randn(shape).to(memory_format=fmt).requires_grad_()
+    y = fastnorm.nn.GroupNorm(groups, shape[1])(x)
+    assert ("torch" if calls else "numba") == expected
+    calls.clear()
+    torch.testing.assert_close(y, torch.nn.GroupNorm(groups, shape[1])(x))
+    assert y.is_contiguous(memory_format=fmt)
+
+
 # (optimizer, options, number of parameters, expected backend)
 AUTO_OPTIMIZER_CASES = [
     ("SGD", dict(lr=0.1), 235_146, "torch"),  # plain SGD: torch's add_ is as fast
