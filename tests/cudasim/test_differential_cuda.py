@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 from test_differential_batchnorm import BatchNormTwins, HalfBatchNormTwins
+from test_differential_layer_norm import RowNormTwins
 from test_differential_master_weights import MasterWeightsTwins
 from test_differential_optim import BFloat16OptimizerTwins, OptimizerTwins
 from test_differential_stochastic_rounding import StochasticRoundingTwins
@@ -15,6 +16,7 @@ OptimizerTwins.backends = ["cuda"]
 BatchNormTwins.backends = ["cuda"]
 MasterWeightsTwins.backends = ["cuda"]
 StochasticRoundingTwins.backends = ["cuda"]
+RowNormTwins.backends = ["cuda"]  # LayerNorm, RMSNorm and GroupNorm
 
 
 def _on_cuda(machine, examples: int, steps: int):
@@ -31,3 +33,4 @@ TestCudaBatchNormTwins = _on_cuda(BatchNormTwins, 5, 8)
 TestCudaHalfBatchNormTwins = _on_cuda(HalfBatchNormTwins, 4, 8)
 TestCudaMasterWeightsTwins = _on_cuda(MasterWeightsTwins, 4, 8)
 TestCudaStochasticRoundingTwins = _on_cuda(StochasticRoundingTwins, 4, 8)
+TestCudaRowNormTwins = _on_cuda(RowNormTwins, 12, 10)
