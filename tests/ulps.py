@@ -68,3 +68,15 @@ def assert_a_neighbour(ours: torch.Tensor, exact: torch.Tensor, what: str, toler
         f"{what}: {int(bad.sum())} values are not bfloat16 neighbours of the float32 result, e.g. "
         f"{a[bad][:3].tolist()} for {b[bad][:3].tolist()}"
     )
+
+
+def assert_within_torchs_error(names, truth, theirs, ours):
+    """16-bit results against float64 ``truth`` on the same values: each of ``ours`` has the dtype
+    of ``theirs`` (torch's in the same dtype) and is within 2x torch's own error, or 2 ulps of its
+    dtype at the truth's scale."""
+    for name, e, t, m in zip(names, truth, theirs, ours):
+        assert m.dtype == t.dtype, f"{name}: {m.dtype}, torch's {t.dtype}"
+        error = (m.double() - e).abs().max().item()
+        ulp = torch.finfo(m.dtype).eps * max(e.abs().max().item(), 1e-30)
+        bound = max(2 * (t.double() - e).abs().max().item(), 2 * ulp)
+        assert error <= bound, f"{name}: error {error:.3e} > {bound:.3e}"

@@ -39,8 +39,8 @@ from numba import cuda
 from .. import LAYER_NORM_API
 from .._validate import compute_dtype, device_dense
 from ._bits import narrow, widen
-from ._device import BLOCK, SIMULATOR, as_view, launch, scratch, view
-from .batchnorm import BATCH_NORM_DTYPES, TARGET_BLOCKS, _block_sum2, _likes
+from ._device import BLOCK, SIMULATOR, launch, scratch, view
+from .batchnorm import BATCH_NORM_DTYPES, TARGET_BLOCKS, _block_sum2, _likes, _ptr, _views
 
 __all__ = [*LAYER_NORM_API, "LAYER_NORM_DTYPES"]
 
@@ -280,15 +280,6 @@ def _param_finalize(p_addr, Gy, like_c, C, dw_addr, has_dweight, db_addr, has_db
 
 
 # -- launchers (shared with groupnorm.py) ---------------------------------------------------------
-
-
-def _views(*arrays):
-    return [None if a is None else as_view(a) for a in arrays]
-
-
-def _ptr(a, fallback) -> int:
-    """The address of an optional array (a valid one, never read, when it is absent)."""
-    return fallback.ptr if a is None else a.ptr
 
 
 def _check_dtype(x, what: str) -> np.dtype:
