@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # GPU validation in one go, for a lent H100/H200 (see the device tool's README):
 #   1. the machine and versions;
-#   2. the GPU parity tests (tests/gpu: cuda backend against torch, real sizes), with the fast
-#      launch path and again with numba-cuda's dispatcher for every launch;
+#   2. the GPU parity tests (tests/gpu: cuda backend against torch, real sizes; BatchNorm through
+#      the C++ cuda ops, tests/gpu/test_cuda_ops.py), and the backend's tests again with the C++
+#      ops off (FASTNORM_CUDA_OPS=0: every launch from Python);
 #   3. the benchmark suite for the cuda and torch providers: BatchNorm at (64, 256), (8192, 2048),
 #      (256, 64, 56, 56), (64, 256, 28, 28); optimizers on the MLP, 100M and 1B parameters;
 #      the device-to-device copy roofline; the markdown report and chart;
-#   4. bench/gpu_profile.py: per-kernel device time of BatchNorm and optimizer steps, both providers.
+#   4. bench/cuda_launch.py: BatchNorm through the C++ ops against cuDNN and the Python launchers
+#      (step time, host time per op, CUDA-graph replay): bench/results/gpu/launch.md;
+#   5. bench/gpu_profile.py: per-kernel device time of BatchNorm and optimizer steps, both providers.
 # Installs nothing: it uses the machine's python3 (torch, numba, numba-cuda, pytest,
-# pytest-benchmark) with this checkout on PYTHONPATH. Designed to finish in under 8 minutes on an
+# pytest-benchmark) with this checkout on PYTHONPATH. Designed to finish in under 10 minutes on an
 # H100. Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else bench/results/gpu)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -18,6 +21,7 @@ mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export FASTNORM_CACHE="${FASTNORM_CACHE:-/tmp/fastnorm-cache}"
+export FASTNORM_PTX_CACHE="${FASTNORM_PTX_CACHE:-/tmp/fastnorm-cache/ptx}"
 start=$(date +%s)
 
 {
@@ -48,10 +52,10 @@ echo "# parity (tests/gpu)"
 timeout 170 "$PY" -m pytest tests/gpu -q -p no:cacheprovider -rfE > "$OUT_DIR/parity.txt" 2>&1
 parity=$?
 tail -25 "$OUT_DIR/parity.txt"
-echo "# parity again, every launch through numba-cuda's dispatcher (FASTNORM_CUDA_FAST_LAUNCH=0)"
-FASTNORM_CUDA_FAST_LAUNCH=0 timeout 120 "$PY" -m pytest tests/gpu -q -p no:cacheprovider -rfE \
-  > "$OUT_DIR/parity_dispatcher.txt" 2>&1
-tail -3 "$OUT_DIR/parity_dispatcher.txt"
+echo "# parity again, the C++ cuda ops off (FASTNORM_CUDA_OPS=0: the Python launchers)"
+FASTNORM_CUDA_OPS=0 timeout 100 "$PY" -m pytest tests/gpu/test_cuda_backend.py -q -p no:cacheprovider -rfE \
+  > "$OUT_DIR/parity_python_launch.txt" 2>&1
+tail -3 "$OUT_DIR/parity_python_launch.txt"
 
 echo "# benchmarks"
 timeout 300 "$PY" -m fastnorm bench --device cuda --ops batchnorm,optim \
@@ -64,6 +68,10 @@ tail -5 "$OUT_DIR/bench.log"
 if [ -f "$OUT_DIR/gpu.md" ]; then  # the report names the GPU, its driver and numba-cuda
   { echo; echo "## machine"; echo; echo '```'; cat "$OUT_DIR/machine.txt"; echo '```'; } >> "$OUT_DIR/gpu.md"
 fi
+
+echo "# BatchNorm: C++ cuda ops / Python launchers / cuDNN"
+timeout 90 "$PY" bench/cuda_launch.py "$OUT_DIR/launch.md" > "$OUT_DIR/launch.log" 2>&1
+tail -25 "$OUT_DIR/launch.log"
 
 echo "# profile (kernel tables)"
 timeout 80 "$PY" bench/gpu_profile.py > "$OUT_DIR/profile.txt" 2>&1

@@ -35,6 +35,8 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [
     _CSRC / "runtime.cpp",
     _CSRC / "batch_norm.cpp",
+    _CSRC / "batch_norm_cuda.cpp",
+    _CSRC / "cuda_launch.cpp",
     _CSRC / "layer_norm.cpp",
     _CSRC / "group_norm.cpp",
     _CSRC / "optim.cpp",
@@ -135,9 +137,51 @@ def _build() -> ModuleType:
         logger.setLevel(level)
         os.environ["PATH"] = path
     module.configure(_entry_point, set_threads, _tunables())
+    module.cuda_configure(_cuda_ptx, _cuda_geometry)  # each asked when a cuda op first needs it
     module.pool_configure(pool.min_bytes, pool.max_bytes)  # the Python pool's limits (FASTNORM_CPU_POOL_MB)
     pool.also_clear.append(module.pool_clear)
     return module
+
+
+def _cuda_ptx(module: str, function: str, signature: str, storage: int, major: int, minor: int) -> tuple[str, str]:
+    """(PTX, entry) of a CUDA kernel for the C++ cuda ops (kernels/numba_cuda/ptx.py), called the
+    first time each (kernel, storage) launches on a device."""
+    from kernels.numba_cuda import ptx
+
+    return ptx.kernel_ptx(module, function, signature, storage, major, minor)
+
+
+def _cuda_geometry() -> dict[str, int]:
+    """The launch geometry of the CUDA kernels as kernels/numba_cuda holds it (the simulator's
+    blocks are smaller than a GPU's)."""
+    from kernels.numba_cuda import batchnorm
+
+    names = ("BLOCK", "ROW_TILE", "ROW_LANES", "TARGET_BLOCKS", "UNROLL", "PLANE_MIN")
+    return {name.lower(): int(getattr(batchnorm, name)) for name in names}
+
+
+def cuda_unusable() -> str | None:
+    """Why the C++ ops cannot launch CUDA kernels here (not built, no CUDA driver, turned off with
+    ``FASTNORM_CUDA_OPS=0``), or None."""
+    if os.environ.get("FASTNORM_CUDA_OPS", "1") in ("", "0"):
+        return "FASTNORM_CUDA_OPS=0 turns them off"
+    module = load()
+    if module is None:
+        return f"fastnorm's C++ ops cannot be built here ({_error})"
+    return module.cuda_unusable()
+
+
+_cuda_available: bool | None = None
+
+
+@torch.compiler.assume_constant_result
+def cuda_available() -> bool:
+    """Whether the C++ ops launch the CUDA kernels themselves (BatchNorm's: fastnorm/csrc/
+    batch_norm_cuda.cpp): built, a CUDA driver here, not turned off. Decided once per process."""
+    global _cuda_available
+    if _cuda_available is None:
+        _cuda_available = cuda_unusable() is None
+    return _cuda_available
 
 
 def _tunables() -> dict[str, int]:

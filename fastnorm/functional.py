@@ -5,8 +5,11 @@ One dispatch per call (:func:`batch_norm_as`, :func:`layer_norm_as`, :func:`rms_
 * ``numba``: ``torch.ops.fastnorm.batch_norm`` (``layer_norm``, ``rms_norm``), the C++ ops (fastnorm/csrc) that
   every layer of torch sees and calls: eager code, ``torch.compile``, TorchScript, ``jit.trace``,
   ``torch.export``, fx;
+* ``cuda``, BatchNorm on CUDA tensors: the same C++ op, whose CUDA kernel launches the numba-cuda
+  kernels from C++ (fastnorm/csrc/batch_norm_cuda.cpp; where the C++ ops cannot launch, as
+  without a CUDA driver or with ``FASTNORM_CUDA_OPS=0``, the Python path below);
 * ``reference`` and ``cuda``: their kernels behind a Python ``torch.autograd.Function``
-  (fastnorm/autograd.py) in eager code (LayerNorm and RMSNorm: reference only so far);
+  (fastnorm/autograd.py) in eager code;
 * ``torch``: ``torch.nn.functional.batch_norm``.
 
 torch's own op also serves, with the same semantics, where fastnorm's has no rule: under
@@ -331,7 +334,7 @@ def batch_norm_as(name: str, input, running_mean, running_var, weight, bias, tra
         not torch.compiler.is_compiling() and torch_semantics_only(input, running_mean, running_var, weight, bias)
     ):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if name == "numba":
+    if name == "numba" or (name == "cuda" and input.is_cuda and _ops.cuda_available()):
         return torch.ops.fastnorm.batch_norm.default(input, weight, bias, running_mean, running_var, bool(training),
                                                      float(momentum), float(eps))  # fmt: skip
     if _tracing():  # the Python backends cannot be traced into a graph: torch's op, the same semantics

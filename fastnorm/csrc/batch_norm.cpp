@@ -32,16 +32,14 @@
 #include <tuple>
 #include <vector>
 
+#include "batch_norm.h"
 #include "fastnorm.h"
 
 namespace fastnorm {
-namespace {
 
-using at::Tensor;
+namespace {
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-using OptionalTensor = std::optional<Tensor>;
-using Outputs = std::tuple<Tensor, Tensor, Tensor>;
 
 // The C entry points (argument lists: kernels/numba_cpu/batchnorm.py).
 using ForwardTrain = void (*)(int64_t x, int64_t weight, int64_t bias, int64_t running_mean, int64_t running_var,
@@ -57,16 +55,15 @@ using Stats = void (*)(int64_t x, int64_t mean, int64_t var, int64_t n, int64_t 
                        int64_t rows_per_chunk, int64_t block);
 
 const char* const kPerChannel[] = {"weight", "bias", "running_mean", "running_var"};
+}  // namespace
 
-// (N, C, S) as the kernels see x: (N*H*W, C, 1) for channels-last memory.
-struct Geometry {
-  int64_t n, c, s;
-};
 Geometry geometry_of(const Tensor& x, at::MemoryFormat layout) {
   const int64_t c = x.size(1);
   if (layout != at::MemoryFormat::Contiguous) return {x.numel() / c, c, 1};
   return {x.size(0), c, x.numel() / std::max<int64_t>(1, x.size(0) * c)};
 }
+
+namespace {
 
 // kernels.numba_cpu.batchnorm.plan: (parallel, rows_per_chunk, forward block, backward block)
 struct Plan {
@@ -84,6 +81,8 @@ Plan plan_of(const Geometry& g, int64_t itemsize) {
   };
   return {g.n * g.c * g.s >= t.parallel_min_elements && threads > 1, (g.n + chunks - 1) / chunks, block(1), block(2)};
 }
+
+}  // namespace
 
 Tensor dense_vector(const Tensor& t) { return t.defined() && !t.is_contiguous() ? t.contiguous() : t; }
 
@@ -150,6 +149,29 @@ void check_per_channel_compute(const Tensor& input, const OptionalTensor& weight
   }
 }
 
+void check_backward(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight, const Tensor& mean,
+                    const Tensor& invstd) {
+  TORCH_CHECK(input.dim() >= 2, "fastnorm::batch_norm_backward: input must be (N, C, *), got ", input.dim(), "-D");
+  TORCH_CHECK(grad_out.sym_sizes() == input.sym_sizes(), "fastnorm::batch_norm_backward: grad_output of shape ",
+              size_repr(grad_out.sym_sizes()), " for an input of shape ", size_repr(input.sym_sizes()));
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "fastnorm::batch_norm_backward: grad_output is ",
+              dtype_name(grad_out.scalar_type()), ", input ", dtype_name(input.scalar_type()));
+  TORCH_CHECK_NOT_IMPLEMENTED(storage_of(input.scalar_type()) >= 0, "fastnorm::batch_norm_backward: ",
+                              dtype_name(input.scalar_type()), " is not float32, float64, bfloat16 or float16");
+  const auto compute = compute_dtype(input.scalar_type());
+  const Tensor* vectors[] = {&mean, &invstd, weight.has_value() ? &*weight : nullptr};
+  const char* names[] = {"save_mean", "save_invstd", "weight"};
+  for (int i = 0; i < 3; ++i) {
+    if (vectors[i] == nullptr || !vectors[i]->defined()) continue;
+    TORCH_CHECK(vectors[i]->sym_numel() == input.sym_size(1) && vectors[i]->scalar_type() == compute,
+                "fastnorm::batch_norm_backward: ", names[i], " must hold ", input.sym_size(1), " ",
+                dtype_name(compute), " values, got ", vectors[i]->sym_numel(), " ",
+                dtype_name(vectors[i]->scalar_type()));
+  }
+}
+
+namespace {
+
 // ---- fastnorm::batch_norm_forward -----------------------------------------------------------
 
 Outputs forward_cpu(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
@@ -213,27 +235,6 @@ Outputs forward_meta(const Tensor& input, const OptionalTensor& weight, const Op
 }
 
 // ---- fastnorm::batch_norm_backward ------------------------------------------------------------
-
-void check_backward(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight, const Tensor& mean,
-                    const Tensor& invstd) {
-  TORCH_CHECK(input.dim() >= 2, "fastnorm::batch_norm_backward: input must be (N, C, *), got ", input.dim(), "-D");
-  TORCH_CHECK(grad_out.sym_sizes() == input.sym_sizes(), "fastnorm::batch_norm_backward: grad_output of shape ",
-              size_repr(grad_out.sym_sizes()), " for an input of shape ", size_repr(input.sym_sizes()));
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "fastnorm::batch_norm_backward: grad_output is ",
-              dtype_name(grad_out.scalar_type()), ", input ", dtype_name(input.scalar_type()));
-  TORCH_CHECK_NOT_IMPLEMENTED(storage_of(input.scalar_type()) >= 0, "fastnorm::batch_norm_backward: ",
-                              dtype_name(input.scalar_type()), " is not float32, float64, bfloat16 or float16");
-  const auto compute = compute_dtype(input.scalar_type());
-  const Tensor* vectors[] = {&mean, &invstd, weight.has_value() ? &*weight : nullptr};
-  const char* names[] = {"save_mean", "save_invstd", "weight"};
-  for (int i = 0; i < 3; ++i) {
-    if (vectors[i] == nullptr || !vectors[i]->defined()) continue;
-    TORCH_CHECK(vectors[i]->sym_numel() == input.sym_size(1) && vectors[i]->scalar_type() == compute,
-                "fastnorm::batch_norm_backward: ", names[i], " must hold ", input.sym_size(1), " ",
-                dtype_name(compute), " values, got ", vectors[i]->sym_numel(), " ",
-                dtype_name(vectors[i]->scalar_type()));
-  }
-}
 
 Outputs backward_cpu(const Tensor& grad_out, const Tensor& input, const OptionalTensor& weight, const Tensor& mean,
                      const Tensor& invstd, bool training, std::array<bool, 3> mask) {

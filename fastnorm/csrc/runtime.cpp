@@ -193,6 +193,13 @@ at::Tensor pooled_empty(const at::Tensor& x, at::IntArrayRef strides) {
 
 }  // namespace fastnorm
 
+namespace fastnorm {  // cuda_launch.cpp
+void cuda_configure(py::object resolve, py::object geometry);
+void cuda_set_hook(py::object run);
+py::list cuda_kernels();
+py::object cuda_unusable();
+}  // namespace fastnorm
+
 namespace {
 void set_tunables(const py::dict& values) {
   auto& t = fastnorm::settings;
@@ -220,4 +227,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("pool_in_use", [] { return fastnorm::pool->in_use(); });
   m.def("pool_clear", [] { fastnorm::pool->clear(); });
+  m.def("cuda_configure", &fastnorm::cuda_configure,
+        "the cuda ops' PTX resolver (module, function, signature, storage, major, minor) -> (ptx, entry) and "
+        "launch geometry () -> dict, each asked when first needed");
+  m.def("cuda_set_hook", &fastnorm::cuda_set_hook,
+        "tests: run every cuda launch through hook(module, function, signature, storage, grid, block, args)");
+  m.def("cuda_kernels", &fastnorm::cuda_kernels, "the (module, function, signature) of every kernel the cuda ops launch");
+  m.def("cuda_unusable", &fastnorm::cuda_unusable, "why the cuda ops cannot launch here, or None");
 }

@@ -1,0 +1,77 @@
+// fastnorm's C++ op layer on NVIDIA GPUs: the numba-cuda kernels, compiled once to PTX and
+// launched from C++ with the CUDA driver API on torch's current stream.
+//
+// Nothing here needs the CUDA toolkit's headers or libraries at build time: the driver
+// (libcuda.so.1) is opened with dlopen the first time a kernel is launched, and torch's current
+// stream and device come through c10's device-agnostic guard interface (libc10). The extension
+// therefore builds, and the CPU package imports, on a machine without a GPU or CUDA toolkit.
+//
+// A kernel is named by its kernels/numba_cuda module and function, and typed by a signature
+// string, one code per argument (kernels/numba_cuda/ptx.py reads the same codes):
+//   a  an address (int64)        i  an int64            f  a float64        b  a boolean
+//   D  the data's typed zero (float32, float64, or the 16-bit storage as uint16 / int16 bits)
+//   K  the compute dtype's typed zero (float32, or float64 for float64 data)
+// The first launch of a (kernel, storage) on a device asks Python for its PTX (compiled by
+// numba-cuda for the device's compute capability, or read from fastnorm's PTX cache), loads it
+// into the device's primary context and keeps the function; later launches are one
+// cuLaunchKernel: no host synchronisation, no allocation (scratch memory comes from torch's
+// caching allocator), so the ops can be captured in CUDA graphs once they have run once.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+
+namespace fastnorm::cuda {
+
+// The kernels the C++ ops launch (kKernels in cuda_launch.cpp: module, function, signature).
+enum class Kernel : int {
+  kStatsPlanes = 0,
+  kGradPlanes,
+  kStatsRows,
+  kGradRows,
+  kFinalizeTrain,
+  kFinalizeEval,
+  kFinalizeBackward,
+  kFinalizeStats,
+  kNormalizePlanes,
+  kNormalizeFlat,
+  kInputGradPlanes,
+  kInputGradFlat,
+  kCount
+};
+
+// One kernel argument, as the signature code of its position says (see above): an address or
+// integer, a float64, a boolean, or a typed zero (its value ignored).
+struct Arg {
+  int64_t bits;
+  Arg(int64_t v) : bits(v) {}                                          // NOLINT: a, i
+  Arg(int v) : bits(v) {}                                              // NOLINT: i
+  Arg(bool v) : bits(v ? 1 : 0) {}                                     // NOLINT: b
+  Arg(double v) { std::memcpy(&bits, &v, sizeof(double)); }           // NOLINT: f
+  static Arg zero() { return Arg(int64_t(0)); }                        // D, K
+};
+
+struct Dim3 {
+  int64_t x = 1, y = 1, z = 1;
+};
+
+// Launch `kernel` for the storage code `storage` (fastnorm.h, Storage) on `like`'s device and
+// torch's current stream there (or, when a simulator hook is set, through it: tests).
+void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 block, std::initializer_list<Arg> args);
+
+// The launch geometry constants of the kernels (kernels/numba_cuda: BLOCK, and batchnorm.py's
+// ROW_TILE, ROW_LANES, TARGET_BLOCKS, UNROLL, PLANE_MIN), handed over by Python: the simulator
+// runs smaller blocks than a GPU.
+struct Geometry {
+  int64_t block = 256, row_tile = 32, row_lanes = 8, target_blocks = 1024, unroll = 4, plane_min = 32;
+};
+const Geometry& geometry();
+
+// Whether the C++ cuda ops can run: configured, and the CUDA driver loads (the reason otherwise).
+bool usable(std::string* why = nullptr);
+
+}  // namespace fastnorm::cuda

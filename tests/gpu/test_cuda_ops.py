@@ -1,0 +1,137 @@
+"""The C++ cuda ops on a real GPU (fastnorm/csrc/batch_norm_cuda.cpp, cuda_launch.cpp): BatchNorm
+with backend="cuda" launched from C++ through the CUDA driver, on torch's current stream.
+
+Checked here, where tests/cudasim cannot: the PTX loads and its kernels run on the device;
+results equal, bit for bit, those of the Python launchers (the same kernels and grids); the ops
+follow torch's current stream, are captured by CUDA graphs (no host synchronisation, no
+allocation outside torch's allocator) and traced by torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+
+import fastnorm
+from fastnorm import _dispatch, _ops
+from fastnorm.autograd import batch_norm_function
+
+DEV = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cpp_cuda_ops():
+    if not _ops.cuda_available():
+        pytest.fail(f"the C++ cuda ops cannot launch on this GPU machine: {_ops.cuda_unusable()}")
+
+
+def _python_launchers(x, rm, rv, w, b, training):
+    """The same BatchNorm through the Python launchers (kernels/numba_cuda/batchnorm.py)."""
+    chosen = _dispatch.resolve("cuda", "batch_norm", x.device)
+    return batch_norm_function(chosen, x, rm, rv, w, b, training, 0.1, 1e-5)
+
+
+SAME_BITS_CASES = [((64, 256), None), ((1031, 67), None), ((4, 3, 5, 7), None), ((64, 64, 28, 28), None),
+                   ((32, 64, 14, 14), torch.channels_last), ((8192, 2048), None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,fmt", SAME_BITS_CASES, ids=str)
+def test_cpp_and_python_launches_give_the_same_bits(shape, fmt, dtype):
+    c = shape[1]
+    x = (torch.randn(shape, device=DEV) * 3 + 1).to(dtype)
+    dy = torch.randn(shape, device=DEV).to(dtype)
+    if fmt is not None:
+        x, dy = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+    w = (torch.rand(c, device=DEV) + 0.5).requires_grad_()
+    b = torch.randn(c, device=DEV).requires_grad_()
+    outs = []
+    for path in ("cpp", "python"):
+        rm, rv = torch.zeros(c, device=DEV), torch.ones(c, device=DEV)
+        xi = x.clone().requires_grad_()
+        if path == "cpp":
+            y = fastnorm.functional.batch_norm(xi, rm, rv, w, b, True, 0.1, 1e-5, backend="cuda")
+            assert "fastnorm::BatchNormBackward" in y.grad_fn.name(), "the C++ op ran"
+        else:
+            y = _python_launchers(xi, rm, rv, w, b, True)
+        grads = torch.autograd.grad(y, (xi, w, b), dy)
+        outs.append((y, *grads, rm, rv))
+    for name, ours, theirs in zip(["y", "dx", "dweight", "dbias", "running_mean", "running_var"], *outs):
+        assert torch.equal(ours, theirs), f"{name}: C++ and Python launches differ"
+
+
+def test_eval_and_stats_on_the_gpu():
+    x = torch.randn(256, 64, 7, 7, device=DEV) * 2 - 1
+    rm, rv = torch.randn(64, device=DEV), torch.rand(64, device=DEV) + 0.5
+    y = fastnorm.functional.batch_norm(x, rm, rv, None, None, False, backend="cuda")
+    assert_close(y, F.batch_norm(x, rm, rv, None, None, False), 1e-5, 1e-5, "eval y")
+    mean, var = torch.ops.fastnorm.batch_norm_stats(x)
+    assert_close(mean, x.double().mean((0, 2, 3)), 1e-9, 1e-9, "stats mean")
+    assert_close(var, x.double().var((0, 2, 3), unbiased=False), 1e-9, 1e-9, "stats var")
+
+
+def test_a_side_stream_and_a_second_device():
+    bn = fastnorm.nn.BatchNorm1d(512, backend="cuda").to(DEV)
+    x = torch.randn(4096, 512, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = bn(x * 2)  # the multiply and the C++ op's launches queue on `side`, in order
+    torch.cuda.current_stream().wait_stream(side)
+    assert_close(y, F.batch_norm(x * 2, None, None, training=True), 1e-4, 1e-4, "output on a side stream")
+    if torch.cuda.device_count() > 1:  # the kernels load into each device's context
+        other = torch.device("cuda", 1)
+        bn1 = fastnorm.nn.BatchNorm1d(512, backend="cuda").to(other)
+        x1 = x.to(other)
+        assert_close(bn1(x1), F.batch_norm(x1, None, None, training=True), 1e-4, 1e-4, "device 1")
+
+
+def test_captured_in_a_cuda_graph():
+    """A BatchNorm forward+backward captured once and replayed on new data gives eager's values."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16)).to(DEV)
+    fastnorm.nn.convert(model, backend="cuda")
+    static_x = torch.randn(32, 8, 14, 14, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: the kernels load before capture
+        for _ in range(2):
+            model(static_x).square().mean().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        static_loss = model(static_x).square().mean()
+        static_loss.backward()
+    new_x = torch.randn_like(static_x)
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=False)
+    static_x.copy_(new_x)
+    graph.replay()
+    replayed = (static_loss.clone(), model[0].weight.grad.clone(), model[1].running_mean.clone())
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=False)
+    loss = model(new_x).square().mean()
+    loss.backward()
+    assert_close(replayed[0], loss, 1e-5, 1e-6, "loss")
+    assert_close(replayed[1], model[0].weight.grad, 1e-4, 1e-6, "conv weight grad")
+    assert_close(replayed[2], model[1].running_mean, 1e-5, 1e-6, "running_mean")
+
+
+def test_torch_compile_traces_the_cpp_op():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.BatchNorm1d(128), torch.nn.ReLU()).to(DEV)
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.BatchNorm1d(128), torch.nn.ReLU()).to(DEV)
+    ref.load_state_dict(model.state_dict())
+    fastnorm.nn.convert(model, backend="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(256, 64, device=DEV)
+    y = compiled(x)
+    y.sum().backward()
+    y_ref = ref(x)
+    y_ref.sum().backward()
+    assert_close(y, y_ref, 1e-4, 1e-5, "compiled y")
+    assert_close(model[0].weight.grad, ref[0].weight.grad, 1e-3, 1e-4, "compiled linear grad")
+    assert_close(model[1].running_var, ref[1].running_var, 1e-5, 1e-6, "compiled running_var")
