@@ -11,7 +11,9 @@ warm-up; the first calls, which compile or load the kernels, are timed apart):
 2. host time per op call: the training forward op alone (``torch.ops.fastnorm.batch_norm_forward``
    against ``torch.ops.aten.native_batch_norm``, and the Python launchers' forward), queued 200 times
    without synchronisation at a small size, so the host is the bottleneck: wall / calls;
-3. device time of a CUDA-graph replay of forward+backward (no host work at all): the kernels
+3. an Adam step of the book's MLP (host-bound): torch fused and foreach, fastnorm through the
+   C++ op and through the Python launcher;
+4. device time of a CUDA-graph replay of forward+backward (no host work at all): the kernels
    themselves, cpp against torch.
 """
 
@@ -103,6 +105,30 @@ def _graph_fn(provider, shape, fmt):
     return graph.replay
 
 
+def _adam_step(provider: str):
+    from fastnorm import optim
+
+    params = [torch.randn(s, device=DEV, requires_grad=True) for s in [(784, 256), (256,), (256, 128), (128,),
+                                                                        (128, 10), (10,)]]  # fmt: skip
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    if provider in ("fused", "foreach"):
+        opt = torch.optim.Adam(params, lr=1e-3, **{provider: True})
+        return opt.step
+    opt = fastnorm.optim.Adam(params, lr=1e-3, backend="cuda")
+    if provider == "cpp":
+        return opt.step
+
+    def python_launch():  # the Python launcher (kernels/numba_cuda/optim.py) for this step
+        saved, optim._cuda_op = optim._cuda_op, lambda backend, tensors: False
+        try:
+            opt.step()
+        finally:
+            optim._cuda_op = saved
+
+    return python_launch
+
+
 def main(out: str | None) -> None:
     if not _ops.cuda_available():
         raise SystemExit(f"the C++ cuda ops cannot launch here: {_ops.cuda_unusable()}")
@@ -135,6 +161,15 @@ def main(out: str | None) -> None:
     with torch.no_grad():
         med, _ = _interleaved(fns, timer=_host_time)
     lines.append(f"| {med['aten']:.1f} | {med['cpp']:.1f} | {med['python']:.1f} |")
+    print(lines[-1], flush=True)
+
+    lines += ["", "## Adam step of the book's MLP (784-256-128-10, 235K parameters), us per step", "",
+              "| torch fused | torch foreach | fastnorm cpp | fastnorm python | cpp / fused |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    fns = {name: _adam_step(name) for name in ("fused", "foreach", "cpp", "python")}
+    med, _ = _interleaved(fns)
+    lines.append(f"| {med['fused']:.1f} | {med['foreach']:.1f} | {med['cpp']:.1f} | {med['python']:.1f} | "
+                 f"{med['cpp'] / med['fused']:.2f}x |")  # fmt: skip
     print(lines[-1], flush=True)
 
     lines += ["", "## CUDA-graph replay of forward+backward, us (device time: no host work)", "",

@@ -3,7 +3,8 @@
 ``backend=`` on every public entry point takes one of :data:`BACKENDS` or ``"auto"``.
 ``"auto"`` picks the fastest backend available for the tensors' device (``numba`` on CPU, but
 ``torch`` where :data:`AUTO_CPU_MIN_NUMEL` says torch is faster at that op, layout and size;
-``cuda`` on NVIDIA GPUs; ``torch`` where neither applies); the ``FASTNORM_BACKEND`` environment
+``cuda`` on NVIDIA GPUs where :data:`AUTO_CUDA_MIN_NUMEL` says it measured faster; ``torch``
+where neither applies); the ``FASTNORM_BACKEND`` environment
 variable, when set, replaces that choice. A backend asked for explicitly (by argument or by the
 environment) that cannot run raises ``ValueError`` naming the backends that can.
 """
@@ -264,6 +265,34 @@ AUTO_CPU_MIN_NUMEL: dict[str, float] = {
 #: leaves them to torch there until a measurement says otherwise (``backend="cuda"`` runs them)
 AUTO_CUDA_OPS = frozenset({"batch_norm", "sgd", "adagrad", "rmsprop", "adam"})
 
+#: ``"auto"`` on a GPU: below this many elements torch's kernels run, from it on the cuda
+#: backend's: the smallest size where the cuda backend measured faster than the torch code "auto"
+#: would otherwise run (cuDNN's BatchNorm; torch's default optimizers, foreach on a GPU), sizes
+#: between that and the largest measured slower being unmeasured. From bench/results/gpu.md (H200,
+#: 2026-11-28, every launch from Python then; the C++ ops that launch BatchNorm and the
+#: optimizers now have not been timed on a GPU: bench/gpu_check.sh measures them):
+#:
+#: - BatchNorm fwd+bwd ((N, C, *) planes): 0.30x at (64, 256, 28, 28) (12.8M; the kernels alone
+#:   228 us vs cuDNN's 196), 1.57x at (256, 64, 56, 56) (51.4M): from 50M. (N, C) rows: 0.23x
+#:   at (64, 256), 0.26x at (8192, 2048) (16.8M), never measured faster: torch's. Channels-last:
+#:   never measured: torch's.
+#: - Adam / AdamW, Adagrad, RMSprop: 0.27-0.79x on the book's MLP (235K), 1.85-2.42x at 100M
+#:   and 1B parameters: from 100M. SGD with momentum: 0.40x at 235K, 1.08x at 100M, 1.50x at 1B:
+#:   from 100M. SGD without momentum: 0.29x, 0.66x, 0.90x: torch's at every size.
+AUTO_CUDA_MIN_NUMEL: dict[str, float] = {
+    "batch_norm": math.inf,
+    "batch_norm_planes": 50_000_000,
+    "batch_norm_channels_last": math.inf,
+    "layer_norm": 0,
+    "rms_norm": 0,
+    "group_norm": 0,
+    "sgd": math.inf,
+    "sgd_momentum": 100_000_000,
+    "adagrad": 100_000_000,
+    "rmsprop": 100_000_000,
+    "adam": 100_000_000,
+}
+
 
 def batch_norm_kind(input: torch.Tensor) -> str:
     """The key of :data:`AUTO_CPU_MIN_NUMEL` for a BatchNorm input: its layout."""
@@ -274,10 +303,11 @@ def batch_norm_kind(input: torch.Tensor) -> str:
     return "batch_norm_planes"
 
 
-def auto_prefers_torch(kind: str, numel: int) -> bool:
-    """Whether ``"auto"`` leaves a CPU ``kind`` of work (a key of :data:`AUTO_CPU_MIN_NUMEL`) of
-    ``numel`` elements to torch."""
-    return numel < AUTO_CPU_MIN_NUMEL[kind]
+def auto_prefers_torch(kind: str, numel: int, device_type: str = "cpu") -> bool:
+    """Whether ``"auto"`` leaves a ``kind`` of work (a key of :data:`AUTO_CPU_MIN_NUMEL`) of
+    ``numel`` elements on a ``device_type`` device to torch (GPUs: :data:`AUTO_CUDA_MIN_NUMEL`)."""
+    table = AUTO_CUDA_MIN_NUMEL if device_type == "cuda" else AUTO_CPU_MIN_NUMEL
+    return numel < table.get(kind, 0)
 
 
 #: torch dtype -> the kernels' storage dtype (bfloat16 as uint16 bits: kernels/_bits.py)
@@ -326,7 +356,7 @@ def resolve(
             lack it (in the end: torch); a backend named explicitly that lacks it raises
             ValueError naming the backends that have it.
     """
-    small = numel is not None and auto_prefers_torch(kind or op, numel)
+    small = numel is not None and auto_prefers_torch(kind or op, numel, device.type)
     key = (backend, op, device.type, _environment() if backend == AUTO else None, small, dtype)
     chosen = _RESOLVED.get(key)
     if chosen is None:
@@ -347,7 +377,7 @@ def _resolve(
         raise _unknown(backend, source, op)
     if backend == AUTO:
         on_gpu = "cuda" if op in AUTO_CUDA_OPS else None
-        preferred = {"cpu": None if small else "numba", "cuda": on_gpu}.get(device.type)
+        preferred = {"cpu": None if small else "numba", "cuda": None if small else on_gpu}.get(device.type)
         usable = preferred and _implements(preferred, op)
         if usable and dtype in KERNEL_DTYPES and not has_dtype(preferred, op, dtype):
             usable = False  # "auto" never refuses a dtype torch supports

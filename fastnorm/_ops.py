@@ -40,6 +40,7 @@ SOURCES = [
     _CSRC / "layer_norm.cpp",
     _CSRC / "group_norm.cpp",
     _CSRC / "optim.cpp",
+    _CSRC / "optim_cuda.cpp",
 ]
 NAME = "fastnorm_ops"
 _lock = threading.RLock()
@@ -154,10 +155,11 @@ def _cuda_ptx(module: str, function: str, signature: str, storage: int, major: i
 def _cuda_geometry() -> dict[str, int]:
     """The launch geometry of the CUDA kernels as kernels/numba_cuda holds it (the simulator's
     blocks are smaller than a GPU's)."""
-    from kernels.numba_cuda import batchnorm
+    from kernels.numba_cuda import batchnorm, optim
 
     names = ("BLOCK", "ROW_TILE", "ROW_LANES", "TARGET_BLOCKS", "UNROLL", "PLANE_MIN")
-    return {name.lower(): int(getattr(batchnorm, name)) for name in names}
+    geometry = {name.lower(): int(getattr(batchnorm, name)) for name in names}
+    return {**geometry, "optimizer_chunk": int(optim.CHUNK), "optimizer_max_blocks": int(optim.MAX_BLOCKS)}
 
 
 def cuda_unusable() -> str | None:

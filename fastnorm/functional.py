@@ -157,7 +157,7 @@ def rms_norm(
 def _row_backend_for(backend: str, op: str, input: torch.Tensor) -> str:
     """The backend of a LayerNorm / RMSNorm / GroupNorm call (as :func:`backend_for`)."""
     if torch.compiler.is_compiling():
-        if _dispatch.auto_prefers_torch(op, input.numel()):
+        if _dispatch.auto_prefers_torch(op, input.numel(), input.device.type):
             return _compiled_row_choice(backend, op, input.device, input.dtype, True)
         return _compiled_row_choice(backend, op, input.device, input.dtype, False)
     return _dispatch.resolve(backend, op, input.device, input.numel(), dtype=input.dtype).name
@@ -298,7 +298,7 @@ def backend_for(backend: str, input: torch.Tensor) -> str:
     :func:`fastnorm._dispatch.resolve`). Under ``torch.compile`` the resolution runs while tracing,
     its result a constant of the graph (a size guard where ``"auto"``'s choice depends on the size)."""
     if torch.compiler.is_compiling():
-        if _dispatch.auto_prefers_torch(_dispatch.batch_norm_kind(input), input.numel()):
+        if _dispatch.auto_prefers_torch(_dispatch.batch_norm_kind(input), input.numel(), input.device.type):
             return _compiled_choice(backend, input.device, input.dtype, True)
         return _compiled_choice(backend, input.device, input.dtype, False)
     if backend == _dispatch.AUTO:

@@ -670,19 +670,20 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
     built here), arrays for the reference. A non-contiguous tensor is updated through a
     contiguous copy, written back after."""
     staged = []
+    through_op = backend.name == "numba" or _cuda_op(backend, tensors)
     if addrs is None:
         candidates = (*tensors[0], *tensors[1])
         if not part.dense_buffers:
             candidates = {id(t): t for row in tensors for t in row}.values()
         if not all(t.is_contiguous() for t in candidates):
-            if backend.name == "numba":  # the op takes any one dense layout per tensor (channels-last weights)
+            if through_op:  # the op takes any one dense layout per tensor (channels-last weights)
                 keep = _same_dense_layout(tensors)
                 candidates = [t for i, column in enumerate(zip(*tensors)) if not keep[i] for t in column]
             staged = [(t, t.contiguous()) for t in {id(t): t for t in candidates}.values() if not t.is_contiguous()]
         if staged:
             copies = {id(t): c for t, c in staged}
             tensors = [[copies.get(id(t), t) for t in row] for row in tensors]
-    if backend.name == "numba":  # the C++ op (fastnorm/csrc/optim.cpp)
+    if through_op:  # the C++ op (fastnorm/csrc/optim.cpp; on a GPU, optim_cuda.cpp launches)
         buffers = [[] if row is None else tensors[2 + i] for i, row in enumerate(part.buffers)]
         if op == "sgd":
             first_step = part.first_step if part.buffers[0] is not None else []
@@ -714,6 +715,12 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
             for p, master in zip(part.params, part.masters):
                 p.copy_(master)
             part.master_seen = [_mark(p) for p in part.params]
+
+
+def _cuda_op(backend: Backend, tensors: list[list[torch.Tensor]]) -> bool:
+    """Whether the cuda backend's update of these tensors runs through the C++ op (CUDA tensors,
+    and the C++ ops can launch here: fastnorm._ops.cuda_available); else its Python launcher."""
+    return backend.name == "cuda" and bool(tensors[0]) and tensors[0][0].is_cuda and _ops.cuda_available()
 
 
 _DENSE_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -778,7 +785,7 @@ _OPS = _Ops()
 @torch.compiler.assume_constant_result
 def _traced_backend(backend: str, op: str, device_type: str, kind: str, numel: int) -> str:
     """The backend a group's update resolves to, while torch.compile traces (a constant of the graph)."""
-    small = numel < _dispatch.AUTO_CPU_MIN_NUMEL.get(kind, 0)
+    small = _dispatch.auto_prefers_torch(kind, numel, device_type)
     try:
         return _dispatch._resolve(backend, op, torch.device(device_type), small).name
     except ValueError:

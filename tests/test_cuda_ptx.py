@@ -69,11 +69,12 @@ def test_optimizer_kernels_compile(compile_ptx, dtype):
     from kernels.numba_cuda import optim
 
     # (kernel, number of constants, number of flags): kernels/formulas/optim.py's k and flags;
-    # arguments: address table, chunk table, the two step scalars, constants, flags, uses
+    # arguments: the address table's address and T, the chunk table's and K, the two step
+    # scalars, constants, flags, uses, the (unused) rounding seed
     for kernel, constants, flags in [(optim._sgd, 5, 2), (optim._adagrad, 3, 1), (optim._rmsprop, 7, 2),
                                      (optim._adam, 8, 2)]:  # fmt: skip
-        signature = (_a(I64, 2), _a(I64, 2), dtype, dtype, nt.UniTuple(dtype, constants), nt.UniTuple(B, flags),
-                     nt.UniTuple(B, 3))  # fmt: skip
+        signature = (I64, I64, I64, I64, dtype, dtype, nt.UniTuple(dtype, constants), nt.UniTuple(B, flags),
+                     nt.UniTuple(B, 3), nt.uint32)  # fmt: skip
         ptx = compile_ptx(kernel, signature)
         assert ".entry" in ptx and "st.global" in ptx, f"{kernel.py_func.__name__} stores nothing"
 
@@ -86,7 +87,7 @@ def test_16_bit_optimizer_kernels_compile(compile_ptx, storage):
 
     f32 = nt.float32
     for op, constants, flags in [("sgd", 5, 2), ("adam", 8, 2)]:
-        signature = (_a(I64, 2), _a(I64, 2), f32, f32, nt.UniTuple(f32, constants), nt.UniTuple(B, flags),
+        signature = (I64, I64, I64, I64, f32, f32, nt.UniTuple(f32, constants), nt.UniTuple(B, flags),
                      nt.UniTuple(B, 3), nt.uint32)  # fmt: skip
         ptx = compile_ptx(optim._KERNELS16[(op, storage)], signature)
         assert ".entry" in ptx and re.search(r"st\.global\.[ub]16", ptx), f"{op} {storage} stores no 16-bit value"
@@ -148,3 +149,53 @@ def test_norm_family_kernels_compile(compile_ptx, dtype, compute):
         assert ".entry" in ptx, kernel.py_func.__name__
         assert "st.global" in ptx, f"{kernel.py_func.__name__}: no store to global memory in the PTX"
         assert ".local" not in ptx, f"{kernel.py_func.__name__}: local-memory arrays (spills or stack) in the PTX"
+
+
+def test_the_cpp_cuda_ops_kernels_compile_with_their_launch_signatures(compile_ptx, tmp_path, monkeypatch):
+    """Every kernel the C++ cuda ops launch (fastnorm/csrc/cuda_launch.cpp's table: module,
+    function, signature string) compiles through kernels/numba_cuda/ptx.py for each storage, and
+    the PTX entry's parameters are those the C++ launch packs (ptx.check_entry: count and sizes);
+    the second ask is read from the on-disk cache, unchanged."""
+    from fastnorm import _ops
+    from kernels.numba_cuda import ptx
+
+    module = _ops.load()
+    if module is None:
+        pytest.skip(f"fastnorm's C++ ops cannot be built here: {_ops.error()}")
+    monkeypatch.setenv("FASTNORM_PTX_CACHE", str(tmp_path))
+    specs = module.cuda_kernels()
+    names = {function for _, function, _ in specs}
+    assert names >= {"_stats_planes", "_finalize_train", "_input_grad_flat", "_adam{storage}"}
+    compiled = 0
+    for module_name, function, signature in specs:
+        # storages 0-3 (float32, float64, bfloat16, float16); the optimizers' also 4 (bfloat16, stochastic rounding)
+        for storage in range(5 if module_name == "optim" else 4):
+            text, entry = ptx.kernel_ptx(module_name, function, signature, storage, *CC)
+            assert entry in text and "st.global" in text, f"{function} {storage}"
+            compiled += 1
+    cached = sorted(tmp_path.iterdir())
+    assert len(cached) == compiled
+    module_name, function, signature = specs[0]
+    assert ptx.kernel_ptx(module_name, function, signature, 2, *CC)[0] == next(
+        p.read_text() for p in cached if f"{function}.bfloat16." in p.name
+    )
+    with pytest.raises(RuntimeError, match="do not match the signature"):
+        ptx.check_entry(text, signature[:-1], storage)  # a launcher that packs one argument fewer
+    with pytest.raises(RuntimeError, match="do not match the signature"):
+        ptx.check_entry(text, signature[:-1] + "f", storage)  # or one of another size
+
+
+def test_the_cpp_cuda_ops_are_registered_and_say_why_they_cannot_launch_here():
+    """The CUDA dispatch key has fastnorm's BatchNorm kernels (built on a machine without a GPU
+    or CUDA toolkit); without a driver they say so, and fastnorm keeps to its Python launch path."""
+    import torch
+
+    from fastnorm import _ops
+
+    if _ops.load() is None:
+        pytest.skip(f"fastnorm's C++ ops cannot be built here: {_ops.error()}")
+    for op in ("batch_norm_forward", "batch_norm_backward", "batch_norm_stats"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm::{op}", "CUDA"), op
+    if not torch.cuda.is_available():
+        assert _ops.cuda_unusable() is not None
+        assert _ops.cuda_available() is False

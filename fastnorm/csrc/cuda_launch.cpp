@@ -37,10 +37,22 @@ constexpr Spec kKernels[] = {
     {"batchnorm", "_normalize_flat", "aaaDKiii"},
     {"batchnorm", "_input_grad_planes", "aaaDKiiia"},
     {"batchnorm", "_input_grad_flat", "aaaDKiiia"},
+    // kernels/numba_cuda/optim.py: tables, their sizes, the step scalars, constants, flags, uses, seed
+    {"optim", "_sgd{storage}", "aiaikk(kkkkk)(bb)(bbb)u"},
+    {"optim", "_adagrad{storage}", "aiaikk(kkk)(b)(bbb)u"},
+    {"optim", "_rmsprop{storage}", "aiaikk(kkkkkkk)(bb)(bbb)u"},
+    {"optim", "_adam{storage}", "aiaikk(kkkkkkkk)(bb)(bbb)u"},
 };
 static_assert(sizeof(kKernels) / sizeof(kKernels[0]) == static_cast<int>(Kernel::kCount));
 
-constexpr int kStorages = 4;  // float32, float64, bfloat16, float16
+constexpr int kStorages = 5;  // float32, float64, bfloat16, float16, bfloat16 with stochastic rounding
+
+// The number of kernel parameters of a signature (tuples flattened), and its i-th code.
+size_t parameter_count(const char* signature) {
+  size_t n = 0;
+  for (const char* c = signature; *c; ++c) n += (*c != '(' && *c != ')');
+  return n;
+}
 constexpr int kMaxDevices = 64;
 
 // ---- the CUDA driver, opened at run time ---------------------------------------------------------
@@ -63,6 +75,7 @@ struct Driver {
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                              CUstream, void**, void**) = nullptr;
   CUresult (*cuGetErrorString)(CUresult, const char**) = nullptr;
+  CUresult (*cuStreamIsCapturing)(CUstream, int*) = nullptr;
   std::string error;  // why it could not be opened, else empty
 };
 constexpr int kComputeCapabilityMajor = 75, kComputeCapabilityMinor = 76;  // CUdevice_attribute
@@ -90,7 +103,8 @@ const Driver& driver() {
                     bind(library, "cuModuleLoadData", d->cuModuleLoadData) &&
                     bind(library, "cuModuleGetFunction", d->cuModuleGetFunction) &&
                     bind(library, "cuLaunchKernel", d->cuLaunchKernel) &&
-                    bind(library, "cuGetErrorString", d->cuGetErrorString);
+                    bind(library, "cuGetErrorString", d->cuGetErrorString) &&
+                    bind(library, "cuStreamIsCapturing", d->cuStreamIsCapturing);
     if (!ok) {
       d->error = "the CUDA driver (libcuda.so.1) lacks a function fastnorm launches with";
     } else if (d->cuInit(0) != 0) {
@@ -159,6 +173,8 @@ CUfunction function_of(Kernel kernel, int storage, int index, Device& d) {
   fn = slot.load(std::memory_order_acquire);
   if (fn != nullptr) return fn;  // another thread loaded it meanwhile
   const Driver& drv = driver();
+  // into the device's primary context (torch's), current now: the compile above may have made another current
+  check(drv.cuCtxSetCurrent(d.context), "cuCtxSetCurrent");
   CUmodule module = nullptr;  // kept for the process: its functions are cached
   check(drv.cuModuleLoadData(&module, ptx.c_str()), "cuModuleLoadData (loading a kernel's PTX)");
   check(drv.cuModuleGetFunction(&fn, module, entry.c_str()), "cuModuleGetFunction");
@@ -166,17 +182,34 @@ CUfunction function_of(Kernel kernel, int storage, int index, Device& d) {
   return fn;
 }
 
-void launch_hooked(Kernel kernel, int storage, Dim3 grid, Dim3 block, std::initializer_list<Arg> args) {
+void launch_hooked(Kernel kernel, int storage, Dim3 grid, Dim3 block, const std::vector<Arg>& args) {
   const Spec& spec = kKernels[static_cast<int>(kernel)];
   py::gil_scoped_acquire gil;
   py::list values;
+  std::string codes;
+  for (const char* c = spec.signature; *c; ++c) {
+    if (*c != '(' && *c != ')') codes += *c;
+  }
   int i = 0;
   for (const Arg& a : args) {
-    switch (spec.signature[i++]) {
+    switch (codes[i++]) {
       case 'f': {
         double v;
         std::memcpy(&v, &a.bits, sizeof(double));
         values.append(v);
+        break;
+      }
+      case 'k': {
+        if (storage == kFloat64) {
+          double v;
+          std::memcpy(&v, &a.bits, sizeof(double));
+          values.append(v);
+        } else {
+          float v;
+          const auto low = static_cast<uint32_t>(a.bits);
+          std::memcpy(&v, &low, sizeof(float));
+          values.append(static_cast<double>(v));
+        }
         break;
       }
       case 'b': values.append(py::bool_(a.bits != 0)); break;
@@ -189,7 +222,23 @@ void launch_hooked(Kernel kernel, int storage, Dim3 grid, Dim3 block, std::initi
           py::make_tuple(block.x, block.y, block.z), values);
 }
 
+void* current_stream(const at::Tensor& like) {  // torch's current stream on like's device
+  const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  return impl->getStream(like.device()).native_handle();
+}
+
 }  // namespace
+
+bool hooked() { return hook != nullptr; }
+
+bool capturing(const at::Tensor& like) {
+  if (hook != nullptr || !like.is_cuda()) return false;
+  const Driver& drv = driver();
+  TORCH_CHECK(drv.error.empty(), "fastnorm's cuda ops cannot run: ", drv.error);
+  int status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
+  check(drv.cuStreamIsCapturing(current_stream(like), &status), "cuStreamIsCapturing");
+  return status != 0;
+}
 
 const Geometry& geometry() {
   if (settings_loaded.load(std::memory_order_acquire)) return settings;
@@ -204,8 +253,11 @@ const Geometry& geometry() {
     g.target_blocks = values["target_blocks"].cast<int64_t>();
     g.unroll = values["unroll"].cast<int64_t>();
     g.plane_min = values["plane_min"].cast<int64_t>();
+    g.optimizer_chunk = values["optimizer_chunk"].cast<int64_t>();
+    g.optimizer_max_blocks = values["optimizer_max_blocks"].cast<int64_t>();
   }
-  TORCH_CHECK(g.block > 0 && g.row_tile > 0 && g.row_lanes > 0 && g.target_blocks > 0 && g.unroll > 0,
+  TORCH_CHECK(g.block > 0 && g.row_tile > 0 && g.row_lanes > 0 && g.target_blocks > 0 && g.unroll > 0 &&
+                  g.optimizer_chunk > 0 && g.optimizer_max_blocks > 0,
               "fastnorm's cuda ops: the launch geometry must be positive");
   std::lock_guard<std::mutex> lock(load_mutex);
   if (!settings_loaded.load(std::memory_order_relaxed)) {
@@ -228,10 +280,10 @@ bool usable(std::string* why) {
   return true;
 }
 
-void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 block, std::initializer_list<Arg> args) {
+void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 block, const std::vector<Arg>& args) {
   const Spec& spec = kKernels[static_cast<int>(kernel)];
-  TORCH_CHECK(args.size() == std::strlen(spec.signature), "fastnorm's cuda ops: ", spec.function, " takes ",
-              std::strlen(spec.signature), " arguments, ", args.size(), " given");
+  TORCH_CHECK(args.size() == parameter_count(spec.signature), "fastnorm's cuda ops: ", spec.function, " takes ",
+              parameter_count(spec.signature), " arguments, ", args.size(), " given");
   TORCH_CHECK(storage >= 0 && storage < kStorages, "fastnorm's cuda ops: no kernel storage ", storage);
   if (grid.x * grid.y * grid.z == 0) return;
   if (hook != nullptr) {  // tests: the simulator runs the kernel on host memory
@@ -246,8 +298,7 @@ void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 
   CUcontext current = nullptr;
   check(drv.cuCtxGetCurrent(&current), "cuCtxGetCurrent");
   if (current != d.context) check(drv.cuCtxSetCurrent(d.context), "cuCtxSetCurrent");
-  const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-  void* stream = impl->getStream(like.device()).native_handle();  // torch's current stream on that device
+  void* stream = current_stream(like);
   std::array<int64_t, 32> slots{};
   std::array<void*, 32> params{};
   TORCH_CHECK(args.size() <= slots.size(), "fastnorm's cuda ops: too many kernel arguments");

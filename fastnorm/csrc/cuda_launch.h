@@ -9,8 +9,11 @@
 // A kernel is named by its kernels/numba_cuda module and function, and typed by a signature
 // string, one code per argument (kernels/numba_cuda/ptx.py reads the same codes):
 //   a  an address (int64)        i  an int64            f  a float64        b  a boolean
+//   u  a uint32                  k  a value in the compute dtype (float32, or float64 for float64 data)
 //   D  the data's typed zero (float32, float64, or the 16-bit storage as uint16 / int16 bits)
-//   K  the compute dtype's typed zero (float32, or float64 for float64 data)
+//   K  the compute dtype's typed zero
+//   (..) a tuple of the codes inside (Numba passes its elements as consecutive parameters)
+// A function name's "{storage}" is the storage's suffix (the optimizers' 16-bit kernels).
 // The first launch of a (kernel, storage) on a device asks Python for its PTX (compiled by
 // numba-cuda for the device's compute capability, or read from fastnorm's PTX cache), loads it
 // into the device's primary context and keeps the function; later launches are one
@@ -23,7 +26,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
+#include <vector>
 
 namespace fastnorm::cuda {
 
@@ -41,6 +44,10 @@ enum class Kernel : int {
   kNormalizeFlat,
   kInputGradPlanes,
   kInputGradFlat,
+  kSgd,
+  kAdagrad,
+  kRmsprop,
+  kAdam,
   kCount
 };
 
@@ -53,6 +60,13 @@ struct Arg {
   Arg(bool v) : bits(v ? 1 : 0) {}                                     // NOLINT: b
   Arg(double v) { std::memcpy(&bits, &v, sizeof(double)); }           // NOLINT: f
   static Arg zero() { return Arg(int64_t(0)); }                        // D, K
+  static Arg real(double v, bool f64) {                                // k: the compute dtype's bits
+    if (f64) return Arg(v);
+    const float f = static_cast<float>(v);
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(float));
+    return Arg(static_cast<int64_t>(bits));
+  }
 };
 
 struct Dim3 {
@@ -61,15 +75,23 @@ struct Dim3 {
 
 // Launch `kernel` for the storage code `storage` (fastnorm.h, Storage) on `like`'s device and
 // torch's current stream there (or, when a simulator hook is set, through it: tests).
-void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 block, std::initializer_list<Arg> args);
+void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 block, const std::vector<Arg>& args);
 
 // The launch geometry constants of the kernels (kernels/numba_cuda: BLOCK, and batchnorm.py's
 // ROW_TILE, ROW_LANES, TARGET_BLOCKS, UNROLL, PLANE_MIN), handed over by Python: the simulator
 // runs smaller blocks than a GPU.
 struct Geometry {
   int64_t block = 256, row_tile = 32, row_lanes = 8, target_blocks = 1024, unroll = 4, plane_min = 32;
+  int64_t optimizer_chunk = 1 << 16, optimizer_max_blocks = 4096;  // kernels/numba_cuda/optim.py's CHUNK, MAX_BLOCKS
 };
 const Geometry& geometry();
+
+// Whether torch's current stream on `like`'s device is capturing a CUDA graph (false under the
+// simulator hook and for CPU tensors).
+bool capturing(const at::Tensor& like);
+
+// Whether launches go through the simulator hook (tests): "device" memory is then host memory.
+bool hooked();
 
 // Whether the C++ cuda ops can run: configured, and the CUDA driver loads (the reason otherwise).
 bool usable(std::string* why = nullptr);

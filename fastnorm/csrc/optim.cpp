@@ -20,32 +20,22 @@
 #include <vector>
 
 #include "fastnorm.h"
+#include "optim.h"
 
 namespace fastnorm {
 namespace {
-
-using at::Tensor;
-using at::TensorList;
 
 // void step(addrs, T, chunks, K, steps, step_f64, advance, host0, host1, host2, scalars, constants,
 //           flag0, flag1, use0, use1, use2, seed): kernels/numba_cpu/optim.py, c_entry_point
 using Step = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, double, double, int64_t,
                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 
-struct Update {
-  Entry family;
-  const char* name;
-  std::array<double, 3> host{0.0, 0.0, 0.0};  // float64 group values the step scalars need
-  std::vector<double> constants;             // in the compute dtype, rounded once
-  std::array<bool, 2> flags{false, false};
-  std::array<bool, 3> uses{false, false, false};  // which buffer rows exist
-};
-
 std::string dtype_name(at::ScalarType t) { return c10::toString(t); }
 
 // Checks every list against the parameters (torch's fused ops raise RuntimeError too), then one
-// kernel call. buffers: the three rows (an empty list where a row does not exist); steps: one
-// scalar per tensor (empty for SGD, whose first_step flags mark new momentum buffers).
+// kernel call (CPU) or the GPU launches (optim_cuda.cpp). buffers: the three rows (an empty list
+// where a row does not exist); steps: one scalar per tensor (empty for SGD, whose first_step
+// flags mark new momentum buffers), CPU tensors on either device (torch's without capturable=True).
 void run(const Update& u, TensorList params, TensorList grads, const std::array<TensorList, 3>& buffers,
          TensorList steps, const c10::List<bool>& first_step, std::optional<int64_t> seed) {
   const int64_t t = static_cast<int64_t>(params.size());
@@ -75,12 +65,17 @@ void run(const Update& u, TensorList params, TensorList grads, const std::array<
   }
   // Every tensor is updated elementwise over its memory as it lies: dense (contiguous, or any other
   // non-overlapping dense layout such as channels-last), with its parameter's strides.
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cpu() || u.on_cuda, "fastnorm::", u.name, ": CPU tensors expected, got ", device);
+  TORCH_CHECK(device.is_cuda() || !u.on_cuda || cuda::hooked(), "fastnorm::", u.name, ": CUDA tensors expected, got ",
+              device);
   auto check = [&](const Tensor& x, const Tensor& p, const char* what) {
-    TORCH_CHECK(x.defined() && x.layout() == at::kStrided && x.device().is_cpu() && x.scalar_type() == dtype &&
+    TORCH_CHECK(x.defined() && x.layout() == at::kStrided && x.device() == device && x.scalar_type() == dtype &&
                     x.sizes() == p.sizes() && x.is_non_overlapping_and_dense() &&
                     (x.is_contiguous() ? p.is_contiguous() : x.strides() == p.strides()),
-                "fastnorm::", u.name, ": every ", what, " must be a dense (contiguous) CPU tensor of its parameter's "
-                "dtype, shape and strides (", dtype_name(dtype), ", ", p.sizes(), ")");
+                "fastnorm::", u.name, ": every ", what, " must be a dense (contiguous) ",
+                device.is_cpu() ? std::string("CPU tensor") : "tensor on " + device.str(),
+                " of its parameter's dtype, shape and strides (", dtype_name(dtype), ", ", p.sizes(), ")");
   };
   bool step_f64 = false;
   for (int64_t i = 0; i < t; ++i) {
@@ -120,6 +115,15 @@ void run(const Update& u, TensorList params, TensorList grads, const std::array<
   if (!sgd) {
     for (int64_t i = 0; i < t; ++i) step_addrs[i] = address(steps[i]);
   }
+  if (u.on_cuda) {
+    std::vector<int64_t> numels(t);
+    for (int64_t i = 0; i < t; ++i) numels[i] = params[i].numel();
+    std::vector<bool> fresh(t, false);
+    for (int64_t i = 0; i < static_cast<int64_t>(first_step.size()) && u.uses[0]; ++i) fresh[i] = first_step.get(i);
+    step_cuda(u, storage, params[0], addrs, numels, step_addrs, step_f64, fresh,
+              seed.has_value() ? (*seed & 0xFFFFFFFF) : 0);
+    return;
+  }
   // per-tensor scalars (filled from the steps; SGD: the first-step flags) and the constants, in
   // the compute dtype: float64 for float64 storage, else float32
   auto launch = [&](auto like) {
@@ -147,19 +151,21 @@ void run(const Update& u, TensorList params, TensorList grads, const std::array<
 
 double sign(bool maximize) { return maximize ? -1.0 : 1.0; }
 
+template <bool OnCuda>
 void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers, double lr, double weight_decay,
           double momentum, double dampening, bool nesterov, bool maximize, const c10::List<bool>& first_step,
           std::optional<int64_t> rounding_seed) {
-  Update u{Entry::kSgd, "sgd_"};
+  Update u{Entry::kSgd, "sgd_", OnCuda};
   u.constants = {sign(maximize), lr, weight_decay, momentum, 1.0 - dampening};
   u.flags = {weight_decay != 0.0, nesterov};
   u.uses = {momentum != 0.0, false, false};
   run(u, params, grads, {momentum_buffers, {}, {}}, {}, first_step, rounding_seed);
 }
 
+template <bool OnCuda>
 void adagrad_(TensorList params, TensorList grads, TensorList state_sums, TensorList state_steps, double lr,
               double lr_decay, double weight_decay, double eps, bool maximize, std::optional<int64_t> rounding_seed) {
-  Update u{Entry::kAdagrad, "adagrad_"};
+  Update u{Entry::kAdagrad, "adagrad_", OnCuda};
   u.host = {lr, lr_decay, 0.0};
   u.constants = {sign(maximize), weight_decay, eps};
   u.flags = {weight_decay != 0.0, false};
@@ -167,22 +173,24 @@ void adagrad_(TensorList params, TensorList grads, TensorList state_sums, Tensor
   run(u, params, grads, {state_sums, {}, {}}, state_steps, c10::List<bool>(), rounding_seed);
 }
 
+template <bool OnCuda>
 void rmsprop_(TensorList params, TensorList grads, TensorList square_avgs, TensorList grad_avgs,
               TensorList momentum_buffers, TensorList state_steps, double lr, double alpha, double eps,
               double weight_decay, double momentum, bool centered, bool maximize,
               std::optional<int64_t> rounding_seed) {
-  Update u{Entry::kRmsprop, "rmsprop_"};
+  Update u{Entry::kRmsprop, "rmsprop_", OnCuda};
   u.constants = {sign(maximize), weight_decay, alpha, 1.0 - alpha, eps, lr, momentum};
   u.flags = {weight_decay != 0.0, 1.0 - alpha < 0.5};
   u.uses = {true, centered, momentum > 0.0};
   run(u, params, grads, {square_avgs, grad_avgs, momentum_buffers}, state_steps, c10::List<bool>(), rounding_seed);
 }
 
+template <bool OnCuda>
 void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
            TensorList max_exp_avg_sqs, TensorList state_steps, double lr, double beta1, double beta2,
            double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
            std::optional<int64_t> rounding_seed) {
-  Update u{Entry::kAdam, "adam_"};
+  Update u{Entry::kAdam, "adam_", OnCuda};
   u.host = {lr, beta1, beta2};
   const double decay = decoupled_weight_decay ? 1.0 - lr * weight_decay : 1.0;
   u.constants = {sign(maximize), decay, weight_decay, 1.0 - beta1, beta1, beta2, 1.0 - beta2, eps};
@@ -214,7 +222,7 @@ void bump(std::initializer_list<TensorList> lists) {
 void sgd_view(c10::DispatchKeySet ks, TensorList params, TensorList grads, TensorList momentum_buffers, double lr,
               double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
               const c10::List<bool>& first_step, std::optional<int64_t> rounding_seed) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastnorm::sgd_", "").typed<decltype(sgd_)>();
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastnorm::sgd_", "").typed<decltype(sgd_<false>)>();
   op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, momentum_buffers, lr, weight_decay, momentum,
                 dampening, nesterov, maximize, first_step, rounding_seed);
   bump({params, momentum_buffers});
@@ -224,7 +232,7 @@ void adagrad_view(c10::DispatchKeySet ks, TensorList params, TensorList grads, T
                   TensorList state_steps, double lr, double lr_decay, double weight_decay, double eps, bool maximize,
                   std::optional<int64_t> rounding_seed) {
   static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fastnorm::adagrad_", "").typed<decltype(adagrad_)>();
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastnorm::adagrad_", "").typed<decltype(adagrad_<false>)>();
   op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, state_sums, state_steps, lr, lr_decay,
                 weight_decay, eps, maximize, rounding_seed);
   bump({params, state_sums, state_steps});
@@ -235,7 +243,7 @@ void rmsprop_view(c10::DispatchKeySet ks, TensorList params, TensorList grads, T
                   double eps, double weight_decay, double momentum, bool centered, bool maximize,
                   std::optional<int64_t> rounding_seed) {
   static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fastnorm::rmsprop_", "").typed<decltype(rmsprop_)>();
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastnorm::rmsprop_", "").typed<decltype(rmsprop_<false>)>();
   op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, square_avgs, grad_avgs, momentum_buffers,
                 state_steps, lr, alpha, eps, weight_decay, momentum, centered, maximize, rounding_seed);
   bump({params, square_avgs, grad_avgs, momentum_buffers, state_steps});
@@ -245,7 +253,7 @@ void adam_view(c10::DispatchKeySet ks, TensorList params, TensorList grads, Tens
                TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList state_steps, double lr, double beta1,
                double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
                bool decoupled_weight_decay, std::optional<int64_t> rounding_seed) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastnorm::adam_", "").typed<decltype(adam_)>();
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastnorm::adam_", "").typed<decltype(adam_<false>)>();
   op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                 state_steps, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay,
                 rounding_seed);
@@ -275,10 +283,18 @@ TORCH_LIBRARY_FRAGMENT(fastnorm, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastnorm, CPU, m) {
-  m.impl("sgd_", &fastnorm::sgd_);
-  m.impl("adagrad_", &fastnorm::adagrad_);
-  m.impl("rmsprop_", &fastnorm::rmsprop_);
-  m.impl("adam_", &fastnorm::adam_);
+  m.impl("sgd_", &fastnorm::sgd_<false>);
+  m.impl("adagrad_", &fastnorm::adagrad_<false>);
+  m.impl("rmsprop_", &fastnorm::rmsprop_<false>);
+  m.impl("adam_", &fastnorm::adam_<false>);
+}
+
+// CUDA: the same checks, then optim_cuda.cpp's launches of kernels/numba_cuda/optim.py's kernels
+TORCH_LIBRARY_IMPL(fastnorm, CUDA, m) {
+  m.impl("sgd_", &fastnorm::sgd_<true>);
+  m.impl("adagrad_", &fastnorm::adagrad_<true>);
+  m.impl("rmsprop_", &fastnorm::rmsprop_<true>);
+  m.impl("adam_", &fastnorm::adam_<true>);
 }
 
 TORCH_LIBRARY_IMPL(fastnorm, Meta, m) {

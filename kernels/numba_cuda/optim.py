@@ -3,8 +3,10 @@
 Book: "Deep Learning from Scratch", section 6.1. The per-element math is kernels/formulas/optim.py
 (shared with the CPU kernels); this module holds the launches. The design is the CPU one (read
 kernels/numba_cpu/optim.py): a parameter group is one (5, T) table of data addresses and one
-chunk table (tensor, start, stop); one launch updates every element of every tensor of the
-group, blocks striding over chunks and threads over a chunk's elements (coalesced).
+chunk table (tensor, start, stop), int64 device arrays the kernels take by address (as every
+fastnorm CUDA kernel takes its arrays: launchable from C++, fastnorm/csrc/optim_cuda.cpp); one
+launch updates every element of every tensor of the group, blocks striding over chunks and
+threads over a chunk's elements (coalesced).
 
 Step counters live in host memory, where torch keeps them without ``capturable=True``: the
 host advances them and computes each tensor's step-dependent scalars in float64 (torch's own
@@ -85,19 +87,23 @@ def _chunk_table(numels: tuple[int, ...]):
 
 
 @_inline
-def _table_update(update, addrs, chunks, s0, s1, constants, flags, uses):
-    """Blocks stride over chunks, threads over a chunk's elements; ``uses``: the buffer rows
-    that exist (the others are neither read nor written)."""
+def _table_update(update, addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses):
+    """Blocks stride over the K chunks, threads over a chunk's elements. The tables are int64
+    device arrays given by address: addrs (5, T) (param, grad, three buffer rows), chunks (K, 3)
+    (tensor, start, stop); ``uses``: the buffer rows that exist (the others are neither read nor
+    written)."""
     like = constants[0]
+    addrs = view(addrs_addr, 5 * T, np.int64(0))
+    chunks = view(chunks_addr, 3 * K, np.int64(0))
     use0, use1, use2 = uses
     k = cuda.blockIdx.x
-    while k < chunks.shape[0]:
-        t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
-        p = view(addrs[0, t], hi, like)
-        g = view(addrs[1, t], hi, like)
-        b0 = view(addrs[2, t], hi, like)
-        b1 = view(addrs[3, t], hi, like)
-        b2 = view(addrs[4, t], hi, like)
+    while k < K:
+        t, lo, hi = chunks[3 * k], chunks[3 * k + 1], chunks[3 * k + 2]
+        p = view(addrs[t], hi, like)
+        g = view(addrs[T + t], hi, like)
+        b0 = view(addrs[2 * T + t], hi, like)
+        b1 = view(addrs[3 * T + t], hi, like)
+        b2 = view(addrs[4 * T + t], hi, like)
         i = lo + cuda.threadIdx.x
         while i < hi:
             _FORMULAS.update_element(update, p, g, b0, b1, b2, i, constants, s0, s1, flags, use0, use1, use2)
@@ -106,20 +112,22 @@ def _table_update(update, addrs, chunks, s0, s1, constants, flags, uses):
 
 
 @_inline
-def _table_update16(update, load, store, addrs, chunks, s0, s1, constants, flags, uses, seed):
+def _table_update16(update, load, store, addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed):
     """:func:`_table_update` for bfloat16 / float16 storage: ``load`` and ``store`` convert each
     value to and from float32 (kernels/numba_cuda/_bits.py), the compute dtype of ``s0``, ``s1``
     and ``constants``; ``seed`` (uint32): the stochastic rounding generator's, per launch."""
     bits = np.uint16(0)
+    addrs = view(addrs_addr, 5 * T, np.int64(0))
+    chunks = view(chunks_addr, 3 * K, np.int64(0))
     use0, use1, use2 = uses
     k = cuda.blockIdx.x
-    while k < chunks.shape[0]:
-        t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
-        p = view(addrs[0, t], hi, bits)
-        g = view(addrs[1, t], hi, bits)
-        b0 = view(addrs[2, t], hi, bits)
-        b1 = view(addrs[3, t], hi, bits)
-        b2 = view(addrs[4, t], hi, bits)
+    while k < K:
+        t, lo, hi = chunks[3 * k], chunks[3 * k + 1], chunks[3 * k + 2]
+        p = view(addrs[t], hi, bits)
+        g = view(addrs[T + t], hi, bits)
+        b0 = view(addrs[2 * T + t], hi, bits)
+        b1 = view(addrs[3 * T + t], hi, bits)
+        b2 = view(addrs[4 * T + t], hi, bits)
         tt = np.uint32(t)
         keys = (row_key(seed, tt, np.uint32(0)), row_key(seed, tt, np.uint32(1)), row_key(seed, tt, np.uint32(2)),
                 row_key(seed, tt, np.uint32(3)))  # fmt: skip
@@ -132,29 +140,29 @@ def _table_update16(update, load, store, addrs, chunks, s0, s1, constants, flags
 
 
 @_jit
-def _sgd(addrs, chunks, s0, s1, constants, flags, uses):
-    _table_update(_FORMULAS.sgd, addrs, chunks, s0, s1, constants, flags, uses)
+def _sgd(addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed):  # seed: unused (16-bit only)
+    _table_update(_FORMULAS.sgd, addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses)
 
 
 @_jit
-def _adagrad(addrs, chunks, s0, s1, constants, flags, uses):
-    _table_update(_FORMULAS.adagrad, addrs, chunks, s0, s1, constants, flags, uses)
+def _adagrad(addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed):  # seed: unused (16-bit only)
+    _table_update(_FORMULAS.adagrad, addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses)
 
 
 @_jit
-def _rmsprop(addrs, chunks, s0, s1, constants, flags, uses):
-    _table_update(_FORMULAS.rmsprop, addrs, chunks, s0, s1, constants, flags, uses)
+def _rmsprop(addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed):  # seed: unused (16-bit only)
+    _table_update(_FORMULAS.rmsprop, addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses)
 
 
 @_jit
-def _adam(addrs, chunks, s0, s1, constants, flags, uses):
-    _table_update(_FORMULAS.adam, addrs, chunks, s0, s1, constants, flags, uses)
+def _adam(addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed):  # seed: unused (16-bit only)
+    _table_update(_FORMULAS.adam, addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses)
 
 
 # -- the same for 16-bit storage: one kernel per optimizer and storage, compiled when first used --
 _STORAGES16 = {"bf16": ("load_bf16", "store_bf16"), "bf16_sr": ("load_bf16", "store_bf16_stochastic"),
                "f16": ("load_f16", "store_f16")}  # fmt: skip
-_ARGS16 = "addrs, chunks, s0, s1, constants, flags, uses, seed"
+_ARGS16 = "addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed"
 
 
 def _define16() -> dict:
@@ -200,10 +208,9 @@ def _advance_host_steps(step_addrs, step_f64: bool) -> list[float]:
 def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses,
             seed=None) -> None:  # fmt: skip
     kernel, tensor_scalars = _KERNELS[op]
-    extra = ()
     if is_half(dtype):  # 16-bit storage: float32 scalars, the storage's kernel
         storage = "f16" if np.dtype(dtype) == FLOAT16 else "bf16" if seed is None else "bf16_sr"
-        kernel, dtype, extra = _KERNELS16[(op, storage)], np.dtype(np.float32), (np.uint32(seed or 0),)
+        kernel, dtype = _KERNELS16[(op, storage)], np.dtype(np.float32)
     if first_step is None:
         steps = _advance_host_steps(step_addrs, step_f64)
         cache: dict = {}
@@ -221,9 +228,11 @@ def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, co
         else:  # tensors whose steps differ: one launch per set of scalars
             table, sizes = addrs[:, index], tuple(numels[i] for i in index)
         chunks = _chunk_table(sizes)
-        kernel[max(1, min(chunks.shape[0], MAX_BLOCKS)), BLOCK, st](
-            _device_table(table), chunks, dtype.type(s0), dtype.type(s1), constants, flags, uses, *extra
-        )
+        k = chunks.shape[0]
+        kernel[max(1, min(k, MAX_BLOCKS)), BLOCK, st](
+            address(_device_table(table)), len(sizes), address(chunks), k, dtype.type(s0), dtype.type(s1), constants,
+            flags, uses, np.uint32(seed or 0),
+        )  # fmt: skip
 
 
 _API = OptimizerAPI("cuda", OPTIMIZER_DTYPES, _launch, address, lambda a: True, host_address)

@@ -49,7 +49,8 @@ def launches():
 
     def run(module_name, function, signature, storage, grid, block, args):
         ran.append((function, tuple(grid), tuple(block)))
-        kernel = getattr(importlib.import_module(f"kernels.numba_cuda.{module_name}"), function)
+        module = importlib.import_module(f"kernels.numba_cuda.{module_name}")
+        kernel = getattr(module, ptx.function_name(function, storage))
         kernel[tuple(grid), tuple(block)](*ptx.typed_args(signature, storage, args))
 
     module.cuda_set_hook(run)
@@ -218,3 +219,94 @@ def test_the_launch_geometry_is_the_simulators():
     geometry = _ops._cuda_geometry()
     assert geometry["block"] == batchnorm.BLOCK == 64
     assert geometry["plane_min"] == batchnorm.PLANE_MIN
+
+
+# -- the optimizer ops (fastnorm/csrc/optim_cuda.cpp) -----------------------------------------------
+
+OPTIMIZERS = [
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    ("SGD", {"lr": 0.05, "momentum": 0.5, "dampening": 0.1, "maximize": True}),
+    ("SGD", {"lr": 0.05}),
+    ("Adagrad", {"lr": 0.05, "lr_decay": 0.01, "weight_decay": 0.1}),
+    ("RMSprop", {"lr": 0.01, "centered": True, "momentum": 0.9}),
+    ("RMSprop", {"lr": 0.01, "alpha": 0.3}),
+    ("Adam", {"lr": 0.01, "amsgrad": True, "weight_decay": 0.01}),
+    ("AdamW", {"lr": 0.01, "maximize": True}),
+]
+
+
+@pytest.fixture
+def optimizer_ops(launches, monkeypatch):
+    """fastnorm.optim's cuda backend through the C++ ops' CUDA kernels (as on a GPU), on CPU
+    tensors: its updates call torch.ops.fastnorm.<op>_ with the CUDA dispatch key."""
+    from fastnorm import optim
+
+    class Redispatch(dict):
+        def __missing__(self, op):
+            fn = getattr(torch.ops.fastnorm, f"{op}_").default
+            self[op] = lambda *args, **kwargs: fn.redispatch(CUDA, *args, **kwargs)
+            return self[op]
+
+    monkeypatch.setattr(optim, "_cuda_op", lambda backend, tensors: backend.name == "cuda")
+    monkeypatch.setattr(optim, "_OPS", Redispatch())
+    return launches
+
+
+def _lockstep(name, options, dtype, backend_ops, steps=4):
+    """Runs torch's optimizer and fastnorm's (cuda backend) in lockstep; some parameters skip
+    some steps (their step counters fall behind: launches per set of step scalars)."""
+    torch.manual_seed(1)
+    shapes = [(7,), (3, 5), (1,), (2, 3, 4)]
+    ref_params = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    our_params = [p.clone().to(dtype) for p in ref_params]
+    ref = getattr(torch.optim, name)(ref_params, **{k: v for k, v in options.items() if k != "stochastic_rounding"})
+    ours = getattr(fastnorm.optim, name)(our_params, backend="cuda", **options)
+    for step in range(steps):
+        for i, (a, b) in enumerate(zip(ref_params, our_params)):
+            if (i + step) % 4 == 3:
+                a.grad = b.grad = None
+                continue
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.to(dtype)
+        ref.step()
+        ours.step()
+    return ref, ref_params, ours, our_params
+
+
+@pytest.mark.parametrize("name,options", OPTIMIZERS, ids=[f"{n}-{o}" for n, o in OPTIMIZERS])
+def test_optimizers_through_the_cpp_ops_follow_torch_and_the_python_launcher(optimizer_ops, cuda_backend_on_cpu,
+                                                                             monkeypatch, name, options):  # fmt: skip
+    ref, ref_params, ours, our_params = _lockstep(name, options, torch.float64, optimizer_ops)
+    ran = {function for function, _, _ in optimizer_ops}
+    assert ran == {"_" + name.lower().removesuffix("w") + "{storage}"}, ran
+    for a, b in zip(ref_params, our_params):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+        for key, value in ref.state[a].items():
+            torch.testing.assert_close(ours.state[b][key], value, rtol=1e-10, atol=1e-10, msg=key)
+            assert ours.state[b][key].device == value.device
+    # the Python launcher (kernels/numba_cuda/optim.py): the same kernels and tables, the same bits
+    from fastnorm import optim
+
+    monkeypatch.setattr(optim, "_cuda_op", lambda backend, tensors: False)
+    optimizer_ops.clear()
+    _, _, theirs, their_params = _lockstep(name, options, torch.float64, None)
+    assert not optimizer_ops, "the Python launcher ran"
+    for b, c in zip(our_params, their_params):
+        assert torch.equal(b, c), f"{name}: the C++ and Python launches differ"
+
+
+@pytest.mark.parametrize("name,options", [("Adam", {"lr": 0.01, "weight_decay": 0.01}),
+                                          ("SGD", {"lr": 0.05, "momentum": 0.9, "stochastic_rounding": True}),
+                                          ("AdamW", {"lr": 0.01, "stochastic_rounding": True})], ids=str)  # fmt: skip
+def test_16_bit_optimizers_through_the_cpp_ops_as_the_python_launcher(optimizer_ops, cuda_backend_on_cpu,
+                                                                      monkeypatch, name, options):  # fmt: skip
+    """bfloat16 parameters and state (round to nearest, or stochastic rounding, its seeds drawn
+    the same way by both runs): the C++ launches give the Python launcher's bits."""
+    from fastnorm import optim
+
+    _, _, ours, our_params = _lockstep(name, options, torch.bfloat16, optimizer_ops, steps=3)
+    assert optimizer_ops, "the C++ ops launched"
+    monkeypatch.setattr(optim, "_cuda_op", lambda backend, tensors: False)
+    _, _, theirs, their_params = _lockstep(name, options, torch.bfloat16, None, steps=3)
+    for b, c in zip(our_params, their_params):
+        assert torch.equal(b, c), f"{name}: the C++ and Python launches differ"

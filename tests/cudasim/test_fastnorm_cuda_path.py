@@ -294,7 +294,7 @@ def test_functional_norms_on_the_cuda_backend():
 
 def test_auto_leaves_the_norm_family_to_torch_on_a_gpu():
     """The cuda kernels of LayerNorm / RMSNorm / GroupNorm have not been timed on a GPU: "auto"
-    keeps torch's there (BatchNorm and the optimizers, measured, keep the cuda backend)."""
+    keeps torch's there (BatchNorm and the optimizers keep the cuda backend where it measured faster)."""
     from fastnorm import _dispatch
 
     gpu = torch.device("cuda")
@@ -302,3 +302,30 @@ def test_auto_leaves_the_norm_family_to_torch_on_a_gpu():
         assert _dispatch._implements("cuda", op)
         assert _dispatch._resolve("auto", op, gpu).name == "torch"
     assert "batch_norm" in _dispatch.AUTO_CUDA_OPS and "adam" in _dispatch.AUTO_CUDA_OPS
+
+
+# (op, kind, elements, what "auto" runs on a GPU): _dispatch.AUTO_CUDA_MIN_NUMEL, from the H200
+# measurements (bench/results/gpu.md): the cuda backend only from where it measured faster
+AUTO_ON_GPU = [
+    ("batch_norm", "batch_norm_planes", 64 * 256 * 28 * 28, "torch"),  # 0.30x measured
+    ("batch_norm", "batch_norm_planes", 256 * 64 * 56 * 56, "cuda"),  # 1.57x measured
+    ("batch_norm", "batch_norm", 8192 * 2048, "torch"),  # (N, C) rows: never measured faster
+    ("batch_norm", "batch_norm_channels_last", 10**9, "torch"),  # never measured
+    ("adam", "adam", 235_146, "torch"),  # the book's MLP: 0.79x
+    ("adam", "adam", 100_000_000, "cuda"),  # 2.10x
+    ("sgd", "sgd_momentum", 10**9, "cuda"),  # 1.50x
+    ("sgd", "sgd", 10**9, "torch"),  # 0.90x at 1B
+]
+
+
+@pytest.mark.parametrize("op,kind,numel,expected", AUTO_ON_GPU, ids=lambda v: str(v))
+def test_auto_on_a_gpu_runs_the_cuda_backend_only_where_it_measured_faster(monkeypatch, op, kind, numel, expected):
+    from fastnorm import _dispatch
+
+    monkeypatch.setitem(_dispatch._DEVICE_TYPE, "cuda", "cuda")  # a GPU's tensors, as the dispatcher sees them
+    _dispatch._RESOLVED.clear()
+    assert _dispatch.resolve("auto", op, torch.device("cuda"), numel, kind).name == expected
+    assert _dispatch.resolve("cuda", op, torch.device("cuda"), numel, kind).name == "cuda", "asked for: always"
+    # the CPU's thresholds are their own
+    cpu = _dispatch.resolve("auto", op, torch.device("cpu"), numel, kind).name
+    assert cpu == ("torch" if _dispatch.auto_prefers_torch(kind, numel, "cpu") else "numba")

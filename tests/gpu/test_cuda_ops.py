@@ -135,3 +135,55 @@ def test_torch_compile_traces_the_cpp_op():
     assert_close(y, y_ref, 1e-4, 1e-5, "compiled y")
     assert_close(model[0].weight.grad, ref[0].weight.grad, 1e-3, 1e-4, "compiled linear grad")
     assert_close(model[1].running_var, ref[1].running_var, 1e-5, 1e-6, "compiled running_var")
+
+
+def _adam_run(monkeypatch, through_op: bool, steps: int = 4):
+    from fastnorm import optim
+
+    monkeypatch.setattr(optim, "_cuda_op", optim._cuda_op if through_op else (lambda backend, tensors: False))
+    torch.manual_seed(0)
+    params = [torch.randn(s, device=DEV, requires_grad=True) for s in [(784, 256), (256,), (256, 10), (10,)]]
+    opt = fastnorm.optim.Adam(params, lr=1e-2, weight_decay=0.01, amsgrad=True, backend="cuda")
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return params, opt
+
+
+def test_optimizer_steps_through_the_cpp_ops_give_the_python_launchers_bits(monkeypatch):
+    ours, opt = _adam_run(monkeypatch, True)
+    theirs, _ = _adam_run(monkeypatch, False)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b), "C++ and Python launches differ"
+    assert opt.state[ours[0]]["step"].device.type == "cpu", "host step counters, as torch's without capturable"
+
+
+def test_sgd_steps_are_captured_in_a_cuda_graph_and_adam_refuses():
+    torch.manual_seed(0)
+    params = [torch.randn(s, device=DEV, requires_grad=True) for s in [(512, 300), (300,)]]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    opt = fastnorm.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, backend="cuda")
+    ref_opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, nesterov=True)
+    grads = [torch.randn_like(p) for p in params]
+    for p, r, g in zip(params, ref, grads):
+        p.grad, r.grad = g.clone(), g.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: the momentum buffers and the address tables exist after it
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    ref_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(3):
+        graph.replay()
+        ref_opt.step()
+    for p, r in zip(params, ref):
+        assert_close(p, r, 1e-5, 1e-6, "SGD parameter after graph replays")
+    adam = fastnorm.optim.Adam(params, lr=1e-3, backend="cuda")
+    adam.step()
+    with pytest.raises(RuntimeError, match="cannot capture this step"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            adam.step()

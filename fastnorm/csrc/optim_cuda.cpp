@@ -1,0 +1,169 @@
+// The optimizer ops on CUDA tensors: torch.ops.fastnorm.{sgd_, adagrad_, rmsprop_, adam_} for the
+// CUDA dispatch key (optim.cpp checks the arguments and registers them), launching
+// kernels/numba_cuda/optim.py's kernels from C++ (cuda_launch.h) as its Python launcher does:
+//
+//   1. the host step counters (state["step"], CPU tensors: torch's optimizers without
+//      capturable=True) advance, and each tensor's step-dependent scalars are computed in float64
+//      (kernels/formulas/optim.py's *_tensor_scalars: the same arithmetic);
+//   2. tensors sharing those scalars (usually the whole group) share one launch, the scalars and
+//      constants passed by value in the compute dtype;
+//   3. each launch reads a (5, T) address table and a (K, 3) chunk table (tensor, start, stop) in
+//      device memory, uploaded the first time that content is seen and kept (they hold addresses
+//      and sizes only: a table is right for any tensors at those addresses, whoever owns them
+//      now), so a step is one launch per group with no host-to-device copy.
+//
+// CUDA graphs: SGD (no step counters) is captured as it is once its tables exist (a first step
+// inside a capture raises); the others raise under capture, as torch's optimizers do without
+// capturable=True: a graph would freeze their host-computed bias corrections. Tables a graph
+// captured are never dropped.
+#include <c10/core/DeviceGuard.h>
+
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "optim.h"
+
+namespace fastnorm {
+namespace {
+
+using cuda::Arg;
+
+// kernels/formulas/optim.py: adagrad_tensor_scalars, adam_tensor_scalars (the others: zeros)
+std::pair<double, double> tensor_scalars(const Update& u, double step) {
+  switch (u.family) {
+    case Entry::kAdagrad: return {u.host[0] / (1.0 + (step - 1.0) * u.host[1]), 0.0};
+    case Entry::kAdam: return {u.host[0] / (1.0 - std::pow(u.host[1], step)), std::sqrt(1.0 - std::pow(u.host[2], step))};
+    default: return {0.0, 0.0};
+  }
+}
+
+// step += 1 on a host counter (float32 arithmetic rounded once for float32 counters, as torch's); the new value
+double advance(int64_t addr, bool f64) {
+  if (f64) {
+    auto* counter = reinterpret_cast<double*>(addr);
+    *counter = *counter + 1.0;
+    return *counter;
+  }
+  auto* counter = reinterpret_cast<float*>(addr);
+  *counter = static_cast<float>(static_cast<double>(*counter) + 1.0);
+  return *counter;
+}
+
+struct Tables {
+  Tensor addrs, chunks;  // int64 (5, T), (K, 3) on the parameters' device
+  int64_t k = 0;
+  bool captured = false;  // a CUDA graph reads them: never dropped
+};
+
+constexpr size_t kMaxTables = 1024;
+std::mutex tables_mutex;
+auto* tables = new std::map<std::vector<int64_t>, Tables>();  // never freed: graphs may outlive statics
+
+Tensor upload(const std::vector<int64_t>& values, const Tensor& like) {
+  const bool gpu = like.is_cuda();
+  Tensor host = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions(at::kLong).pinned_memory(gpu));
+  std::memcpy(host.data_ptr(), values.data(), values.size() * sizeof(int64_t));
+  // pinned memory, copied on the current stream (torch keeps the block until the copy is done)
+  return gpu ? host.to(like.device(), /*non_blocking=*/true) : host;
+}
+
+Tables tables_of(const Update& u, const Tensor& like, const std::vector<int64_t>& table,
+                 const std::vector<int64_t>& sizes, bool capturing) {
+  const int64_t chunk = cuda::geometry().optimizer_chunk;
+  std::vector<int64_t> key{like.get_device(), chunk};
+  key.insert(key.end(), table.begin(), table.end());
+  key.insert(key.end(), sizes.begin(), sizes.end());
+  std::lock_guard<std::mutex> lock(tables_mutex);
+  auto found = tables->find(key);
+  if (found != tables->end()) {
+    found->second.captured = found->second.captured || capturing;
+    return found->second;
+  }
+  TORCH_CHECK(!capturing, "fastnorm::", u.name, ": the first step of these parameters is being captured in a CUDA "
+              "graph; run one step before capturing (it uploads the group's address tables)");
+  if (tables->size() >= kMaxTables) {  // parameters that keep moving: forget the tables no graph holds
+    for (auto it = tables->begin(); it != tables->end();) it = it->second.captured ? std::next(it) : tables->erase(it);
+  }
+  std::vector<int64_t> chunks;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    for (int64_t lo = 0; lo < sizes[i]; lo += chunk) {
+      chunks.insert(chunks.end(), {static_cast<int64_t>(i), lo, std::min(sizes[i], lo + chunk)});
+    }
+  }
+  Tables made;
+  made.k = static_cast<int64_t>(chunks.size() / 3);
+  if (chunks.empty()) chunks.assign(3, 0);
+  made.addrs = upload(table, like);
+  made.chunks = upload(chunks, like);
+  return tables->emplace(std::move(key), std::move(made)).first->second;
+}
+
+cuda::Kernel kernel_of(Entry family) {
+  switch (family) {
+    case Entry::kSgd: return cuda::Kernel::kSgd;
+    case Entry::kAdagrad: return cuda::Kernel::kAdagrad;
+    case Entry::kRmsprop: return cuda::Kernel::kRmsprop;
+    default: return cuda::Kernel::kAdam;
+  }
+}
+
+}  // namespace
+
+void step_cuda(const Update& u, int storage, const Tensor& like, const std::vector<int64_t>& addrs,
+               const std::vector<int64_t>& numels, const std::vector<int64_t>& step_addrs, bool step_f64,
+               const std::vector<bool>& fresh, int64_t seed) {
+  c10::OptionalDeviceGuard guard(like.device());
+  const int64_t t = static_cast<int64_t>(numels.size());
+  const bool sgd = u.family == Entry::kSgd;
+  const bool capturing = cuda::capturing(like);
+  TORCH_CHECK(!capturing || sgd, "fastnorm::", u.name, ": a CUDA graph cannot capture this step: its step counters "
+              "are CPU tensors (torch's optimizers without capturable=True), whose values a graph would freeze");
+  // 1. per-tensor scalars (SGD: s0 != 0 where the momentum buffer is new this step)
+  std::vector<std::pair<double, double>> keys(t);
+  std::map<double, std::pair<double, double>> by_step;
+  for (int64_t i = 0; i < t; ++i) {
+    if (sgd) {
+      keys[i] = {fresh[i] ? 1.0 : 0.0, 0.0};
+      continue;
+    }
+    const double step = advance(step_addrs[i], step_f64);
+    auto found = by_step.find(step);
+    keys[i] = found != by_step.end() ? found->second : (by_step[step] = tensor_scalars(u, step));
+  }
+  // 2. groups of equal scalars, in first-seen order
+  std::vector<std::pair<std::pair<double, double>, std::vector<int64_t>>> groups;
+  for (int64_t i = 0; i < t; ++i) {
+    auto same = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == keys[i]; });
+    if (same == groups.end()) {
+      groups.push_back({keys[i], {i}});
+    } else {
+      same->second.push_back(i);
+    }
+  }
+  // 3. one launch per group
+  const bool f64 = storage == kFloat64;
+  const auto& geometry = cuda::geometry();
+  for (const auto& [scalars, index] : groups) {
+    const int64_t n = static_cast<int64_t>(index.size());
+    std::vector<int64_t> table(5 * n), sizes(n);
+    for (int64_t j = 0; j < n; ++j) {
+      for (int r = 0; r < 5; ++r) table[r * n + j] = addrs[r * t + index[j]];
+      sizes[j] = numels[index[j]];
+    }
+    const Tables tb = tables_of(u, like, table, sizes, capturing);
+    std::vector<Arg> args{Arg(address(tb.addrs)), Arg(n), Arg(address(tb.chunks)), Arg(tb.k),
+                          Arg::real(scalars.first, f64), Arg::real(scalars.second, f64)};
+    for (double c : u.constants) args.push_back(Arg::real(c, f64));
+    args.push_back(Arg(u.flags[0]));
+    if (u.family != Entry::kAdagrad) args.push_back(Arg(u.flags[1]));  // Adagrad's kernel takes one flag
+    for (bool use : u.uses) args.push_back(Arg(use));
+    args.push_back(Arg(seed));
+    const cuda::Dim3 grid{std::max<int64_t>(1, std::min(tb.k, geometry.optimizer_max_blocks))};
+    cuda::launch(kernel_of(u.family), storage, like, grid, {geometry.block}, args);
+  }
+}
+
+}  // namespace fastnorm
