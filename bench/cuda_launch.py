@@ -11,9 +11,11 @@ warm-up; the first calls, which compile or load the kernels, are timed apart):
 2. host time per op call: the training forward op alone (``torch.ops.fastnorm.batch_norm_forward``
    against ``torch.ops.aten.native_batch_norm``, and the Python launchers' forward), queued 200 times
    without synchronisation at a small size, so the host is the bottleneck: wall / calls;
-3. an Adam step of the book's MLP (host-bound): torch fused and foreach, fastnorm through the
+3. LayerNorm / RMSNorm / GroupNorm forward+backward at the CPU suite's sizes: torch's (ATen),
+   fastnorm's through the C++ ops and through the Python launchers;
+4. an Adam step of the book's MLP (host-bound): torch fused and foreach, fastnorm through the
    C++ op and through the Python launcher;
-4. device time of a CUDA-graph replay of forward+backward (no host work at all): the kernels
+5. device time of a CUDA-graph replay of forward+backward (no host work at all): the kernels
    themselves, cpp against torch.
 """
 
@@ -105,6 +107,41 @@ def _graph_fn(provider, shape, fmt):
     return graph.replay
 
 
+NORM_CASES = [("layer_norm", (4096, 768), None), ("layer_norm", (8192, 4096), None), ("rms_norm", (4096, 768), None),
+              ("rms_norm", (8192, 4096), None), ("group_norm", (32, 256, 28, 28), None),
+              ("group_norm", (32, 256, 28, 28), torch.channels_last)]  # fmt: skip
+
+
+def _norm_step(provider: str, op: str, shape, fmt):
+    from fastnorm import functional
+
+    x = torch.randn(shape, device=DEV)
+    if fmt is not None:
+        x = x.to(memory_format=fmt)
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+    c = shape[1] if op == "group_norm" else shape[-1]
+    w = torch.ones(c, device=DEV, requires_grad=True)
+    b = torch.zeros(c, device=DEV, requires_grad=True)
+    backend = "torch" if provider == "torch" else "cuda"
+    call = {
+        "layer_norm": lambda: functional.layer_norm(x, [c], w, b, backend=backend),
+        "rms_norm": lambda: functional.rms_norm(x, [c], w, backend=backend),
+        "group_norm": lambda: functional.group_norm(x, 32, w, b, backend=backend),
+    }[op]
+    if provider != "python":
+        return lambda: call().backward(dy)
+
+    def python_launch():
+        saved, functional._cuda_op = functional._cuda_op, lambda name, input: False
+        try:
+            call().backward(dy)
+        finally:
+            functional._cuda_op = saved
+
+    return python_launch
+
+
 def _adam_step(provider: str):
     from fastnorm import optim
 
@@ -162,6 +199,18 @@ def main(out: str | None) -> None:
         med, _ = _interleaved(fns, timer=_host_time)
     lines.append(f"| {med['aten']:.1f} | {med['cpp']:.1f} | {med['python']:.1f} |")
     print(lines[-1], flush=True)
+
+    lines += ["", "## LayerNorm / RMSNorm / GroupNorm forward+backward, us per step (with autograd)", "",
+              "| case | torch | cpp | python | cpp / torch | python / torch |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for case in NORM_CASES:
+        fns = {p: _norm_step(p, *case) for p in ("torch", "cpp", "python")}
+        med, _ = _interleaved(fns)
+        op, shape, fmt = case
+        label = f"{op} " + "x".join(map(str, shape)) + ("-channels_last" if fmt is not None else "")
+        lines.append(f"| {label} | {med['torch']:.1f} | {med['cpp']:.1f} | {med['python']:.1f} | "
+                     f"{med['cpp'] / med['torch']:.2f}x | {med['python'] / med['torch']:.2f}x |")  # fmt: skip
+        print(lines[-1], flush=True)
 
     lines += ["", "## Adam step of the book's MLP (784-256-128-10, 235K parameters), us per step", "",
               "| torch fused | torch foreach | fastnorm cpp | fastnorm python | cpp / fused |",

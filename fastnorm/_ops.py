@@ -38,6 +38,7 @@ SOURCES = [
     _CSRC / "batch_norm_cuda.cpp",
     _CSRC / "cuda_launch.cpp",
     _CSRC / "layer_norm.cpp",
+    _CSRC / "row_norm_cuda.cpp",
     _CSRC / "group_norm.cpp",
     _CSRC / "optim.cpp",
     _CSRC / "optim_cuda.cpp",
@@ -155,10 +156,12 @@ def _cuda_ptx(module: str, function: str, signature: str, storage: int, major: i
 def _cuda_geometry() -> dict[str, int]:
     """The launch geometry of the CUDA kernels as kernels/numba_cuda holds it (the simulator's
     blocks are smaller than a GPU's)."""
-    from kernels.numba_cuda import batchnorm, optim
+    from kernels.numba_cuda import batchnorm, layernorm, optim
 
     names = ("BLOCK", "ROW_TILE", "ROW_LANES", "TARGET_BLOCKS", "UNROLL", "PLANE_MIN")
     geometry = {name.lower(): int(getattr(batchnorm, name)) for name in names}
+    rows = ("ROW_BLOCK", "COL_TILE", "COL_LANES", "MAX_ROW_BLOCKS", "ROWS_PER_SPLIT")
+    geometry.update({name.lower(): int(getattr(layernorm, name)) for name in rows})
     return {**geometry, "optimizer_chunk": int(optim.CHUNK), "optimizer_max_blocks": int(optim.MAX_BLOCKS)}
 
 

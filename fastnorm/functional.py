@@ -5,9 +5,9 @@ One dispatch per call (:func:`batch_norm_as`, :func:`layer_norm_as`, :func:`rms_
 * ``numba``: ``torch.ops.fastnorm.batch_norm`` (``layer_norm``, ``rms_norm``), the C++ ops (fastnorm/csrc) that
   every layer of torch sees and calls: eager code, ``torch.compile``, TorchScript, ``jit.trace``,
   ``torch.export``, fx;
-* ``cuda``, BatchNorm on CUDA tensors: the same C++ op, whose CUDA kernel launches the numba-cuda
-  kernels from C++ (fastnorm/csrc/batch_norm_cuda.cpp; where the C++ ops cannot launch, as
-  without a CUDA driver or with ``FASTNORM_CUDA_OPS=0``, the Python path below);
+* ``cuda`` on CUDA tensors: the same C++ ops, whose CUDA kernels launch the numba-cuda kernels
+  from C++ (fastnorm/csrc/batch_norm_cuda.cpp, row_norm_cuda.cpp; where the C++ ops cannot
+  launch, as without a CUDA driver or with ``FASTNORM_CUDA_OPS=0``, the Python path below);
 * ``reference`` and ``cuda``: their kernels behind a Python ``torch.autograd.Function``
   (fastnorm/autograd.py) in eager code;
 * ``torch``: ``torch.nn.functional.batch_norm``.
@@ -196,9 +196,15 @@ def _wide(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.float() if t is not None and t.dtype in _HALF else t
 
 
+def _cuda_op(name: str, input: torch.Tensor) -> bool:
+    """Whether the cuda backend runs this call through the C++ ops (CUDA tensors, and the C++ ops
+    launch the cuda kernels here: fastnorm._ops.cuda_available)."""
+    return name == "cuda" and input.is_cuda and _ops.cuda_available()
+
+
 def layer_norm_as(name: str, input, normalized_shape, weight, bias, eps):
     """:func:`layer_norm` on the backend ``name`` (resolved: not "auto")."""
-    if name == "numba":
+    if name == "numba" or _cuda_op(name, input):
         if torch.compiler.is_compiling() or not torch_semantics_only(input, weight, bias):
             return torch.ops.fastnorm.layer_norm.default(input, list(normalized_shape), weight, bias, float(eps))
     elif name != "torch" and not _tracing() and not torch_semantics_only(input, weight, bias):
@@ -211,7 +217,7 @@ def layer_norm_as(name: str, input, normalized_shape, weight, bias, eps):
 
 def rms_norm_as(name: str, input, normalized_shape, weight, eps):
     """:func:`rms_norm` on the backend ``name`` (resolved: not "auto")."""
-    if name == "numba":
+    if name == "numba" or _cuda_op(name, input):
         if torch.compiler.is_compiling() or not torch_semantics_only(input, weight):
             return torch.ops.fastnorm.rms_norm.default(input, list(normalized_shape), weight,
                                                        None if eps is None else float(eps))  # fmt: skip
@@ -283,7 +289,7 @@ def group_norm_as(name: str, input, num_groups, weight, bias, eps):
     if input.dim() < 2:  # F.group_norm's own checks, in its words, before any backend runs
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     F._verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
-    if name == "numba":
+    if name == "numba" or _cuda_op(name, input):
         if torch.compiler.is_compiling() or not torch_semantics_only(input, weight, bias):
             return torch.ops.fastnorm.group_norm.default(input, int(num_groups), weight, bias, float(eps))
     elif name != "torch" and not _tracing() and not torch_semantics_only(input, weight, bias):
@@ -334,7 +340,7 @@ def batch_norm_as(name: str, input, running_mean, running_var, weight, bias, tra
         not torch.compiler.is_compiling() and torch_semantics_only(input, running_mean, running_var, weight, bias)
     ):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if name == "numba" or (name == "cuda" and input.is_cuda and _ops.cuda_available()):
+    if name == "numba" or _cuda_op(name, input):
         return torch.ops.fastnorm.batch_norm.default(input, weight, bias, running_mean, running_var, bool(training),
                                                      float(momentum), float(eps))  # fmt: skip
     if _tracing():  # the Python backends cannot be traced into a graph: torch's op, the same semantics

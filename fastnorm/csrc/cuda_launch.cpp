@@ -42,6 +42,12 @@ constexpr Spec kKernels[] = {
     {"optim", "_adagrad{storage}", "aiaikk(kkk)(b)(bbb)u"},
     {"optim", "_rmsprop{storage}", "aiaikk(kkkkkkk)(bb)(bbb)u"},
     {"optim", "_adam{storage}", "aiaikk(kkkkkkkk)(bb)(bbb)u"},
+    // kernels/numba_cuda/layernorm.py: the grouped-row kernels (LayerNorm, RMSNorm, GroupNorm)
+    {"layernorm", "_forward_rows", "aaababDKiiiiifbaa"},
+    {"layernorm", "_input_grad_rows", "aaaaabDKiiiiiba"},
+    {"layernorm", "_param_partials_columns", "aaaaDKiiiiba"},
+    {"layernorm", "_param_partials_planes", "aaaaDKiiiiiba"},
+    {"layernorm", "_param_finalize", "aiKiabab"},
 };
 static_assert(sizeof(kKernels) / sizeof(kKernels[0]) == static_cast<int>(Kernel::kCount));
 
@@ -255,9 +261,15 @@ const Geometry& geometry() {
     g.plane_min = values["plane_min"].cast<int64_t>();
     g.optimizer_chunk = values["optimizer_chunk"].cast<int64_t>();
     g.optimizer_max_blocks = values["optimizer_max_blocks"].cast<int64_t>();
+    g.row_block = values["row_block"].cast<int64_t>();
+    g.col_tile = values["col_tile"].cast<int64_t>();
+    g.col_lanes = values["col_lanes"].cast<int64_t>();
+    g.max_row_blocks = values["max_row_blocks"].cast<int64_t>();
+    g.rows_per_split = values["rows_per_split"].cast<int64_t>();
   }
   TORCH_CHECK(g.block > 0 && g.row_tile > 0 && g.row_lanes > 0 && g.target_blocks > 0 && g.unroll > 0 &&
-                  g.optimizer_chunk > 0 && g.optimizer_max_blocks > 0,
+                  g.optimizer_chunk > 0 && g.optimizer_max_blocks > 0 && g.row_block > 0 && g.col_tile > 0 &&
+                  g.col_lanes > 0 && g.max_row_blocks > 0 && g.rows_per_split > 0,
               "fastnorm's cuda ops: the launch geometry must be positive");
   std::lock_guard<std::mutex> lock(load_mutex);
   if (!settings_loaded.load(std::memory_order_relaxed)) {

@@ -48,6 +48,11 @@ enum class Kernel : int {
   kAdagrad,
   kRmsprop,
   kAdam,
+  kForwardRows,
+  kInputGradRows,
+  kParamPartialsColumns,
+  kParamPartialsPlanes,
+  kParamFinalize,
   kCount
 };
 
@@ -83,6 +88,8 @@ void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 
 struct Geometry {
   int64_t block = 256, row_tile = 32, row_lanes = 8, target_blocks = 1024, unroll = 4, plane_min = 32;
   int64_t optimizer_chunk = 1 << 16, optimizer_max_blocks = 4096;  // kernels/numba_cuda/optim.py's CHUNK, MAX_BLOCKS
+  // kernels/numba_cuda/layernorm.py's ROW_BLOCK, COL_TILE, COL_LANES, MAX_ROW_BLOCKS, ROWS_PER_SPLIT
+  int64_t row_block = 256, col_tile = 32, col_lanes = 8, max_row_blocks = 65535, rows_per_split = 128;
 };
 const Geometry& geometry();
 

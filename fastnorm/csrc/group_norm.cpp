@@ -23,7 +23,11 @@
 #include <tuple>
 #include <vector>
 
+#include <c10/core/DeviceGuard.h>
+
+#include "cuda_launch.h"
 #include "fastnorm.h"
+#include "row_norm_cuda.h"
 
 namespace fastnorm {
 namespace {
@@ -157,6 +161,50 @@ Outputs backward_meta(const Tensor& grad_out, const Tensor& input, int64_t group
           mask[1] ? at::empty_symint({c}, params) : Tensor(), mask[2] ? at::empty_symint({c}, params) : Tensor()};
 }
 
+// ---- CUDA: kernels/numba_cuda/groupnorm.py's launches (a (sample, group) block as a row), from C++ ----
+// The kernels read contiguous (N, C, S) memory: a channels-last input is read through a
+// contiguous copy and its outputs given back in its layout, as the CPU op gives them.
+
+Outputs forward_cuda(const Tensor& input, int64_t groups, const OptionalTensor& weight, const OptionalTensor& bias,
+                     double eps) {
+  check_forward(input, groups, weight, bias);
+  c10::OptionalDeviceGuard guard(input.device());
+  const auto layout = layout_of(input);
+  const Tensor x = input.contiguous();
+  const int64_t n = x.size(0), c = x.size(1), s = n * c == 0 ? 0 : x.numel() / (n * c);
+  const auto stats = x.options().dtype(compute_dtype(x.scalar_type()));
+  Tensor y = at::empty(x.sizes(), x.options());
+  Tensor mean = at::empty({n * groups}, stats), rstd = at::empty({n * groups}, stats);
+  if (x.numel() == 0) return {y.contiguous(layout), mean.zero_(), rstd.zero_()};
+  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+  const Tensor b = defined(bias) ? bias->contiguous() : Tensor();
+  const int64_t cg = c / groups;
+  cuda::forward_rows(x, w, b, eps, y, mean, rstd, n * groups, cg * s, groups, cg, s, true);
+  return {layout == at::MemoryFormat::Contiguous ? y : y.contiguous(layout), mean, rstd};
+}
+
+Outputs backward_cuda(const Tensor& grad_out, const Tensor& input, int64_t groups, const Tensor& mean,
+                      const Tensor& rstd, const OptionalTensor& weight, std::array<bool, 3> mask) {
+  check_backward(grad_out, input, groups, mean, rstd, weight);
+  c10::OptionalDeviceGuard guard(input.device());
+  const auto layout = layout_of(input);
+  const Tensor x = input.contiguous(), dy = grad_out.contiguous();
+  const int64_t n = x.size(0), c = x.size(1), s = n * c == 0 ? 0 : x.numel() / (n * c);
+  const auto params = x.options().dtype(compute_dtype(x.scalar_type()));
+  Tensor dx = mask[0] ? at::empty(x.sizes(), x.options()) : Tensor();
+  Tensor dweight = mask[1] ? at::empty({c}, params) : Tensor();
+  Tensor dbias = mask[2] ? at::empty({c}, params) : Tensor();
+  if (x.numel() == 0) {
+    if (dweight.defined()) dweight.zero_();
+    if (dbias.defined()) dbias.zero_();
+    return {dx.defined() ? dx.contiguous(layout) : dx, dweight, dbias};
+  }
+  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+  cuda::backward_rows(dy, x, mean.contiguous(), rstd.contiguous(), w, dx, dweight, dbias, n, c, s, groups, true);
+  if (dx.defined() && layout != at::MemoryFormat::Contiguous) dx = dx.contiguous(layout);
+  return {dx, dweight, dbias};
+}
+
 // ---- autograd -----------------------------------------------------------------------------------
 
 // (dx, dweight, dbias) as differentiable functions of dy, x and weight (double backward), the
@@ -277,11 +325,13 @@ Outputs forward_autograd(const Tensor& input, int64_t groups, const OptionalTens
 
 bool kernels_take(const Tensor& input, int64_t groups, const OptionalTensor& weight, const OptionalTensor& bias) {
   if (input.dim() < 2 || groups <= 0 || input.sym_size(1) % groups != 0) return false;
-  if (!input.device().is_cpu() || storage_of(input.scalar_type()) < 0 || input.sym_numel() == 0) return false;
+  // CPU, or CUDA where the C++ ops launch the cuda kernels (a driver here)
+  if (!(input.device().is_cpu() || (input.device().is_cuda() && cuda::usable()))) return false;
+  if (storage_of(input.scalar_type()) < 0 || input.sym_numel() == 0) return false;
   for (const auto* t : {&weight, &bias}) {
     if (!defined(*t)) continue;
     const auto dtype = (*t)->scalar_type();
-    if ((*t)->dim() != 1 || (*t)->sym_numel() != input.sym_size(1) || !(*t)->device().is_cpu()) return false;
+    if ((*t)->dim() != 1 || (*t)->sym_numel() != input.sym_size(1) || (*t)->device() != input.device()) return false;
     if (dtype != input.scalar_type() && !(is_half(input.scalar_type()) && dtype == at::kFloat)) return false;
   }
   return true;
@@ -313,6 +363,11 @@ TORCH_LIBRARY_IMPL(fastnorm, CompositeImplicitAutograd, m) { m.impl("group_norm"
 TORCH_LIBRARY_IMPL(fastnorm, CPU, m) {
   m.impl("group_norm_forward", &fastnorm::forward_cpu);
   m.impl("group_norm_backward", &fastnorm::backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastnorm, CUDA, m) {
+  m.impl("group_norm_forward", &fastnorm::forward_cuda);
+  m.impl("group_norm_backward", &fastnorm::backward_cuda);
 }
 
 TORCH_LIBRARY_IMPL(fastnorm, Meta, m) {

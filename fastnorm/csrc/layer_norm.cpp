@@ -30,7 +30,11 @@
 #include <tuple>
 #include <vector>
 
+#include <c10/core/DeviceGuard.h>
+
+#include "cuda_launch.h"
 #include "fastnorm.h"
+#include "row_norm_cuda.h"
 
 namespace fastnorm {
 namespace {
@@ -182,6 +186,47 @@ Outputs backward_meta(const Tensor& grad_out, const Tensor& input, int64_t dims,
           mask[2] ? at::empty_symint(normalized, params) : Tensor()};
 }
 
+// ---- CUDA: kernels/numba_cuda/layernorm.py's grouped-row kernels, launched from C++ ----------------
+
+Outputs forward_cuda(const Tensor& input, int64_t dims, const OptionalTensor& weight, const OptionalTensor& bias,
+                     double eps, bool center) {
+  check_forward(input, dims, weight, bias);
+  c10::OptionalDeviceGuard guard(input.device());
+  const Tensor x = input.contiguous();
+  const int64_t d = row_length(x, dims), m = d == 0 ? 0 : x.numel() / d;
+  const auto stats = x.options().dtype(compute_dtype(x.scalar_type()));
+  Tensor y = at::empty(x.sizes(), x.options());
+  Tensor mean = at::empty({center ? m : 0}, stats), rstd = at::empty({m}, stats);
+  if (x.numel() == 0) return {y, mean.zero_(), rstd.zero_()};
+  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+  const Tensor b = defined(bias) ? bias->contiguous() : Tensor();
+  cuda::forward_rows(x, w, b, eps, y, center ? mean : Tensor(), rstd, m, d, 1, d, 1, center);
+  return {y, mean, rstd};
+}
+
+Outputs backward_cuda(const Tensor& grad_out, const Tensor& input, int64_t dims, const Tensor& mean,
+                      const Tensor& rstd, const OptionalTensor& weight, bool center, std::array<bool, 3> mask) {
+  check_backward(grad_out, input, dims, mean, rstd, weight, center);
+  c10::OptionalDeviceGuard guard(input.device());
+  const Tensor x = input.contiguous(), dy = grad_out.contiguous();
+  const int64_t d = row_length(x, dims), m = d == 0 ? 0 : x.numel() / d;
+  const auto params = x.options().dtype(compute_dtype(x.scalar_type()));
+  const auto normalized = x.sizes().slice(x.dim() - dims);
+  Tensor dx = mask[0] ? at::empty(x.sizes(), x.options()) : Tensor();
+  Tensor dweight = mask[1] ? at::empty(normalized, params) : Tensor();
+  Tensor dbias = mask[2] ? at::empty(normalized, params) : Tensor();
+  if (x.numel() == 0) {
+    if (dweight.defined()) dweight.zero_();
+    if (dbias.defined()) dbias.zero_();
+    return {dx, dweight, dbias};
+  }
+  const Tensor w = defined(weight) ? weight->contiguous() : Tensor();
+  const Tensor mu = center ? mean.contiguous() : Tensor(), inv = rstd.contiguous();
+  // dweight / dbias: the normalized shape's, written as flat (d,) arrays
+  cuda::backward_rows(dy, x, mu, inv, w, dx, dweight, dbias, m, d, 1, 1, center);
+  return {dx, dweight, dbias};
+}
+
 // ---- autograd -----------------------------------------------------------------------------------
 
 // (dx, dweight, dbias) as differentiable functions of x, weight and dy (double backward): the
@@ -307,11 +352,13 @@ bool kernels_take(const Tensor& input, c10::SymIntArrayRef normalized_shape, con
                   const OptionalTensor& bias) {
   const int64_t dims = static_cast<int64_t>(normalized_shape.size());
   if (dims == 0 || input.dim() < dims || input.sym_sizes().slice(input.dim() - dims) != normalized_shape) return false;
-  if (!input.device().is_cpu() || storage_of(input.scalar_type()) < 0 || input.sym_numel() == 0) return false;
+  // CPU, or CUDA where the C++ ops launch the cuda kernels (a driver here)
+  if (!(input.device().is_cpu() || (input.device().is_cuda() && cuda::usable()))) return false;
+  if (storage_of(input.scalar_type()) < 0 || input.sym_numel() == 0) return false;
   for (const auto* t : {&weight, &bias}) {
     if (!defined(*t)) continue;
     const auto dtype = (*t)->scalar_type();
-    if ((*t)->sym_sizes() != normalized_shape || !(*t)->device().is_cpu()) return false;
+    if ((*t)->sym_sizes() != normalized_shape || (*t)->device() != input.device()) return false;
     if (dtype != input.scalar_type() && !(is_half(input.scalar_type()) && dtype == at::kFloat)) return false;
   }
   return true;
@@ -361,6 +408,11 @@ TORCH_LIBRARY_IMPL(fastnorm, CompositeImplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(fastnorm, CPU, m) {
   m.impl("row_norm_forward", &fastnorm::forward_cpu);
   m.impl("row_norm_backward", &fastnorm::backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastnorm, CUDA, m) {
+  m.impl("row_norm_forward", &fastnorm::forward_cuda);
+  m.impl("row_norm_backward", &fastnorm::backward_cuda);
 }
 
 TORCH_LIBRARY_IMPL(fastnorm, Meta, m) {

@@ -14,6 +14,7 @@ cuLaunchKernel, streams), which tests/gpu checks on hardware.
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -310,3 +311,68 @@ def test_16_bit_optimizers_through_the_cpp_ops_as_the_python_launcher(optimizer_
     _, _, theirs, their_params = _lockstep(name, options, torch.bfloat16, None, steps=3)
     for b, c in zip(our_params, their_params):
         assert torch.equal(b, c), f"{name}: the C++ and Python launches differ"
+
+
+# -- LayerNorm, RMSNorm, GroupNorm (fastnorm/csrc/row_norm_cuda.cpp) -------------------------------
+
+ROW_FORWARD, ROW_BACKWARD = _Op("row_norm_forward"), _Op("row_norm_backward")
+GROUP_FORWARD, GROUP_BACKWARD = _Op("group_norm_forward"), _Op("group_norm_backward")
+
+# (op, normalized dims or groups, input shape, memory format)
+NORM_CASES = [
+    ("layer_norm", 1, (5, 37), None),
+    ("layer_norm", 2, (3, 4, 6), None),
+    ("rms_norm", 1, (7, 19), None),
+    ("group_norm", 2, (3, 6, 5), None),  # planes (S > 1)
+    ("group_norm", 3, (4, 6), None),  # columns (S = 1)
+    ("group_norm", 3, (2, 6, 3, 2), torch.channels_last),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op,arg,shape,fmt", NORM_CASES, ids=lambda v: str(v))
+def test_norms_through_the_cpp_ops_give_the_python_launchers_bits(launches, cuda_backend_on_cpu, op, arg, shape,
+                                                                  fmt, dtype):  # fmt: skip
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 2 + 1).to(dtype)
+    dy = torch.randn(shape).to(dtype)
+    if fmt is not None:
+        x, dy = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    pshape = (shape[1],) if op == "group_norm" else shape[len(shape) - arg :]
+    w = torch.linspace(0.5, 1.5, math.prod(pshape)).reshape(pshape).to(pdt)
+    b = torch.linspace(-1, 1, math.prod(pshape)).reshape(pshape).to(pdt)
+    eps = 1e-5
+    if op == "group_norm":
+        y, mean, rstd = GROUP_FORWARD.redispatch(CUDA, x, arg, w, b, eps)
+        grads = GROUP_BACKWARD.redispatch(CUDA, dy, x, arg, mean, rstd, w, [True, True, True])
+    else:
+        center = op == "layer_norm"
+        y, mean, rstd = ROW_FORWARD.redispatch(CUDA, x, arg, w, b if center else None, eps, center)
+        grads = ROW_BACKWARD.redispatch(CUDA, dy, x, arg, mean, rstd, w, center, [True, True, center])
+    assert y.stride() == x.stride() and grads[0].stride() == x.stride(), "outputs in the input's layout"
+    ran = {name for name, _, _ in launches}
+    assert {"_forward_rows", "_input_grad_rows", "_param_finalize"} <= ran, ran
+    # the Python launchers (kernels/numba_cuda/layernorm.py through fastnorm.functional): same bits
+    xp, wp, bp = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    if op == "group_norm":
+        yp = fastnorm.functional.group_norm(xp, arg, wp, bp, eps, backend="cuda")
+    elif op == "layer_norm":
+        yp = fastnorm.functional.layer_norm(xp, list(pshape), wp, bp, eps, backend="cuda")
+    else:
+        yp = fastnorm.functional.rms_norm(xp, list(pshape), wp, eps, backend="cuda")
+    yp.backward(dy)
+    expected = [("y", yp.detach()), ("dx", xp.grad), ("dweight", wp.grad)]
+    if op != "rms_norm":
+        expected.append(("dbias", bp.grad))
+    for (name, theirs), ours in zip(expected, [y, *grads]):
+        assert torch.equal(ours, theirs), f"{op} {name}: the C++ and Python launch plans differ"
+    # and torch's values (float64)
+    if dtype == torch.float64:
+        if op == "group_norm":
+            yt = F.group_norm(x, arg, w, b, eps)
+        elif op == "layer_norm":
+            yt = F.layer_norm(x, list(pshape), w, b, eps)
+        else:
+            yt = F.rms_norm(x, list(pshape), w, eps)
+        torch.testing.assert_close(y, yt, rtol=1e-10, atol=1e-10)

@@ -187,3 +187,41 @@ def test_sgd_steps_are_captured_in_a_cuda_graph_and_adam_refuses():
     with pytest.raises(RuntimeError, match="cannot capture this step"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             adam.step()
+
+
+NORMS = [
+    ("layer_norm", (4096, 768), None),
+    ("rms_norm", (8, 128, 1000), None),
+    ("group_norm", (32, 256, 28, 28), None),
+    ("group_norm", (16, 64, 14, 14), torch.channels_last),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op,shape,fmt", NORMS, ids=str)
+def test_norms_through_the_cpp_ops_give_the_python_launchers_bits(monkeypatch, op, shape, fmt, dtype):
+    from fastnorm import functional
+
+    x = (torch.randn(shape, device=DEV) * 2 + 1).to(dtype)
+    dy = torch.randn(shape, device=DEV).to(dtype)
+    if fmt is not None:
+        x, dy = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+    c = shape[1] if op == "group_norm" else shape[-1]
+    w = (torch.rand(c, device=DEV) + 0.5).requires_grad_()
+    b = torch.randn(c, device=DEV).requires_grad_()
+    outs = []
+    for through_op in (True, False):
+        if not through_op:
+            monkeypatch.setattr(functional, "_cuda_op", lambda name, input: False)
+        xi = x.clone().requires_grad_()
+        if op == "group_norm":
+            y = functional.group_norm(xi, 32 if c % 32 == 0 else 8, w, b, backend="cuda")
+        elif op == "layer_norm":
+            y = functional.layer_norm(xi, [c], w, b, backend="cuda")
+        else:
+            y = functional.rms_norm(xi, [c], w, backend="cuda")
+        assert ("fastnorm::" in y.grad_fn.name()) == through_op, y.grad_fn.name()
+        inputs = (xi, w) if op == "rms_norm" else (xi, w, b)
+        outs.append((y, *torch.autograd.grad(y, inputs, dy)))
+    for name, ours, theirs in zip(["y", "dx", "dweight", "dbias"], *outs):
+        assert torch.equal(ours, theirs), f"{op} {name}: C++ and Python launches differ"
