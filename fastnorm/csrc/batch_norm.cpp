@@ -111,8 +111,8 @@ void check_arguments(const Tensor& input, const OptionalTensor& weight, const Op
   }
   const auto dtype = input.scalar_type();
   TORCH_CHECK_NOT_IMPLEMENTED(storage_of(dtype) >= 0,
-                              "fastnorm's 'numba' backend computes batch_norm in float32, float64, bfloat16 or "
-                              "float16, but the input is ", dtype_name(dtype),
+                              "fastnorm's '", input.is_cuda() ? "cuda" : "numba", "' backend computes batch_norm in "
+                              "float32, float64, bfloat16 or float16, but the input is ", dtype_name(dtype),
                               "; convert it, or use backend='torch' for other dtypes");
   const OptionalTensor* per_channel[] = {&weight, &bias, &running_mean, &running_var};
   bool mixed = false;  // torch's mixed case: a 16-bit input with float32 per-channel tensors

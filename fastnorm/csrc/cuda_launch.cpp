@@ -303,14 +303,18 @@ void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 
     return;
   }
   TORCH_CHECK(like.is_cuda(), "fastnorm's cuda ops launch on CUDA tensors, got one on ", like.device());
-  const int index = like.get_device();
+  launch_on(kernel, storage, like.get_device(), current_stream(like), grid, block, args);
+}
+
+void launch_on(Kernel kernel, int storage, int index, void* stream, Dim3 grid, Dim3 block,
+               const std::vector<Arg>& args) {
+  const Spec& spec = kKernels[static_cast<int>(kernel)];
   Device& d = device_state(index);
   CUfunction fn = function_of(kernel, storage, index, d);
   const Driver& drv = driver();
   CUcontext current = nullptr;
   check(drv.cuCtxGetCurrent(&current), "cuCtxGetCurrent");
   if (current != d.context) check(drv.cuCtxSetCurrent(d.context), "cuCtxSetCurrent");
-  void* stream = current_stream(like);
   std::array<int64_t, 32> slots{};
   std::array<void*, 32> params{};
   TORCH_CHECK(args.size() <= slots.size(), "fastnorm's cuda ops: too many kernel arguments");
@@ -336,6 +340,21 @@ void cuda_configure(py::object resolve, py::object geometry) {
     cuda::resolver = new py::object(std::move(resolve));
     cuda::geometry_source = new py::object(std::move(geometry));
   }
+}
+
+// Diagnostics and tests: one launch through the driver path (module loading, context, argument
+// packing, cuLaunchKernel) without tensors, on `device`'s legacy default stream.
+void cuda_probe(int kernel, int storage, int device, std::array<int64_t, 3> grid, std::array<int64_t, 3> block,
+                const std::vector<int64_t>& bits) {
+  TORCH_CHECK(kernel >= 0 && kernel < static_cast<int>(cuda::Kernel::kCount), "fastnorm: no cuda kernel ", kernel);
+  TORCH_CHECK(storage >= 0 && storage < cuda::kStorages, "fastnorm: no kernel storage ", storage);
+  const auto k = static_cast<cuda::Kernel>(kernel);
+  TORCH_CHECK(bits.size() == cuda::parameter_count(cuda::kKernels[kernel].signature), "fastnorm: ",
+              cuda::kKernels[kernel].function, " takes ", cuda::parameter_count(cuda::kKernels[kernel].signature),
+              " arguments, ", bits.size(), " given");
+  std::vector<cuda::Arg> args(bits.begin(), bits.end());
+  py::gil_scoped_release no_gil;  // as an op called from Python: the PTX resolver takes the GIL itself
+  cuda::launch_on(k, storage, device, nullptr, {grid[0], grid[1], grid[2]}, {block[0], block[1], block[2]}, args);
 }
 
 void cuda_set_hook(py::object run) {

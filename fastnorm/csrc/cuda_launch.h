@@ -81,6 +81,9 @@ struct Dim3 {
 // Launch `kernel` for the storage code `storage` (fastnorm.h, Storage) on `like`'s device and
 // torch's current stream there (or, when a simulator hook is set, through it: tests).
 void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 block, const std::vector<Arg>& args);
+// The driver part of launch: on device `index`'s primary context and `stream`.
+void launch_on(Kernel kernel, int storage, int index, void* stream, Dim3 grid, Dim3 block,
+               const std::vector<Arg>& args);
 
 // The launch geometry constants of the kernels (kernels/numba_cuda: BLOCK, and batchnorm.py's
 // ROW_TILE, ROW_LANES, TARGET_BLOCKS, UNROLL, PLANE_MIN), handed over by Python: the simulator

@@ -198,6 +198,8 @@ void cuda_configure(py::object resolve, py::object geometry);
 void cuda_set_hook(py::object run);
 py::list cuda_kernels();
 py::object cuda_unusable();
+void cuda_probe(int kernel, int storage, int device, std::array<int64_t, 3> grid, std::array<int64_t, 3> block,
+                const std::vector<int64_t>& bits);
 }  // namespace fastnorm
 
 namespace {
@@ -234,4 +236,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tests: run every cuda launch through hook(module, function, signature, storage, grid, block, args)");
   m.def("cuda_kernels", &fastnorm::cuda_kernels, "the (module, function, signature) of every kernel the cuda ops launch");
   m.def("cuda_unusable", &fastnorm::cuda_unusable, "why the cuda ops cannot launch here, or None");
+  m.def("cuda_probe", &fastnorm::cuda_probe,
+        "one launch of kernel (an index of cuda_kernels()) through the CUDA driver path, without tensors: "
+        "(kernel, storage, device, grid, block, argument bits); diagnostics and tests");
 }

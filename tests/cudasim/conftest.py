@@ -69,6 +69,63 @@ def cuda_backend_on_cpu(monkeypatch):
     _dispatch._RESOLVED.clear()
 
 
+#: the ops whose CUDA kernels are fastnorm's C++ launches (fastnorm/csrc/*_cuda.cpp, layer_norm.cpp, group_norm.cpp)
+CPP_CUDA_OPS = ("batch_norm_forward", "batch_norm_backward", "batch_norm_stats", "row_norm_forward",
+                "row_norm_backward", "group_norm_forward", "group_norm_backward", "sgd_", "adagrad_", "rmsprop_",
+                "adam_")  # fmt: skip
+
+
+@pytest.fixture
+def cpp_cuda_launches():
+    """Every launch of the C++ cuda ops runs under the simulator, on host memory: yields the list
+    of (function, grid, block) launched. The hook gets each kernel's module, function and
+    signature from the C++ kernel table, and the arguments as the C++ code packed them."""
+    import importlib
+
+    from fastnorm import _ops
+    from kernels.numba_cuda import ptx
+
+    module = _ops.load()
+    if module is None:
+        pytest.skip(f"fastnorm's C++ ops cannot be built here: {_ops.error()}")
+    ran = []
+
+    def run(module_name, function, signature, storage, grid, block, args):
+        ran.append((function, tuple(grid), tuple(block)))
+        kernels = importlib.import_module(f"kernels.numba_cuda.{module_name}")
+        kernel = getattr(kernels, ptx.function_name(function, storage))
+        kernel[tuple(grid), tuple(block)](*ptx.typed_args(signature, storage, args))
+
+    module.cuda_set_hook(run)
+    try:
+        yield ran
+    finally:
+        module.cuda_set_hook(None)
+
+
+@pytest.fixture
+def cpp_cuda_ops_on_cpu(cpp_cuda_launches):
+    """fastnorm's C++ ops on CPU tensors run their CUDA kernels (the C++ launch code a GPU runs,
+    the kernels under the simulator): their CPU kernels are overridden, for the test, by ones that
+    redispatch to the CUDA key. Every layer above (the modules, the C++ autograd nodes, the
+    optimizers, torch.compile's graphs) is the numba backend's, unchanged. Yields the launches."""
+    import warnings
+
+    import torch
+
+    cuda_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    library = torch.library.Library("fastnorm", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel": for this test only
+        for name in CPP_CUDA_OPS:
+            handle = getattr(torch.ops.fastnorm, name).default
+            library.impl(name, lambda *args, _h=handle, **kwargs: _h.redispatch(cuda_keys, *args, **kwargs), "CPU")
+    try:
+        yield cpp_cuda_launches
+    finally:
+        library._destroy()  # torch's dispatcher falls back to the CPU kernels registered before
+
+
 # This file is the module "conftest" in this directory's tests: the suite's helpers, which tests
 # import from tests/conftest.py, are re-exported here for the modules shared with it.
 _spec = importlib.util.spec_from_file_location("_suite_conftest", Path(__file__).parents[1] / "conftest.py")

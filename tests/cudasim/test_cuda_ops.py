@@ -13,7 +13,6 @@ cuLaunchKernel, streams), which tests/gpu checks on hardware.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 
 import fastnorm
 from fastnorm import _ops
-from kernels.numba_cuda import ptx
 
 CUDA = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 
@@ -41,24 +39,9 @@ FORWARD, BACKWARD, STATS = _Op("batch_norm_forward"), _Op("batch_norm_backward")
 
 
 @pytest.fixture
-def launches():
-    """The C++ cuda ops' launches run by the simulator; yields the list of (kernel, grid, block) run."""
-    module = _ops.load()
-    if module is None:
-        pytest.skip(f"fastnorm's C++ ops cannot be built here: {_ops.error()}")
-    ran = []
-
-    def run(module_name, function, signature, storage, grid, block, args):
-        ran.append((function, tuple(grid), tuple(block)))
-        module = importlib.import_module(f"kernels.numba_cuda.{module_name}")
-        kernel = getattr(module, ptx.function_name(function, storage))
-        kernel[tuple(grid), tuple(block)](*ptx.typed_args(signature, storage, args))
-
-    module.cuda_set_hook(run)
-    try:
-        yield ran
-    finally:
-        module.cuda_set_hook(None)
+def launches(cpp_cuda_launches):
+    """The C++ cuda ops' launches run by the simulator (conftest.py): (kernel, grid, block) each."""
+    return cpp_cuda_launches
 
 
 # (shape, memory format, the kernels the layout takes): rows (N, C); planes shorter than
