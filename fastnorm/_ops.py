@@ -273,6 +273,33 @@ def warmup(dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16
             started = time.perf_counter()
             _compiled(family, storage)
             times[f"{family} step {storage}"] = time.perf_counter() - started
+    if torch.cuda.is_available() and cuda_available():
+        times.update(warmup_cuda(dtypes, torch.cuda.get_device_capability(0)))
+    return times
+
+
+def warmup_cuda(dtypes: tuple[str, ...], cc: tuple[int, int]) -> dict[str, float]:
+    """Compile (or find in the PTX cache, kernels/numba_cuda/ptx.py) every kernel the C++ cuda ops
+    launch, for ``dtypes`` and compute capability ``cc``; returns the seconds each took. A
+    process launching them later reads them from the cache (``fastnorm warmup`` on a GPU machine)."""
+    from kernels.numba_cuda import ptx
+
+    module = load()
+    if module is None:
+        raise RuntimeError(f"fastnorm's C++ ops cannot be built here: {_error}")
+    storages = [STORAGES.index(d) for d in dtypes]
+    if "bfloat16" in dtypes:
+        storages.append(STORAGES.index("bfloat16_sr"))
+    times = {}
+    for name, function, signature in module.cuda_kernels():
+        for storage in storages:
+            if storage == STORAGES.index("bfloat16_sr") and "{storage}" not in function:
+                continue  # stochastic rounding: the optimizers' kernels only
+            started = time.perf_counter()
+            ptx.kernel_ptx(name, function, signature, storage, *cc)
+            times[f"cuda {name}.{ptx.function_name(function, storage)} {STORAGES[storage]}"] = (
+                time.perf_counter() - started
+            )
     return times
 
 

@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     side.add_argument("--repeat", type=_positive_int, default=20, help="timed calls per backend (default 20)")
     side.set_defaults(func=_demo_side_by_side)
 
-    warm = sub.add_parser("warmup", help="build fastnorm's C++ ops and compile every numba kernel ahead of use")
+    warmup_help = "build fastnorm's C++ ops and compile every numba kernel (on a GPU also the cuda kernels) ahead"
+    warm = sub.add_parser("warmup", help=warmup_help)
     warm.add_argument("--dtypes", default="float32,float64,bfloat16,float16",
                       help="comma-separated storage dtypes to compile (default: all four)")  # fmt: skip
     warm.set_defaults(func=_warmup)

@@ -199,3 +199,20 @@ def test_the_cpp_cuda_ops_are_registered_and_say_why_they_cannot_launch_here():
     if not torch.cuda.is_available():
         assert _ops.cuda_unusable() is not None
         assert _ops.cuda_available() is False
+
+
+def test_warmup_compiles_every_cpp_cuda_kernel_into_the_cache(compile_ptx, tmp_path, monkeypatch):
+    """``fastnorm warmup`` on a GPU machine compiles the C++ cuda ops' kernels ahead
+    (_ops.warmup_cuda, here for sm_90 and float32 / bfloat16): one entry per kernel and storage,
+    stochastic rounding for the optimizers only, each in the on-disk cache a later process reads."""
+    from fastnorm import _ops
+
+    if _ops.load() is None:
+        pytest.skip(f"fastnorm's C++ ops cannot be built here: {_ops.error()}")
+    monkeypatch.setenv("FASTNORM_PTX_CACHE", str(tmp_path))
+    times = _ops.warmup_cuda(("float32", "bfloat16"), CC)
+    kernels = _ops.load().cuda_kernels()
+    optimizers = sum("{storage}" in function for _, function, _ in kernels)
+    assert len(times) == 2 * len(kernels) + optimizers
+    assert "cuda optim._adam_bf16_sr bfloat16_sr" in times and "cuda batchnorm._stats_planes float32" in times
+    assert len(list(tmp_path.iterdir())) == len(times)
