@@ -17,7 +17,9 @@ compiled model, as users write it:
 * ``torch-compiled``: torch's BatchNorm, default Adam with its ``step`` under ``torch.compile``;
 * ``fastnorm-numba``: every BatchNorm converted with ``fastnorm.nn.convert(model, "numba")``,
   ``fastnorm.optim.Adam(backend="numba")``;
-* ``fastnorm-auto``: the same with ``backend="auto"`` (what fastnorm picks here per op and size).
+* ``fastnorm-auto``: the same with ``backend="auto"`` (what fastnorm picks here per op and size);
+* ``fastnorm-cuda``: the same with ``backend="cuda"`` (GPUs only: the C++ ops launching the
+  numba-cuda kernels).
 
 Bytes are not meaningful here (convolutions and matmuls dominate): the report shows times,
 speedups against the best torch provider (of all modes, and of the provider's own mode) and
@@ -49,6 +51,7 @@ VARIANTS = {
     "torch-compiled": ("torch", lambda ps: torch.optim.Adam(ps, lr=1e-3)),
     "fastnorm-numba": ("numba", lambda ps: fastnorm.optim.Adam(ps, lr=1e-3, backend="numba")),
     "fastnorm-auto": ("auto", lambda ps: fastnorm.optim.Adam(ps, lr=1e-3, backend="auto")),
+    "fastnorm-cuda": ("cuda", lambda ps: fastnorm.optim.Adam(ps, lr=1e-3, backend="cuda")),
 }
 MODES = ("eager", "compiled")
 
