@@ -66,8 +66,8 @@ Tensor upload(const std::vector<int64_t>& values, const Tensor& like) {
   const bool gpu = like.is_cuda();
   Tensor host = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions(at::kLong).pinned_memory(gpu));
   std::memcpy(host.data_ptr(), values.data(), values.size() * sizeof(int64_t));
-  // pinned memory, copied on the current stream (torch keeps the block until the copy is done)
-  return gpu ? host.to(like.device(), /*non_blocking=*/true) : host;
+  // a blocking copy (once per table content): later launches on any stream may read the table
+  return gpu ? host.to(like.device(), /*non_blocking=*/false) : host;
 }
 
 Tables tables_of(const Update& u, const Tensor& like, const std::vector<int64_t>& table,
