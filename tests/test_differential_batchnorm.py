@@ -63,9 +63,9 @@ def _same_kind(ours, theirs) -> bool:
     return (ours is None) == (theirs is None) and (theirs is None or isinstance(ours, type(theirs)))
 
 
-#: drawn when a machine is built, from the class's ``backends`` (read then, so that another suite
-#: can run the machine on other backends)
-_BACKEND = st.deferred(lambda: st.sampled_from(BatchNormTwins.backends))
+#: drawn when a machine is built, from the class's ``backends`` read at every draw (a flatmap:
+#: st.deferred would read it once per process, and tests/cudasim runs the machines with two lists)
+_BACKEND = st.just(None).flatmap(lambda _: st.sampled_from(BatchNormTwins.backends))
 
 
 class BatchNormTwins(RuleBasedStateMachine):

@@ -45,9 +45,9 @@ def _outcome(fn):
         return None, exc
 
 
-#: drawn when a machine is built, from the class's ``backends`` (read then: tests/cudasim runs the
-#: machine with ["cuda"])
-_BACKEND = st.deferred(lambda: st.sampled_from(RowNormTwins.backends))
+#: drawn when a machine is built, from the class's ``backends`` read at every draw (a flatmap:
+#: st.deferred would read it once per process, and tests/cudasim runs the machines with two lists)
+_BACKEND = st.just(None).flatmap(lambda _: st.sampled_from(RowNormTwins.backends))
 
 
 class RowNormTwins(RuleBasedStateMachine):

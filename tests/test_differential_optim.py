@@ -199,9 +199,9 @@ def float32_twin(name: str, options: dict, ours):
     return twin, list(wide.values())
 
 
-#: drawn when a machine is built, from the class's ``backends`` (read then, so that another suite
-#: can run the machine on other backends)
-_BACKEND = st.deferred(lambda: st.sampled_from(OptimizerTwins.backends))
+#: drawn when a machine is built, from the class's ``backends`` read at every draw (a flatmap:
+#: st.deferred would read it once per process, and tests/cudasim runs the machines with two lists)
+_BACKEND = st.just(None).flatmap(lambda _: st.sampled_from(OptimizerTwins.backends))
 
 
 class OptimizerTwins(RuleBasedStateMachine):

@@ -25,9 +25,10 @@ def numba_backend_through_cuda_kernels(cpp_cuda_ops_on_cpu, monkeypatch):
 
 
 def _through_cpp_cuda(machine, examples: int, steps: int):
-    case = pytest.mark.usefixtures("numba_backend_through_cuda_kernels")(machine.TestCase)
+    # a subclass of its own: the machine's TestCase is one class that other modules run too
+    case = type(f"CppCuda{machine.__name__}", (machine.TestCase,), {})
     case.settings = settings(max_examples=examples, stateful_step_count=steps)
-    return case
+    return pytest.mark.usefixtures("numba_backend_through_cuda_kernels")(case)
 
 
 TestCppCudaBatchNormTwins = _through_cpp_cuda(BatchNormTwins, 5, 8)

@@ -22,9 +22,10 @@ RowNormTwins.backends = ["cuda"]  # LayerNorm, RMSNorm and GroupNorm
 def _on_cuda(machine, examples: int, steps: int):
     """The machine's test case with the cuda backend on CPU tensors, ``examples`` programs of at
     most ``steps`` rules."""
-    case = pytest.mark.usefixtures("cuda_backend_on_cpu")(machine.TestCase)
+    # a subclass of its own: the machine's TestCase is one class that other modules run too
+    case = type(f"Cuda{machine.__name__}", (machine.TestCase,), {})
     case.settings = settings(max_examples=examples, stateful_step_count=steps)
-    return case
+    return pytest.mark.usefixtures("cuda_backend_on_cpu")(case)
 
 
 TestCudaOptimizerTwins = _on_cuda(OptimizerTwins, 6, 10)
