@@ -17,7 +17,9 @@
 // capturable=True: a graph would freeze their host-computed bias corrections. Tables a graph
 // captured are never dropped.
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -56,7 +58,24 @@ struct Tables {
   Tensor addrs, chunks;  // int64 (5, T), (K, 3) on the parameters' device
   int64_t k = 0;
   bool captured = false;  // a CUDA graph reads them: never dropped
+  std::vector<c10::StreamId> streams;  // the streams launches read them on (the first: the upload's)
 };
+
+// A table is torch-allocated memory, freed when evicted: the caching allocator may then hand it to
+// the next allocation on the stream it was made on, ordered after that stream's work only. So the
+// first launch on any other stream records it there (torch's record_stream): freeing then waits
+// for that stream's work too.
+void note_stream(Tables& tables, const Tensor& like) {
+  if (!like.is_cuda() || cuda::hooked()) return;
+  const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  const c10::Stream current = impl->getStream(like.device());
+  if (std::find(tables.streams.begin(), tables.streams.end(), current.id()) != tables.streams.end()) return;
+  if (!tables.streams.empty()) {
+    impl->recordDataPtrOnStream(tables.addrs.storage().data_ptr(), current);
+    impl->recordDataPtrOnStream(tables.chunks.storage().data_ptr(), current);
+  }
+  tables.streams.push_back(current.id());
+}
 
 constexpr size_t kMaxTables = 1024;
 std::mutex tables_mutex;
@@ -80,6 +99,7 @@ Tables tables_of(const Update& u, const Tensor& like, const std::vector<int64_t>
   auto found = tables->find(key);
   if (found != tables->end()) {
     found->second.captured = found->second.captured || capturing;
+    note_stream(found->second, like);
     return found->second;
   }
   TORCH_CHECK(!capturing, "fastnorm::", u.name, ": the first step of these parameters is being captured in a CUDA "
@@ -98,6 +118,7 @@ Tables tables_of(const Update& u, const Tensor& like, const std::vector<int64_t>
   if (chunks.empty()) chunks.assign(3, 0);
   made.addrs = upload(table, like);
   made.chunks = upload(chunks, like);
+  note_stream(made, like);
   return tables->emplace(std::move(key), std::move(made)).first->second;
 }
 

@@ -189,6 +189,35 @@ def test_sgd_steps_are_captured_in_a_cuda_graph_and_adam_refuses():
             adam.step()
 
 
+def test_a_table_read_on_a_side_stream_outlives_its_eviction():
+    """A step's address tables are torch-allocated and evicted after 1024 distinct ones. A table
+    last read by a launch on another stream than its upload's must not be handed to a new
+    allocation before that launch ran (optim_cuda.cpp records it on the stream, as record_stream)."""
+    torch.manual_seed(0)
+    p = torch.randn(70_001, device=DEV, requires_grad=True)
+    r = p.detach().clone().requires_grad_()
+    opt = fastnorm.optim.SGD([p], lr=0.1, momentum=0.9, backend="cuda")
+    ref = torch.optim.SGD([r], lr=0.1, momentum=0.9)
+    p.grad = torch.randn_like(p)
+    r.grad = p.grad.clone()
+    opt.step()  # uploads p's tables on the default stream
+    ref.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2_000_000_000)  # the side stream's step runs about a second from now
+        opt.step()
+    ref.step()
+    # meanwhile, on the default stream: 1100 other tables evict p's and reuse freed memory
+    others = [torch.zeros(1 + i % 7, device=DEV, requires_grad=True) for i in range(1100)]
+    for q in others:
+        q.grad = torch.ones_like(q)
+        fastnorm.optim.SGD([q], lr=0.1, momentum=0.9, backend="cuda").step()
+    torch.cuda.synchronize()
+    assert_close(p, r, 1e-5, 1e-6, "the side stream's step after its tables were evicted")
+    assert all(torch.allclose(q, torch.full_like(q, -0.1)) for q in others)
+
+
 NORMS = [
     ("layer_norm", (4096, 768), None),
     ("rms_norm", (8, 128, 1000), None),
