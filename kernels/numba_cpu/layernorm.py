@@ -129,14 +129,20 @@ def _backward(dy, x, mean, rstd, weight, has_weight, center, inv_d, need_dx, nee
                     s_gx += g * ((widen(xi[j]) - mu) * inv)
                 a = s_g * inv_d if center else zero
                 b = s_gx * inv_d
-                for j in range(D):
-                    xh = (widen(xi[j]) - mu) * inv
-                    gy = widen(gi[j])
-                    g = gy * (weight[j] if has_weight else one)
-                    dxi[j] = narrow(inv * (g - a - xh * b), dx)
-                    if need_params:
+                # the branch outside the loops: inside it, the loop ran ~1.8x slower (8192x4096 float32)
+                if need_params:
+                    for j in range(D):
+                        xh = (widen(xi[j]) - mu) * inv
+                        gy = widen(gi[j])
+                        g = gy * (weight[j] if has_weight else one)
+                        dxi[j] = narrow(inv * (g - a - xh * b), dx)
                         aw[j] += gy * xh
                         ab[j] += gy
+                else:
+                    for j in range(D):
+                        xh = (widen(xi[j]) - mu) * inv
+                        g = widen(gi[j]) * (weight[j] if has_weight else one)
+                        dxi[j] = narrow(inv * (g - a - xh * b), dx)
             elif need_params:
                 for j in range(D):
                     gy = widen(gi[j])
