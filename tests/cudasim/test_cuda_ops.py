@@ -296,6 +296,35 @@ def test_16_bit_optimizers_through_the_cpp_ops_as_the_python_launcher(optimizer_
         assert torch.equal(b, c), f"{name}: the C++ and Python launches differ"
 
 
+def test_forgotten_address_tables_are_uploaded_again(optimizer_ops, cuda_backend_on_cpu):
+    """After 1024 distinct address tables (parameters that keep moving) the C++ ops forget those
+    no CUDA graph holds: a step whose tables were forgotten uploads them again, and every step
+    still follows torch's."""
+    torch.manual_seed(0)
+    p = torch.randn(5, dtype=torch.float64)
+    r = p.clone()
+    ours = fastnorm.optim.SGD([p], lr=0.1, momentum=0.9, backend="cuda")
+    ref = torch.optim.SGD([r], lr=0.1, momentum=0.9)
+
+    def step():
+        g = torch.randn(5, dtype=torch.float64)
+        p.grad, r.grad = g.clone(), g
+        ours.step()
+        ref.step()
+
+    step()
+    others = [torch.zeros(1 + i % 3, dtype=torch.float64) for i in range(1030)]  # alive: distinct addresses
+    for q in others:
+        q.grad = torch.ones_like(q)
+        fastnorm.optim.SGD([q], lr=0.1, backend="cuda").step()
+    step()
+    step()
+    assert len(optimizer_ops) == 1033, "every step launched through the C++ ops"
+    torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.state[p]["momentum_buffer"], ref.state[r]["momentum_buffer"])
+    assert all(torch.equal(q, torch.full_like(q, -0.1)) for q in others)
+
+
 # -- LayerNorm, RMSNorm, GroupNorm (fastnorm/csrc/row_norm_cuda.cpp) -------------------------------
 
 ROW_FORWARD, ROW_BACKWARD = _Op("row_norm_forward"), _Op("row_norm_backward")
