@@ -153,9 +153,9 @@ def test_norm_family_kernels_compile(compile_ptx, dtype, compute):
 
 def test_the_cpp_cuda_ops_kernels_compile_with_their_launch_signatures(compile_ptx, tmp_path, monkeypatch):
     """Every kernel the C++ cuda ops launch (fastnorm/csrc/cuda_launch.cpp's table: module,
-    function, signature string) compiles through kernels/numba_cuda/ptx.py for each storage, and
-    the PTX entry's parameters are those the C++ launch packs (ptx.check_entry: count and sizes);
-    the second ask is read from the on-disk cache, unchanged."""
+    function, signature string) compiles through kernels/numba_cuda/ptx.py for each storage into
+    PTX that needs no linking, and the PTX entry's parameters are those the C++ launch packs
+    (ptx.check_entry: count and sizes); the second ask is read from the on-disk cache, unchanged."""
     from fastnorm import _ops
     from kernels.numba_cuda import ptx
 
@@ -172,6 +172,9 @@ def test_the_cpp_cuda_ops_kernels_compile_with_their_launch_signatures(compile_p
         for storage in range(5 if module_name == "optim" else 4):
             text, entry = ptx.kernel_ptx(module_name, function, signature, storage, *CC)
             assert entry in text and "st.global" in text, f"{function} {storage}"
+            # cuModuleLoadData links nothing: a call to a function defined elsewhere (numba-cuda's
+            # C++ shims, say) would fail to load on the GPU
+            assert ".extern" not in text, f"{function} {storage}: calls a function the PTX does not hold"
             compiled += 1
     cached = sorted(tmp_path.iterdir())
     assert len(cached) == compiled
