@@ -108,30 +108,43 @@ class RowNormTwins(RuleBasedStateMachine):
                 torch.testing.assert_close(x, y, **TOL, msg=what)
 
     @rule(leading=st.sampled_from(LEADING), strided=st.booleans(), edit=st.sampled_from(["none", "none", "weight",
-          "input"]), double=st.booleans(), seed=st.integers(0, 99))  # fmt: skip
-    def forward_backward(self, leading, strided, edit, double, seed):
+          "input"]), double=st.booleans(), seed=st.integers(0, 99),
+          wrt=st.sampled_from(["all", "all", "input", "parameters"]))  # fmt: skip
+    def forward_backward(self, leading, strided, edit, double, seed, wrt):
+        """``wrt``: the gradients wanted (the others' tensors do not require grad, so the kernels
+        compute only these: dx alone, the parameters' alone, or all)."""
         x = self._batch(leading, strided, seed)
+        if wrt == "parameters" and not list(self.theirs.parameters()):
+            wrt = "all"
+        double = double and wrt != "parameters"
         results = []
         for module in (self.ours, self.theirs):
 
             def run(module=module):
-                xi = x.detach().clone().requires_grad_()
-                y = module(xi)
-                if edit == "weight" and module.weight is not None:
-                    with torch.no_grad():
-                        module.weight.mul_(1.0)  # a version bump: the backward must refuse
-                if edit == "input":
-                    with torch.no_grad():
-                        xi.add_(0.0)
-                leaves = [xi, *module.parameters()]
-                grads = torch.autograd.grad((y * y).sum(), leaves, create_graph=double)
-                out = [y.detach(), *(g.detach() for g in grads)]
-                if double:
-                    out.append(torch.autograd.grad(sum(g.square().sum() for g in grads), xi)[0])
-                return out
+                params = list(module.parameters())
+                xi = x.detach().clone().requires_grad_(wrt != "parameters")
+                try:
+                    for p in params:
+                        p.requires_grad_(wrt != "input")
+                    y = module(xi)
+                    if edit == "weight" and module.weight is not None:
+                        with torch.no_grad():
+                            module.weight.mul_(1.0)  # a version bump: the backward must refuse
+                    if edit == "input":
+                        with torch.no_grad():
+                            xi.add_(0.0)
+                    leaves = {"all": [xi, *params], "input": [xi], "parameters": params}[wrt]
+                    grads = torch.autograd.grad((y * y).sum(), leaves, create_graph=double)
+                    out = [y.detach(), *(g.detach() for g in grads)]
+                    if double:
+                        out.append(torch.autograd.grad(sum(g.square().sum() for g in grads), xi)[0])
+                    return out
+                finally:
+                    for p in params:
+                        p.requires_grad_(True)
 
             results.append(_outcome(run))
-        self._compare(*results, f"forward_backward(edit={edit}, double={double})")
+        self._compare(*results, f"forward_backward(edit={edit}, double={double}, wrt={wrt})")
 
     @rule(leading=st.sampled_from(LEADING), inference=st.booleans(), seed=st.integers(0, 99))
     def forward_without_autograd(self, leading, inference, seed):

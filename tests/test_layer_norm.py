@@ -35,10 +35,15 @@ def _call(op, backend, x, shape, w, b, eps):
     return FF.rms_norm(x, shape, w, eps, backend=backend)
 
 
-def _run(op, backend, x, shape, w, b, eps, dy):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+def _run(op, backend, x, shape, w, b, eps, dy, wrt="all"):
+    """y and the gradients of ``wrt`` ("all", "input", "parameters"): the other leaves do not
+    require grad, so the kernels compute only the wanted gradients."""
+    needs = {"all": (True, True), "input": (True, False), "parameters": (False, True)}[wrt]
+    leaves = [
+        t.detach().clone().requires_grad_(needs[i > 0]) if t is not None else None for i, t in enumerate((x, w, b))
+    ]
     y = _call(op, backend, leaves[0], shape, leaves[1], leaves[2], eps)
-    wanted = [t for t in leaves if t is not None]
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
     grads = torch.autograd.grad(y, wanted, dy)
     return y.detach(), grads
 
@@ -71,6 +76,26 @@ def test_matches_torch(backend, op, shape, normalized, dtype, affine):
     for got, want in zip(grads, grads_t):
         assert got.dtype == want.dtype and got.shape == want.shape
         # the parameter gradients sum over every row: their error grows with the row count
+        torch.testing.assert_close(got, want, rtol=rtol * 10, atol=atol * 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("shape,normalized", [((7, 13), (13,)), ((37, 1031), (1031,)), ((129, 3, 173), (3, 173))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("wrt", ["input", "parameters"])
+def test_some_gradients_match_torch(backend, op, shape, normalized, dtype, wrt):
+    """Only the input's gradient, or only the parameters' (the backward kernel's other two
+    branches), serial and parallel sizes."""
+    x, w, b, dy = _inputs(shape, normalized, dtype, "both", seed=1, offset=1.0)
+    if op == "rms_norm":
+        b = None
+    y, grads = _run(op, backend, x, normalized, w, b, 1e-5, dy, wrt)
+    y_t, grads_t = _run(op, "torch", x, normalized, w, b, 1e-5, dy, wrt)
+    assert len(grads) == len(grads_t) == (1 if wrt == "input" else 2 if op == "layer_norm" else 1)
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(y, y_t, rtol=rtol, atol=atol)
+    for got, want in zip(grads, grads_t):
         torch.testing.assert_close(got, want, rtol=rtol * 10, atol=atol * 10)
 
 
