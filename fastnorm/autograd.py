@@ -405,7 +405,12 @@ class RowNormFunction(torch.autograd.Function):
                 mean = torch.empty(0, dtype=compute, device=x.device)
                 backend.kernels.rms_norm_forward(_row_view(backend, x, d), w, float(eps), _row_view(backend, y, d),
                                                  as_array(rstd))  # fmt: skip
-        ctx.save_for_backward(input, weight, mean, rstd)  # input itself: torch's in-place check sees edits
+        if not center and not ctx.needs_input_grad[0]:
+            # torch's RMSNorm (a composite) saves only the normalized input when the input does not
+            # require grad: in-place edits of input or weight are no error, the forward's values count
+            ctx.save_for_backward(input.clone(), None, mean, rstd)
+        else:
+            ctx.save_for_backward(input, weight, mean, rstd)  # input itself: torch's in-place check sees edits
         ctx.meta = (dims, eps, center, backend, x.dtype, x.numel())
         return y
 

@@ -100,6 +100,37 @@ def test_some_gradients_match_torch(backend, op, shape, normalized, dtype, wrt):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [fnn.LayerNorm, fnn.RMSNorm])
+@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize("edit", ["input", "weight"])
+def test_in_place_edits_before_the_backward_as_torch(backend, cls, requires_grad, edit):
+    """An in-place edit of the input or the weight between forward and backward: torch's
+    LayerNorm refuses the backward; its RMSNorm (a composite) too, except when the input does not
+    require grad: then the weight's gradient uses the forward's values. Ours the same."""
+    outcomes = []
+    for module in (cls(13, backend=backend, dtype=torch.float64), TORCH_CLASS[cls](13, dtype=torch.float64)):
+        x = torch.randn(7, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        x.requires_grad_(requires_grad)
+        with torch.no_grad():
+            module.weight.copy_(torch.linspace(0.5, 1.5, 13))
+        y = module(x)
+        with torch.no_grad():
+            (x if edit == "input" else module.weight).add_(1.0)
+        leaves = ([x] if requires_grad else []) + list(module.parameters())
+        try:
+            outcomes.append(torch.autograd.grad((y * y).sum(), leaves))
+        except RuntimeError as exc:
+            assert "modified by an inplace operation" in str(exc)
+            outcomes.append(None)
+    ours, theirs = outcomes
+    assert (ours is None) == (theirs is None), f"ours {ours is None and 'raises'}, torch {theirs is None and 'raises'}"
+    if theirs is not None:
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert theirs is not None or requires_grad or cls is fnn.LayerNorm, "the case torch's composite lets through"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("params", ["same", "float32"])

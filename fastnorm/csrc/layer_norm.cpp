@@ -269,6 +269,10 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
 
 // The node of fastnorm::row_norm_forward in autograd graphs: saves what torch's LayerNorm saves
 // (input, weight: torch's error on an in-place change before the backward) and mean, rstd.
+// RMSNorm of an input that does not require grad: torch's RMSNorm (a composite) then saves only
+// the normalized input, so an in-place edit of the input or the weight before the backward is no
+// error there and the weight's gradient uses the forward's values. The node saves a copy of the
+// input instead (the forward's values) and no weight (only the input's gradient needs it).
 struct RowNormBackward : public torch::autograd::Node {
   SavedVariable input_, weight_, mean_, rstd_;
   bool has_weight_ = false, center_ = true;
@@ -330,9 +334,10 @@ Outputs forward_autograd(const Tensor& input, int64_t dims, const OptionalTensor
   }
   if (node) {
     torch::autograd::set_history(std::get<0>(out), c10::intrusive_ptr<torch::autograd::Node>(node));
-    node->input_ = SavedVariable(input, false);
-    node->has_weight_ = w.defined();
-    if (w.defined()) node->weight_ = SavedVariable(w, false);
+    const bool private_copy = !center && !input.requires_grad();
+    node->input_ = SavedVariable(private_copy ? input.clone() : input, false);
+    node->has_weight_ = w.defined() && !private_copy;
+    if (node->has_weight_) node->weight_ = SavedVariable(w, false);
     node->mean_ = SavedVariable(std::get<1>(out), false);
     node->rstd_ = SavedVariable(std::get<2>(out), false);
     node->center_ = center;
