@@ -10,12 +10,18 @@ in its rounding (a fused multiply-add, a summation order), which 30 steps compou
 differences seen here: float64 losses 9e-13 relative, parameters and buffers 2e-9; float32
 losses 2e-7 relative, parameters 5e-6.
 
-One case is chaotic for every implementation: the MLP with Adam in float32. BatchNorm after
-the first Linear layer cancels the gradient of the weights of MNIST's constant background pixels
-(a constant input only shifts the batch mean, which BatchNorm subtracts), so their gradient is
-rounding noise, which Adam normalises to steps of ±lr: torch's own float32 run ends 0.57 away
-from the float64 run in bn1.running_mean. There fastnorm's float32 run is held to the float64
-truth as closely as torch's float32 run is (``test_float32_adam_mlp_is_as_close_to_the_truth_as_torch``).
+Two cases are chaotic for every implementation (``CHAOTIC``), where two float32 runs are
+compared with the float64 run instead (``test_float32_chaotic_runs_are_as_close_to_the_truth_as_torchs``:
+fastnorm's float32 run must be as close to it as torch's float32 run is):
+- the MLP with Adam. BatchNorm after the first Linear layer cancels the gradient of the weights
+  of MNIST's constant background pixels (a constant input only shifts the batch mean, which
+  BatchNorm subtracts), so their gradient is rounding noise, which Adam normalises to steps of
+  ±lr: torch's own float32 run ends 0.57 away from the float64 run in bn1.running_mean.
+- the CNN with SGD momentum. Its float32 rounding grows over 30 steps to the size of the
+  tolerance, and how far depends on the CPU's convolution kernels: on an AMD EPYC (2026-12-03)
+  torch's float32 run ended 1.5e-4 from the float64 run in conv1.weight and fastnorm's (reference
+  and numba alike) 1.8e-4, 1.2e-4 from torch's; on the Intel Xeon of earlier runs the two float32
+  runs stayed within 5e-5.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ TOLERANCES = {
     torch.float64: ((1e-10, 1e-12), (1e-6, 1e-8)),
     torch.float32: ((1e-5, 1e-6), (1e-3, 5e-5)),
 }
-#: the chaotic case (see the module's text): fastnorm's float32 distance to the float64 run may be at
-#: most this many times torch's own, per tensor (plus FLOOR)
+#: the chaotic cases (see the module's text): (model, optimizer) in float32; there fastnorm's float32
+#: distance to the float64 run may be at most this many times torch's own, per tensor (plus FLOOR)
+CHAOTIC = [("mlp", "adam"), ("cnn", "sgd_momentum")]
 CHAOS_FACTOR, CHAOS_FLOOR = 3.0, 1e-4
 OPTIMIZERS = {
     "adam": ("Adam", dict(lr=1e-3)),
@@ -107,7 +114,7 @@ def _cases():
     for model_name in MODELS:
         for optimizer in OPTIMIZERS:
             for dtype, name in ((torch.float64, "float64"), (torch.float32, "float32")):
-                if (model_name, optimizer, dtype) != ("mlp", "adam", torch.float32):  # the chaotic one
+                if dtype != torch.float32 or (model_name, optimizer) not in CHAOTIC:
                     yield pytest.param(model_name, optimizer, dtype, id=f"{model_name}-{optimizer}-{name}")
 
 
@@ -123,10 +130,11 @@ def test_training_matches_torch_step_by_step(backend, model_name, optimizer, dty
         assert_close(a, b, rtol, atol, f"{name} after {STEPS} steps")
 
 
+@pytest.mark.parametrize("model_name,optimizer", CHAOTIC, ids=[f"{m}-{o}" for m, o in CHAOTIC])
 @pytest.mark.parametrize("backend", BN_BACKENDS)
-def test_float32_adam_mlp_is_as_close_to_the_truth_as_torch(backend, batches):
-    (truth, truth_losses), _ = twin_runs("mlp", "adam", "torch", torch.float64, batches)
-    (theirs, their_losses), (ours, our_losses) = twin_runs("mlp", "adam", backend, torch.float32, batches)
+def test_float32_chaotic_runs_are_as_close_to_the_truth_as_torchs(backend, model_name, optimizer, batches):
+    (truth, truth_losses), _ = twin_runs(model_name, optimizer, "torch", torch.float64, batches)
+    (theirs, their_losses), (ours, our_losses) = twin_runs(model_name, optimizer, backend, torch.float32, batches)
     assert their_losses[-1] < their_losses[0]
 
     def gap(a, b):
