@@ -40,8 +40,8 @@ from bn_providers import kernels_fn, prealloc_fn  # noqa: E402
 from paired import Ratio, Spread, paired, ratio  # noqa: E402
 
 import fastnorm  # noqa: E402
-import kernels.numba_cpu as nb  # noqa: E402
-from kernels.numba_cpu import batchnorm as nb_bn  # noqa: E402
+import fastnorm_kernels.numba_cpu as nb  # noqa: E402
+from fastnorm_kernels.numba_cpu import batchnorm as nb_bn  # noqa: E402
 
 SHAPES = [  # (shape, channels_last, quick)
     ((1024, 1024), False, False),
@@ -103,7 +103,7 @@ def byte_plan(n: int, c: int, s: int, l3: int) -> dict[str, dict]:
     write-allocate reads."""
     e = n * c * s
     x_bytes = 4 * e
-    if s > 1:  # planes: channel blocks sized for L3 (kernels/numba_cpu/batchnorm.py)
+    if s > 1:  # planes: channel blocks sized for L3 (kernels/fastnorm_kernels/numba_cpu/batchnorm.py)
         reread = f"L3 (blocks of {nb_bn.BLOCK_BYTES >> 20} MB)"
     else:
         reread = "L3" if 2 * x_bytes <= l3 else "DRAM (rows: all of x before the second pass)"

@@ -3,7 +3,7 @@
 
 ``prealloc_fn``: torch's own kernels (``aten::native_batch_norm`` and its backward, ``.out``
 variants) into outputs allocated once, no autograd. ``kernels_fn``: fastnorm's numba kernels the
-same way, called on the tensors' addresses (kernels.numba_cpu's address entry points). ``mode``:
+same way, called on the tensors' addresses (fastnorm_kernels.numba_cpu's address entry points). ``mode``:
 forward_train, forward_eval, backward or forward_backward; each returns a function of no
 arguments that runs one call (the forward has run once already, so the backward has statistics).
 """
@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-import kernels.numba_cpu as kn
+import fastnorm_kernels.numba_cpu as kn
 
 
 def _geometry(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int]:

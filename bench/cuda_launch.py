@@ -6,7 +6,7 @@ warm-up; the first calls, which compile or load the kernels, are timed apart):
 
 1. training forward+backward wall time per step (CUDA events around 20 steps), with
    autograd, at the suite's GPU shapes: torch's module (cuDNN), fastnorm's module on the C++
-   ops (``cpp``) and on the Python launchers (``python``: kernels/numba_cuda/batchnorm.py through
+   ops (``cpp``) and on the Python launchers (``python``: kernels/fastnorm_kernels/numba_cuda/batchnorm.py through
    fastnorm/autograd.py), and cpp / torch;
 2. host time per op call: the training forward op alone (``torch.ops.fastnorm.batch_norm_forward``
    against ``torch.ops.aten.native_batch_norm``, and the Python launchers' forward), queued 200 times
@@ -156,7 +156,7 @@ def _adam_step(provider: str):
     if provider == "cpp":
         return opt.step
 
-    def python_launch():  # the Python launcher (kernels/numba_cuda/optim.py) for this step
+    def python_launch():  # the Python launcher (kernels/fastnorm_kernels/numba_cuda/optim.py) for this step
         saved, optim._cuda_op = optim._cuda_op, lambda backend, tensors: False
         try:
             opt.step()

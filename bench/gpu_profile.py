@@ -91,7 +91,7 @@ def host_overhead() -> None:
         else:
             opt = torch.optim.Adam(params, lr=1e-3, fused=True)
         cases[f"Adam step, MLP parameters, {provider}{'' if provider == 'cuda' else ' fused'}"] = opt.step
-    from kernels.numba_cuda import _device
+    from fastnorm_kernels.numba_cuda import _device
 
     def dispatcher_path(fn):
         def run():

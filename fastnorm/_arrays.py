@@ -23,7 +23,7 @@ import torch
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 #: the dtype kernels compute per-channel values in, per storage dtype (16-bit: float32)
 _COMPUTE_DTYPES = {**_NUMPY_DTYPES, torch.bfloat16: np.float32, torch.float16: np.float32}
-#: the NumPy dtype of each storage (bfloat16: its uint16 bits, kernels/_bits.py)
+#: the NumPy dtype of each storage (bfloat16: its uint16 bits, kernels/fastnorm_kernels/_bits.py)
 _STORAGE_DTYPES = {**_NUMPY_DTYPES, torch.bfloat16: np.uint16, torch.float16: np.float16}
 
 
@@ -118,7 +118,7 @@ class CpuArrays:
 
     @staticmethod
     def view(t: torch.Tensor) -> np.ndarray:
-        """Zero-copy; bfloat16 as its uint16 bit patterns (NumPy has no bfloat16, kernels/_bits.py)."""
+        """Zero-copy; bfloat16 as its uint16 bit patterns (NumPy has no bfloat16, kernels/fastnorm_kernels/_bits.py)."""
         if t.requires_grad:
             t = t.detach()
         if t.dtype == torch.bfloat16:
@@ -161,13 +161,13 @@ class CpuArrays:
 
 
 class CudaArrays:
-    """Views of CUDA tensors as the cuda kernels take them: ``kernels.numba_cuda.DeviceView``
+    """Views of CUDA tensors as the cuda kernels take them: ``fastnorm_kernels.numba_cuda.DeviceView``
     (address, shape, dtype, and the tensor, kept alive), built from the tensor's own fields in a
     microsecond where Numba's ``as_cuda_array`` took tens on a GPU machine's host."""
 
     @staticmethod
     def view(t: torch.Tensor):
-        from kernels.numba_cuda import DeviceView, as_view
+        from fastnorm_kernels.numba_cuda import DeviceView, as_view
 
         dtype = _STORAGE_DTYPES.get(t.dtype)
         if dtype is None:

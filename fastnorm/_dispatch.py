@@ -21,8 +21,8 @@ from types import ModuleType
 import numpy as np
 import torch
 
-import kernels
-from kernels._bits import BFLOAT16
+import fastnorm_kernels
+from fastnorm_kernels._bits import BFLOAT16
 
 from . import _ops
 from ._arrays import CpuArrays, CudaArrays
@@ -118,9 +118,9 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
     if name == "cuda" and not torch.cuda.is_available():
         return None, "no CUDA GPU is usable here (torch.cuda.is_available() is False)"
     try:
-        module = kernels.load(name)
+        module = fastnorm_kernels.load(name)
     except ModuleNotFoundError as exc:
-        if exc.name == kernels.PACKAGES[name]:
+        if exc.name == fastnorm_kernels.PACKAGES[name]:
             return None, "it is not implemented yet in this version of fastnorm"
         return None, f"it failed to import ({exc})"
     except ImportError as exc:
@@ -170,12 +170,12 @@ _TORCH_DTYPES = {
 
 def _implements(name: str, op: str) -> bool:
     module, why = _load(name)
-    return why is None and (module is None or kernels.implements(module, op))
+    return why is None and (module is None or fastnorm_kernels.implements(module, op))
 
 
 def backends(op: str | None = None) -> list[str]:
-    """The backends usable on this machine now (for ``op`` if given: a key of ``kernels.OPS``)."""
-    ops = [op] if op is not None else list(kernels.OPS)
+    """The backends usable on this machine now (for ``op`` if given: a key of ``fastnorm_kernels.OPS``)."""
+    ops = [op] if op is not None else list(fastnorm_kernels.OPS)
     return [b for b in BACKENDS if any(_implements(b, o) for o in ops)]
 
 
@@ -310,7 +310,7 @@ def auto_prefers_torch(kind: str, numel: int, device_type: str = "cpu") -> bool:
     return numel < table.get(kind, 0)
 
 
-#: torch dtype -> the kernels' storage dtype (bfloat16 as uint16 bits: kernels/_bits.py)
+#: torch dtype -> the kernels' storage dtype (bfloat16 as uint16 bits: kernels/fastnorm_kernels/_bits.py)
 KERNEL_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
                  torch.float16: np.dtype(np.float16), torch.bfloat16: BFLOAT16}  # fmt: skip
 #: each op's kernels' dtype list (the optimizers': OPTIMIZER_DTYPES)
@@ -346,7 +346,7 @@ def resolve(
 
     Args:
         backend: ``"auto"`` or a name in :data:`BACKENDS`.
-        op: a key of ``kernels.OPS`` ("batch_norm", "sgd", "adagrad", "rmsprop", "adam").
+        op: a key of ``fastnorm_kernels.OPS`` ("batch_norm", "sgd", "adagrad", "rmsprop", "adam").
         device: the device of the input tensor / parameters.
         numel: the size of the work (the BatchNorm input's, the parameter group's total), when it
             matters to ``"auto"``; None: large.

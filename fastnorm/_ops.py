@@ -7,7 +7,7 @@ The ops (fastnorm/csrc: ``batch_norm``, ``batch_norm_forward``, ``batch_norm_bac
 :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; ~1 minute on two
 cores, then cached by torch under ``TORCH_EXTENSIONS_DIR``) and loads in every process that uses
 the numba backend. Their CPU kernels are the numba kernels' C entry points
-(``kernels.numba_cpu.batchnorm.c_entry_point``, ``kernels.numba_cpu.optim.c_entry_point``), which
+(``fastnorm_kernels.numba_cpu.batchnorm.c_entry_point``, ``fastnorm_kernels.numba_cpu.optim.c_entry_point``), which
 the extension asks for the first time each one runs (compiled then, or loaded from Numba's cache).
 
 Where the extension cannot be built (no compiler), the numba backend is unavailable:
@@ -146,17 +146,17 @@ def _build() -> ModuleType:
 
 
 def _cuda_ptx(module: str, function: str, signature: str, storage: int, major: int, minor: int) -> tuple[str, str]:
-    """(PTX, entry) of a CUDA kernel for the C++ cuda ops (kernels/numba_cuda/ptx.py), called the
+    """(PTX, entry) of a CUDA kernel for the C++ cuda ops (kernels/fastnorm_kernels/numba_cuda/ptx.py), called the
     first time each (kernel, storage) launches on a device."""
-    from kernels.numba_cuda import ptx
+    from fastnorm_kernels.numba_cuda import ptx
 
     return ptx.kernel_ptx(module, function, signature, storage, major, minor)
 
 
 def _cuda_geometry() -> dict[str, int]:
-    """The launch geometry of the CUDA kernels as kernels/numba_cuda holds it (the simulator's
+    """The launch geometry of the CUDA kernels as kernels/fastnorm_kernels/numba_cuda holds it (the simulator's
     blocks are smaller than a GPU's)."""
-    from kernels.numba_cuda import batchnorm, layernorm, optim
+    from fastnorm_kernels.numba_cuda import batchnorm, layernorm, optim
 
     names = ("BLOCK", "ROW_TILE", "ROW_LANES", "TARGET_BLOCKS", "UNROLL", "PLANE_MIN")
     geometry = {name.lower(): int(getattr(batchnorm, name)) for name in names}
@@ -190,12 +190,12 @@ def cuda_available() -> bool:
 
 
 def _tunables() -> dict[str, int]:
-    """The kernels' tunables as their modules hold them now (kernels/numba_cpu)."""
+    """The kernels' tunables as their modules hold them now (kernels/fastnorm_kernels/numba_cpu)."""
     import numba
 
-    from kernels.numba_cpu import _jit
-    from kernels.numba_cpu import batchnorm as bn_kernels
-    from kernels.numba_cpu import optim as optim_kernels
+    from fastnorm_kernels.numba_cpu import _jit
+    from fastnorm_kernels.numba_cpu import batchnorm as bn_kernels
+    from fastnorm_kernels.numba_cpu import optim as optim_kernels
 
     return {"parallel_min_elements": _jit.PARALLEL_MIN_ELEMENTS, "max_chunks": bn_kernels.MAX_CHUNKS,
             "chunk_elements": bn_kernels.CHUNK_ELEMENTS, "block_bytes": bn_kernels.BLOCK_BYTES,
@@ -203,7 +203,7 @@ def _tunables() -> dict[str, int]:
 
 
 def sync_tunables() -> None:
-    """Hand the kernels' tunables (``kernels.numba_cpu``'s PARALLEL_MIN_ELEMENTS, MAX_CHUNKS,
+    """Hand the kernels' tunables (``fastnorm_kernels.numba_cpu``'s PARALLEL_MIN_ELEMENTS, MAX_CHUNKS,
     CHUNK_ELEMENTS, BLOCK_BYTES, optim.CHUNK) to the ops again, after a change (tests shrink them
     to exercise chunked and blocked loops on small tensors). Not loaded yet: it reads them when it loads."""
     if _extension is not None:
@@ -212,18 +212,18 @@ def sync_tunables() -> None:
 
 def _kernels_of(family: str) -> ModuleType:
     if family in _GROUP_NORM_FAMILIES:
-        from kernels.numba_cpu import groupnorm
+        from fastnorm_kernels.numba_cpu import groupnorm
 
         return groupnorm
     if family in _ROW_NORM_FAMILIES:
-        from kernels.numba_cpu import layernorm
+        from fastnorm_kernels.numba_cpu import layernorm
 
         return layernorm
     if family in _BATCH_NORM_FAMILIES:
-        from kernels.numba_cpu import batchnorm
+        from fastnorm_kernels.numba_cpu import batchnorm
 
         return batchnorm
-    from kernels.numba_cpu import optim
+    from fastnorm_kernels.numba_cpu import optim
 
     return optim
 
@@ -250,7 +250,7 @@ def _compiled(family: str, storage: str):
 def warmup(dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")) -> dict[str, float]:
     """Build the extension and compile (or load) every kernel entry point ahead of use; returns
     the seconds each took (``fastnorm warmup``)."""
-    from kernels.numba_cpu import batchnorm as bn_kernels
+    from fastnorm_kernels.numba_cpu import batchnorm as bn_kernels
 
     times = {}
     started = time.perf_counter()
@@ -279,10 +279,10 @@ def warmup(dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16
 
 
 def warmup_cuda(dtypes: tuple[str, ...], cc: tuple[int, int]) -> dict[str, float]:
-    """Compile (or find in the PTX cache, kernels/numba_cuda/ptx.py) every kernel the C++ cuda ops
+    """Compile (or find in the PTX cache, kernels/fastnorm_kernels/numba_cuda/ptx.py) every kernel the C++ cuda ops
     launch, for ``dtypes`` and compute capability ``cc``; returns the seconds each took. A
     process launching them later reads them from the cache (``fastnorm warmup`` on a GPU machine)."""
-    from kernels.numba_cuda import ptx
+    from fastnorm_kernels.numba_cuda import ptx
 
     module = load()
     if module is None:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from kernels.formulas import batchnorm as formulas
+from fastnorm_kernels.formulas import batchnorm as formulas
 
 from ._dispatch import Backend
 from .autograd import _CHANNELS_LAST, _layout, channel_view
@@ -81,7 +81,7 @@ def _sync_forward(ctx, input, weight, bias, running_mean, running_var, eps, mome
     mean = (counts * means).sum(0) / total
     m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)  # Chan: exact merge of groups
     var = m2 / total
-    if running_mean is not None:  # kernels/formulas/batchnorm.py's arithmetic, on tensors
+    if running_mean is not None:  # kernels/fastnorm_kernels/formulas/batchnorm.py's arithmetic, on tensors
         running_mean.copy_(formulas.running_update(running_mean.double(), mean, momentum))
         unbiased = formulas.unbiased_var(var, total)
         running_var.copy_(formulas.running_update(running_var.double(), unbiased, momentum))

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from kernels._bits import BFLOAT16
+from fastnorm_kernels._bits import BFLOAT16
 
 from . import _dispatch, _ops
 from ._dispatch import AUTO, BACKENDS, Backend, _load, check_name, resolve
@@ -50,12 +50,12 @@ __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
 _TORCH_ONLY_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 _STEP_DTYPES = (torch.float32, torch.float64)
-#: parameter dtype -> the kernels' storage dtype (bfloat16 as uint16 bits: kernels/_bits.py)
+#: parameter dtype -> the kernels' storage dtype (bfloat16 as uint16 bits: kernels/fastnorm_kernels/_bits.py)
 _KERNEL_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
                   torch.float16: np.dtype(np.float16), torch.bfloat16: BFLOAT16}  # fmt: skip
 _HALF = (torch.bfloat16, torch.float16)
 _TORCH = Backend("torch", None, None)
-_BUFFER_ROWS = 3  # state buffers per table (kernels/_optimizer_api.py: param, grad, 3 buffers)
+_BUFFER_ROWS = 3  # state buffers per table (kernels/fastnorm_kernels/_optimizer_api.py: param, grad, 3 buffers)
 
 
 def _unhooked(step: Callable) -> Callable:
@@ -155,11 +155,11 @@ class _KernelOptimizer:
 
     A subclass declares its kernels op, the lists that torch's ``_init_group`` fills after
     params and grads (``_state_lists``, in its argument order), which of them are the table's
-    buffer rows (``_table_rows``, in kernels/formulas/optim.py's order), the options that decide
+    buffer rows (``_table_rows``, in kernels/fastnorm_kernels/formulas/optim.py's order), the options that decide
     which buffers exist, and ``_kernel_options(group)``: the kernel's keyword arguments.
     """
 
-    _op: str  # key of kernels.OPS
+    _op: str  # key of fastnorm_kernels.OPS
     _torch_cls: type[torch.optim.Optimizer]
     _state_lists: tuple[str, ...]
     _table_rows: tuple[str, ...]

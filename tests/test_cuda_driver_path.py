@@ -5,7 +5,7 @@ checked: tests/fake_libcuda.c exports the functions cuda_launch.cpp opens with d
 (``libcuda.so.1``) and records what it is given. In a fresh process that finds it first
 (LD_LIBRARY_PATH), ``cuda_probe`` launches a kernel of the C++ kernel table without tensors: the
 driver is initialised, the device's primary context retained and made current before the PTX
-(compiled by kernels/numba_cuda/ptx.py for the compute capability the driver reports) is
+(compiled by kernels/fastnorm_kernels/numba_cuda/ptx.py for the compute capability the driver reports) is
 loaded, the entry's name is the PTX's, the grid and block and every argument's bits reach
 cuLaunchKernel as packed, a second launch reuses the loaded function, another device gets its own
 context and module. What a GPU adds (the kernels' results, streams, graphs) is tests/gpu's.
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent(
     fake = types.SimpleNamespace(compute_capability=(9, 0))  # numba-cuda asks a device; none here
     dispatcher.get_current_device = api.get_current_device = lambda: fake
     from fastnorm import _ops
-    from kernels.numba_cuda import ptx
+    from fastnorm_kernels.numba_cuda import ptx
 
     module = _ops.load()
     out = {"unusable": module.cuda_unusable()}

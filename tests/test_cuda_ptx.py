@@ -66,9 +66,9 @@ DTYPES = [nt.float32, nt.float64]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_optimizer_kernels_compile(compile_ptx, dtype):
-    from kernels.numba_cuda import optim
+    from fastnorm_kernels.numba_cuda import optim
 
-    # (kernel, number of constants, number of flags): kernels/formulas/optim.py's k and flags;
+    # (kernel, number of constants, number of flags): kernels/fastnorm_kernels/formulas/optim.py's k and flags;
     # arguments: the address table's address and T, the chunk table's and K, the two step
     # scalars, constants, flags, uses, the (unused) rounding seed
     for kernel, constants, flags in [(optim._sgd, 5, 2), (optim._adagrad, 3, 1), (optim._rmsprop, 7, 2),
@@ -81,9 +81,9 @@ def test_optimizer_kernels_compile(compile_ptx, dtype):
 
 @pytest.mark.parametrize("storage", ["bf16", "bf16_sr", "f16"])
 def test_16_bit_optimizer_kernels_compile(compile_ptx, storage):
-    """bfloat16 / float16 storage (uint16 bits; kernels/numba_cuda/_bits.py): float32 scalars and
+    """bfloat16 / float16 storage (uint16 bits; kernels/fastnorm_kernels/numba_cuda/_bits.py): float32 scalars and
     constants, the stochastic rounding seed; every kernel stores 16-bit values to global memory."""
-    from kernels.numba_cuda import optim
+    from fastnorm_kernels.numba_cuda import optim
 
     f32 = nt.float32
     for op, constants, flags in [("sgd", 5, 2), ("adam", 8, 2)]:
@@ -102,7 +102,7 @@ BN_TYPES = [(nt.float32, nt.float32), (nt.float64, nt.float64), (nt.uint16, nt.f
 
 @pytest.mark.parametrize("dtype,compute", BN_TYPES, ids=lambda t: str(t))
 def test_batch_norm_kernels_compile(compile_ptx, dtype, compute):
-    from kernels.numba_cuda import batchnorm as bn
+    from fastnorm_kernels.numba_cuda import batchnorm as bn
 
     # every array is an int64 address (A); `dtype` / `compute` the typed zeros the kernels view them with
     A, D, K = I64, dtype, compute
@@ -132,9 +132,9 @@ def test_batch_norm_kernels_compile(compile_ptx, dtype, compute):
 
 @pytest.mark.parametrize("dtype,compute", BN_TYPES, ids=lambda t: str(t))
 def test_norm_family_kernels_compile(compile_ptx, dtype, compute):
-    """LayerNorm / RMSNorm / GroupNorm (kernels/numba_cuda/layernorm.py's grouped-row kernels, which
+    """LayerNorm / RMSNorm / GroupNorm (kernels/fastnorm_kernels/numba_cuda/layernorm.py's grouped-row kernels, which
     groupnorm.py launches too), with the argument types their launchers pass."""
-    from kernels.numba_cuda import layernorm as ln
+    from fastnorm_kernels.numba_cuda import layernorm as ln
 
     A, D, K = I64, dtype, compute
     signatures = {
@@ -153,11 +153,11 @@ def test_norm_family_kernels_compile(compile_ptx, dtype, compute):
 
 def test_the_cpp_cuda_ops_kernels_compile_with_their_launch_signatures(compile_ptx, tmp_path, monkeypatch):
     """Every kernel the C++ cuda ops launch (fastnorm/csrc/cuda_launch.cpp's table: module,
-    function, signature string) compiles through kernels/numba_cuda/ptx.py for each storage into
+    function, signature string) compiles through kernels/fastnorm_kernels/numba_cuda/ptx.py for each storage into
     PTX that needs no linking, and the PTX entry's parameters are those the C++ launch packs
     (ptx.check_entry: count and sizes); the second ask is read from the on-disk cache, unchanged."""
     from fastnorm import _ops
-    from kernels.numba_cuda import ptx
+    from fastnorm_kernels.numba_cuda import ptx
 
     module = _ops.load()
     if module is None:

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import fastnorm
-import kernels.numba_cpu.batchnorm as numba_bn
+import fastnorm_kernels.numba_cpu.batchnorm as numba_bn
 from fastnorm import _ops
 
 DTYPE = torch.float64

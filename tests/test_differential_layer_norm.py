@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import fastnorm
-import kernels.numba_cpu.batchnorm as numba_bn
+import fastnorm_kernels.numba_cpu.batchnorm as numba_bn
 from fastnorm import _ops
 
 TOL = dict(rtol=1e-9, atol=1e-10)

@@ -43,7 +43,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from ulps import assert_a_neighbour
 
 import fastnorm
-import kernels.numba_cpu.optim as numba_optim
+import fastnorm_kernels.numba_cpu.optim as numba_optim
 from fastnorm import _ops
 
 #: parameter shapes, (shape, layout): odd sizes, a scalar-like tensor; contiguous, transposed (the

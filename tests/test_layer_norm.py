@@ -412,10 +412,10 @@ def test_results_do_not_depend_on_the_thread_count():
 
 def test_kernel_packages_export_each_name_once():
     """Each backend package re-exports its modules' ``__all__``: a name in two of them would be
-    the last one's (layernorm's ``backward_at`` once shadowed batchnorm's in kernels.numba_cpu)."""
+    the last one's (layernorm's ``backward_at`` once shadowed batchnorm's in fastnorm_kernels.numba_cpu)."""
     import importlib
 
-    for package in ("kernels.reference", "kernels.numba_cpu"):
+    for package in ("fastnorm_kernels.reference", "fastnorm_kernels.numba_cpu"):
         seen = {}
         for module in ("batchnorm", "layernorm", "groupnorm", "optim"):
             for name in importlib.import_module(f"{package}.{module}").__all__:

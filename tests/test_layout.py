@@ -36,7 +36,9 @@ def test_import_fastnorm_leaves_the_application_unloaded():
 
 
 def test_kernels_never_import_torch_or_fastnorm():
-    loaded = _modules_after("import kernels.reference, kernels.numba_cpu, kernels.formulas.optim")
+    loaded = _modules_after(
+        "import fastnorm_kernels.reference, fastnorm_kernels.numba_cpu, fastnorm_kernels.formulas.optim"
+    )
     assert not _loaded(loaded, "torch") and not _loaded(loaded, "fastnorm")
 
 

@@ -20,7 +20,7 @@ from ulps import ulps16
 
 import fastnorm
 import fastnorm.optim as fopt
-import kernels.reference
+import fastnorm_kernels.reference
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -45,7 +45,7 @@ CONFIGS = [
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
     """Several chunks per tensor in the numba loop (its chunk-local element indices matter)."""
-    import kernels.numba_cpu.optim as numba_optim
+    import fastnorm_kernels.numba_cpu.optim as numba_optim
     from fastnorm import _ops
 
     monkeypatch.setattr(numba_optim, "CHUNK", 1000)
@@ -442,7 +442,7 @@ def test_auto_runs_numba_on_16_bit_parameters(monkeypatch, dtype):
 
 def test_a_backend_without_the_dtype_is_refused_by_name_and_skipped_by_auto(monkeypatch):
     """(The rule for any backend whose kernels lack a dtype: the reference made to lack bfloat16.)"""
-    monkeypatch.setattr(kernels.reference, "OPTIMIZER_DTYPES", kernels.reference.OPTIMIZER_DTYPES[:2])
+    monkeypatch.setattr(fastnorm_kernels.reference, "OPTIMIZER_DTYPES", fastnorm_kernels.reference.OPTIMIZER_DTYPES[:2])
     assert "reference" not in fopt._dtype_backends(torch.bfloat16, "adam")
     assert fopt._dtype_backends(torch.bfloat16, "adam")[-1] == "torch"
     p = torch.ones(3, dtype=torch.bfloat16, requires_grad=True)
@@ -593,10 +593,12 @@ def test_auto_runs_numba_batch_norm_in_16_bits(monkeypatch, dtype):
 
 def test_a_batch_norm_backend_without_the_dtype(monkeypatch):
     """auto skips it (torch runs); named explicitly it is refused, naming the backends that have it."""
-    import kernels.numba_cpu
+    import fastnorm_kernels.numba_cpu
 
     monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
-    monkeypatch.setattr(kernels.numba_cpu, "BATCH_NORM_DTYPES", kernels.numba_cpu.BATCH_NORM_DTYPES[:2])
+    monkeypatch.setattr(
+        fastnorm_kernels.numba_cpu, "BATCH_NORM_DTYPES", fastnorm_kernels.numba_cpu.BATCH_NORM_DTYPES[:2]
+    )
     fastnorm._dispatch._RESOLVED.clear()
     try:
         x = torch.randn(4, 64, 28, 28).bfloat16()

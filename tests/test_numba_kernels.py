@@ -9,9 +9,9 @@ import torch
 from conftest import assert_close, tol
 
 import fastnorm
-import kernels.numba_cpu as nb
-import kernels.reference as ref
-from kernels.numba_cpu.optim import chunk_table
+import fastnorm_kernels.numba_cpu as nb
+import fastnorm_kernels.reference as ref
+from fastnorm_kernels.numba_cpu.optim import chunk_table
 
 # Large enough for the parallel kernels (>= 64K values): (shape, layout)
 PARALLEL_SHAPES = [
@@ -117,7 +117,7 @@ def _arrays(shape, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(2, 3), (64, 256), (7, 5, 9), (300, 300), (4, 70, 17, 17)], ids=str)
 def test_kernels_api_matches_reference(shape, dtype):
-    """kernels.numba_cpu against kernels.reference, array in / array out (no torch)."""
+    """fastnorm_kernels.numba_cpu against fastnorm_kernels.reference, array in / array out (no torch)."""
     x, w, b = _arrays(shape, dtype)
     c = x.shape[1]
     outs = []

@@ -291,7 +291,7 @@ def test_two_threads_running_the_op_equal_a_sequential_run():
 def test_first_use_says_what_it_compiles(monkeypatch, capsys):
     """A kernel that is not in Numba's cache, and an extension build that is not on disk, each say
     so in one line on stderr before the wait (checked with the caches' answers forced)."""
-    from kernels.numba_cpu import optim as optim_kernels
+    from fastnorm_kernels.numba_cpu import optim as optim_kernels
 
     monkeypatch.setattr(optim_kernels, "c_entry_point_cached", lambda op, storage: False)
     _ops._compiled("adam", "float32")

@@ -2,7 +2,7 @@
 // it is made of.
 //
 // Book: "Deep Learning from Scratch", section 6.3. The math is the numba kernels'
-// (kernels/numba_cpu/batchnorm.py, called through their C entry points); this file checks
+// (kernels/fastnorm_kernels/numba_cpu/batchnorm.py, called through their C entry points); this file checks
 // arguments in torch's words, moves tensors and records autograd.
 //
 //   fastnorm::batch_norm            CompositeImplicitAutograd: torch.nn.functional.batch_norm's
@@ -41,7 +41,7 @@ namespace {
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// The C entry points (argument lists: kernels/numba_cpu/batchnorm.py).
+// The C entry points (argument lists: kernels/fastnorm_kernels/numba_cpu/batchnorm.py).
 using ForwardTrain = void (*)(int64_t x, int64_t weight, int64_t bias, int64_t running_mean, int64_t running_var,
                               int64_t y, int64_t save_mean, int64_t save_invstd, int64_t n, int64_t c, int64_t s,
                               double momentum, double eps, int64_t parallel, int64_t rows_per_chunk, int64_t block);
@@ -65,7 +65,7 @@ Geometry geometry_of(const Tensor& x, at::MemoryFormat layout) {
 
 namespace {
 
-// kernels.numba_cpu.batchnorm.plan: (parallel, rows_per_chunk, forward block, backward block)
+// fastnorm_kernels.numba_cpu.batchnorm.plan: (parallel, rows_per_chunk, forward block, backward block)
 struct Plan {
   bool parallel;
   int64_t rows_per_chunk, forward_block, backward_block;

@@ -2,7 +2,7 @@
 // batch_norm_stats for the CUDA dispatch key (their CPU, Meta and Autograd kernels, and the
 // composite fastnorm::batch_norm, are batch_norm.cpp's: the same checks, outputs and autograd).
 //
-// The kernels are kernels/numba_cuda/batchnorm.py's, launched from here (cuda_launch.h) with the
+// The kernels are kernels/fastnorm_kernels/numba_cuda/batchnorm.py's, launched from here (cuda_launch.h) with the
 // grids its Python launchers use (that file's header describes the algorithm):
 //   training forward  partial sums (planes or rows) -> finalize_train -> normalize
 //   eval forward      finalize_eval -> normalize

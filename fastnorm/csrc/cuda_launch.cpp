@@ -18,12 +18,12 @@ namespace fastnorm::cuda {
 namespace {
 
 struct Spec {
-  const char* module;  // under kernels.numba_cuda
+  const char* module;  // under fastnorm_kernels.numba_cuda
   const char* function;
   const char* signature;
 };
 
-// In the order of enum Kernel; the signatures are the launchers' in kernels/numba_cuda/batchnorm.py.
+// In the order of enum Kernel; the signatures are the launchers' in kernels/fastnorm_kernels/numba_cuda/batchnorm.py.
 constexpr Spec kKernels[] = {
     {"batchnorm", "_stats_planes", "aDiiia"},
     {"batchnorm", "_grad_planes", "aaaDKiiia"},
@@ -37,12 +37,12 @@ constexpr Spec kKernels[] = {
     {"batchnorm", "_normalize_flat", "aaaDKiii"},
     {"batchnorm", "_input_grad_planes", "aaaDKiiia"},
     {"batchnorm", "_input_grad_flat", "aaaDKiiia"},
-    // kernels/numba_cuda/optim.py: tables, their sizes, the step scalars, constants, flags, uses, seed
+    // kernels/fastnorm_kernels/numba_cuda/optim.py: tables, their sizes, the step scalars, constants, flags, uses, seed
     {"optim", "_sgd{storage}", "aiaikk(kkkkk)(bb)(bbb)u"},
     {"optim", "_adagrad{storage}", "aiaikk(kkk)(b)(bbb)u"},
     {"optim", "_rmsprop{storage}", "aiaikk(kkkkkkk)(bb)(bbb)u"},
     {"optim", "_adam{storage}", "aiaikk(kkkkkkkk)(bb)(bbb)u"},
-    // kernels/numba_cuda/layernorm.py: the grouped-row kernels (LayerNorm, RMSNorm, GroupNorm)
+    // kernels/fastnorm_kernels/numba_cuda/layernorm.py: the grouped-row kernels (LayerNorm, RMSNorm, GroupNorm)
     {"layernorm", "_forward_rows", "aaababDKiiiiifbaa"},
     {"layernorm", "_input_grad_rows", "aaaaabDKiiiiiba"},
     {"layernorm", "_param_partials_columns", "aaaaDKiiiiba"},

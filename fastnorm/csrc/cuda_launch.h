@@ -6,8 +6,8 @@
 // stream and device come through c10's device-agnostic guard interface (libc10). The extension
 // therefore builds, and the CPU package imports, on a machine without a GPU or CUDA toolkit.
 //
-// A kernel is named by its kernels/numba_cuda module and function, and typed by a signature
-// string, one code per argument (kernels/numba_cuda/ptx.py reads the same codes):
+// A kernel is named by its kernels/fastnorm_kernels/numba_cuda module and function, and typed by a signature
+// string, one code per argument (kernels/fastnorm_kernels/numba_cuda/ptx.py reads the same codes):
 //   a  an address (int64)        i  an int64            f  a float64        b  a boolean
 //   u  a uint32                  k  a value in the compute dtype (float32, or float64 for float64 data)
 //   D  the data's typed zero (float32, float64, or the 16-bit storage as uint16 / int16 bits)
@@ -85,13 +85,13 @@ void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 
 void launch_on(Kernel kernel, int storage, int index, void* stream, Dim3 grid, Dim3 block,
                const std::vector<Arg>& args);
 
-// The launch geometry constants of the kernels (kernels/numba_cuda: BLOCK, and batchnorm.py's
+// The launch geometry constants of the kernels (kernels/fastnorm_kernels/numba_cuda: BLOCK, and batchnorm.py's
 // ROW_TILE, ROW_LANES, TARGET_BLOCKS, UNROLL, PLANE_MIN), handed over by Python: the simulator
 // runs smaller blocks than a GPU.
 struct Geometry {
   int64_t block = 256, row_tile = 32, row_lanes = 8, target_blocks = 1024, unroll = 4, plane_min = 32;
-  int64_t optimizer_chunk = 1 << 16, optimizer_max_blocks = 4096;  // kernels/numba_cuda/optim.py's CHUNK, MAX_BLOCKS
-  // kernels/numba_cuda/layernorm.py's ROW_BLOCK, COL_TILE, COL_LANES, MAX_ROW_BLOCKS, ROWS_PER_SPLIT
+  int64_t optimizer_chunk = 1 << 16, optimizer_max_blocks = 4096;  // kernels/fastnorm_kernels/numba_cuda/optim.py's CHUNK, MAX_BLOCKS
+  // kernels/fastnorm_kernels/numba_cuda/layernorm.py's ROW_BLOCK, COL_TILE, COL_LANES, MAX_ROW_BLOCKS, ROWS_PER_SPLIT
   int64_t row_block = 256, col_tile = 32, col_lanes = 8, max_row_blocks = 65535, rows_per_split = 128;
 };
 const Geometry& geometry();

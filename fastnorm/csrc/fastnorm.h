@@ -1,7 +1,7 @@
 // fastnorm's C++ op layer: what the translation units share.
 //
 // The ops (TORCH_LIBRARY(fastnorm, m) in library.cpp) run the Numba CPU kernels through their C
-// entry points (Numba cfuncs: kernels/numba_cpu/batchnorm.py and optim.py, `c_entry_point`),
+// entry points (Numba cfuncs: kernels/fastnorm_kernels/numba_cpu/batchnorm.py and optim.py, `c_entry_point`),
 // whose addresses Python hands over the first time each one is needed (runtime.cpp). Outputs of
 // a megabyte and more come from a caching pool (torch's CPU allocator gives large blocks back to
 // the OS, and every fresh output is then paid again in page faults).
@@ -52,7 +52,7 @@ void without_gil(const std::function<void()>& f);
 // Numba's pool), so that torch.set_num_threads governs the kernels too.
 void follow_torch_threads();
 
-// The kernels' tunables (kernels/numba_cpu: PARALLEL_MIN_ELEMENTS, MAX_CHUNKS, CHUNK_ELEMENTS,
+// The kernels' tunables (kernels/fastnorm_kernels/numba_cpu: PARALLEL_MIN_ELEMENTS, MAX_CHUNKS, CHUNK_ELEMENTS,
 // BLOCK_BYTES; optim.CHUNK), handed over by Python when the extension is configured.
 struct Tunables {
   int64_t parallel_min_elements = 1 << 16;

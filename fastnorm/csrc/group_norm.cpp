@@ -2,7 +2,7 @@
 //
 // The input (N, C, *) is seen as (N, C, S), or (N, S, C) when it is channels-last in memory (the
 // kernels read that layout directly and the output keeps it, as torch's CPU GroupNorm does). The
-// math is the numba kernels' (kernels/numba_cpu/groupnorm.py, through their C entry points).
+// math is the numba kernels' (kernels/fastnorm_kernels/numba_cpu/groupnorm.py, through their C entry points).
 //
 //   fastnorm::group_norm            CompositeImplicitAutograd: F.group_norm's arguments and
 //                                   semantics; what the kernels do not take (another device or
@@ -161,7 +161,7 @@ Outputs backward_meta(const Tensor& grad_out, const Tensor& input, int64_t group
           mask[1] ? at::empty_symint({c}, params) : Tensor(), mask[2] ? at::empty_symint({c}, params) : Tensor()};
 }
 
-// ---- CUDA: kernels/numba_cuda/groupnorm.py's launches (a (sample, group) block as a row), from C++ ----
+// ---- CUDA: kernels/fastnorm_kernels/numba_cuda/groupnorm.py's launches (a (sample, group) block as a row), from C++ ----
 // The kernels read contiguous (N, C, S) memory: a channels-last input is read through a
 // contiguous copy and its outputs given back in its layout, as the CPU op gives them.
 

@@ -2,7 +2,7 @@
 //
 // Both normalise each row of the input over its last dims (normalized_shape): the input is seen
 // as (M, D), D the product of normalized_shape. The math is the numba kernels'
-// (kernels/numba_cpu/layernorm.py, called through their C entry points; `center` = LayerNorm);
+// (kernels/fastnorm_kernels/numba_cpu/layernorm.py, called through their C entry points; `center` = LayerNorm);
 // this file checks arguments, moves tensors and records autograd.
 //
 //   fastnorm::layer_norm        CompositeImplicitAutograd: torch.nn.functional.layer_norm's
@@ -45,14 +45,14 @@ using torch::autograd::variable_list;
 using OptionalTensor = std::optional<Tensor>;
 using Outputs = std::tuple<Tensor, Tensor, Tensor>;
 
-// The C entry points (argument lists: kernels/numba_cpu/layernorm.py).
+// The C entry points (argument lists: kernels/fastnorm_kernels/numba_cpu/layernorm.py).
 using Forward = void (*)(int64_t x, int64_t weight, int64_t bias, int64_t y, int64_t mean, int64_t rstd, int64_t m,
                          int64_t d, double eps, int64_t center, int64_t parallel, int64_t rows);
 using Backward = void (*)(int64_t dy, int64_t x, int64_t mean, int64_t rstd, int64_t weight, int64_t center,
                           int64_t dx, int64_t dweight, int64_t dbias, int64_t m, int64_t d, int64_t parallel,
                           int64_t rows);
 
-// kernels.numba_cpu.layernorm.rows_per_chunk and the parallel threshold of its launchers
+// fastnorm_kernels.numba_cpu.layernorm.rows_per_chunk and the parallel threshold of its launchers
 struct Plan {
   bool parallel;
   int64_t rows;
@@ -186,7 +186,7 @@ Outputs backward_meta(const Tensor& grad_out, const Tensor& input, int64_t dims,
           mask[2] ? at::empty_symint(normalized, params) : Tensor()};
 }
 
-// ---- CUDA: kernels/numba_cuda/layernorm.py's grouped-row kernels, launched from C++ ----------------
+// ---- CUDA: kernels/fastnorm_kernels/numba_cuda/layernorm.py's grouped-row kernels, launched from C++ ----------------
 
 Outputs forward_cuda(const Tensor& input, int64_t dims, const OptionalTensor& weight, const OptionalTensor& bias,
                      double eps, bool center) {

@@ -2,9 +2,9 @@
 // adam_}, one fused multi-tensor update of a parameter group (modelled on torch's _fused_adam_).
 //
 // Book: "Deep Learning from Scratch", section 6.1. The per-element math is
-// kernels/formulas/optim.py, compiled into the numba kernels (kernels/numba_cpu/optim.py) whose C
+// kernels/fastnorm_kernels/formulas/optim.py, compiled into the numba kernels (kernels/fastnorm_kernels/numba_cpu/optim.py) whose C
 // entry points this file calls. Scalars are computed here once per call, on the host, as
-// kernels/_optimizer_api.py computes them: the constants in the compute dtype (float32 for 16-bit
+// kernels/fastnorm_kernels/_optimizer_api.py computes them: the constants in the compute dtype (float32 for 16-bit
 // storage), the step-dependent bias corrections in float64 by the kernels' serial prologue, which
 // also advances torch's step counters (state["step"], CPU scalar tensors).
 //
@@ -26,7 +26,7 @@ namespace fastnorm {
 namespace {
 
 // void step(addrs, T, chunks, K, steps, step_f64, advance, host0, host1, host2, scalars, constants,
-//           flag0, flag1, use0, use1, use2, seed): kernels/numba_cpu/optim.py, c_entry_point
+//           flag0, flag1, use0, use1, use2, seed): kernels/fastnorm_kernels/numba_cpu/optim.py, c_entry_point
 using Step = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, double, double, int64_t,
                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 
@@ -289,7 +289,7 @@ TORCH_LIBRARY_IMPL(fastnorm, CPU, m) {
   m.impl("adam_", &fastnorm::adam_<false>);
 }
 
-// CUDA: the same checks, then optim_cuda.cpp's launches of kernels/numba_cuda/optim.py's kernels
+// CUDA: the same checks, then optim_cuda.cpp's launches of kernels/fastnorm_kernels/numba_cuda/optim.py's kernels
 TORCH_LIBRARY_IMPL(fastnorm, CUDA, m) {
   m.impl("sgd_", &fastnorm::sgd_<true>);
   m.impl("adagrad_", &fastnorm::adagrad_<true>);

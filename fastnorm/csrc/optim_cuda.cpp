@@ -1,10 +1,10 @@
 // The optimizer ops on CUDA tensors: torch.ops.fastnorm.{sgd_, adagrad_, rmsprop_, adam_} for the
 // CUDA dispatch key (optim.cpp checks the arguments and registers them), launching
-// kernels/numba_cuda/optim.py's kernels from C++ (cuda_launch.h) as its Python launcher does:
+// kernels/fastnorm_kernels/numba_cuda/optim.py's kernels from C++ (cuda_launch.h) as its Python launcher does:
 //
 //   1. the host step counters (state["step"], CPU tensors: torch's optimizers without
 //      capturable=True) advance, and each tensor's step-dependent scalars are computed in float64
-//      (kernels/formulas/optim.py's *_tensor_scalars: the same arithmetic);
+//      (kernels/fastnorm_kernels/formulas/optim.py's *_tensor_scalars: the same arithmetic);
 //   2. tensors sharing those scalars (usually the whole group) share one launch, the scalars and
 //      constants passed by value in the compute dtype;
 //   3. each launch reads a (5, T) address table and a (K, 3) chunk table (tensor, start, stop) in
@@ -33,7 +33,7 @@ namespace {
 
 using cuda::Arg;
 
-// kernels/formulas/optim.py: adagrad_tensor_scalars, adam_tensor_scalars (the others: zeros)
+// kernels/fastnorm_kernels/formulas/optim.py: adagrad_tensor_scalars, adam_tensor_scalars (the others: zeros)
 std::pair<double, double> tensor_scalars(const Update& u, double step) {
   switch (u.family) {
     case Entry::kAdagrad: return {u.host[0] / (1.0 + (step - 1.0) * u.host[1]), 0.0};

@@ -1,4 +1,4 @@
-// The grouped-row launches of kernels/numba_cuda/layernorm.py from C++ (row_norm_cuda.h): the
+// The grouped-row launches of kernels/fastnorm_kernels/numba_cuda/layernorm.py from C++ (row_norm_cuda.h): the
 // same kernels, grids and scratch as its Python launchers forward_rows / backward_rows (that
 // file's header describes the algorithm: a block per row for the forward and dx, float64 sums;
 // dweight and dbias from (channel, split) partial sums added in a fixed order).

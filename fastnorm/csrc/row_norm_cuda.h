@@ -1,4 +1,4 @@
-// The grouped-row launches of kernels/numba_cuda/layernorm.py (LayerNorm and RMSNorm rows, and
+// The grouped-row launches of kernels/fastnorm_kernels/numba_cuda/layernorm.py (LayerNorm and RMSNorm rows, and
 // GroupNorm's (sample, group) blocks as rows), shared by layer_norm.cpp's and group_norm.cpp's
 // CUDA kernels; row_norm_cuda.cpp holds them.
 #pragma once

@@ -57,7 +57,7 @@ def cuda_backend_on_cpu(monkeypatch):
     """fastnorm's cuda backend on CPU tensors: under the simulator "device" memory is host memory,
     so the dispatcher is told the cuda backend runs on the CPU (no stream or allocator hooks, no
     device guard); everything else is the code a GPU runs."""
-    import kernels.numba_cuda as kc
+    import fastnorm_kernels.numba_cuda as kc
     from fastnorm import _dispatch
 
     monkeypatch.setitem(_dispatch._DEVICE_TYPE, "cuda", "cpu")
@@ -83,7 +83,7 @@ def cpp_cuda_launches():
     import importlib
 
     from fastnorm import _ops
-    from kernels.numba_cuda import ptx
+    from fastnorm_kernels.numba_cuda import ptx
 
     module = _ops.load()
     if module is None:
@@ -92,7 +92,7 @@ def cpp_cuda_launches():
 
     def run(module_name, function, signature, storage, grid, block, args):
         ran.append((function, tuple(grid), tuple(block)))
-        kernels = importlib.import_module(f"kernels.numba_cuda.{module_name}")
+        kernels = importlib.import_module(f"fastnorm_kernels.numba_cuda.{module_name}")
         kernel = getattr(kernels, ptx.function_name(function, storage))
         kernel[tuple(grid), tuple(block)](*ptx.typed_args(signature, storage, args))
 

@@ -12,9 +12,9 @@ import pytest
 from numba import cuda
 from ulps import ulps16
 
-import kernels.numba_cuda as kc
-import kernels.reference as ref
-from kernels.numba_cuda import optim as cuda_optim
+import fastnorm_kernels.numba_cuda as kc
+import fastnorm_kernels.reference as ref
+from fastnorm_kernels.numba_cuda import optim as cuda_optim
 
 assert kc.SIMULATOR and cuda.is_available()
 
@@ -150,7 +150,7 @@ HALF_CASES = [("bfloat16", i) for i in range(len(CASES))] + [("bfloat16-sr", 0),
 def test_16_bit_optimizer_kernels_match_reference(small_chunks, storage, case):
     """float32 arithmetic, one rounding per stored value, the same stochastic rounding bits:
     within one ulp of the NumPy reference in at least 99% of the values after 4 steps."""
-    from kernels import _bits
+    from fastnorm_kernels import _bits
 
     name, options = CASES[case]
     dtype, seed = HALF[storage]
@@ -214,7 +214,7 @@ def test_adam_table_advances_host_steps(small_chunks):
 
 def test_list_api_wants_host_step_counters():
     """On a real GPU a device step counter would be read as a host address: refused by type."""
-    from kernels.numba_cuda import _device
+    from fastnorm_kernels.numba_cuda import _device
 
     assert _device.host_address(np.zeros(1, np.float32)) > 0
     with pytest.raises(TypeError, match="host memory"):

@@ -10,8 +10,8 @@ import pytest
 from numba import cuda
 from ulps import ulps16
 
-import kernels.numba_cuda as kc
-import kernels.reference as ref
+import fastnorm_kernels.numba_cuda as kc
+import fastnorm_kernels.reference as ref
 
 assert kc.SIMULATOR and cuda.is_available()
 
@@ -25,7 +25,7 @@ GROUP_SHAPES = [(2, 6, 5, 3), (3, 4, 1, 2), (2, 8, 70, 4), (5, 3, 7, 3), (1, 4, 
 @pytest.fixture(autouse=True)
 def small_splits(monkeypatch):
     """Row splits of a few rows, so that small shapes have several (the simulator is slow)."""
-    from kernels.numba_cuda import layernorm
+    from fastnorm_kernels.numba_cuda import layernorm
 
     monkeypatch.setattr(layernorm, "ROWS_PER_SPLIT", 8)
 

@@ -5,7 +5,7 @@ Here, without one, their CUDA dispatch key's kernels are called on CPU tensors
 (``OpOverload.redispatch`` with the CUDA key) and every launch goes through a hook that runs the
 kernel under Numba's simulator on those tensors' host memory: the grids, the argument lists,
 the scratch sizes, the choice of kernels and the outputs are the C++ code's, as a GPU would get
-them. Results must equal, bit for bit, those of the Python launchers (kernels/numba_cuda/
+them. Results must equal, bit for bit, those of the Python launchers (kernels/fastnorm_kernels/numba_cuda/
 batchnorm.py, the same kernels and grids, through fastnorm's cuda backend), and torch's
 values within precision. What this cannot see: the driver calls themselves (module loading,
 cuLaunchKernel, streams), which tests/gpu checks on hardware.
@@ -197,8 +197,8 @@ def test_empty_batch_and_bad_input_raise_torchs_errors(launches):
 
 
 def test_the_launch_geometry_is_the_simulators():
-    """The C++ ops launch with kernels/numba_cuda's geometry (the simulator's smaller blocks here)."""
-    from kernels.numba_cuda import batchnorm
+    """The C++ ops launch with kernels/fastnorm_kernels/numba_cuda's geometry (the simulator's smaller blocks here)."""
+    from fastnorm_kernels.numba_cuda import batchnorm
 
     geometry = _ops._cuda_geometry()
     assert geometry["block"] == batchnorm.BLOCK == 64
@@ -268,7 +268,7 @@ def test_optimizers_through_the_cpp_ops_follow_torch_and_the_python_launcher(opt
         for key, value in ref.state[a].items():
             torch.testing.assert_close(ours.state[b][key], value, rtol=1e-10, atol=1e-10, msg=key)
             assert ours.state[b][key].device == value.device
-    # the Python launcher (kernels/numba_cuda/optim.py): the same kernels and tables, the same bits
+    # the Python launcher (kernels/fastnorm_kernels/numba_cuda/optim.py): the same kernels and tables, the same bits
     from fastnorm import optim
 
     monkeypatch.setattr(optim, "_cuda_op", lambda backend, tensors: False)
@@ -365,7 +365,7 @@ def test_norms_through_the_cpp_ops_give_the_python_launchers_bits(launches, cuda
     assert y.stride() == x.stride() and grads[0].stride() == x.stride(), "outputs in the input's layout"
     ran = {name for name, _, _ in launches}
     assert {"_forward_rows", "_input_grad_rows", "_param_finalize"} <= ran, ran
-    # the Python launchers (kernels/numba_cuda/layernorm.py through fastnorm.functional): same bits
+    # the Python launchers (kernels/fastnorm_kernels/numba_cuda/layernorm.py through fastnorm.functional): same bits
     xp, wp, bp = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
     if op == "group_norm":
         yp = fastnorm.functional.group_norm(xp, arg, wp, bp, eps, backend="cuda")

@@ -211,7 +211,7 @@ NORM_CASES = [
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the cuda kernels' launcher calls: the modules must run them, not fall back to torch."""
-    import kernels.numba_cuda as kc
+    import fastnorm_kernels.numba_cuda as kc
 
     calls = []
     for fn in ("layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",

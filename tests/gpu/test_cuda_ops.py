@@ -27,7 +27,7 @@ def _cpp_cuda_ops():
 
 
 def _python_launchers(x, rm, rv, w, b, training):
-    """The same BatchNorm through the Python launchers (kernels/numba_cuda/batchnorm.py)."""
+    """The same BatchNorm through the Python launchers (kernels/fastnorm_kernels/numba_cuda/batchnorm.py)."""
     chosen = _dispatch.resolve("cuda", "batch_norm", x.device)
     return batch_norm_function(chosen, x, rm, rv, w, b, training, 0.1, 1e-5)
 

@@ -23,7 +23,7 @@ in stored row ``row`` (0 the parameter, 1..3 the state buffers) of a launch with
     bits = mix32(key ^ (e * 0x9E3779B1 mod 2**32)) >> 16
 
 ``mix32`` is murmur3's 32-bit finaliser (a bijection with full avalanche). The scalar functions
-here are plain integer arithmetic, compiled for the CPU and GPU loops like kernels/formulas; the
+here are plain integer arithmetic, compiled for the CPU and GPU loops like kernels/fastnorm_kernels/formulas; the
 ``*_array`` functions are their NumPy versions for the reference backend.
 """
 

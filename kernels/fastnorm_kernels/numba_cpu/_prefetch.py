@@ -4,7 +4,7 @@ line holding ``a.flat[i]`` (a C-contiguous array, read soon) into cache.
 It emits LLVM's ``llvm.prefetch`` (read, high locality, data cache): a hint, never a fault, so an
 address past the end of the array would be harmless; callers still keep ``i`` in range. Used where
 the hardware prefetcher does not follow the access pattern: BatchNorm's short rows read eight at a
-time (kernels/numba_cpu/batchnorm.py).
+time (kernels/fastnorm_kernels/numba_cpu/batchnorm.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Fused multi-tensor optimizer updates on NVIDIA GPUs with ``numba.cuda.jit``.
 
-Book: "Deep Learning from Scratch", section 6.1. The per-element math is kernels/formulas/optim.py
+Book: "Deep Learning from Scratch", section 6.1. The per-element math is kernels/fastnorm_kernels/formulas/optim.py
 (shared with the CPU kernels); this module holds the launches. The design is the CPU one (read
-kernels/numba_cpu/optim.py): a parameter group is one (5, T) table of data addresses and one
+kernels/fastnorm_kernels/numba_cpu/optim.py): a parameter group is one (5, T) table of data addresses and one
 chunk table (tensor, start, stop), int64 device arrays the kernels take by address (as every
 fastnorm CUDA kernel takes its arrays: launchable from C++, fastnorm/csrc/optim_cuda.cpp); one
 launch updates every element of every tensor of the group, blocks striding over chunks and
@@ -35,7 +35,7 @@ from ._device import BLOCK, SIMULATOR, address, host_address, stream, view
 __all__ = [*OPTIMIZER_API, *TABLE_API, "OPTIMIZER_DTYPES"]
 
 #: the storage dtypes these optimizers update: float32, float64, float16 and bfloat16 (uint16 bits,
-#: kernels/_bits.py), the 16-bit ones computed in float32
+#: kernels/fastnorm_kernels/_bits.py), the 16-bit ones computed in float32
 OPTIMIZER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), *HALF_DTYPES)
 
 CHUNK = 1 << 16  # elements per chunk
@@ -114,7 +114,7 @@ def _table_update(update, addrs_addr, T, chunks_addr, K, s0, s1, constants, flag
 @_inline
 def _table_update16(update, load, store, addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed):
     """:func:`_table_update` for bfloat16 / float16 storage: ``load`` and ``store`` convert each
-    value to and from float32 (kernels/numba_cuda/_bits.py), the compute dtype of ``s0``, ``s1``
+    value to and from float32 (kernels/fastnorm_kernels/numba_cuda/_bits.py), the compute dtype of ``s0``, ``s1``
     and ``constants``; ``seed`` (uint32): the stochastic rounding generator's, per launch."""
     bits = np.uint16(0)
     addrs = view(addrs_addr, 5 * T, np.int64(0))
@@ -182,7 +182,7 @@ def _define16() -> dict:
 _KERNELS16 = _define16()
 
 
-# -- launching (the entry points themselves are kernels/_optimizer_api.py) -----------------------
+# -- launching (the entry points themselves are kernels/fastnorm_kernels/_optimizer_api.py) -----------------------
 
 # op: (update kernel, the host function giving a tensor's step scalars)
 _KERNELS = {

@@ -1,8 +1,8 @@
 """Group Normalization on NVIDIA GPUs with ``numba.cuda.jit`` kernels (contiguous (N, C, S) arrays).
 
-The math is kernels/reference/groupnorm.py's; conventions are PyTorch's (``torch.nn.GroupNorm``).
+The math is kernels/fastnorm_kernels/reference/groupnorm.py's; conventions are PyTorch's (``torch.nn.GroupNorm``).
 A (sample n, group g) block of contiguous (N, C, S) storage is one row of D = C/G * S values, so
-the kernels are kernels/numba_cuda/layernorm.py's grouped-row kernels (see its docstring for the
+the kernels are kernels/fastnorm_kernels/numba_cuda/layernorm.py's grouped-row kernels (see its docstring for the
 algorithm): forward and dx a block per (n, g); dweight[c] and dbias[c] from partial sums over a
 (channel, split) grid, threads along each (n, c) plane, added per channel in a fixed order.
 Channels-last input is the caller's business: fastnorm passes its values in (N, C, S) order (a
@@ -33,7 +33,7 @@ def _check(x, groups, outputs, per_group, per_channel):
 
 
 def group_norm_forward(x, weight, bias, groups, eps, y, mean, rstd):
-    """GroupNorm forward on (N, C, S) arrays; see kernels.reference.group_norm_forward."""
+    """GroupNorm forward on (N, C, S) arrays; see fastnorm_kernels.reference.group_norm_forward."""
     x, weight, bias, y, mean, rstd = _views(x, weight, bias, y, mean, rstd)
     _check(x, groups, [y], [mean, rstd], [weight, bias])
     if mean is None or rstd is None:
@@ -44,7 +44,7 @@ def group_norm_forward(x, weight, bias, groups, eps, y, mean, rstd):
 
 
 def group_norm_backward(dy, x, mean, rstd, weight, groups, dx, dweight, dbias):
-    """GroupNorm backward on (N, C, S) arrays; see kernels.reference.group_norm_backward."""
+    """GroupNorm backward on (N, C, S) arrays; see fastnorm_kernels.reference.group_norm_backward."""
     dy, x, mean, rstd, weight, dx, dweight, dbias = _views(dy, x, mean, rstd, weight, dx, dweight, dbias)
     _check(x, groups, [dy, dx], [mean, rstd], [weight, dweight, dbias])
     if mean is None or rstd is None:

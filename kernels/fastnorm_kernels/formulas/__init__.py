@@ -1,9 +1,9 @@
 """The math of every kernel, once: plain Python functions on scalars.
 
 Each backend compiles the same text: ``numba.njit(inline="always")`` for the CPU loops
-(kernels/numba_cpu) and ``numba.cuda.jit(device=True, inline="always")`` for the GPU kernels
-(kernels/numba_cuda). The backends keep only what differs between them: loops, chunking,
-reductions, launches. The NumPy reference (kernels/reference) is written separately, on purpose:
+(kernels/fastnorm_kernels/numba_cpu) and ``numba.cuda.jit(device=True, inline="always")`` for the GPU kernels
+(kernels/fastnorm_kernels/numba_cuda). The backends keep only what differs between them: loops, chunking,
+reductions, launches. The NumPy reference (kernels/fastnorm_kernels/reference) is written separately, on purpose:
 it is the independent, readable oracle the compiled kernels are tested against.
 
 Rules for code in this package (so that both compilers accept it and loops stay vectorised):

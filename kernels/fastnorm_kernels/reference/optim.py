@@ -27,7 +27,7 @@ parameters' dtype (NumPy keeps float32 arrays float32 against Python floats), as
 Arguments are lists with one array per parameter tensor (any shape; all arrays of a tensor share
 its shape and dtype). Every kernels backend exposes these four functions with these arguments.
 
-16-bit storage (float16 arrays, or bfloat16 as uint16 bit patterns: kernels/_bits.py): every
+16-bit storage (float16 arrays, or bfloat16 as uint16 bit patterns: kernels/fastnorm_kernels/_bits.py): every
 array is widened to float32, the same float32 code runs, and each stored array (parameters and
 state) is rounded once at the end: to nearest even, or, for bfloat16 with ``rounding_seed``,
 stochastically with the generator every backend shares (the same bits as the numba kernels).

@@ -1,6 +1,6 @@
 """The optimizer entry points of the compiled backends, written once.
 
-kernels/numba_cpu and kernels/numba_cuda expose the same two APIs per optimizer:
+kernels/fastnorm_kernels/numba_cpu and kernels/fastnorm_kernels/numba_cuda expose the same two APIs per optimizer:
 
 * ``<op>_step_table(addrs, numels, dtype, step_addrs, step_f64, *, options)`` (SGD:
   ``first_step`` instead of the steps): the tensors of a group as an int64 (5, T) table of data
@@ -8,11 +8,11 @@ kernels/numba_cpu and kernels/numba_cuda expose the same two APIs per optimizer:
   plus the addresses of the step counters, which are advanced by one. fastnorm's optimizers call
   these, with addresses read straight from torch tensors.
 * ``<op>_step(params, grads, buffers..., steps, *, options)``: lists of arrays, the API every
-  backend shares (kernels/reference/optim.py documents it), built on the table one.
+  backend shares (kernels/fastnorm_kernels/reference/optim.py documents it), built on the table one.
 
 What they have in common is here: checking a table, turning a group's options into the
 kernel's arguments (``constants`` in the tensors' dtype, ``flags``, the float64 ``host`` values
-of the step scalars; their meaning is in kernels/formulas/optim.py) and building tables from
+of the step scalars; their meaning is in kernels/fastnorm_kernels/formulas/optim.py) and building tables from
 arrays. Each backend supplies ``run(op, addrs, numels, dtype, step_addrs, step_f64, first_step,
 host, constants, flags, uses)``, which launches its kernel for ``op`` (``constants``: an array in
 ``dtype``; ``first_step`` is None except for SGD, ``step_addrs`` None for SGD; ``uses``: which

@@ -1,7 +1,7 @@
 """Layer Normalization and RMS Normalization on CPU threads with Numba: one kernel per direction
 for both (``center``: LayerNorm subtracts the row mean, RMSNorm does not).
 
-The math is kernels/reference/layernorm.py's (the readable version these kernels are tested
+The math is kernels/fastnorm_kernels/reference/layernorm.py's (the readable version these kernels are tested
 against); conventions are PyTorch's (``torch.nn.LayerNorm``, ``torch.nn.RMSNorm``).
 
 Algorithm
@@ -45,7 +45,7 @@ from ._cfuncs import at, entry_points, vector_at
 from ._jit import REASSOC, twins
 
 # the package re-exports these; the address-level entry points and C functions stay in this module
-# (kernels.numba_cpu.layernorm.c_entry_point): their names are batchnorm's too
+# (fastnorm_kernels.numba_cpu.layernorm.c_entry_point): their names are batchnorm's too
 __all__ = [*LAYER_NORM_API, "LAYER_NORM_DTYPES"]
 
 #: storage dtypes: float32, float64, float16 and bfloat16 (uint16 bits); 16-bit ones computed in float32
@@ -161,7 +161,7 @@ def _backward(dy, x, mean, rstd, weight, has_weight, center, inv_d, need_dx, nee
                 dbias[j] = sb
 
 
-# -- array entry points: the kernels API (same names and arguments as kernels.reference) --------
+# -- array entry points: the kernels API (same names and arguments as fastnorm_kernels.reference) --------
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 
@@ -197,7 +197,7 @@ def _scalars(x, eps):
 
 
 def layer_norm_forward(x, weight, bias, eps, y, mean, rstd):
-    """LayerNorm forward; see kernels.reference.layer_norm_forward for the contract."""
+    """LayerNorm forward; see fastnorm_kernels.reference.layer_norm_forward for the contract."""
     _check(x, [y], [mean, rstd], [weight, bias])
     m, d = x.shape
     eps_c, inv_d = _scalars(x, eps)
@@ -206,13 +206,13 @@ def layer_norm_forward(x, weight, bias, eps, y, mean, rstd):
 
 
 def layer_norm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
-    """LayerNorm backward; see kernels.reference.layer_norm_backward."""
+    """LayerNorm backward; see fastnorm_kernels.reference.layer_norm_backward."""
     _check(x, [dy, dx], [mean, rstd], [weight, dweight, dbias])
     _run_backward(dy, x, mean, rstd, weight, True, dx, dweight, dbias)
 
 
 def rms_norm_forward(x, weight, eps, y, rstd):
-    """RMSNorm forward; see kernels.reference.rms_norm_forward."""
+    """RMSNorm forward; see fastnorm_kernels.reference.rms_norm_forward."""
     _check(x, [y], [rstd], [weight])
     m, d = x.shape
     eps_c, inv_d = _scalars(x, eps)
@@ -221,7 +221,7 @@ def rms_norm_forward(x, weight, eps, y, rstd):
 
 
 def rms_norm_backward(dy, x, rstd, weight, dx, dweight):
-    """RMSNorm backward; see kernels.reference.rms_norm_backward."""
+    """RMSNorm backward; see fastnorm_kernels.reference.rms_norm_backward."""
     _check(x, [dy, dx], [rstd], [weight, dweight])
     _run_backward(dy, x, None, rstd, weight, False, dx, dweight, None)
 
@@ -237,7 +237,7 @@ def _run_backward(dy, x, mean, rstd, weight, center, dx, dweight, dbias):
 
 
 # -- address-level entry points and their C functions (fastnorm/csrc/layer_norm.cpp) ----------
-# As kernels/numba_cpu/batchnorm.py's: ``like`` a scalar of the storage type, ``like_c`` one of
+# As kernels/fastnorm_kernels/numba_cpu/batchnorm.py's: ``like`` a scalar of the storage type, ``like_c`` one of
 # the compute dtype, then int64 addresses (0: absent), then the (M, D) geometry. C signatures:
 #   void forward(int64 x, weight, bias, y, mean, rstd, m, d, double eps, int64 center, parallel, rows)
 #   void backward(int64 dy, x, mean, rstd, weight, center, dx, dweight, dbias, m, d, parallel, rows)

@@ -1,9 +1,9 @@
 """Keep Numba's on-disk cache honest about the shared formulas.
 
 Numba's cache (``cache=True``) revalidates a compiled kernel against the timestamp of the file
-that defines it, not of the functions it inlines from other modules; the kernels inline
-kernels/formulas/*.py, kernels/_pointer.py, the 16-bit conversions (kernels/_bits.py,
-kernels/_conversions.py, kernels/*/_bits.py) and the CPU prefetch (kernels/numba_cpu/_prefetch.py).
+that defines it, not of the functions it inlines from other modules; the kernels inline (paths
+in this package) formulas/*.py, _pointer.py, the 16-bit conversions (_bits.py, _conversions.py,
+*/_bits.py) and the CPU prefetch (numba_cpu/_prefetch.py).
 :func:`drop_if_stale` keeps a hash of those sources next to a backend's cache files and deletes
 the cache files when the hash changes, so an edited formula is never run from a stale compiled
 kernel. (Installed read-only, or with a

@@ -149,7 +149,7 @@ def target(major: int, minor: int) -> tuple[int, int]:
 
 
 def kernel_ptx(module: str, function: str, signature: str, storage: int, major: int, minor: int) -> tuple[str, str]:
-    """(PTX, entry name) of ``kernels.numba_cuda.<module>.<function>`` for ``signature`` and
+    """(PTX, entry name) of ``fastnorm_kernels.numba_cuda.<module>.<function>`` for ``signature`` and
     ``storage``, compiled for compute capability (major, minor) (or read from the cache)."""
     if storage not in STORAGES:
         raise ValueError(f"no kernel storage {storage}")

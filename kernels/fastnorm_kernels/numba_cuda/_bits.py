@@ -1,6 +1,6 @@
-"""bfloat16 and float16 loads and stores for the CUDA kernels (kernels/_bits.py explains).
+"""bfloat16 and float16 loads and stores for the CUDA kernels (kernels/fastnorm_kernels/_bits.py explains).
 
-The same storage rule as the CPU kernels (kernels/numba_cpu/_bits.py): 16-bit values are read
+The same storage rule as the CPU kernels (kernels/fastnorm_kernels/numba_cpu/_bits.py): 16-bit values are read
 through ``uint16`` pointers and widened to float32; every store rounds once, to nearest even
 (a NaN as the canonical 0x7FC0), or for bfloat16 stochastically with the generator every backend
 shares. On a GPU the conversions are LLVM ``bitcast`` / ``fpext`` / ``fptrunc`` (NVPTX lowers
@@ -64,12 +64,12 @@ else:
 
     _device = cuda.jit(device=True, inline="always")
 
-    _ir = conversion_intrinsics(intrinsic, types)  # kernels/_conversions.py, as on the CPU
+    _ir = conversion_intrinsics(intrinsic, types)  # kernels/fastnorm_kernels/_conversions.py, as on the CPU
     _f32_from_bits, _bits_from_f32 = _ir.f32_from_bits, _ir.bits_from_f32
     _f32_from_half, _half_from_f32 = _ir.f32_from_half, _ir.half_from_f32
 
     def _jitted(fn, **names):
-        """``fn`` of kernels/_bits.py compiled, its calls to other functions there bound to ``names``."""
+        """``fn`` of fastnorm_kernels/_bits.py compiled, its calls to other functions there bound to ``names``."""
         return _device(FunctionType(fn.__code__, {**vars(_bits), **names}, fn.__name__))
 
     _mix32 = _jitted(_bits.mix32)
@@ -99,7 +99,7 @@ else:
         return _half_from_f32(x)
 
 
-# -- type-generic conversions for the BatchNorm kernels (as kernels/numba_cpu/_bits.py): the
+# -- type-generic conversions for the BatchNorm kernels (as kernels/fastnorm_kernels/numba_cpu/_bits.py): the
 # element type of a view says its storage: uint16 bfloat16 bits, int16 float16 bits (the
 # launchers view float16 data as int16), float32 and float64 themselves
 

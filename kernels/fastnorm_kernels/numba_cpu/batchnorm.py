@@ -1,9 +1,9 @@
 """Batch Normalization on CPU threads with Numba: fused forward and backward kernels.
 
 Book: "Deep Learning from Scratch", section 6.3; conventions are PyTorch's (see
-kernels/reference/batchnorm.py, the readable version these kernels are tested against). The
+kernels/fastnorm_kernels/reference/batchnorm.py, the readable version these kernels are tested against). The
 per-channel math (statistics, running statistics, backward coefficients) is
-kernels/formulas/batchnorm.py, shared with the CUDA kernels; this module holds the CPU passes.
+kernels/fastnorm_kernels/formulas/batchnorm.py, shared with the CUDA kernels; this module holds the CPU passes.
 
 Algorithm
 ---------
@@ -390,11 +390,11 @@ def _stats(x, mean, var, rows_per_chunk, block):
             mean[c], var[c], _ = _F.statistics(s1[c - c0], s2[c - c0], shift[c], n, 1.0)
 
 
-# -- launchers: the kernels API (same names and arguments as kernels.reference) -----------------
+# -- launchers: the kernels API (same names and arguments as fastnorm_kernels.reference) -----------------
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 
-#: storage dtypes: float32, float64, float16 and bfloat16 (uint16 bits, kernels/_bits.py); the
+#: storage dtypes: float32, float64, float16 and bfloat16 (uint16 bits, kernels/fastnorm_kernels/_bits.py); the
 #: 16-bit ones are computed in float32, with float32 per-channel arrays
 BATCH_NORM_DTYPES = (*FLOAT_DTYPES, *HALF_DTYPES)
 
@@ -413,7 +413,7 @@ def _check(x, y, per_channel, extra=()):
 
 
 def batch_norm_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, y, save_mean, save_invstd):
-    """Training forward; see kernels.reference.batch_norm_forward_train for the contract."""
+    """Training forward; see fastnorm_kernels.reference.batch_norm_forward_train for the contract."""
     _check(x, y, [weight, bias, running_mean, running_var, save_mean, save_invstd])
     n, c, s = x.shape
     kernel = _forward_train(x.size)
@@ -424,7 +424,7 @@ def batch_norm_forward_train(x, weight, bias, running_mean, running_var, momentu
 
 
 def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps, y):
-    """Eval forward; see kernels.reference.batch_norm_forward_eval."""
+    """Eval forward; see fastnorm_kernels.reference.batch_norm_forward_eval."""
     _check(x, y, [weight, bias, running_mean, running_var])
     n, c, s = x.shape
     _forward_eval(x.size)(_bits(x), _or_empty(weight, x.dtype), _or_empty(bias, x.dtype), weight is not None,
@@ -433,7 +433,7 @@ def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps, y):
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight, training, dx, dweight, dbias):
-    """Backward; see kernels.reference.batch_norm_backward."""
+    """Backward; see fastnorm_kernels.reference.batch_norm_backward."""
     _check(x, dy, [mean, invstd, weight, dweight, dbias], extra=[dx])
     n, c, s = x.shape
     need_dx = dx is not None
@@ -445,7 +445,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight, training, dx, dweight, dbia
 
 
 def batch_norm_stats(x, mean, var):
-    """Per-channel mean and biased variance (float64 outputs); see kernels.reference."""
+    """Per-channel mean and biased variance (float64 outputs); see fastnorm_kernels.reference."""
     _check(x, x, [])
     n, c, s = x.shape
     check_float64_vectors(c, mean, var)

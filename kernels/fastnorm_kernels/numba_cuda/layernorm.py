@@ -1,9 +1,9 @@
 """Layer Normalization and RMS Normalization on NVIDIA GPUs with ``numba.cuda.jit`` kernels.
 
-The math is kernels/reference/layernorm.py's (the readable version these kernels are tested
+The math is kernels/fastnorm_kernels/reference/layernorm.py's (the readable version these kernels are tested
 against); conventions are PyTorch's (``torch.nn.LayerNorm``, ``torch.nn.RMSNorm``).
 
-The kernels here are written for grouped rows, so that GroupNorm (kernels/numba_cuda/groupnorm.py)
+The kernels here are written for grouped rows, so that GroupNorm (kernels/fastnorm_kernels/numba_cuda/groupnorm.py)
 runs on the same code: R rows of D values, row r's affine index of value j being
 ``(r % G) * cg + j // S``. LayerNorm and RMSNorm are G = 1, cg = D, S = 1 (index j); GroupNorm's
 (sample, group) blocks of contiguous (N, C, S) arrays are rows of D = cg * S values, G groups of cg
@@ -25,7 +25,7 @@ dweight[ch] = sum of dy * xhat and dbias[ch] = sum of dy over the values of affi
     columns, GroupNorm of (N, C)): a 32 x 8 block with threads along the channels (coalesced);
     S > 1 (GroupNorm's planes): a block per (channel, split), threads along the plane.
 
-16-bit storage is widened on load and rounded once on store (kernels/numba_cuda/_bits.py), with
+16-bit storage is widened on load and rounded once on store (kernels/fastnorm_kernels/numba_cuda/_bits.py), with
 float32 statistics and parameters (the compute dtype), as the other backends.
 """
 
@@ -350,11 +350,11 @@ def backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, n, c, s, groups
            p.ptr, gy, like_c, c, _ptr(dweight, p), dweight is not None, _ptr(dbias, p), dbias is not None)  # fmt: skip
 
 
-# -- the kernels API (same names and arguments as kernels.reference) ------------------------------
+# -- the kernels API (same names and arguments as fastnorm_kernels.reference) ------------------------------
 
 
 def layer_norm_forward(x, weight, bias, eps, y, mean, rstd):
-    """LayerNorm forward; see kernels.reference.layer_norm_forward for the contract."""
+    """LayerNorm forward; see fastnorm_kernels.reference.layer_norm_forward for the contract."""
     x, weight, bias, y, mean, rstd = _views(x, weight, bias, y, mean, rstd)
     _check(x, [y], [mean, rstd], [weight, bias])
     if mean is None or rstd is None:
@@ -364,7 +364,7 @@ def layer_norm_forward(x, weight, bias, eps, y, mean, rstd):
 
 
 def layer_norm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
-    """LayerNorm backward; see kernels.reference.layer_norm_backward."""
+    """LayerNorm backward; see fastnorm_kernels.reference.layer_norm_backward."""
     dy, x, mean, rstd, weight, dx, dweight, dbias = _views(dy, x, mean, rstd, weight, dx, dweight, dbias)
     _check(x, [dy, dx], [mean, rstd], [weight, dweight, dbias])
     if mean is None or rstd is None:
@@ -374,7 +374,7 @@ def layer_norm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
 
 
 def rms_norm_forward(x, weight, eps, y, rstd):
-    """RMSNorm forward; see kernels.reference.rms_norm_forward."""
+    """RMSNorm forward; see fastnorm_kernels.reference.rms_norm_forward."""
     x, weight, y, rstd = _views(x, weight, y, rstd)
     _check(x, [y], [rstd], [weight])
     if rstd is None:
@@ -384,7 +384,7 @@ def rms_norm_forward(x, weight, eps, y, rstd):
 
 
 def rms_norm_backward(dy, x, rstd, weight, dx, dweight):
-    """RMSNorm backward; see kernels.reference.rms_norm_backward."""
+    """RMSNorm backward; see fastnorm_kernels.reference.rms_norm_backward."""
     dy, x, rstd, weight, dx, dweight = _views(dy, x, rstd, weight, dx, dweight)
     _check(x, [dy, dx], [rstd], [weight, dweight])
     if rstd is None:

@@ -23,7 +23,7 @@ from .._pointer import pointer_intrinsic
 from . import _jit
 
 #: storage dtype name -> (the storage's like-scalar, the compute dtype's), as source: bfloat16 as
-#: uint16 bits, float16 as int16 bits (kernels/numba_cpu/_bits.py), both computed in float32
+#: uint16 bits, float16 as int16 bits (kernels/fastnorm_kernels/numba_cpu/_bits.py), both computed in float32
 C_DTYPES = {"float32": ("np.float32(0)", "np.float32(0)"), "float64": ("np.float64(0)", "np.float64(0)"),
             "bfloat16": ("np.uint16(0)", "np.float32(0)"), "float16": ("np.int16(0)", "np.float32(0)")}  # fmt: skip
 

@@ -1,8 +1,8 @@
 """The 16-bit conversion intrinsics, built once for the CPU (numba) and GPU (numba-cuda) compilers.
 
-Both compilers lower the same LLVM IR (kernels/_bits.py explains the storage rule); each has
+Both compilers lower the same LLVM IR (kernels/fastnorm_kernels/_bits.py explains the storage rule); each has
 its own ``intrinsic`` decorator and type system, so :func:`conversion_intrinsics` builds the set
-for either, as kernels/_pointer.py does for ``_pointer``:
+for either, as kernels/fastnorm_kernels/_pointer.py does for ``_pointer``:
 
 * ``f32_from_bits(u32)`` / ``bits_from_f32(f32)``: bitcasts between float32 and uint32;
 * ``f32_from_half(u16)`` / ``half_from_f32(f32)``: float16 bits <-> float32 (``fpext`` /

@@ -1,8 +1,8 @@
 """Batch Normalization on NVIDIA GPUs with ``numba.cuda.jit`` kernels.
 
-Book: "Deep Learning from Scratch", section 6.3; conventions are PyTorch's (kernels/reference is
-the readable version, kernels/numba_cpu the CPU one; the same contract and tests). The
-per-channel math is kernels/formulas/batchnorm.py, shared with the CPU kernels.
+Book: "Deep Learning from Scratch", section 6.3; conventions are PyTorch's (kernels/fastnorm_kernels/reference is
+the readable version, kernels/fastnorm_kernels/numba_cpu the CPU one; the same contract and tests). The
+per-channel math is kernels/fastnorm_kernels/formulas/batchnorm.py, shared with the CPU kernels.
 
 Statistics (training forward), three launches on the caller's stream:
 1. partial sums: a grid of (channel or channel tile, G) blocks, G splitting each channel's N*S
@@ -22,7 +22,7 @@ Statistics (training forward), three launches on the caller's stream:
 Backward: partial sums of dy and dy*(x - mean) (the same grids), a finalize giving dweight,
 dbias and the coefficients, then dx = dy*k1 + (x - mean)*k2 + k3 (the same two layouts).
 
-Every kernel takes its arrays as addresses (``_device.view``; see kernels/numba_cuda/_device.py
+Every kernel takes its arrays as addresses (``_device.view``; see kernels/fastnorm_kernels/numba_cuda/_device.py
 for why) and the launchers accept anything with ``__cuda_array_interface__``. Outputs are the
 caller's arrays (allocated by torch in fastnorm); scratch comes from ``_device.scratch``
 (torch's caching allocator in fastnorm): one float64 (2, C, G) array of partial sums and one
@@ -46,7 +46,7 @@ from ._device import BLOCK, SIMULATOR, WARP, as_view, launch, scratch, view
 
 __all__ = [*BATCH_NORM_API, "BATCH_NORM_DTYPES"]
 
-#: storage dtypes: float32, float64, float16 and bfloat16 (uint16 bits, kernels/_bits.py); the
+#: storage dtypes: float32, float64, float16 and bfloat16 (uint16 bits, kernels/fastnorm_kernels/_bits.py); the
 #: 16-bit ones are computed in float32, with float32 per-channel arrays
 BATCH_NORM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), *HALF_DTYPES)
 
@@ -441,7 +441,7 @@ def _input_grad_flat(dy_addr, x_addr, coef_addr, like, like_c, total, C, S, dx_a
         i += step
 
 
-# -- launchers: the kernels API (same names and arguments as kernels.reference) -----------------
+# -- launchers: the kernels API (same names and arguments as fastnorm_kernels.reference) -----------------
 
 
 def _grid_stride(total: int) -> int:
@@ -527,7 +527,7 @@ def _check(x, y, per_channel, extra=(), required=()):
 
 
 def batch_norm_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, y, save_mean, save_invstd):
-    """Training forward; see kernels.reference.batch_norm_forward_train for the contract."""
+    """Training forward; see fastnorm_kernels.reference.batch_norm_forward_train for the contract."""
     x, weight, bias, running_mean, running_var, y, save_mean, save_invstd = _views(
         x, weight, bias, running_mean, running_var, y, save_mean, save_invstd
     )
@@ -546,7 +546,7 @@ def batch_norm_forward_train(x, weight, bias, running_mean, running_var, momentu
 
 
 def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps, y):
-    """Eval forward; see kernels.reference.batch_norm_forward_eval."""
+    """Eval forward; see fastnorm_kernels.reference.batch_norm_forward_eval."""
     x, weight, bias, running_mean, running_var, y = _views(x, weight, bias, running_mean, running_var, y)
     _check(x, y, [weight, bias, running_mean, running_var],
            required=[("running_mean", running_mean), ("running_var", running_var)])  # fmt: skip
@@ -560,7 +560,7 @@ def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps, y):
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight, training, dx, dweight, dbias):
-    """Backward; see kernels.reference.batch_norm_backward."""
+    """Backward; see fastnorm_kernels.reference.batch_norm_backward."""
     dy, x, mean, invstd, weight, dx, dweight, dbias = _views(dy, x, mean, invstd, weight, dx, dweight, dbias)
     _check(x, dy, [mean, invstd, weight, dweight, dbias], [dx], required=[("mean", mean), ("invstd", invstd)])
     n, c, s = x.shape
@@ -576,7 +576,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight, training, dx, dweight, dbia
 
 
 def batch_norm_stats(x, mean, var):
-    """Per-channel mean and biased variance (float64 device outputs); see kernels.reference."""
+    """Per-channel mean and biased variance (float64 device outputs); see fastnorm_kernels.reference."""
     x, mean, var = _views(x, mean, var)
     _check(x, x, [])
     n, c, s = x.shape

@@ -15,7 +15,7 @@ generalises it the way PyTorch does:
 
 Everything is computed in float64 and written into the caller's float32/float64 outputs, so this
 is both the slow backend and the yardstick the fast ones are tested against. 16-bit storage
-(float16 arrays, or bfloat16 as uint16 bits: kernels/_bits.py) is widened exactly on the way in
+(float16 arrays, or bfloat16 as uint16 bits: kernels/fastnorm_kernels/_bits.py) is widened exactly on the way in
 and rounded once on the way out; its per-channel arrays are float32.
 
 Every kernels backend exposes these four functions with these arguments; all of them write into

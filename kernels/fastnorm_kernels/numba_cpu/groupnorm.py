@@ -1,6 +1,6 @@
 """Group Normalization on CPU threads with Numba: forward and backward, contiguous and channels-last.
 
-The math is kernels/reference/groupnorm.py's (the readable version these kernels are tested
+The math is kernels/fastnorm_kernels/reference/groupnorm.py's (the readable version these kernels are tested
 against); conventions are PyTorch's (``torch.nn.GroupNorm``). G groups of C/G consecutive
 channels; each (sample n, group g) is normalised over its D = C/G * S values.
 
@@ -227,7 +227,7 @@ def _backward(dy, x, mean, rstd, weight, has_weight, groups, inv_d, channels_las
                 dbias[c] = sb
 
 
-# -- array entry points: the kernels API (same names and arguments as kernels.reference) --------
+# -- array entry points: the kernels API (same names and arguments as fastnorm_kernels.reference) --------
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 
@@ -262,7 +262,7 @@ def _inv_d(x, groups):
 
 
 def group_norm_forward(x, weight, bias, groups, eps, y, mean, rstd):
-    """GroupNorm forward on (N, C, S) arrays; see kernels.reference.group_norm_forward."""
+    """GroupNorm forward on (N, C, S) arrays; see fastnorm_kernels.reference.group_norm_forward."""
     _check(x, groups, [y], [mean, rstd], [weight, bias])
     c = compute_dtype(x.dtype).type
     _forward(x.size)(_bits(x), _or_empty(weight, x.dtype), _or_empty(bias, x.dtype), weight is not None,
@@ -270,7 +270,7 @@ def group_norm_forward(x, weight, bias, groups, eps, y, mean, rstd):
 
 
 def group_norm_backward(dy, x, mean, rstd, weight, groups, dx, dweight, dbias):
-    """GroupNorm backward on (N, C, S) arrays; see kernels.reference.group_norm_backward."""
+    """GroupNorm backward on (N, C, S) arrays; see fastnorm_kernels.reference.group_norm_backward."""
     _check(x, groups, [dy, dx], [mean, rstd], [weight, dweight, dbias])
     _backward(x.size)(_bits(dy), _bits(x), mean, rstd, _or_empty(weight, x.dtype), weight is not None, groups,
                       _inv_d(x, groups), False, dx is not None, dweight is not None or dbias is not None,
@@ -279,7 +279,7 @@ def group_norm_backward(dy, x, mean, rstd, weight, groups, dx, dweight, dbias):
 
 
 # -- address-level entry points and their C functions (fastnorm/csrc/group_norm.cpp) ----------
-# As kernels/numba_cpu/batchnorm.py's. Geometry (n, c, s, groups); channels_last: x, y, dy, dx
+# As kernels/fastnorm_kernels/numba_cpu/batchnorm.py's. Geometry (n, c, s, groups); channels_last: x, y, dy, dx
 # are (N, S, C) in memory. C signatures:
 #   void forward(int64 x, weight, bias, y, mean, rstd, n, c, s, groups, double eps,
 #                int64 channels_last, parallel)

@@ -5,9 +5,9 @@ One sub-package per backend, each exposing the same functions with the same argu
 =============  ========================  ==========================================
 backend name   package                   runs on
 =============  ========================  ==========================================
-``reference``  :mod:`kernels.reference`  NumPy, any CPU (readable, float64 inside)
-``numba``      :mod:`kernels.numba_cpu`  Numba ``@njit(parallel=True)``, CPU threads
-``cuda``       :mod:`kernels.numba_cuda` Numba ``cuda.jit`` kernels, NVIDIA GPUs
+``reference``  :mod:`fastnorm_kernels.reference`  NumPy, any CPU (readable, float64 inside)
+``numba``      :mod:`fastnorm_kernels.numba_cpu`  Numba ``@njit(parallel=True)``, CPU threads
+``cuda``       :mod:`fastnorm_kernels.numba_cuda` Numba ``cuda.jit`` kernels, NVIDIA GPUs
 =============  ========================  ==========================================
 
 BatchNorm: ``batch_norm_forward_train``, ``batch_norm_forward_eval``, ``batch_norm_backward``,
@@ -44,9 +44,9 @@ OPTIMIZER_API = ("sgd_step", "adagrad_step", "rmsprop_step", "adam_step")
 TABLE_API = tuple(f"{name}_table" for name in OPTIMIZER_API)
 
 PACKAGES = {
-    "reference": "kernels.reference",
-    "numba": "kernels.numba_cpu",
-    "cuda": "kernels.numba_cuda",
+    "reference": "fastnorm_kernels.reference",
+    "numba": "fastnorm_kernels.numba_cpu",
+    "cuda": "fastnorm_kernels.numba_cuda",
 }
 
 

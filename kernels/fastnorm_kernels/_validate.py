@@ -38,7 +38,7 @@ def device_dense(a) -> bool:
 
 def compute_dtype(dtype) -> np.dtype:
     """The dtype kernels compute and keep per-channel values in for storage ``dtype``: float32
-    for the 16-bit ones (kernels/_bits.py), else the dtype itself."""
+    for the 16-bit ones (kernels/fastnorm_kernels/_bits.py), else the dtype itself."""
     dtype = np.dtype(dtype)
     return np.dtype(np.float32) if dtype in HALF_DTYPES else dtype
 

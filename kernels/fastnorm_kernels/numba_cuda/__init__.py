@@ -1,6 +1,6 @@
 """The Numba CUDA backend: ``numba.cuda.jit`` kernels on NVIDIA GPUs (numba-cuda package).
 
-Same functions and arguments as kernels.reference, taking Numba device arrays (fastnorm passes
+Same functions and arguments as fastnorm_kernels.reference, taking Numba device arrays (fastnorm passes
 torch CUDA tensors through ``__cuda_array_interface__``, zero-copy). Every kernel launches on the
 stream given by ``set_stream_provider`` and takes its scratch memory from ``set_allocator``
 (fastnorm: torch's current stream and caching allocator). Under Numba's simulator

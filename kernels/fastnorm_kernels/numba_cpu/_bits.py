@@ -1,4 +1,4 @@
-"""bfloat16 and float16 loads and stores for the Numba CPU loops (kernels/_bits.py explains).
+"""bfloat16 and float16 loads and stores for the Numba CPU loops (kernels/fastnorm_kernels/_bits.py explains).
 
 Numba has no bfloat16 type and no CPU float16 arithmetic: 16-bit storage is read through
 ``uint16`` pointers and converted with LLVM ``bitcast`` / ``fpext`` / ``fptrunc``, emitted by
@@ -23,13 +23,13 @@ from numba.extending import intrinsic
 from .. import _bits
 from .._conversions import conversion_intrinsics
 
-_ir = conversion_intrinsics(intrinsic, types)  # kernels/_conversions.py
+_ir = conversion_intrinsics(intrinsic, types)  # kernels/fastnorm_kernels/_conversions.py
 _f32_from_bits, _bits_from_f32 = _ir.f32_from_bits, _ir.bits_from_f32
 _f32_from_half, _half_from_f32 = _ir.f32_from_half, _ir.half_from_f32
 
 
 def _jitted(fn, **names):
-    """``fn`` of kernels/_bits.py compiled, its calls to other functions there bound to ``names``."""
+    """``fn`` of kernels/fastnorm_kernels/_bits.py compiled, its calls to other functions there bound to ``names``."""
     return njit(inline="always")(FunctionType(fn.__code__, {**vars(_bits), **names}, fn.__name__))
 
 

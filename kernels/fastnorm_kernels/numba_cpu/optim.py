@@ -1,6 +1,6 @@
 """Fused multi-tensor optimizer updates on CPU threads with Numba.
 
-Book: "Deep Learning from Scratch", section 6.1. The per-element math is kernels/formulas/optim.py
+Book: "Deep Learning from Scratch", section 6.1. The per-element math is kernels/fastnorm_kernels/formulas/optim.py
 (shared with the CUDA kernels); this module holds the CPU loop around it.
 
 Design: a chunk table over separate tensors
@@ -50,7 +50,7 @@ from ._bits import load_bf16, load_f16, row_key, store_bf16, store_bf16_stochast
 __all__ = [*OPTIMIZER_API, *TABLE_API, "OPTIMIZER_DTYPES"]
 
 #: the storage dtypes these optimizers update: float32, float64, float16 and bfloat16 (as uint16
-#: bits, kernels/_bits.py), the 16-bit ones computed in float32
+#: bits, kernels/fastnorm_kernels/_bits.py), the 16-bit ones computed in float32
 OPTIMIZER_DTYPES = (*FLOAT_DTYPES, *HALF_DTYPES)
 
 CHUNK = 1 << 15  # elements per chunk of the parallel loop (the MLP's weight: 7 chunks)
@@ -151,7 +151,7 @@ def _update_chunk16(update, load, store, p, g, b0, b1, b2, lo, n, constants, s0,
 @njit(inline="always")
 def _table_update16(update, tensor_scalars, n_constants, has1, has2, load, store, addrs, chunks, steps, step_f64,
                     advance, host, scalars, constant_array, flags, uses, seed):  # fmt: skip
-    """:func:`_table_update` for bfloat16 / float16 storage (kernels/_bits.py): ``load`` and
+    """:func:`_table_update` for bfloat16 / float16 storage (kernels/fastnorm_kernels/_bits.py): ``load`` and
     ``store`` convert each value to and from float32, the compute dtype of ``scalars`` and
     ``constant_array``; ``seed`` (uint32): the stochastic rounding generator's, per launch."""
     constants = to_fixed_tuple(constant_array, n_constants)
@@ -250,7 +250,7 @@ def _define16() -> dict:
 _KERNELS16 = _define16()
 
 
-# -- launching (the entry points themselves are kernels/_optimizer_api.py) -----------------------
+# -- launching (the entry points themselves are kernels/fastnorm_kernels/_optimizer_api.py) -----------------------
 
 _KERNELS = {"sgd": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop, "adam": _adam}
 _NO_STEPS = np.zeros(0, np.int64)
@@ -281,7 +281,7 @@ rmsprop_step_table, adam_step_table = _API.rmsprop_step_table, _API.adam_step_ta
 
 # -- C entry points: one C function per (optimizer, storage), for fastnorm's C++ ops --------------
 # fastnorm/csrc/optim.cpp builds the tables (addresses, chunks, per-tensor scalars, constants in
-# the compute dtype, kernels/_optimizer_api.py's flags and uses) and calls these through their
+# the compute dtype, kernels/fastnorm_kernels/_optimizer_api.py's flags and uses) and calls these through their
 # addresses. Every one has the same C signature:
 #   void step(int64 addrs, T, chunks, K, steps, step_f64, advance, double host0, host1, host2,
 #             int64 scalars, constants, flag0, flag1, use0, use1, use2, seed)
@@ -294,7 +294,7 @@ rmsprop_step_table, adam_step_table = _API.rmsprop_step_table, _API.adam_step_ta
 C_STORAGES = {"float32": ("np.float32(0)", None), "float64": ("np.float64(0)", None),
               "bfloat16": ("np.float32(0)", "bf16"), "float16": ("np.float32(0)", "f16"),
               "bfloat16_sr": ("np.float32(0)", "bf16_sr")}  # fmt: skip
-#: per optimizer: how many flags and constants its kernel takes (kernels/_optimizer_api.py)
+#: per optimizer: how many flags and constants its kernel takes (kernels/fastnorm_kernels/_optimizer_api.py)
 N_FLAGS = {"sgd": 2, "adagrad": 1, "rmsprop": 2, "adam": 2}
 N_CONSTANTS = {"sgd": 5, "adagrad": 3, "rmsprop": 7, "adam": 8}
 _I64, _F64 = types.int64, types.float64

@@ -12,7 +12,7 @@ centered, amsgrad): the loops pass them as constants, one loop version per combi
 that these branches are decided at compile time (a buffer branch left for LLVM, such as
 amsgrad's NaN-propagating max, stopped the CPU loop from vectorising). An unused buffer is
 neither read nor written: its row may alias another array. The formulas and their order of
-operations are torch.optim's (kernels/reference/optim.py spells them out), including ATen's
+operations are torch.optim's (kernels/fastnorm_kernels/reference/optim.py spells them out), including ATen's
 two-sided ``lerp``.
 
 ``*_tensor_scalars(step, host) -> (s0, s1)``: the step-dependent scalars of one tensor,
@@ -43,7 +43,7 @@ def update_element(update, p, g, b0, b1, b2, i, k, s0, s1, flags, use0, use1, us
 
 
 def update_element_16(update, load, store, p, g, b0, b1, b2, i, k, s0, s1, flags, use0, use1, use2, keys, e):
-    """:func:`update_element` for 16-bit storage (kernels/_bits.py): every value widened to
+    """:func:`update_element` for 16-bit storage (kernels/fastnorm_kernels/_bits.py): every value widened to
     float32 by ``load``, updated in float32 (``k``, ``s0``, ``s1`` are float32), each stored
     value rounded once by ``store(x, key, e)``. ``keys``: the stochastic rounding keys of rows
     param, b0, b1, b2; ``e``: the element's index in its tensor (uint32)."""
