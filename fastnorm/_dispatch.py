@@ -130,10 +130,7 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
             return None, "Numba cannot use the GPU (numba.cuda.is_available() is False)"
         _connect_cuda(module)
     if name == "numba" and not _ops.available():
-        return None, (
-            f"its C++ ops (torch.ops.fastnorm) could not be built here ({_ops.error()}); they need a C++ compiler "
-            "(g++ or clang) and ninja"
-        )
+        return None, f"its C++ ops (torch.ops.fastnorm) could not be built or loaded here: {_ops.error()}"
     return module, None
 
 

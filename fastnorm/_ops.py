@@ -3,10 +3,11 @@
 The ops (fastnorm/csrc: ``batch_norm``, ``batch_norm_forward``, ``batch_norm_backward``,
 ``batch_norm_stats``, ``layer_norm``, ``rms_norm``, ``row_norm_forward``, ``row_norm_backward``,
 ``group_norm``, ``group_norm_forward``, ``group_norm_backward``, ``sgd_``, ``adagrad_``,
-``rmsprop_``, ``adam_``) are registered with torch's dispatcher by a C++ extension that :func:`load` compiles once with
-:func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; ~1 minute on two
-cores, then cached by torch under ``TORCH_EXTENSIONS_DIR``) and loads in every process that uses
-the numba backend. Their CPU kernels are the numba kernels' C entry points
+``rmsprop_``, ``adam_``) are registered with torch's dispatcher by a C++ extension that :func:`load`
+builds once per source version, torch and Python (fastnorm/_build.py: a C++ compiler and ninja are
+needed; ~2 minutes on two cores, then kept under ``~/.cache/fastnorm/ops`` or
+``$FASTNORM_OPS_CACHE`` for every process and environment that would build the same library)
+and loads in every process that uses the numba backend. Their CPU kernels are the numba kernels' C entry points
 (``fastnorm_kernels.numba_cpu.batchnorm.c_entry_point``, ``fastnorm_kernels.numba_cpu.optim.c_entry_point``), which
 the extension asks for the first time each one runs (compiled then, or loaded from Numba's cache).
 
@@ -18,11 +19,8 @@ says so in one line on stderr; ``fastnorm warmup`` compiles everything ahead.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import logging
 import os
-import shutil
 import sys
 import threading
 import time
@@ -44,6 +42,7 @@ SOURCES = [
     _CSRC / "optim_cuda.cpp",
 ]
 NAME = "fastnorm_ops"
+CFLAGS = ("-O2",)
 _lock = threading.RLock()
 _extension: ModuleType | None = None
 _error: str | None = None
@@ -90,54 +89,17 @@ def error() -> str | None:
     return _error
 
 
-def _build_directory() -> Path | None:
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its import warns of no CUDA runtime
-    from torch.utils import cpp_extension
-
-    try:
-        return Path(cpp_extension._get_build_directory(NAME, verbose=False))
-    except (AttributeError, TypeError):
-        return None
-
-
-def _built_before(directory: Path | None) -> bool:
-    """Whether a build of the current sources is on disk (torch then only loads it)."""
-    if directory is None:
-        return False
-    built = directory / f"{NAME}.so"
-    return built.is_file() and all(built.stat().st_mtime >= s.stat().st_mtime for s in SOURCES)
-
-
 def _build() -> ModuleType:
     import numba
     from numba.np.ufunc import parallel
 
+    from . import _build as builder
     from ._arrays import pool
 
     numba.get_num_threads()  # launches Numba's threading layer (its thread-count setter exists from then on)
     set_threads = ctypes.cast(parallel._set_num_threads, ctypes.c_void_p).value
-    directory = _build_directory()
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level, path = logger.level, os.environ.get("PATH", "")
-    logger.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant to a CPU extension
-    if shutil.which("ninja") is None:  # the ninja wheel's binary, off PATH when the venv is not activated
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path  # for the build only
-    try:
-        from torch.utils import cpp_extension
-
-        with _build_lock(directory):
-            fresh = not _built_before(directory)
-            if fresh:
-                say(f"compiling its C++ ops for first use (~1 min on 2 cores, cached in {directory})")
-            started = time.perf_counter()
-            module = cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=["-O2"], verbose=False)
-            if fresh:
-                say(f"C++ ops compiled in {time.perf_counter() - started:.0f} s")
-    finally:
-        logger.setLevel(level)
-        os.environ["PATH"] = path
+    library, _ = builder.build(NAME, SOURCES, CFLAGS, say=say)
+    module = builder.load_module(NAME, library)
     module.configure(_entry_point, set_threads, _tunables())
     module.cuda_configure(_cuda_ptx, _cuda_geometry)  # each asked when a cuda op first needs it
     module.pool_configure(pool.min_bytes, pool.max_bytes)  # the Python pool's limits (FASTNORM_CPU_POOL_MB)
@@ -301,44 +263,6 @@ def warmup_cuda(dtypes: tuple[str, ...], cc: tuple[int, int]) -> dict[str, float
                 time.perf_counter() - started
             )
     return times
-
-
-#: how long a process waits for another one's build of the extension before it gives up (and
-#: reports the numba backend unavailable): a build takes ~1 minute here
-BUILD_WAIT_SECONDS = 600
-
-
-@contextlib.contextmanager
-def _build_lock(directory: Path | None):
-    """An OS lock (released when its process dies, however) around torch's build: older torch
-    releases wait without a timeout on a lock file that a killed build leaves behind, so with this
-    one held a leftover ``lock`` file is stale and removed; a build held by another live process
-    for BUILD_WAIT_SECONDS raises TimeoutError. Where there is no ``fcntl`` (Windows) or torch
-    does not say its build directory, torch's own locking alone."""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    if fcntl is None or directory is None:
-        yield
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "fastnorm.flock", "w") as handle:
-        deadline = time.monotonic() + BUILD_WAIT_SECONDS
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    message = f"another process has been building {directory} for {BUILD_WAIT_SECONDS} s"
-                    raise TimeoutError(message) from None
-                time.sleep(0.5)
-        try:
-            (directory / "lock").unlink(missing_ok=True)  # torch's, left by a killed build
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def pool_in_use() -> int:

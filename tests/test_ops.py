@@ -289,18 +289,14 @@ def test_two_threads_running_the_op_equal_a_sequential_run():
 
 
 def test_first_use_says_what_it_compiles(monkeypatch, capsys):
-    """A kernel that is not in Numba's cache, and an extension build that is not on disk, each say
-    so in one line on stderr before the wait (checked with the caches' answers forced)."""
+    """A kernel that is not in Numba's cache says so in one line on stderr before the wait (checked
+    with the cache's answer forced; the extension's build says so too: tests/test_build.py)."""
     from fastnorm_kernels.numba_cpu import optim as optim_kernels
 
     monkeypatch.setattr(optim_kernels, "c_entry_point_cached", lambda op, storage: False)
     _ops._compiled("adam", "float32")
-    monkeypatch.setattr(_ops, "_extension", None)
-    monkeypatch.setattr(_ops, "_built_before", lambda directory: False)
-    assert _ops.load() is not None
     err = capsys.readouterr().err
     assert "fastnorm: compiling its adam step kernel for float32 for first use" in err
-    assert "fastnorm: compiling its C++ ops for first use" in err and "cached in" in err
 
 
 def test_warmup_command_compiles_every_kernel_ahead():
