@@ -9,20 +9,23 @@ and adds one keyword, ``backend``, that chooses the kernels of the forward and b
 from __future__ import annotations
 
 import inspect
+import re
+import sys
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _ops, functional
+from . import _ops, families, functional
 from ._dispatch import AUTO, check_name, resolve
 from ._signature import with_backend_signature
 from .autograd import check_tensors
 from .distributed import SyncBatchNormFunction
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "convert",
-           "revert"]  # fmt: skip
+           "revert", "ConversionReport"]  # fmt: skip
 
 
 #: what each module's input must look like: (allowed numbers of dimensions, or a minimum as
@@ -467,30 +470,125 @@ def _converted(bn: nn.Module, backend: str, sync: bool, process_group) -> nn.Mod
     return _share_state(bn, new)
 
 
-def convert(module: nn.Module, backend: str = "auto", sync: bool = False, process_group=None) -> nn.Module:
+class _FamilyNorm:
+    """Put before a model library's RMSNorm class by :func:`convert` (the instance keeps its class
+    as a base: ``isinstance`` checks, attributes, parameters and ``state_dict`` keys are its own):
+    its family's forward (:mod:`fastnorm.families`) on fastnorm's backends; dtypes the kernels do not
+    take (float64) run the class's own forward."""
+
+    _fastnorm_family: families.RMSNormFamily
+    _fastnorm_original: type
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype not in families.KERNEL_DTYPES:
+            return self._fastnorm_original.forward(self, hidden_states)
+        family = self._fastnorm_family
+        return families.family_rms_norm(hidden_states, self.weight, getattr(self, family.eps), family, self.backend)
+
+    def __reduce_ex__(self, protocol):  # pickle and deepcopy: rebuilt from the library's class
+        return _family_instance, (self._fastnorm_original,), self.__getstate__()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}".removeprefix(", ")
+
+
+_FAMILY_CLASSES: dict[type, type] = {}
+
+
+def _family_class(original: type) -> type:
+    """The converted twin of a family's class (one per class)."""
+    if original not in _FAMILY_CLASSES:
+        attributes = {"_fastnorm_family": families.family_of(original), "_fastnorm_original": original,
+                      "__module__": __name__, "__qualname__": f"_FamilyNorm[{original.__qualname__}]"}  # fmt: skip
+        _FAMILY_CLASSES[original] = type(original.__name__, (_FamilyNorm, original), attributes)
+    return _FAMILY_CLASSES[original]
+
+
+def _family_instance(original: type) -> nn.Module:
+    cls = _family_class(original)
+    return cls.__new__(cls)
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` converted and what it left, by module name.
+
+    Attributes:
+        converted: module name -> what it became (e.g. ``"LlamaRMSNorm -> llama family, backend auto"``).
+        left: module name -> why a norm module was left as it is.
+    """
+
+    converted: dict[str, str] = field(default_factory=dict)
+    left: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"fastnorm.nn.convert: {len(self.converted)} converted, {len(self.left)} left"]
+        lines += [f"  converted {name or '(the module)'}: {what}" for name, what in self.converted.items()]
+        lines += [f"  left      {name or '(the module)'}: {why}" for name, why in self.left.items()]
+        return "\n".join(lines)
+
+
+#: a class name that says "norm layer" (BatchNorm2d, LlamaRMSNorm, T5LayerNorm, RMSNormGated, ...)
+_NORM_NAME = re.compile(r"Norm(\d[dD])?([A-Z][a-z]+)?$")
+_NO_KERNEL = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm, nn.CrossMapLRN2d)
+
+
+def _why_left(module: nn.Module) -> str | None:
+    """Why a norm module that :func:`convert` met stays as it is (None: not a norm module)."""
+    cls = type(module)
+    if isinstance(module, _NO_KERNEL):
+        return f"fastnorm has no kernel for {cls.__name__}"
+    if isinstance(module, (_BatchNorm, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)):
+        return f"a subclass of torch's {next(c for c in cls.__mro__ if c.__module__.startswith('torch.')).__name__}"
+    if not _NORM_NAME.search(cls.__name__):
+        return None
+    family = families.family_of(cls)
+    if family is not None:
+        return f"{cls.__name__} is of the {family.name} family, but {families.why_not(module, family)}"
+    return f"{cls.__module__}.{cls.__name__}: its forward is none of fastnorm.families' (no family)"
+
+
+def convert(
+    module: nn.Module, backend: str = "auto", sync: bool = False, process_group=None, report: bool = False
+) -> nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d``, ``LayerNorm``, ``RMSNorm`` and ``GroupNorm``
-    inside ``module`` by fastnorm's.
+    inside ``module`` by fastnorm's, and run the RMSNorms of Hugging Face transformers models
+    whose family :mod:`fastnorm.families` knows (Llama, Qwen, Mistral, Phi-3, Gemma, OLMo 2, T5 and
+    the classes that copy them) on fastnorm's kernels with their own semantics.
 
     Weights, buffers (the same tensor objects, so device and dtype are kept), train/eval mode
     and ``state_dict`` keys are preserved. fastnorm modules already present get ``backend``.
-    Other subclasses of torch's BatchNorm (lazy modules, user subclasses) are left as they are.
+    A transformers norm keeps its class as a base (``isinstance`` holds) and its attributes.
+    Other subclasses of torch's BatchNorm (lazy modules, user subclasses), norms of no known
+    family and norms fastnorm has no kernel for are left as they are.
 
     Args:
-        module: a model, or a single BatchNorm module.
+        module: a model, or a single norm module.
         backend: the backend of the converted modules.
         sync: convert to :class:`SyncBatchNorm` instead (BatchNorm1d/2d/3d, fastnorm's and
             torch's SyncBatchNorm alike), as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
         process_group: the group that SyncBatchNorm synchronises over (default: the whole world).
+        report: print what was converted and what was left and why (a :class:`ConversionReport`,
+            to stdout).
 
     Returns:
-        The converted module (the same object unless ``module`` itself is a BatchNorm).
+        The converted module (the same object unless ``module`` itself is a torch norm).
 
     Example:
         >>> import torchvision
         >>> model = convert(torchvision.models.resnet18(num_classes=10), backend="reference")
     """
     check_name(backend, "batch_norm")
+    found = ConversionReport()
+    module = _convert(module, "", backend, sync, process_group, found)
+    if report:
+        print(found, file=sys.stdout, flush=True)
+    return module
+
+
+def _convert(module: nn.Module, name: str, backend: str, sync: bool, process_group, found: ConversionReport):
     if type(module) in _ROW_DROP_IN or isinstance(module, _FastRowNorm):
+        found.converted[name] = f"{type(module).__name__} -> fastnorm.nn's, backend {backend}"
         if isinstance(module, _FastRowNorm):
             module.backend = backend
             return module
@@ -499,11 +597,23 @@ def convert(module: nn.Module, backend: str = "auto", sync: bool = False, proces
     if sync:
         convertible = convertible or type(module) is nn.SyncBatchNorm
     if convertible:
-        return _converted(module, backend, sync, process_group)
-    for name, child in module.named_children():
-        new = convert(child, backend, sync, process_group)
+        new = _converted(module, backend, sync, process_group)
+        found.converted[name] = f"{type(module).__name__} -> fastnorm.nn.{type(new).__name__}, backend {backend}"
+        return new
+    family = families.family_of(type(module)) if not isinstance(module, _FamilyNorm) else module._fastnorm_family
+    if family is not None and families.why_not(module, family) is None:
+        if not isinstance(module, _FamilyNorm):
+            module.__class__ = _family_class(type(module))
+        module.backend = backend
+        found.converted[name] = f"{module._fastnorm_original.__name__} -> {family.name} family, backend {backend}"
+        return module
+    why = _why_left(module)
+    if why is not None:
+        found.left[name] = why
+    for child_name, child in module.named_children():
+        new = _convert(child, f"{name}.{child_name}" if name else child_name, backend, sync, process_group, found)
         if new is not child:
-            setattr(module, name, new)
+            setattr(module, child_name, new)
     return module
 
 
@@ -524,8 +634,9 @@ def _reverted(bn: _FastBatchNorm) -> nn.Module:
 
 def revert(module: nn.Module) -> nn.Module:
     """Replace every fastnorm BatchNorm, LayerNorm, RMSNorm and GroupNorm inside ``module`` by
-    torch's class: :func:`convert`'s inverse (the same Parameter and buffer objects, mode and
-    ``state_dict`` keys), for tools that look torch's classes up exactly.
+    torch's class, and give converted transformers norms their own class back: :func:`convert`'s
+    inverse (the same Parameter and buffer objects, mode and ``state_dict`` keys), for tools that
+    look torch's classes up exactly.
 
     Returns:
         The reverted module (the same object unless ``module`` itself is a fastnorm BatchNorm).
@@ -537,6 +648,10 @@ def revert(module: nn.Module) -> nn.Module:
         return _reverted(module)
     if isinstance(module, _FastRowNorm):
         return _row_module(next(t for ours, t in _ROW_TORCH_CLASS.items() if isinstance(module, ours)), module)
+    if isinstance(module, _FamilyNorm):
+        module.__class__ = module._fastnorm_original
+        del module.backend
+        return module
     for name, child in module.named_children():
         new = revert(child)
         if new is not child:
