@@ -43,6 +43,8 @@ class Backend:
     name: str
     kernels: ModuleType | None  # None for "torch"
     arrays: CpuArrays | CudaArrays | None = None
+    #: the cuda backend may launch through the C++ ops (:func:`cpp_cuda_allowed`)
+    cpp_cuda: bool = True
 
     @property
     def is_torch(self) -> bool:
@@ -257,6 +259,23 @@ AUTO_CPU_MIN_NUMEL: dict[str, float] = {
 }
 
 
+#: Whether ``bench/gpu_check.sh`` has run the C++ ops' CUDA launches (fastnorm/csrc/*_cuda.cpp) on
+#: a GPU and they passed. Until then ``"auto"`` runs only code that has run on a GPU: where it
+#: picks the cuda backend (:data:`AUTO_CUDA_MIN_NUMEL`, measured with them), its Python launchers
+#: (kernels/fastnorm_kernels/numba_cuda), never the C++ ops; ``backend="cuda"`` asked for by name
+#: (argument or FASTNORM_BACKEND) launches through the C++ ops.
+CPP_CUDA_VALIDATED = False
+
+
+def cpp_cuda_allowed(backend: str) -> bool:
+    """Whether a call with ``backend=`` (as the caller passed it) may launch the cuda backend
+    through the C++ ops: asked for by name, or chosen by ``"auto"`` once validated."""
+    if backend != AUTO or CPP_CUDA_VALIDATED:
+        return True
+    env = (_environment() or "").strip()
+    return bool(env) and env != AUTO
+
+
 #: the ops ``"auto"`` runs on the cuda backend on a GPU; LayerNorm, RMSNorm and GroupNorm have
 #: cuda kernels (tested under the simulator, compiled to PTX) that no GPU has timed yet: ``"auto"``
 #: leaves them to torch there until a measurement says otherwise (``backend="cuda"`` runs them)
@@ -365,7 +384,7 @@ def resolve(
 def _resolve(
     backend: str, op: str, device: torch.device, small: bool = False, dtype: torch.dtype | None = None
 ) -> Backend:
-    source = ""
+    source, requested = "", backend
     if backend == AUTO:
         env = (_environment() or "").strip()
         if env and env != AUTO:
@@ -399,4 +418,6 @@ def _resolve(
     module, _ = _load(backend)
     if module is None:
         return Backend(backend, None)
-    return Backend(backend, module, CudaArrays() if backend == "cuda" else CpuArrays())
+    if backend == "cuda":
+        return Backend(backend, module, CudaArrays(), cpp_cuda=cpp_cuda_allowed(requested))
+    return Backend(backend, module, CpuArrays())

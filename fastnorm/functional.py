@@ -78,7 +78,8 @@ def batch_norm(
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
     name = backend_for(backend, input)
-    return batch_norm_as(name, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return batch_norm_as(name, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                         cpp_cuda=_dispatch.cpp_cuda_allowed(backend))  # fmt: skip
 
 
 def layer_norm(
@@ -196,10 +197,11 @@ def _wide(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.float() if t is not None and t.dtype in _HALF else t
 
 
-def _cuda_op(name: str, input: torch.Tensor) -> bool:
-    """Whether the cuda backend runs this call through the C++ ops (CUDA tensors, and the C++ ops
-    launch the cuda kernels here: fastnorm._ops.cuda_available)."""
-    return name == "cuda" and input.is_cuda and _ops.cuda_available()
+def _cuda_op(name: str, input: torch.Tensor, cpp_cuda: bool = True) -> bool:
+    """Whether the cuda backend runs this call through the C++ ops (CUDA tensors, the C++ ops
+    launch the cuda kernels here: fastnorm._ops.cuda_available, and ``cpp_cuda``: the caller's
+    ``backend=`` allows them, fastnorm._dispatch.cpp_cuda_allowed)."""
+    return name == "cuda" and cpp_cuda and input.is_cuda and _ops.cuda_available()
 
 
 def layer_norm_as(name: str, input, normalized_shape, weight, bias, eps):
@@ -334,13 +336,14 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def batch_norm_as(name: str, input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """:func:`batch_norm` on the backend ``name`` (resolved: not "auto")."""
+def batch_norm_as(name: str, input, running_mean, running_var, weight, bias, training, momentum, eps, cpp_cuda=True):
+    """:func:`batch_norm` on the backend ``name`` (resolved: not "auto"; ``cpp_cuda``: see
+    :func:`_cuda_op`)."""
     if name == "torch" or (
         not torch.compiler.is_compiling() and torch_semantics_only(input, running_mean, running_var, weight, bias)
     ):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if name == "numba" or _cuda_op(name, input):
+    if name == "numba" or _cuda_op(name, input, cpp_cuda):
         return torch.ops.fastnorm.batch_norm.default(input, weight, bias, running_mean, running_var, bool(training),
                                                      float(momentum), float(eps))  # fmt: skip
     if _tracing():  # the Python backends cannot be traced into a graph: torch's op, the same semantics

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _ops, families, functional
+from . import _dispatch, _ops, families, functional
 from ._dispatch import AUTO, check_name, resolve
 from ._signature import with_backend_signature
 from .autograd import check_tensors
@@ -66,7 +66,8 @@ def batch_norm_module(input: torch.Tensor, weight: torch.Tensor | None, bias: to
     if training and not track_running_stats:
         running_mean = running_var = None
     name = functional.backend_for(backend, input)
-    y = functional.batch_norm_as(name, input, running_mean, running_var, weight, bias, use_batch_stats, factor, eps)
+    y = functional.batch_norm_as(name, input, running_mean, running_var, weight, bias, use_batch_stats, factor, eps,
+                                 cpp_cuda=_dispatch.cpp_cuda_allowed(backend))  # fmt: skip
     if counts:
         num_batches_tracked.add_(1)
     return y

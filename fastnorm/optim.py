@@ -719,8 +719,15 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
 
 def _cuda_op(backend: Backend, tensors: list[list[torch.Tensor]]) -> bool:
     """Whether the cuda backend's update of these tensors runs through the C++ op (CUDA tensors,
-    and the C++ ops can launch here: fastnorm._ops.cuda_available); else its Python launcher."""
-    return backend.name == "cuda" and bool(tensors[0]) and tensors[0][0].is_cuda and _ops.cuda_available()
+    the C++ ops can launch here: fastnorm._ops.cuda_available, and the backend allows them:
+    fastnorm._dispatch.cpp_cuda_allowed); else its Python launcher."""
+    return (
+        backend.name == "cuda"
+        and backend.cpp_cuda
+        and bool(tensors[0])
+        and tensors[0][0].is_cuda
+        and (_ops.cuda_available())
+    )
 
 
 _DENSE_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}

@@ -563,3 +563,58 @@ def test_torch_only_options(backend, option):
         p.grad, ref_p.grad = torch.ones(3), torch.ones(3)
         auto.step(), ref.step()
         assert torch.equal(p, ref_p)
+
+
+def test_auto_on_a_gpu_never_launches_through_the_unvalidated_cpp_cuda_path(monkeypatch):
+    """Until bench/gpu_check.sh has run the C++ ops' CUDA launches on a GPU (CPP_CUDA_VALIDATED),
+    "auto" runs only what has: where it picks the cuda backend, its Python launchers. The cuda
+    backend asked for by name (argument or FASTNORM_BACKEND) launches through the C++ ops."""
+    from types import SimpleNamespace
+
+    from fastnorm import _dispatch, _ops, functional, optim
+
+    monkeypatch.setitem(_dispatch._DEVICE_TYPE, "cuda", "cuda")
+    monkeypatch.setattr(_dispatch, "_load", lambda name: (SimpleNamespace(), None) if name == "cuda" else (None, None))
+    monkeypatch.setattr(_dispatch, "_implements", lambda name, op: True)
+    monkeypatch.setattr(_dispatch, "has_dtype", lambda name, op, dtype: True)
+    monkeypatch.setattr(_ops, "cuda_available", lambda: True)
+    monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
+    gpu, big = torch.device("cuda"), 10**9
+    on_gpu = SimpleNamespace(is_cuda=True)
+
+    def launches(backend: str) -> tuple[bool, bool]:
+        _dispatch._RESOLVED.clear()
+        chosen = _dispatch.resolve(backend, "adam", gpu, big)
+        assert chosen.name == "cuda"
+        allowed = _dispatch.cpp_cuda_allowed(backend)
+        return optim._cuda_op(chosen, [[on_gpu]]), functional._cuda_op("cuda", on_gpu, allowed)
+
+    assert _dispatch.CPP_CUDA_VALIDATED is False
+    assert launches("auto") == (False, False)  # the Python launchers gpu.md measured
+    assert launches("cuda") == (True, True)
+    monkeypatch.setenv("FASTNORM_BACKEND", "cuda")
+    assert launches("auto") == (True, True)  # the environment names it
+    monkeypatch.delenv("FASTNORM_BACKEND")
+    monkeypatch.setattr(_dispatch, "CPP_CUDA_VALIDATED", True)
+    assert launches("auto") == (True, True)
+    _dispatch._RESOLVED.clear()
+
+
+def test_batch_norm_callers_pass_whether_the_cpp_cuda_path_is_allowed(monkeypatch):
+    """fastnorm.functional.batch_norm and the BatchNorm modules hand their backend's permission
+    (fastnorm._dispatch.cpp_cuda_allowed) to the one BatchNorm dispatch."""
+    from fastnorm import functional
+
+    seen = []
+    real = functional.batch_norm_as
+
+    def spy(*args, cpp_cuda=True):
+        seen.append(cpp_cuda)
+        return real(*args, cpp_cuda=cpp_cuda)
+
+    monkeypatch.setattr(functional, "batch_norm_as", spy)
+    x = torch.randn(4, 3)
+    functional.batch_norm(x, None, None, training=True, backend="auto")
+    functional.batch_norm(x, None, None, training=True, backend="reference")
+    fastnorm.nn.BatchNorm1d(3, backend="auto")(x)
+    assert seen == [False, True, False]
