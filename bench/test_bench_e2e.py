@@ -21,6 +21,12 @@ compiled model, as users write it:
 * ``fastnorm-cuda``: the same with ``backend="cuda"`` (GPUs only: the C++ ops launching the
   numba-cuda kernels).
 
+A Hugging Face Llama-style model (:func:`build_llama`: ``transformers.LlamaConfig``, random init,
+4 layers of hidden 512, vocabulary 8192; 8 sequences of 256 tokens, next-token loss), in float32
+and under bfloat16 autocast, has its own providers (:data:`LLAMA_VARIANTS`): torch's AdamW (default
+and fused) against ``fastnorm.nn.convert`` (its RMSNorms on fastnorm's kernels with Llama's
+semantics, fastnorm/families.py) with fastnorm's AdamW (numba, auto), and fastnorm's AdamW alone.
+
 Bytes are not meaningful here (convolutions and matmuls dominate): the report shows times,
 speedups against the best torch provider (of all modes, and of the provider's own mode) and
 each provider's peak memory during one step (conftest.peak_memory).
@@ -128,6 +134,74 @@ def make_step(model_name: str, batch: int, size: int, channels_last: bool, varia
         opt_step()
 
     return step
+
+
+#: the Llama-style cases: (id, autocast to bfloat16)
+LLAMA_CASES = [("llama-h512-l4-b8x256", False), ("llama-h512-l4-b8x256-bf16-autocast", True)]
+#: provider -> (norm backend: None keeps transformers' RMSNorm, optimizer factory)
+LLAMA_VARIANTS = {
+    "torch": (None, lambda ps: torch.optim.AdamW(ps, lr=1e-4)),
+    "torch-fused": (None, lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+    "fastnorm-optim-only": (None, lambda ps: fastnorm.optim.AdamW(ps, lr=1e-4, backend="numba")),
+    "fastnorm-numba": ("numba", lambda ps: fastnorm.optim.AdamW(ps, lr=1e-4, backend="numba")),
+    "fastnorm-auto": ("auto", lambda ps: fastnorm.optim.AdamW(ps, lr=1e-4, backend="auto")),
+}
+
+
+def build_llama(layers: int = 4, hidden: int = 512, vocab: int = 8192) -> torch.nn.Module:
+    """A Llama-style causal LM from ``transformers.LlamaConfig`` with random weights from seed 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 16 * 16,
+                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+                         max_position_embeddings=1024)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def make_llama_step(variant: str, mode: str, autocast: bool, device: torch.device, batch: int = 8,
+                    tokens: int = 256):  # fmt: skip
+    """One provider's training step of the Llama-style model (closure over its model and optimizer)."""
+    norms, make_opt = LLAMA_VARIANTS[variant]
+    model = build_llama().to(device)
+    if norms is not None:
+        model = fastnorm.nn.convert(model, backend=norms)
+    opt = make_opt(model.parameters())
+    forward = torch.compile(model) if mode == "compiled" else model
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+@pytest.mark.parametrize("autocast", [a for _, a in LLAMA_CASES], ids=[c for c, _ in LLAMA_CASES])
+def test_llama_training_step(benchmark, request, device, budget, autocast):
+    wanted = [p for p in request.config.getoption("--bench-providers").split(",") if p]
+    providers = {}
+    for mode in MODES:
+        for variant, (norms, _) in LLAMA_VARIANTS.items():
+            name = f"{mode}:{variant}"
+            why = None
+            if wanted and not {name, variant} & set(wanted):
+                why = f"provider {variant!r} not selected (--bench-providers)"
+            elif mode == "compiled" and benchmark.disabled:
+                why = "torch.compile of the model takes minutes here: compiled in the timed run only"
+            elif variant.startswith("fastnorm"):
+                backend = "numba" if variant == "fastnorm-optim-only" else norms
+                why = provider_skip_reason(backend, "rms_norm", device) or provider_skip_reason(
+                    backend, "AdamW", device
+                )
+            providers[name] = why or make_llama_step(variant, mode, autocast, device)
+    case = request.node.callspec.id
+    compare(benchmark, request, providers, device=device, budget=budget, op="e2e_training_step", case=case,
+            bytes_moved=0, memory=True, model="llama", batch=8)  # fmt: skip
 
 
 def _params():
