@@ -218,3 +218,37 @@ def test_transformers_version_is_one_the_registry_was_read_against():
     assert int(transformers.__version__.split(".")[0]) >= 5
     for path in LISTED:
         assert families.family_of(_class(path)) is not None, path
+
+
+@pytest.mark.slow
+def test_a_converted_transformers_model_compiles_fullgraph_in_a_fresh_process():
+    """torch.compile(fullgraph=True) of a converted Llama, the first compile of a fresh process:
+    no graph break, fastnorm's rms_norm ops in the graph, transformers' loss and gradients."""
+    code = textwrap.dedent("""
+        import copy, json, torch, fastnorm
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+        theirs = LlamaForCausalLM(config)
+        ours = fastnorm.nn.convert(copy.deepcopy(theirs), backend="numba")
+        ids = torch.randint(0, 97, (2, 16))
+        graphs = []
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return gm.forward
+        torch.compile(copy.deepcopy(ours), fullgraph=True, backend=backend)(input_ids=ids, labels=ids)
+        ops = sorted({str(n.target) for g in graphs for n in g.graph.nodes if "fastnorm" in str(n.target)})
+        loss = torch.compile(ours, fullgraph=True)(input_ids=ids, labels=ids).loss
+        loss.backward()
+        want = theirs(input_ids=ids, labels=ids).loss
+        want.backward()
+        grads = max((p.grad - q.grad).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters()))
+        print(json.dumps({"ops": ops, "loss": loss.item(), "want": want.item(), "grads": grads}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    assert any("rms_norm" in op for op in result["ops"]), result
+    assert abs(result["loss"] - result["want"]) <= 1e-6 * abs(result["want"]), result
+    assert result["grads"] < 1e-5, result
