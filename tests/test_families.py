@@ -177,7 +177,7 @@ def test_fastnorm_and_transformers_share_a_process_and_train_as_transformers():
     """Run from the repository root (its kernels/ folder on sys.path): Hugging Face's kernels
     package is the one imported, fastnorm's kernels are fastnorm_kernels; a converted Llama trains
     with fastnorm's AdamW as transformers' model with torch's AdamW does (first-step loss within
-    1e-6 relative, float32)."""
+    1e-6 relative, float32), and gives its losses under bfloat16 autocast and in bfloat16."""
     code = textwrap.dedent("""
         import copy, json, kernels, torch, transformers
         import fastnorm, fastnorm_kernels
@@ -190,6 +190,11 @@ def test_fastnorm_and_transformers_share_a_process_and_train_as_transformers():
         ours = fastnorm.nn.convert(copy.deepcopy(theirs), backend="numba")
         opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-3, fused=True)
         opt_ours = fastnorm.optim.AdamW(ours.parameters(), lr=1e-3, backend="numba")
+        ids = torch.randint(0, 97, (2, 16))
+        half = []  # first-step losses under bfloat16 autocast, then of the model in bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half.append([m(input_ids=ids, labels=ids).loss.item() for m in (theirs, ours)])
+        half.append([copy.deepcopy(m).bfloat16()(input_ids=ids, labels=ids).loss.item() for m in (theirs, ours)])
         losses = []
         for step in range(3):
             ids = torch.randint(0, 97, (2, 16))
@@ -201,7 +206,7 @@ def test_fastnorm_and_transformers_share_a_process_and_train_as_transformers():
                 opt.zero_grad()
                 pair.append(loss.item())
             losses.append(pair)
-        print(json.dumps({"losses": losses, "kernels": kernels.__file__}))
+        print(json.dumps({"losses": losses, "half": half, "kernels": kernels.__file__}))
     """)
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -211,6 +216,8 @@ def test_fastnorm_and_transformers_share_a_process_and_train_as_transformers():
     assert abs(first_ours - first_theirs) <= 1e-6 * abs(first_theirs), result
     for theirs_loss, ours_loss in rest:
         assert abs(ours_loss - theirs_loss) <= 1e-4 * abs(theirs_loss), result
+    for theirs_loss, ours_loss in result["half"]:  # bfloat16: equal but for a rare one-ulp norm output
+        assert abs(ours_loss - theirs_loss) <= 1e-3 * abs(theirs_loss), result
 
 
 def test_transformers_version_is_one_the_registry_was_read_against():
