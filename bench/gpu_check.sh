@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/gpu}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"  # fastnorm, and fastnorm_kernels (kernels/)
 export FASTNORM_CACHE="${FASTNORM_CACHE:-/tmp/fastnorm-cache}"
 export FASTNORM_PTX_CACHE="${FASTNORM_PTX_CACHE:-/tmp/fastnorm-cache/ptx}"
 start=$(date +%s)
