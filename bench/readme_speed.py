@@ -1,6 +1,7 @@
-"""Write the README's speed table from the published report (bench/results/cpu.json).
+"""Write the README's speed table from the published reports (bench/results/cpu.json, then the
+whole-step rows of any further report, e.g. bench/results/llama.json).
 
-    python bench/readme_speed.py [bench/results/cpu.json] [--readme README.md]
+    python bench/readme_speed.py [bench/results/cpu.json [bench/results/llama.json ...]] [--readme README.md]
 
 Replaces the block between ``<!-- speed-table -->`` and ``<!-- /speed-table -->`` in the README
 with rows taken from the report, formatted as bench/results/cpu.md formats them, so every speed
@@ -64,10 +65,13 @@ def whole_steps(rows: dict) -> list[str]:
     return [*lines, ""]
 
 
-def table(report: dict) -> str:
+def table(report: dict, *more: dict) -> str:
     rows = rep.rows_by_case(report["records"])
     roof = rep.roofline(report["records"])
-    lines = [BEGIN, *whole_steps(rows), "The ops alone:", ""]
+    steps = whole_steps(rows)
+    for extra in more:  # further whole-step cases, measured in runs of their own
+        steps = steps[:-1] + whole_steps(rep.rows_by_case(extra["records"]))[4:]
+    lines = [BEGIN, *steps, "The ops alone:", ""]
     lines += [
         f"Roofline measured in this run: {roof['gbps']:.1f} GB/s ({roof['case']}, {roof['provider']})."
         if roof
@@ -94,16 +98,16 @@ def table(report: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", nargs="?", type=Path, default=Path(__file__).parent / "results" / "cpu.json")
+    ap.add_argument("json", nargs="*", type=Path, default=[Path(__file__).parent / "results" / "cpu.json"])
     ap.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent.parent / "README.md")
     args = ap.parse_args(argv)
     text = args.readme.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{args.readme}: no {BEGIN} ... {END} block to replace")
-    block = table(rep.load(args.json))
+    block = table(*(rep.load(j) for j in args.json))
     text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     args.readme.write_text(text)
-    print(f"wrote the speed table of {args.readme} from {args.json}")
+    print(f"wrote the speed table of {args.readme} from {', '.join(map(str, args.json))}")
     return 0
 
 
