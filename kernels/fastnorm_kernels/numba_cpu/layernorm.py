@@ -13,18 +13,27 @@ depend on it); a parallel loop runs over chunks, each chunk over its rows one by
 
 Forward, per row (three passes over a row that stays in L1/L2 after the first, one DRAM read of x
 and one write of y):
-    pass 1 (LayerNorm): mean = sum(x) / D
+    pass 1 (LayerNorm): mean = K + sum(x - K) / D, K the row's first value (0 if not finite): a
+            sum of deviations, not of values, loses nothing to a large |mean| (a float32 sum of
+            x ~ N(3, 1) put y 3 ulps off at D = 15)
     pass 2: var = sum((x - mean)^2) / D (RMSNorm: mean = 0, the mean of x^2): two passes, not
             E[x^2] - E[x]^2, so no cancellation when |mean| >> std
     pass 3: y = (x - mean) * rstd * weight + bias,  rstd = 1 / sqrt(var + eps)
-Sums run in the compute dtype (float32 for float32 and 16-bit storage, float64 for float64, as
-torch's CPU kernels), vectorised with reassociation (many partial sums: pairwise-like error).
+Sums are blocked: each SUM_BLOCK values of a row are one vectorised reduction in the compute
+dtype (float32 for float32 and 16-bit storage, float64 for float64; several vector accumulators
+of a few dozen values each), and a longer row's blocks' sums add in float64. So a row of any
+length keeps the compute dtype's accuracy, where one float32 sum along the row drifts (9.4M
+values: 2e-4 off, torch's cascade sum 1e-6), at the cost of a horizontal add and a float64 add
+per block of a long row; rows of at most one block are summed all in the compute dtype
+(bench/results/accuracy.md). The kernels hold two row loops, for rows of one block and of
+several, chosen outside them.
 
 Backward, per row, with xhat = (x - mean) * rstd and g = dy * weight:
-    pass 1: S_g = sum(g), S_gx = sum(g * xhat)
+    pass 1: S_g = sum(g), S_gx = sum(g * xhat) (blocked as the forward's)
     pass 2: dx = rstd * (g - S_g / D - xhat * S_gx / D)  (RMSNorm: no S_g term), and the row's
-            dy * xhat and dy added to its chunk's (D,) partial sums of dweight and dbias
-then the chunks' partials are added in float64, in chunk order.
+            dy * xhat and dy added to its unit's (D,) partial sums of dweight and dbias (the
+            compute dtype; a unit: a chunk, or a part of it: PARAM_SUM_ROWS and PARAM_UNITS)
+then the units' partials are added in float64, in order.
 
 NaN and Inf propagate as in torch (no nnan/ninf fast-math flags).
 """
@@ -52,51 +61,191 @@ __all__ = [*LAYER_NORM_API, "LAYER_NORM_DTYPES"]
 LAYER_NORM_DTYPES = (*FLOAT_DTYPES, *HALF_DTYPES)
 
 
+#: Values of a row summed in the compute dtype before the sum joins the row's float64 total: each
+#: block is a vectorised reduction in cache (several vector accumulators of a few dozen values
+#: each: error ~1e-7 of the block's sum in float32), the blocks add in float64, so a row of any
+#: length keeps float32 accuracy (one float32 sum along a 9.4M-value row drifted by 2e-4). Rows of
+#: at most one block are summed all in the compute dtype (float64 between the passes of a row cost
+#: ~20% of its statistics at 64x256 bfloat16, measured).
+SUM_BLOCK = 4096
+#: Rows whose dweight / dbias contributions add up in the compute dtype (vectorised along D)
+#: before the float64 sum over such units: the backward's parallel loop runs over units of at most
+#: PARAM_SUM_ROWS rows (a chunk of M / MAX_CHUNKS rows can hold tens of thousands, over which
+#: float32 sums drift), and at least PARAM_UNITS units (a small problem is one chunk: its M rows
+#: summed in one float32 run were up to 2.6x torch's error, which splits them over its threads).
+#: A problem of at least PARAM_UNITS chunks of at most PARAM_SUM_ROWS rows (4096x768, 8192x4096)
+#: has a unit per chunk, as before.
+PARAM_SUM_ROWS = 256
+PARAM_UNITS = 8
+
+
 def rows_per_chunk(m: int, d: int) -> int:
     """Rows per chunk of an (M, D) problem (the shape alone decides: thread-count independent):
-    at most batchnorm.MAX_CHUNKS chunks (it bounds the backward's (chunks, D) partial sums) of at
-    least batchnorm.CHUNK_ELEMENTS elements, the BatchNorm kernels' tunables (one set for the ops)."""
+    at most batchnorm.MAX_CHUNKS chunks of at least batchnorm.CHUNK_ELEMENTS elements, the
+    BatchNorm kernels' tunables (one set for the ops); the backward cuts chunks of more than
+    PARAM_SUM_ROWS rows further."""
     chunks = max(1, min(_bn.MAX_CHUNKS, (m * d) // _bn.CHUNK_ELEMENTS, m))
     return -(-m // chunks)
+
+
+@njit(inline="always")
+def _block_sum(xb, mu, square, zero):
+    """sum(x - mu), or sum((x - mu)^2) when ``square``, over xb (a row or a block of one), in the
+    compute dtype (``zero``'s)."""
+    t = zero
+    for j in range(xb.size):
+        v = widen(xb[j]) - mu
+        t += v * v if square else v
+    return t
+
+
+@njit(inline="always")
+def _row_mean(xi, shift, zero, inv_d, blocked):
+    """The mean of a row, in the compute dtype: shift + sum(x - shift) / D, the sum in one block
+    (times inv_d, 1/D in the compute dtype) or (``blocked``, a constant at each call) in blocks of
+    SUM_BLOCK values added in float64. The blocks are slices, looped over from 0: a loop from an
+    offset j0 does not vectorise (Numba cannot tell its indices are never negative)."""
+    if blocked:
+        s = 0.0
+        for j0 in range(0, xi.size, SUM_BLOCK):
+            s += np.float64(_block_sum(xi[j0 : j0 + SUM_BLOCK], shift, False, zero))
+        mu = cast_like(np.float64(shift) + s / xi.size, zero)
+    else:
+        mu = shift + _block_sum(xi, shift, False, zero) * inv_d
+    return mu
+
+
+@njit(inline="always")
+def _row_var(xi, mu, zero, inv_d, blocked):
+    """sum((x - mu)^2) / D over a row, in the compute dtype, blocked as :func:`_row_mean`."""
+    if blocked:
+        q = 0.0
+        for j0 in range(0, xi.size, SUM_BLOCK):
+            q += np.float64(_block_sum(xi[j0 : j0 + SUM_BLOCK], mu, True, zero))
+        var = cast_like(q / xi.size, zero)
+    else:
+        var = _block_sum(xi, mu, True, zero) * inv_d
+    return var
+
+
+@njit(inline="always")
+def _block_grad_sums(gb, xb, wb, has_weight, mu, inv, zero, one):
+    """sum(g) and sum(g * xhat) over a row or a block of one, in the compute dtype:
+    g = dy * weight, xhat = (x - mu) * inv (wb empty without weight)."""
+    t_g = zero
+    t_gx = zero
+    for j in range(xb.size):
+        g = widen(gb[j]) * (wb[j] if has_weight else one)
+        t_g += g
+        t_gx += g * ((widen(xb[j]) - mu) * inv)
+    return t_g, t_gx
+
+
+@njit(inline="always")
+def _row_grad_means(gi, xi, weight, has_weight, mu, inv, zero, one, inv_d, blocked):
+    """sum(g) / D and sum(g * xhat) / D over a row, in the compute dtype, blocked as :func:`_row_mean`."""
+    if blocked:
+        s_g = 0.0
+        s_gx = 0.0
+        for j0 in range(0, xi.size, SUM_BLOCK):
+            j1 = j0 + SUM_BLOCK
+            t_g, t_gx = _block_grad_sums(gi[j0:j1], xi[j0:j1], weight[j0:j1], has_weight, mu, inv, zero, one)
+            s_g += np.float64(t_g)
+            s_gx += np.float64(t_gx)
+        a = cast_like(s_g / xi.size, zero)
+        b = cast_like(s_gx / xi.size, zero)
+    else:
+        t_g, t_gx = _block_grad_sums(gi, xi, weight, has_weight, mu, inv, zero, one)
+        a = t_g * inv_d
+        b = t_gx * inv_d
+    return a, b
+
+
+@njit(inline="always")
+def _forward_rows(x, weight, bias, has_weight, has_bias, eps, inv_d, center, y, mean, rstd, start, end, blocked):
+    """Rows start..end-1: their statistics and y. (Rows, not one row, per call: an inlined call
+    per row with these array arguments cost ~30% at 64x256, measured.)"""
+    D = x.shape[1]
+    zero = cast_like(0.0, eps)
+    one = cast_like(1.0, eps)
+    for i in range(start, end):
+        xi = x[i]
+        yi = y[i]
+        mu = zero
+        if center:  # the mean's sum is of x - shift, the row's first value (if finite)
+            shift = widen(xi[0])
+            mu = _row_mean(xi, shift if math.isfinite(shift) else zero, zero, inv_d, blocked)
+            mean[i] = mu
+        inv = one / math.sqrt(_row_var(xi, mu, zero, inv_d, blocked) + eps)
+        rstd[i] = inv
+        if has_weight and has_bias:
+            for j in range(D):
+                yi[j] = narrow((widen(xi[j]) - mu) * inv * weight[j] + bias[j], y)
+        elif has_weight:
+            for j in range(D):
+                yi[j] = narrow((widen(xi[j]) - mu) * inv * weight[j], y)
+        elif has_bias:
+            for j in range(D):
+                yi[j] = narrow((widen(xi[j]) - mu) * inv + bias[j], y)
+        else:
+            for j in range(D):
+                yi[j] = narrow((widen(xi[j]) - mu) * inv, y)
 
 
 @twins(fastmath=REASSOC)
 def _forward(x, weight, bias, has_weight, has_bias, eps, inv_d, center, y, mean, rstd, rows):
     # x, y: (M, D) storage; weight, bias: (D,) compute dtype or empty; mean, rstd: (M,) compute
-    # dtype (mean empty for RMSNorm); eps, inv_d (1/D): compute-dtype scalars; rows: per chunk
+    # dtype (mean empty for RMSNorm); eps, inv_d (1/D): compute-dtype scalars; rows: per chunk.
+    # Two loops, the choice of rows of one block or of several outside them: that branch inside
+    # the row loop cost up to 13% (the backward's dx loop, 64x256 bfloat16, measured)
     M, D = x.shape
-    zero = cast_like(0.0, eps)
-    one = cast_like(1.0, eps)
     chunks = (M + rows - 1) // rows
-    for k in prange(chunks):
-        for i in range(k * rows, min((k + 1) * rows, M)):
-            xi = x[i]
-            yi = y[i]
-            mu = zero
-            if center:
-                s = zero
+    if D <= SUM_BLOCK:
+        for k in prange(chunks):
+            _forward_rows(x, weight, bias, has_weight, has_bias, eps, inv_d, center, y, mean, rstd, k * rows,
+                          min((k + 1) * rows, M), False)  # fmt: skip
+    else:
+        for k in prange(chunks):
+            _forward_rows(x, weight, bias, has_weight, has_bias, eps, inv_d, center, y, mean, rstd, k * rows,
+                          min((k + 1) * rows, M), True)  # fmt: skip
+
+
+@njit(inline="always")
+def _backward_rows(dy, x, mean, rstd, weight, has_weight, center, inv_d, need_dx, need_params, dx, aw, ab, start, end,
+                   blocked):  # fmt: skip
+    """Rows start..end-1: their dx, and their dweight / dbias terms added to aw, ab (one unit's)."""
+    D = x.shape[1]
+    zero = cast_like(0.0, inv_d)
+    one = cast_like(1.0, inv_d)
+    for i in range(start, end):
+        xi = x[i]
+        gi = dy[i]
+        inv = rstd[i]
+        mu = mean[i] if center else zero
+        if need_dx:
+            dxi = dx[i]
+            a, b = _row_grad_means(gi, xi, weight, has_weight, mu, inv, zero, one, inv_d, blocked)
+            if not center:
+                a = zero
+            # the branch outside the loops: inside it, the loop ran ~1.8x slower (8192x4096 float32)
+            if need_params:
                 for j in range(D):
-                    s += widen(xi[j])
-                mu = s * inv_d
-                mean[i] = mu
-            q = zero
-            for j in range(D):
-                v = widen(xi[j]) - mu
-                q += v * v
-            inv = one / math.sqrt(q * inv_d + eps)
-            rstd[i] = inv
-            if has_weight and has_bias:
-                for j in range(D):
-                    yi[j] = narrow((widen(xi[j]) - mu) * inv * weight[j] + bias[j], y)
-            elif has_weight:
-                for j in range(D):
-                    yi[j] = narrow((widen(xi[j]) - mu) * inv * weight[j], y)
-            elif has_bias:
-                for j in range(D):
-                    yi[j] = narrow((widen(xi[j]) - mu) * inv + bias[j], y)
+                    xh = (widen(xi[j]) - mu) * inv
+                    gy = widen(gi[j])
+                    g = gy * (weight[j] if has_weight else one)
+                    dxi[j] = narrow(inv * (g - a - xh * b), dx)
+                    aw[j] += gy * xh
+                    ab[j] += gy
             else:
                 for j in range(D):
-                    yi[j] = narrow((widen(xi[j]) - mu) * inv, y)
+                    xh = (widen(xi[j]) - mu) * inv
+                    g = widen(gi[j]) * (weight[j] if has_weight else one)
+                    dxi[j] = narrow(inv * (g - a - xh * b), dx)
+        elif need_params:
+            for j in range(D):
+                gy = widen(gi[j])
+                aw[j] += gy * ((widen(xi[j]) - mu) * inv)
+                ab[j] += gy
 
 
 @twins(fastmath=REASSOC)
@@ -105,60 +254,35 @@ def _backward(dy, x, mean, rstd, weight, has_weight, center, inv_d, need_dx, nee
     # dy, x, dx: (M, D) storage; mean, rstd: (M,) (mean empty for RMSNorm); weight: (D,) or
     # empty; dweight, dbias: (D,) compute dtype or empty; inv_d: 1/D in the compute dtype
     M, D = x.shape
-    zero = cast_like(0.0, inv_d)
-    one = cast_like(1.0, inv_d)
-    chunks = (M + rows - 1) // rows
+    # units of at most PARAM_SUM_ROWS rows and at least PARAM_UNITS of them (a chunk's rows, or a
+    # part): each sums its rows' dweight / dbias contributions in the compute dtype, the units'
+    # sums then add in float64
+    rows = min(rows, PARAM_SUM_ROWS, max(1, -(-M // PARAM_UNITS)))
+    units = (M + rows - 1) // rows
     width = D if need_params else 0
-    pw = np.zeros((chunks, width), dtype=rstd.dtype)  # per chunk: sum of dy * xhat, of dy
-    pb = np.zeros((chunks, width), dtype=rstd.dtype)
-    for k in prange(chunks):
-        aw = pw[k]
-        ab = pb[k]
-        for i in range(k * rows, min((k + 1) * rows, M)):
-            xi = x[i]
-            gi = dy[i]
-            mu = mean[i] if center else zero
-            inv = rstd[i]
-            if need_dx:
-                dxi = dx[i]
-                s_g = zero
-                s_gx = zero
-                for j in range(D):
-                    g = widen(gi[j]) * (weight[j] if has_weight else one)
-                    s_g += g
-                    s_gx += g * ((widen(xi[j]) - mu) * inv)
-                a = s_g * inv_d if center else zero
-                b = s_gx * inv_d
-                # the branch outside the loops: inside it, the loop ran ~1.8x slower (8192x4096 float32)
-                if need_params:
-                    for j in range(D):
-                        xh = (widen(xi[j]) - mu) * inv
-                        gy = widen(gi[j])
-                        g = gy * (weight[j] if has_weight else one)
-                        dxi[j] = narrow(inv * (g - a - xh * b), dx)
-                        aw[j] += gy * xh
-                        ab[j] += gy
-                else:
-                    for j in range(D):
-                        xh = (widen(xi[j]) - mu) * inv
-                        g = widen(gi[j]) * (weight[j] if has_weight else one)
-                        dxi[j] = narrow(inv * (g - a - xh * b), dx)
-            elif need_params:
-                for j in range(D):
-                    gy = widen(gi[j])
-                    aw[j] += gy * ((widen(xi[j]) - mu) * inv)
-                    ab[j] += gy
-    if need_params:
-        for j in range(D):
-            sw = 0.0
-            sb = 0.0
-            for k in range(chunks):
-                sw += np.float64(pw[k, j])
-                sb += np.float64(pb[k, j])
-            if dweight.size:
-                dweight[j] = sw
-            if dbias.size:
-                dbias[j] = sb
+    pw = np.zeros((units, width), dtype=rstd.dtype)  # per unit: sum of dy * xhat, of dy
+    pb = np.zeros((units, width), dtype=rstd.dtype)
+    if D <= SUM_BLOCK:  # two loops, the choice outside them (as the forward's)
+        for k in prange(units):
+            _backward_rows(dy, x, mean, rstd, weight, has_weight, center, inv_d, need_dx, need_params, dx, pw[k],
+                           pb[k], k * rows, min((k + 1) * rows, M), False)  # fmt: skip
+    else:
+        for k in prange(units):
+            _backward_rows(dy, x, mean, rstd, weight, has_weight, center, inv_d, need_dx, need_params, dx, pw[k],
+                           pb[k], k * rows, min((k + 1) * rows, M), True)  # fmt: skip
+    if need_params:  # the units' sums in float64, in unit order (along D: vectorised)
+        sw = np.zeros(D, np.float64)
+        sb = np.zeros(D, np.float64)
+        for k in range(units):
+            for j in range(D):
+                sw[j] += np.float64(pw[k, j])
+                sb[j] += np.float64(pb[k, j])
+        if dweight.size:
+            for j in range(D):
+                dweight[j] = sw[j]
+        if dbias.size:
+            for j in range(D):
+                dbias[j] = sb[j]
 
 
 # -- array entry points: the kernels API (same names and arguments as fastnorm_kernels.reference) --------
