@@ -46,7 +46,8 @@ E2E = "e2e_training_step"
 def whole_steps(rows: dict) -> list[str]:
     """The whole-step rows: every fastnorm provider of each case, with the best torch provider."""
     lines = [
-        "Whole training steps (forward, loss, backward, Adam step; `compiled:` = `torch.compile(model)`):",
+        "Whole training steps (forward, loss, backward, Adam step (AdamW for the Llama-style model); "
+        "`compiled:` = `torch.compile(model)`):",
         "",
         "| case | fastnorm: median (IQR) | best torch: provider, median | vs best torch [95% CI] "
         "| vs best torch of its mode [95% CI] | peak memory (torch's best) |",

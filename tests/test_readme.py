@@ -16,12 +16,14 @@ def _section(text: str, title: str) -> str:
 
 def test_every_speed_figure_in_the_readme_is_in_the_report():
     readme = _section((ROOT / "README.md").read_text(), "## Speed (this machine's CPU)")
-    report = (ROOT / "bench" / "results" / "cpu.md").read_text()
+    # the ops and most whole steps: cpu.md; the Llama-style model's steps: a run of their own, llama.md
+    report = "".join((ROOT / "bench" / "results" / name).read_text() for name in ("cpu.md", "llama.md"))
     block = readme[readme.index("<!-- speed-table -->") : readme.index("<!-- /speed-table -->")]
     rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith(("| op ", "| case "))]
     assert len(rows) >= 10, "the speed table is empty: run python bench/readme_speed.py"
     assert "Whole training steps" in block.split("The ops alone")[0], "the whole-step rows come first"
     assert any("resnet18" in row and "compiled:fastnorm-numba" in row for row in rows)
+    assert any("llama" in row and "eager:fastnorm-numba" in row for row in rows)
     ratios = re.findall(r"\d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\](?: tie)?", block)
     assert len(ratios) >= len(rows)
     for figure in ratios:  # speedups with their intervals, exactly as the report prints them
