@@ -6,8 +6,8 @@ torch's own error in the same dtype, or within 2 ulps of its dtype at the truth'
 
 What a length is, per case:
 * ``layer_norm``, ``rms_norm`` (3, L): rows of L values (the row sums of the forward and of dx);
-* ``layer_norm_rows`` (L, 5): L rows of 5 (dweight and dbias: sums over the rows, per chunk of
-  rows in blocks of PARAM_SUM_ROWS);
+* ``layer_norm_rows`` (L, 5): L rows of 5 (dweight and dbias: sums over the rows, in units of
+  at most PARAM_SUM_ROWS rows);
 * ``group_norm``, ``group_norm_cl`` (2, 3, L, 1), one group: groups of three planes of L values,
   contiguous (planes, in blocks of SUM_BLOCK) and channels-last (C-wide float64 sums along rows);
 * ``batch_norm`` (2, 3, L): each channel's two planes of L values (training, running statistics
@@ -48,7 +48,7 @@ CHUNK = bn_kernels.CHUNK_ELEMENTS
 LENGTHS = sorted(
     {1, 2, 3, 7, 15, 16, 17, 63, 64, 65, 255, 256, 257, 1000}  # scalar tails, vector widths (16 x 4 lanes)
     | {BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 7}  # one block, two and a tail
-    | {ln_kernels.PARAM_SUM_ROWS * 3 + 1}  # rows: several row blocks
+    | {ln_kernels.PARAM_SUM_ROWS * 3 + 1}  # rows: several units
     | {-(-CHUNK // 3) * 2, PARALLEL // 3 - 1, PARALLEL // 3 + 1}  # (3, L): 2 chunks; serial / parallel
     | {PARALLEL - 1, PARALLEL + 1, 100_003, 1_000_003}  # (L, 5) and (L + 1, 3): parallel, 64 chunks
 )

@@ -70,20 +70,19 @@ LAYER_NORM_DTYPES = (*FLOAT_DTYPES, *HALF_DTYPES)
 SUM_BLOCK = 4096
 #: Rows whose dweight / dbias contributions add up in the compute dtype (vectorised along D)
 #: before the float64 sum over such units: the backward's parallel loop runs over units of at most
-#: PARAM_SUM_ROWS rows (a chunk of M / MAX_CHUNKS rows can hold tens of thousands, over which
-#: float32 sums drift), and at least PARAM_UNITS units (a small problem is one chunk: its M rows
-#: summed in one float32 run were up to 2.6x torch's error, which splits them over its threads).
-#: A problem of at least PARAM_UNITS chunks of at most PARAM_SUM_ROWS rows (4096x768, 8192x4096)
-#: has a unit per chunk, as before.
-PARAM_SUM_ROWS = 256
-PARAM_UNITS = 8
+#: PARAM_SUM_ROWS rows and at least PARAM_UNITS units (a chunk, or a part of one). A chunk holds
+#: up to M / MAX_CHUNKS rows, and float32 runs over hundreds of rows were above 2x torch's error
+#: (at 1000 rows, 250-row runs: 2.8x; torch sums these accurately); 64-row runs cost nothing
+#: measurable (8192x4096: 128 units of 64 rows, 64x256: 4 units of 16 rows).
+PARAM_SUM_ROWS = 64
+PARAM_UNITS = 4
 
 
 def rows_per_chunk(m: int, d: int) -> int:
     """Rows per chunk of an (M, D) problem (the shape alone decides: thread-count independent):
     at most batchnorm.MAX_CHUNKS chunks of at least batchnorm.CHUNK_ELEMENTS elements, the
-    BatchNorm kernels' tunables (one set for the ops); the backward cuts chunks of more than
-    PARAM_SUM_ROWS rows further."""
+    BatchNorm kernels' tunables (one set for the ops); the backward cuts them further into units
+    (PARAM_SUM_ROWS, PARAM_UNITS)."""
     chunks = max(1, min(_bn.MAX_CHUNKS, (m * d) // _bn.CHUNK_ELEMENTS, m))
     return -(-m // chunks)
 
