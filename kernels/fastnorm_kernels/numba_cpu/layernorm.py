@@ -69,12 +69,14 @@ LAYER_NORM_DTYPES = (*FLOAT_DTYPES, *HALF_DTYPES)
 #: ~20% of its statistics at 64x256 bfloat16, measured).
 SUM_BLOCK = 4096
 #: Rows whose dweight / dbias contributions add up in the compute dtype (vectorised along D)
-#: before the float64 sum over such units: the backward's parallel loop runs over units of at most
-#: PARAM_SUM_ROWS rows and at least PARAM_UNITS units (a chunk, or a part of one). A chunk holds
-#: up to M / MAX_CHUNKS rows, and float32 runs over hundreds of rows were above 2x torch's error
-#: (at 1000 rows, 250-row runs: 2.8x; torch sums these accurately); 64-row runs cost nothing
-#: measurable (8192x4096: 128 units of 64 rows, 64x256: 4 units of 16 rows).
-PARAM_SUM_ROWS = 64
+#: before the float64 sum over such units: the backward's parallel loop runs over units (a chunk,
+#: or a part of one) of at most PARAM_SUM_ROWS rows and 2 * sqrt(M) rows, and at least
+#: PARAM_UNITS units. Against torch's error, a float32 run's grows like its rows / sqrt(M): runs of
+#: 250 rows at M = 1000 were 2.8x torch's error (torch sums these accurately), runs of 256 rows at
+#: M = 65535 within it. Shorter units than needed cost: 64-row units instead of 128-row chunks made
+#: the 8192x4096 bfloat16 backward ~5% slower on 2 threads (their float32 partials are large
+#: beside bfloat16 rows).
+PARAM_SUM_ROWS = 256
 PARAM_UNITS = 4
 
 
@@ -247,41 +249,66 @@ def _backward_rows(dy, x, mean, rstd, weight, has_weight, center, inv_d, need_dx
                 ab[j] += gy
 
 
+#: columns of the (units, D) dweight / dbias partials merged per task of the merge's parallel loop
+MERGE_COLUMNS = 512
+
+
+@njit(inline="always")
+def _zero(aw, ab):
+    for j in range(aw.size):
+        aw[j] = 0
+        ab[j] = 0
+
+
+@njit(inline="always")
+def _merge_units(pw, pb, dweight, dbias):
+    """dweight / dbias (or empty) = the float64 sums over units (rows of pw, pb), in unit order."""
+    n = pw.shape[1]
+    sw = np.zeros(n, np.float64)
+    sb = np.zeros(n, np.float64)
+    for k in range(pw.shape[0]):
+        aw = pw[k]
+        ab = pb[k]
+        for j in range(n):
+            sw[j] += np.float64(aw[j])
+            sb[j] += np.float64(ab[j])
+    for j in range(dweight.size):
+        dweight[j] = sw[j]
+    for j in range(dbias.size):
+        dbias[j] = sb[j]
+
+
 @twins(fastmath=REASSOC)
 def _backward(dy, x, mean, rstd, weight, has_weight, center, inv_d, need_dx, need_params, dx, dweight, dbias,
               rows):  # fmt: skip
     # dy, x, dx: (M, D) storage; mean, rstd: (M,) (mean empty for RMSNorm); weight: (D,) or
     # empty; dweight, dbias: (D,) compute dtype or empty; inv_d: 1/D in the compute dtype
     M, D = x.shape
-    # units of at most PARAM_SUM_ROWS rows and at least PARAM_UNITS of them (a chunk's rows, or a
-    # part): each sums its rows' dweight / dbias contributions in the compute dtype, the units'
-    # sums then add in float64
-    rows = min(rows, PARAM_SUM_ROWS, max(1, -(-M // PARAM_UNITS)))
+    # units (a chunk's rows, or a part of them: PARAM_SUM_ROWS): each sums its rows' dweight /
+    # dbias contributions in the compute dtype, the units' sums then add in float64
+    rows = min(rows, PARAM_SUM_ROWS, max(1, 2 * int(math.sqrt(M))), max(1, -(-M // PARAM_UNITS)))
     units = (M + rows - 1) // rows
     width = D if need_params else 0
-    pw = np.zeros((units, width), dtype=rstd.dtype)  # per unit: sum of dy * xhat, of dy
-    pb = np.zeros((units, width), dtype=rstd.dtype)
+    # per unit: sum of dy * xhat, of dy; zeroed by the unit's thread (serial zeroing and merging of
+    # these (units, D) partials cost ~5% at 8192x4096 bfloat16 on 2 threads)
+    pw = np.empty((units, width), dtype=rstd.dtype)
+    pb = np.empty((units, width), dtype=rstd.dtype)
     if D <= SUM_BLOCK:  # two loops, the choice outside them (as the forward's)
         for k in prange(units):
+            _zero(pw[k], pb[k])
             _backward_rows(dy, x, mean, rstd, weight, has_weight, center, inv_d, need_dx, need_params, dx, pw[k],
                            pb[k], k * rows, min((k + 1) * rows, M), False)  # fmt: skip
     else:
         for k in prange(units):
+            _zero(pw[k], pb[k])
             _backward_rows(dy, x, mean, rstd, weight, has_weight, center, inv_d, need_dx, need_params, dx, pw[k],
                            pb[k], k * rows, min((k + 1) * rows, M), True)  # fmt: skip
-    if need_params:  # the units' sums in float64, in unit order (along D: vectorised)
-        sw = np.zeros(D, np.float64)
-        sb = np.zeros(D, np.float64)
-        for k in range(units):
-            for j in range(D):
-                sw[j] += np.float64(pw[k, j])
-                sb[j] += np.float64(pb[k, j])
-        if dweight.size:
-            for j in range(D):
-                dweight[j] = sw[j]
-        if dbias.size:
-            for j in range(D):
-                dbias[j] = sb[j]
+    if need_params:  # the units' sums in float64, in unit order, in parallel over blocks of columns
+        blocks = (D + MERGE_COLUMNS - 1) // MERGE_COLUMNS
+        for q in prange(blocks):
+            j0 = q * MERGE_COLUMNS
+            _merge_units(pw[:, j0 : j0 + MERGE_COLUMNS], pb[:, j0 : j0 + MERGE_COLUMNS],
+                         dweight[j0 : j0 + MERGE_COLUMNS], dbias[j0 : j0 + MERGE_COLUMNS])  # fmt: skip
 
 
 # -- array entry points: the kernels API (same names and arguments as fastnorm_kernels.reference) --------
