@@ -23,6 +23,7 @@ import torch
 
 import fastnorm_kernels
 from fastnorm_kernels._bits import BFLOAT16
+from fastnorm_kernels.formulas.optim import OPTIMIZERS
 
 from . import _ops
 from ._arrays import CpuArrays, CudaArrays
@@ -251,11 +252,8 @@ AUTO_CPU_MIN_NUMEL: dict[str, float] = {
     "layer_norm": 65_536,
     "rms_norm": 0,
     "group_norm": 400_000,
-    "sgd": math.inf,
+    **{d.name: d.auto_cpu_min_numel for d in OPTIMIZERS.values()},  # their descriptions'
     "sgd_momentum": 50_000,
-    "adagrad": 0,
-    "rmsprop": 0,
-    "adam": 0,
 }
 
 
@@ -279,7 +277,7 @@ def cpp_cuda_allowed(backend: str) -> bool:
 #: the ops ``"auto"`` runs on the cuda backend on a GPU; LayerNorm, RMSNorm and GroupNorm have
 #: cuda kernels (tested under the simulator, compiled to PTX) that no GPU has timed yet: ``"auto"``
 #: leaves them to torch there until a measurement says otherwise (``backend="cuda"`` runs them)
-AUTO_CUDA_OPS = frozenset({"batch_norm", "sgd", "adagrad", "rmsprop", "adam"})
+AUTO_CUDA_OPS = frozenset({"batch_norm", *OPTIMIZERS})
 
 #: ``"auto"`` on a GPU: below this many elements torch's kernels run, from it on the cuda
 #: backend's: the smallest size where the cuda backend measured faster than the torch code "auto"
@@ -302,11 +300,8 @@ AUTO_CUDA_MIN_NUMEL: dict[str, float] = {
     "layer_norm": 0,
     "rms_norm": 0,
     "group_norm": 0,
-    "sgd": math.inf,
+    **{d.name: d.auto_cuda_min_numel for d in OPTIMIZERS.values()},  # their descriptions'
     "sgd_momentum": 100_000_000,
-    "adagrad": 100_000_000,
-    "rmsprop": 100_000_000,
-    "adam": 100_000_000,
 }
 
 

@@ -29,6 +29,8 @@ from types import ModuleType
 
 import torch
 
+from fastnorm_kernels.formulas.optim import OPTIMIZERS
+
 _CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [
     _CSRC / "runtime.cpp",
@@ -49,7 +51,7 @@ _error: str | None = None
 
 #: the C entry point families of the extension (fastnorm/csrc/runtime.cpp, kFamilies) -> kernels module
 _BATCH_NORM_FAMILIES = ("forward_train", "forward_eval", "backward", "stats")
-_OPTIMIZER_FAMILIES = ("sgd", "adagrad", "rmsprop", "adam")
+_OPTIMIZER_FAMILIES = tuple(OPTIMIZERS)
 _ROW_NORM_FAMILIES = ("row_norm_forward", "row_norm_backward")  # LayerNorm and RMSNorm
 _GROUP_NORM_FAMILIES = ("group_norm_forward", "group_norm_backward")
 #: storage codes (fastnorm/csrc/fastnorm.h, Storage)
@@ -102,6 +104,10 @@ def _build() -> ModuleType:
     module = builder.load_module(NAME, library)
     module.configure(_entry_point, set_threads, _tunables())
     module.cuda_configure(_cuda_ptx, _cuda_geometry)  # each asked when a cuda op first needs it
+    for d in OPTIMIZERS.values():  # torch.ops.fastnorm.<name>_, from the descriptions
+        module.define_optimizer(d.name, d.schema(), len(d.buffers), d.counts_steps,
+                                -1 if d.clone_first is None else d.clone_first, len(d.options), len(d.constants),
+                                d.n_flags, d.cuda_signature())  # fmt: skip
     module.pool_configure(pool.min_bytes, pool.max_bytes)  # the Python pool's limits (FASTNORM_CPU_POOL_MB)
     pool.also_clear.append(module.pool_clear)
     return module
@@ -191,7 +197,13 @@ def _kernels_of(family: str) -> ModuleType:
 
 
 def _entry_point(family: str, storage: int) -> int:
-    """The address of a kernel's C entry point (called by the extension, once per entry point)."""
+    """The address of a kernel's C entry point (called by the extension, once per entry point and
+    process), or of an optimizer's packer (``pack:<name>``) or CUDA step scalars (``scalars:<name>``)."""
+    kind, _, name = family.rpartition(":")
+    if kind:
+        from fastnorm_kernels.numba_cpu import optim
+
+        return (optim.c_pack if kind == "pack" else optim.c_scalars)(name).address
     return _compiled(family, STORAGES[storage]).address
 
 

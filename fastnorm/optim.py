@@ -31,6 +31,7 @@ with ``"auto"`` it selects torch's implementation, as asked.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 
 from fastnorm_kernels._bits import BFLOAT16
+from fastnorm_kernels.formulas.optim import OPTIMIZERS
 
 from . import _dispatch, _ops
 from ._dispatch import AUTO, BACKENDS, Backend, _load, check_name, resolve
@@ -103,6 +105,10 @@ def _torch_only_options(group: dict) -> list[str]:
     return [f"{k}={group[k]!r}" for k in _TORCH_ONLY_OPTIONS if group.get(k) not in (None, False)]
 
 
+def _parameters(fn: Callable) -> tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)
+
+
 def _scalar(x) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -151,24 +157,45 @@ class _Plan:
 
 
 class _KernelOptimizer:
-    """``step`` for torch.optim subclasses whose update runs on fastnorm's kernels.
+    """``step`` for optimizers whose update runs on fastnorm's kernels.
 
-    A subclass declares its kernels op, the lists that torch's ``_init_group`` fills after
-    params and grads (``_state_lists``, in its argument order), which of them are the table's
-    buffer rows (``_table_rows``, in kernels/fastnorm_kernels/formulas/optim.py's order), the options that decide
-    which buffers exist, and ``_kernel_options(group)``: the kernel's keyword arguments.
+    A subclass names its description (``_op``, a key of
+    ``fastnorm_kernels.formulas.optim.OPTIMIZERS``), from which its table rows (the state
+    buffers), the options that decide which buffers exist and the kernels' keyword arguments
+    follow. A torch twin (``_torch_cls``) also names the lists its ``_init_group`` fills after
+    params and grads (``_state_lists``, in that function's argument order).
     """
 
-    _op: str  # key of fastnorm_kernels.OPS
-    _torch_cls: type[torch.optim.Optimizer]
-    _state_lists: tuple[str, ...]
-    _table_rows: tuple[str, ...]
-    _structural_options: tuple[str, ...] = ()
+    _op: str  # key of OPTIMIZERS
+    _torch_cls: type[torch.optim.Optimizer] | None = None
+    _state_lists: tuple[str, ...] = ()
+    _option_defaults: dict = {}  # kernel options a group may lack (AdamW: decoupled_weight_decay)
     backend: str
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        cls._plan_options = (*cls._structural_options, *_TORCH_ONLY_OPTIONS)
+        if getattr(cls, "_op", None) is None:
+            return
+        d = cls._description = OPTIMIZERS[cls._op]
+        cls._table_rows = tuple(b.key for b in d.buffers)
+        structural = [a for b in d.buffers if b.when is not None for a in _parameters(b.when)]
+        cls._plan_options = (*dict.fromkeys(structural), *_TORCH_ONLY_OPTIONS)
+        if cls._torch_cls is None:
+            cls._state_lists = (*cls._table_rows, *(("step",) if d.counts_steps else ()))
+
+    def _kernel_options(self, group: dict) -> dict:
+        """The op's keyword options from a parameter group (``betas`` gives beta1 and beta2)."""
+        options = {}
+        for o in self._description.options:
+            name = o.name
+            if name in group:
+                value = group[name]
+            elif name in ("beta1", "beta2"):
+                value = group["betas"][name == "beta2"]
+            else:
+                value = self._option_defaults.get(name, o.default)
+            options[name] = bool(value) if o.kind is bool else _scalar(value)
+        return options
 
     def __init__(self, params, *args, backend: str = "auto", master_weights: bool = False,
                  stochastic_rounding: bool = False, **kwargs) -> None:  # fmt: skip
@@ -210,9 +237,6 @@ class _KernelOptimizer:
         x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
         return (x ^ (x >> 31)) & 0xFFFFFFFF
-
-    def _kernel_options(self, group: dict) -> dict:
-        raise NotImplementedError
 
     # -- what torch's pickling and deepcopy keep ----------------------------------------------
 
@@ -331,16 +355,23 @@ class _KernelOptimizer:
                 if self.stochastic_rounding and part.kernel_dtype == BFLOAT16:
                     part_options = {**options, "rounding_seed": self._next_seed()}
                 with plan.backend.device_guard(part.params[0]):
-                    _launch(plan.backend, self._op, part, rows, addrs, part_options)
-                if part.new_buffers:  # SGD: the new momentum buffers join the state
+                    _launch(plan.backend, self._description, part, rows, addrs, part_options)
+                if part.new_buffers:  # buffers cloned on their first step (SGD's momentum) join the state
+                    key = self._table_rows[self._description.clone_first]
                     for p, buf in part.new_buffers:
-                        self.state[p]["momentum_buffer"] = buf
+                        self.state[p][key] = buf
                     part.new_buffers = []
                     part.first_step = [False] * len(part.first_step)
         return loss
 
     def _torch_step(self, groups: list[dict], state: defaultdict | None = None) -> None:
         """torch's own step of ``groups`` (and of ``state`` in place of the optimizer's, if given)."""
+        if self._torch_cls is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.optim has no {type(self).__name__}, and this step needs torch's "
+                f"implementation (under torch.compile: master_weights, stochastic_rounding or a backend other "
+                f"than numba); run the step eagerly, or compile with backend='numba'"
+            )
         all_groups, all_state = self.param_groups, self.state
         self.param_groups = groups
         if state is not None:
@@ -378,7 +409,7 @@ class _KernelOptimizer:
             if not self._traceable(group):
                 torch_groups.append(group)
                 continue
-            self._init_group(group, params, grads, *lists.values())  # torch's (the compiler knows it by name)
+            self._gather(group, params, grads, lists)
             if not params:
                 continue
             numel = sum(p.numel() for p in params)
@@ -389,20 +420,21 @@ class _KernelOptimizer:
                 torch_groups.append(group)
                 continue
             options = self._kernel_options(group)
-            if self._op == "sgd":
-                buffers = lists["momentum_buffer"]
-                first_step = [b is None for b in buffers]
-                if options["momentum"] != 0:
-                    buffers = [torch.zeros_like(p) if b is None else b for p, b in zip(params, buffers)]
-                _OPS["sgd"](params, grads, buffers if options["momentum"] != 0 else [], **options,
-                            first_step=first_step if options["momentum"] != 0 else [])  # fmt: skip
-                if options["momentum"] != 0:
-                    for p, b, new in zip(params, buffers, first_step):
-                        if new:
-                            self.state[p]["momentum_buffer"] = b
-                continue
-            rows = [lists[name] if (lists[name] and self._row_used(name, group)) else [] for name in self._table_rows]
-            _OPS[self._op](params, grads, *rows, lists["step"], **options)
+            d = self._description
+            uses = d.pack(options)[2]
+            rows = [lists[b.key] if use else [] for b, use in zip(d.buffers, uses)]
+            extra = {}
+            cloned = d.clone_first
+            if cloned is not None:
+                first_step = [b is None for b in rows[cloned]]
+                rows[cloned] = [torch.zeros_like(p) if b is None else b for p, b in zip(params, rows[cloned])]
+                extra["first_step"] = first_step if uses[cloned] else []
+            steps = [lists["step"]] if d.counts_steps else []
+            _OPS[self._op](params, grads, *rows, *steps, **options, **extra)
+            if cloned is not None and uses[cloned]:
+                for p, b, new in zip(params, rows[cloned], first_step):
+                    if new:
+                        self.state[p][d.buffers[cloned].key] = b
         if torch_groups:
             self._torch_step(torch_groups)
 
@@ -413,10 +445,35 @@ class _KernelOptimizer:
             return False
         return not (bool(group.get("foreach")) or bool(group.get("fused")) or bool(group.get("differentiable")))
 
-    def _row_used(self, name: str, group: dict) -> bool:
-        """Whether state row ``name`` takes part in the update (the op's empty list otherwise)."""
-        return {"grad_avg": group.get("centered", False), "momentum_buffer": group.get("momentum", 0) > 0,
-                "max_exp_avg_sq": group.get("amsgrad", False)}.get(name, True)  # fmt: skip
+    def _gather(self, group: dict, params: list, grads: list, lists: dict) -> None:
+        """The group's parameters with gradients, their gradients and state lists (``lists``: name ->
+        list, filled in place), state created where it is missing: torch's ``_init_group`` for a torch
+        twin (its state, keys and errors exactly), else from the description: each buffer that
+        exists under the group's options as zeros of its parameter's dtype and layout (a buffer
+        cloned on its first step: None until then, as torch's SGD keeps it), and a step counter
+        (``torch.tensor(0.0)`` of torch's scalar dtype) where the optimizer counts steps."""
+        if self._torch_cls is not None:  # called as self._init_group: torch.compile knows it by that name
+            self._init_group(group, params, grads, *lists.values())
+            return
+        d = self._description
+        uses = d.pack(self._kernel_options(group))[2]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if d.counts_steps and "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=_torch_optimizer._get_scalar_dtype())
+            for b, use in zip(d.buffers, uses):
+                if use and b.key not in state and not b.clone_first:
+                    state[b.key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if use:
+                    lists[b.key].append(state.get(b.key))
+            if d.counts_steps:
+                lists["step"].append(state["step"])
 
     # -- the plan ---------------------------------------------------------------------------------
 
@@ -452,11 +509,11 @@ class _KernelOptimizer:
         self._check_gradients(params, backend)
         lists = {name: [] for name in self._state_lists}
         got, grads = [], []
-        self._torch_cls._init_group(self, group, got, grads, *lists.values())
+        self._gather(group, got, grads, lists)
         if self.master_weights and self._make_masters(params):  # new float32 state: gather it again
             lists = {name: [] for name in self._state_lists}
             got, grads = [], []
-            self._torch_cls._init_group(self, group, got, grads, *lists.values())
+            self._gather(group, got, grads, lists)
         master = [self.master_weights and p.dtype in _HALF for p in params]
         if self.stochastic_rounding and any(p.dtype == torch.float16 for p in params):
             raise ValueError(
@@ -474,12 +531,13 @@ class _KernelOptimizer:
         rows = [lists[name] if lists.get(name) else None for name in self._table_rows]
         rows += [None] * (_BUFFER_ROWS - len(rows))
         first_step = [False] * len(params)
-        if self._op == "sgd" and rows[0] is not None:
+        cloned = self._description.clone_first
+        if cloned is not None and rows[cloned] is not None:
             # torch clones the gradient into a new buffer after the update: the kernel writes it
             # there, and the buffer joins the state when the update runs (see _launch)
             for i, p in enumerate(params):
-                if rows[0][i] is None:
-                    rows[0][i] = torch.zeros_like(p, dtype=torch.float32 if master[i] else p.dtype)
+                if rows[cloned][i] is None:
+                    rows[cloned][i] = torch.zeros_like(p, dtype=torch.float32 if master[i] else p.dtype)
                     first_step[i] = True
         if _state_moved(params, rows, steps, master):
             # state of another dtype or device than its parameter (the model was moved with
@@ -491,7 +549,8 @@ class _KernelOptimizer:
                               torch.float32 if master[i] else p.dtype)  # fmt: skip
         state_dicts = [(p, self.state[p]) for p in params if p in self.state]
         entries = [(d, key, t) for _, d in state_dicts for key, t in d.items() if isinstance(t, torch.Tensor)]
-        entries += [(self.state[p], "momentum_buffer", rows[0][i]) for i, p in enumerate(params) if first_step[i]]
+        entries += [(self.state[p], self._table_rows[cloned], rows[cloned][i])
+                    for i, p in enumerate(params) if first_step[i]]  # fmt: skip
         parts = []
         table = hasattr(backend.kernels, f"{self._op}_step_table") and backend.name != "numba"  # cuda's address table
         for index in _by_dtype(params, master):
@@ -508,7 +567,7 @@ class _KernelOptimizer:
                 buffers=[None if row is None else [t.detach() for t in row] for row in live_rows],
                 steps=[steps[i].detach() for i in index] if steps else [], live_state=live,
                 state_ptrs=[t.data_ptr() for t in live], first_step=[first_step[i] for i in index],
-                new_buffers=[(params[i], rows[0][i]) for i in index if first_step[i]],
+                new_buffers=[(params[i], rows[cloned][i]) for i in index if first_step[i]],
                 dense_buffers=dense,
                 buffer_ptrs=[None if row is None else [t.data_ptr() for t in row] for row in live_rows]
                 if table and dense else None,
@@ -548,6 +607,12 @@ class _KernelOptimizer:
             chosen = resolve(AUTO, self._op, params[0].device, sum(p.numel() for p in params), kind)
         else:
             chosen = resolve(self.backend, self._op, params[0].device)
+        if chosen.is_torch and self._torch_cls is None:
+            ours = [b for b in _dtype_backends(params[0].dtype, self._op) if b != "torch"]
+            raise ValueError(
+                f"{name}: torch.optim has no {name}, so backend {chosen.name!r} cannot run here; use one of "
+                f"fastnorm's backends: {', '.join(ours)}"
+            )
         if chosen.is_torch and not precision:
             return chosen
         unsupported = _unsupported(params, chosen, self._op)
@@ -664,11 +729,11 @@ def _by_dtype(params: list[torch.Tensor], master: list[bool]) -> list[list[int]]
     return list(parts.values())
 
 
-def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Tensor]], addrs: np.ndarray | None,
+def _launch(backend: Backend, d, part: _Part, tensors: list[list[torch.Tensor]], addrs: np.ndarray | None,
             options: dict) -> None:  # fmt: skip
-    """One kernel call for a part: the address table for the compiled backends (``addrs``, or
-    built here), arrays for the reference. A non-contiguous tensor is updated through a
-    contiguous copy, written back after."""
+    """One kernel call of optimizer ``d`` (its description) for a part: the address table for the
+    compiled backends (``addrs``, or built here), arrays for the reference. A non-contiguous
+    tensor is updated through a contiguous copy, written back after."""
     staged = []
     through_op = backend.name == "numba" or _cuda_op(backend, tensors)
     if addrs is None:
@@ -683,29 +748,29 @@ def _launch(backend: Backend, op: str, part: _Part, tensors: list[list[torch.Ten
         if staged:
             copies = {id(t): c for t, c in staged}
             tensors = [[copies.get(id(t), t) for t in row] for row in tensors]
+    n = len(d.buffers)
+    cloned = d.clone_first is not None and part.buffers[d.clone_first] is not None
     if through_op:  # the C++ op (fastnorm/csrc/optim.cpp; on a GPU, optim_cuda.cpp launches)
-        buffers = [[] if row is None else tensors[2 + i] for i, row in enumerate(part.buffers)]
-        if op == "sgd":
-            first_step = part.first_step if part.buffers[0] is not None else []
-            _OPS["sgd"](tensors[0], tensors[1], buffers[0], **options, first_step=first_step)
-        else:
-            _OPS[op](tensors[0], tensors[1], *buffers[: _ROWS_OF[op]], part.steps, **options)
-    elif (table := getattr(backend.kernels, f"{op}_step_table", None)) is not None:
+        buffers = [[] if row is None else tensors[2 + i] for i, row in enumerate(part.buffers[:n])]
+        extra = {"first_step": part.first_step if cloned else []} if d.clone_first is not None else {}
+        steps = [part.steps] if d.counts_steps else []
+        _OPS[d.name](tensors[0], tensors[1], *buffers, *steps, **options, **extra)
+    elif (table := getattr(backend.kernels, f"{d.name}_step_table", None)) is not None:
         if addrs is None:
             addrs = np.array([[t.data_ptr() for t in row] for row in tensors], np.int64)
-        dtype = part.kernel_dtype
-        if op == "sgd":
-            table(addrs, part.numels, dtype, part.first_step, **options)
+        if d.counts_steps:
+            args = (part.step_ptrs, part.steps[0].dtype == torch.float64)
         else:
-            table(addrs, part.numels, dtype, part.step_ptrs, part.steps[0].dtype == torch.float64, **options)
+            args = (part.first_step,) if d.clone_first is not None else ()
+        table(addrs, part.numels, part.kernel_dtype, *args, **options)
     else:
         arrays = [[backend.as_array(t) for t in row] for row in tensors]
-        buffers = [None if row is None else arrays[2 + i] for i, row in enumerate(part.buffers)]
-        if op == "sgd":
-            backend.kernels.sgd_step(arrays[0], arrays[1], buffers[0], part.first_step, **options)
+        buffers = [None if row is None else arrays[2 + i] for i, row in enumerate(part.buffers[:n])]
+        if d.counts_steps:
+            extra = ([backend.as_array(s) for s in part.steps],)
         else:
-            steps = [backend.as_array(s) for s in part.steps]
-            getattr(backend.kernels, f"{op}_step")(arrays[0], arrays[1], *buffers[: _ROWS_OF[op]], steps, **options)
+            extra = (part.first_step,) if d.clone_first is not None else ()
+        getattr(backend.kernels, f"{d.name}_step")(arrays[0], arrays[1], *buffers, *extra, **options)
     if not staged and part.masters is None:
         return
     with torch.no_grad():  # parameters are leaves that require grad (torch's step runs under no_grad too)
@@ -774,9 +839,6 @@ def _adopt_outside_changes(part: _Part) -> None:
                 master.copy_(p)
 
 
-_ROWS_OF = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3}
-
-
 class _Ops(dict):
     """op name -> ``torch.ops.fastnorm.<op>_.default`` (looked up once the ops are registered)."""
 
@@ -835,17 +897,10 @@ class SGD(_KernelOptimizer, torch.optim.SGD):
     _op = "sgd"
     _torch_cls = torch.optim.SGD
     _state_lists = ("momentum_buffer",)
-    _table_rows = ("momentum_buffer",)
-    _structural_options = ("momentum",)
 
     @with_backend_signature(torch.optim.SGD, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
-
-    def _kernel_options(self, group: dict) -> dict:
-        return dict(lr=_scalar(group["lr"]), weight_decay=_scalar(group["weight_decay"]),
-                    momentum=float(group["momentum"]), dampening=float(group["dampening"]),
-                    nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))  # fmt: skip
 
 
 class Adagrad(_KernelOptimizer, torch.optim.Adagrad):
@@ -864,16 +919,10 @@ class Adagrad(_KernelOptimizer, torch.optim.Adagrad):
     _op = "adagrad"
     _torch_cls = torch.optim.Adagrad
     _state_lists = ("sum", "step")
-    _table_rows = ("sum",)
 
     @with_backend_signature(torch.optim.Adagrad, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
-
-    def _kernel_options(self, group: dict) -> dict:
-        return dict(lr=_scalar(group["lr"]), lr_decay=float(group["lr_decay"]),
-                    weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
-                    maximize=bool(group["maximize"]))  # fmt: skip
 
 
 class RMSprop(_KernelOptimizer, torch.optim.RMSprop):
@@ -892,17 +941,10 @@ class RMSprop(_KernelOptimizer, torch.optim.RMSprop):
     _op = "rmsprop"
     _torch_cls = torch.optim.RMSprop
     _state_lists = ("square_avg", "momentum_buffer", "grad_avg", "step")
-    _table_rows = ("square_avg", "grad_avg", "momentum_buffer")
-    _structural_options = ("momentum", "centered")
 
     @with_backend_signature(torch.optim.RMSprop, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
-
-    def _kernel_options(self, group: dict) -> dict:
-        return dict(lr=_scalar(group["lr"]), alpha=float(group["alpha"]), eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
-                    centered=bool(group["centered"]), maximize=bool(group["maximize"]))  # fmt: skip
 
 
 class _AdamUpdate:
@@ -910,16 +952,6 @@ class _AdamUpdate:
 
     _op = "adam"
     _state_lists = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
-    _table_rows = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    _structural_options = ("amsgrad",)
-    _decoupled: bool
-
-    def _kernel_options(self, group: dict) -> dict:
-        beta1, beta2 = (_scalar(b) for b in group["betas"])
-        return dict(lr=_scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]),
-                    decoupled_weight_decay=bool(group.get("decoupled_weight_decay", self._decoupled)),
-                    amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]))  # fmt: skip
 
 
 class Adam(_AdamUpdate, _KernelOptimizer, torch.optim.Adam):
@@ -938,7 +970,6 @@ class Adam(_AdamUpdate, _KernelOptimizer, torch.optim.Adam):
     """
 
     _torch_cls = torch.optim.Adam
-    _decoupled = False
 
     @with_backend_signature(torch.optim.Adam, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
@@ -955,8 +986,59 @@ class AdamW(_AdamUpdate, _KernelOptimizer, torch.optim.AdamW):
     """
 
     _torch_cls = torch.optim.AdamW
-    _decoupled = True
+    _option_defaults = {"decoupled_weight_decay": True}
 
     @with_backend_signature(torch.optim.AdamW, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, backend=backend, **kwargs)
+
+
+# -- optimizers torch lacks: a class derived from each description -----------------------------------
+
+
+def _check_option(name: str, value) -> None:
+    """torch.optim's checks and messages for the options every optimizer shares."""
+    if name == "betas":
+        for i, beta in enumerate(value):
+            if not 0.0 <= float(beta) < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        return
+    label = {"lr": "learning rate", "eps": "epsilon value", "weight_decay": "weight_decay value"}.get(name)
+    if label is not None and not 0.0 <= _scalar(value):
+        raise ValueError(f"Invalid {label}: {value}")
+
+
+def _derived_class(d) -> type:
+    """The ``torch.optim.Optimizer`` of description ``d`` (an optimizer torch lacks): its
+    constructor takes ``d.defaults`` in order (the first positional after ``params``, the
+    booleans keyword-only), checked as torch checks them, plus ``backend``, ``master_weights``
+    and ``stochastic_rounding``; its state is fastnorm's (:meth:`_KernelOptimizer._gather`)."""
+    kw, positional = inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [inspect.Parameter("self", positional), inspect.Parameter("params", positional)]
+    for name, default in d.defaults.items():
+        parameters.append(inspect.Parameter(name, kw if isinstance(default, bool) else positional, default=default))
+    parameters += [inspect.Parameter("backend", kw, default=AUTO, annotation=str)]
+    for flag in ("master_weights", "stochastic_rounding"):
+        parameters.append(inspect.Parameter(flag, kw, default=False, annotation=bool))
+    signature = inspect.Signature(parameters)
+
+    def __init__(self, params, *args, **kwargs) -> None:
+        bound = signature.bind(self, params, *args, **kwargs)
+        bound.apply_defaults()
+        options = dict(bound.arguments)
+        del options["self"], options["params"]
+        precision = {k: options.pop(k) for k in ("backend", "master_weights", "stochastic_rounding")}
+        for name, value in options.items():
+            _check_option(name, value)
+        _KernelOptimizer.__init__(self, params, options, **precision)
+
+    __init__.__signature__ = signature
+    return type(d.class_name, (_KernelOptimizer, torch.optim.Optimizer), {
+        "__init__": __init__, "__doc__": d.doc, "__module__": __name__, "__qualname__": d.class_name, "_op": d.name,
+    })  # fmt: skip
+
+
+for _d in OPTIMIZERS.values():
+    if _d.class_name and _d.class_name not in __all__:
+        globals()[_d.class_name] = _derived_class(_d)
+        __all__.append(_d.class_name)

@@ -89,7 +89,7 @@ def test_16_bit_optimizer_kernels_compile(compile_ptx, storage):
     for op, constants, flags in [("sgd", 5, 2), ("adam", 8, 2)]:
         signature = (I64, I64, I64, I64, f32, f32, nt.UniTuple(f32, constants), nt.UniTuple(B, flags),
                      nt.UniTuple(B, 3), nt.uint32)  # fmt: skip
-        ptx = compile_ptx(optim._KERNELS16[(op, storage)], signature)
+        ptx = compile_ptx(optim._KERNELS[(op, storage)], signature)
         assert ".entry" in ptx and re.search(r"st\.global\.[ub]16", ptx), f"{op} {storage} stores no 16-bit value"
         if storage == "f16":
             assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx, "float16 conversions"

@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <deque>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -37,11 +38,6 @@ constexpr Spec kKernels[] = {
     {"batchnorm", "_normalize_flat", "aaaDKiii"},
     {"batchnorm", "_input_grad_planes", "aaaDKiiia"},
     {"batchnorm", "_input_grad_flat", "aaaDKiiia"},
-    // kernels/fastnorm_kernels/numba_cuda/optim.py: tables, their sizes, the step scalars, constants, flags, uses, seed
-    {"optim", "_sgd{storage}", "aiaikk(kkkkk)(bb)(bbb)u"},
-    {"optim", "_adagrad{storage}", "aiaikk(kkk)(b)(bbb)u"},
-    {"optim", "_rmsprop{storage}", "aiaikk(kkkkkkk)(bb)(bbb)u"},
-    {"optim", "_adam{storage}", "aiaikk(kkkkkkkk)(bb)(bbb)u"},
     // kernels/fastnorm_kernels/numba_cuda/layernorm.py: the grouped-row kernels (LayerNorm, RMSNorm, GroupNorm)
     {"layernorm", "_forward_rows", "aaababDKiiiiifbaa"},
     {"layernorm", "_input_grad_rows", "aaaaabDKiiiiiba"},
@@ -52,6 +48,24 @@ constexpr Spec kKernels[] = {
 static_assert(sizeof(kKernels) / sizeof(kKernels[0]) == static_cast<int>(Kernel::kCount));
 
 constexpr int kStorages = 5;  // float32, float64, bfloat16, float16, bfloat16 with stochastic rounding
+constexpr int kMaxAdded = 64;  // kernels added at load time (add_kernel)
+
+// The kernels added at load time: their texts, kept for the process (a deque: stable addresses).
+struct Added {
+  std::string module, function, signature;
+  Spec spec;
+};
+std::mutex added_mutex;
+auto* added = new std::deque<Added>();  // never freed: launches may come while statics are destroyed
+std::atomic<int> added_count{0};
+
+int kernel_count() { return static_cast<int>(Kernel::kCount) + added_count.load(std::memory_order_acquire); }
+
+const Spec& spec_of(int kernel) {
+  TORCH_CHECK(kernel >= 0 && kernel < kernel_count(), "fastnorm: no cuda kernel ", kernel);
+  if (kernel < static_cast<int>(Kernel::kCount)) return kKernels[kernel];
+  return (*added)[kernel - static_cast<int>(Kernel::kCount)].spec;
+}
 
 // The number of kernel parameters of a signature (tuples flattened), and its i-th code.
 size_t parameter_count(const char* signature) {
@@ -142,7 +156,7 @@ struct Device {
   int major = 0, minor = 0;
 };
 std::array<Device, kMaxDevices> devices;
-std::array<std::atomic<void*>, static_cast<int>(Kernel::kCount) * kStorages * kMaxDevices> functions{};
+std::array<std::atomic<void*>, (static_cast<int>(Kernel::kCount) + kMaxAdded) * kStorages * kMaxDevices> functions{};
 
 Device& device_state(int index) {
   TORCH_CHECK(index >= 0 && index < kMaxDevices, "fastnorm's cuda ops: device index ", index, " out of range");
@@ -162,11 +176,11 @@ Device& device_state(int index) {
   return d;
 }
 
-CUfunction function_of(Kernel kernel, int storage, int index, Device& d) {
-  auto& slot = functions[(static_cast<int>(kernel) * kStorages + storage) * kMaxDevices + index];
+CUfunction function_of(int kernel, int storage, int index, Device& d) {
+  auto& slot = functions[(kernel * kStorages + storage) * kMaxDevices + index];
   void* fn = slot.load(std::memory_order_acquire);
   if (fn != nullptr) return fn;
-  const Spec& spec = kKernels[static_cast<int>(kernel)];
+  const Spec& spec = spec_of(kernel);
   std::string ptx, entry;
   {
     TORCH_CHECK(resolver != nullptr, "fastnorm's cuda ops are not configured (fastnorm._ops.load() configures them)");
@@ -188,8 +202,8 @@ CUfunction function_of(Kernel kernel, int storage, int index, Device& d) {
   return fn;
 }
 
-void launch_hooked(Kernel kernel, int storage, Dim3 grid, Dim3 block, const std::vector<Arg>& args) {
-  const Spec& spec = kKernels[static_cast<int>(kernel)];
+void launch_hooked(int kernel, int storage, Dim3 grid, Dim3 block, const std::vector<Arg>& args) {
+  const Spec& spec = spec_of(kernel);
   py::gil_scoped_acquire gil;
   py::list values;
   std::string codes;
@@ -292,8 +306,27 @@ bool usable(std::string* why) {
   return true;
 }
 
-void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 block, const std::vector<Arg>& args) {
-  const Spec& spec = kKernels[static_cast<int>(kernel)];
+int add_kernel(const std::string& module, const std::string& function, const std::string& signature) {
+  std::lock_guard<std::mutex> lock(added_mutex);
+  const int n = added_count.load(std::memory_order_acquire);
+  for (int i = 0; i < n; ++i) {
+    const Added& a = (*added)[i];
+    if (a.module == module && a.function == function && a.signature == signature) {
+      return static_cast<int>(Kernel::kCount) + i;
+    }
+  }
+  TORCH_CHECK(n < kMaxAdded, "fastnorm's cuda ops: more than ", kMaxAdded, " kernels added");
+  Added& a = added->emplace_back();
+  a.module = module;
+  a.function = function;
+  a.signature = signature;
+  a.spec = Spec{a.module.c_str(), a.function.c_str(), a.signature.c_str()};
+  added_count.store(n + 1, std::memory_order_release);
+  return static_cast<int>(Kernel::kCount) + n;
+}
+
+void launch(int kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 block, const std::vector<Arg>& args) {
+  const Spec& spec = spec_of(kernel);
   TORCH_CHECK(args.size() == parameter_count(spec.signature), "fastnorm's cuda ops: ", spec.function, " takes ",
               parameter_count(spec.signature), " arguments, ", args.size(), " given");
   TORCH_CHECK(storage >= 0 && storage < kStorages, "fastnorm's cuda ops: no kernel storage ", storage);
@@ -306,9 +339,9 @@ void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 
   launch_on(kernel, storage, like.get_device(), current_stream(like), grid, block, args);
 }
 
-void launch_on(Kernel kernel, int storage, int index, void* stream, Dim3 grid, Dim3 block,
+void launch_on(int kernel, int storage, int index, void* stream, Dim3 grid, Dim3 block,
                const std::vector<Arg>& args) {
-  const Spec& spec = kKernels[static_cast<int>(kernel)];
+  const Spec& spec = spec_of(kernel);
   Device& d = device_state(index);
   CUfunction fn = function_of(kernel, storage, index, d);
   const Driver& drv = driver();
@@ -346,15 +379,13 @@ void cuda_configure(py::object resolve, py::object geometry) {
 // packing, cuLaunchKernel) without tensors, on `device`'s legacy default stream.
 void cuda_probe(int kernel, int storage, int device, std::array<int64_t, 3> grid, std::array<int64_t, 3> block,
                 const std::vector<int64_t>& bits) {
-  TORCH_CHECK(kernel >= 0 && kernel < static_cast<int>(cuda::Kernel::kCount), "fastnorm: no cuda kernel ", kernel);
   TORCH_CHECK(storage >= 0 && storage < cuda::kStorages, "fastnorm: no kernel storage ", storage);
-  const auto k = static_cast<cuda::Kernel>(kernel);
-  TORCH_CHECK(bits.size() == cuda::parameter_count(cuda::kKernels[kernel].signature), "fastnorm: ",
-              cuda::kKernels[kernel].function, " takes ", cuda::parameter_count(cuda::kKernels[kernel].signature),
-              " arguments, ", bits.size(), " given");
+  const cuda::Spec& spec = cuda::spec_of(kernel);
+  TORCH_CHECK(bits.size() == cuda::parameter_count(spec.signature), "fastnorm: ", spec.function, " takes ",
+              cuda::parameter_count(spec.signature), " arguments, ", bits.size(), " given");
   std::vector<cuda::Arg> args(bits.begin(), bits.end());
   py::gil_scoped_release no_gil;  // as an op called from Python: the PTX resolver takes the GIL itself
-  cuda::launch_on(k, storage, device, nullptr, {grid[0], grid[1], grid[2]}, {block[0], block[1], block[2]}, args);
+  cuda::launch_on(kernel, storage, device, nullptr, {grid[0], grid[1], grid[2]}, {block[0], block[1], block[2]}, args);
 }
 
 void cuda_set_hook(py::object run) {
@@ -365,7 +396,10 @@ void cuda_set_hook(py::object run) {
 
 py::list cuda_kernels() {
   py::list out;
-  for (const auto& spec : cuda::kKernels) out.append(py::make_tuple(spec.module, spec.function, spec.signature));
+  for (int i = 0; i < cuda::kernel_count(); ++i) {
+    const cuda::Spec& spec = cuda::spec_of(i);
+    out.append(py::make_tuple(spec.module, spec.function, spec.signature));
+  }
   return out;
 }
 

@@ -26,11 +26,13 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace fastnorm::cuda {
 
-// The kernels the C++ ops launch (kKernels in cuda_launch.cpp: module, function, signature).
+// The kernels the C++ ops launch (kKernels in cuda_launch.cpp: module, function, signature), then
+// those added at load time (add_kernel: the optimizers', one per description).
 enum class Kernel : int {
   kStatsPlanes = 0,
   kGradPlanes,
@@ -44,10 +46,6 @@ enum class Kernel : int {
   kNormalizeFlat,
   kInputGradPlanes,
   kInputGradFlat,
-  kSgd,
-  kAdagrad,
-  kRmsprop,
-  kAdam,
   kForwardRows,
   kInputGradRows,
   kParamPartialsColumns,
@@ -78,12 +76,20 @@ struct Dim3 {
   int64_t x = 1, y = 1, z = 1;
 };
 
-// Launch `kernel` for the storage code `storage` (fastnorm.h, Storage) on `like`'s device and
-// torch's current stream there (or, when a simulator hook is set, through it: tests).
-void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 block, const std::vector<Arg>& args);
+// A kernel described at load time (kernels/fastnorm_kernels/numba_cuda module, function, signature):
+// its index for launch (at least Kernel::kCount). The same triple again gives the same index.
+int add_kernel(const std::string& module, const std::string& function, const std::string& signature);
+
+// Launch kernel `kernel` (a Kernel, or an add_kernel index) for the storage code `storage`
+// (fastnorm.h, Storage) on `like`'s device and torch's current stream there (or, when a simulator
+// hook is set, through it: tests).
+void launch(int kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 block, const std::vector<Arg>& args);
+inline void launch(Kernel kernel, int storage, const at::Tensor& like, Dim3 grid, Dim3 block,
+                   const std::vector<Arg>& args) {
+  launch(static_cast<int>(kernel), storage, like, grid, block, args);
+}
 // The driver part of launch: on device `index`'s primary context and `stream`.
-void launch_on(Kernel kernel, int storage, int index, void* stream, Dim3 grid, Dim3 block,
-               const std::vector<Arg>& args);
+void launch_on(int kernel, int storage, int index, void* stream, Dim3 grid, Dim3 block, const std::vector<Arg>& args);
 
 // The launch geometry constants of the kernels (kernels/fastnorm_kernels/numba_cuda: BLOCK, and batchnorm.py's
 // ROW_TILE, ROW_LANES, TARGET_BLOCKS, UNROLL, PLANE_MIN), handed over by Python: the simulator

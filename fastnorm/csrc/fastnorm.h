@@ -17,16 +17,13 @@
 
 namespace fastnorm {
 
-// Entry point families; each has one C function per storage code (see entry()).
+// Entry point families of the norms; each has one C function per storage code (see entry()).
+// The optimizers' are named by their descriptions (optim.cpp).
 enum class Entry : int {
   kForwardTrain = 0,
   kForwardEval,
   kBackward,
   kStats,
-  kSgd,
-  kAdagrad,
-  kRmsprop,
-  kAdam,
   kRowNormForward,
   kRowNormBackward,
   kGroupNormForward,
@@ -41,6 +38,8 @@ enum Storage : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3, kB
 // The C function of (family, storage), resolved through Python the first time (the GIL is taken
 // then, once per entry point and process); raises if it cannot be compiled.
 void* entry(Entry family, int storage);
+// The same for a family named at load time (an optimizer's: optim.cpp keeps what it resolves).
+void* resolve_entry(const std::string& family, int storage);
 
 // Storage code of a tensor dtype (float32, float64, bfloat16, float16), -1 for any other.
 int storage_of(at::ScalarType t);

@@ -1,10 +1,10 @@
-// The optimizer ops on CUDA tensors: torch.ops.fastnorm.{sgd_, adagrad_, rmsprop_, adam_} for the
-// CUDA dispatch key (optim.cpp checks the arguments and registers them), launching
-// kernels/fastnorm_kernels/numba_cuda/optim.py's kernels from C++ (cuda_launch.h) as its Python launcher does:
+// The optimizer ops on CUDA tensors: torch.ops.fastnorm.<name>_ for the CUDA dispatch key
+// (optim.cpp checks the arguments and registers them), launching the description's kernel of
+// kernels/fastnorm_kernels/numba_cuda/optim.py from C++ (cuda_launch.h) as its Python launcher does:
 //
 //   1. the host step counters (state["step"], CPU tensors: torch's optimizers without
 //      capturable=True) advance, and each tensor's step-dependent scalars are computed in float64
-//      (kernels/fastnorm_kernels/formulas/optim.py's *_tensor_scalars: the same arithmetic);
+//      (the description's step scalars, compiled: kernels/fastnorm_kernels/numba_cpu/optim.py, c_scalars);
 //   2. tensors sharing those scalars (usually the whole group) share one launch, the scalars and
 //      constants passed by value in the compute dtype;
 //   3. each launch reads a (5, T) address table and a (K, 3) chunk table (tensor, start, stop) in
@@ -12,8 +12,8 @@
 //      and sizes only: a table is right for any tensors at those addresses, whoever owns them
 //      now), so a step is one launch per group with no host-to-device copy.
 //
-// CUDA graphs: SGD (no step counters) is captured as it is once its tables exist (a first step
-// inside a capture raises); the others raise under capture, as torch's optimizers do without
+// CUDA graphs: an optimizer without step counters (SGD) is captured as it is once its tables exist
+// (a first step inside a capture raises); the others raise under capture, as torch's optimizers do without
 // capturable=True: a graph would freeze their host-computed bias corrections. Tables a graph
 // captured are never dropped.
 #include <c10/core/DeviceGuard.h>
@@ -33,13 +33,16 @@ namespace {
 
 using cuda::Arg;
 
-// kernels/fastnorm_kernels/formulas/optim.py: adagrad_tensor_scalars, adam_tensor_scalars (the others: zeros)
+// The description's per-tensor scalars from a new step count (its compiled step scalars)
 std::pair<double, double> tensor_scalars(const Update& u, double step) {
-  switch (u.family) {
-    case Entry::kAdagrad: return {u.host[0] / (1.0 + (step - 1.0) * u.host[1]), 0.0};
-    case Entry::kAdam: return {u.host[0] / (1.0 - std::pow(u.host[1], step)), std::sqrt(1.0 - std::pow(u.host[2], step))};
-    default: return {0.0, 0.0};
+  std::array<double, 2> out{0.0, 0.0};
+  auto scalars = u.spec->scalars.load(std::memory_order_acquire);
+  if (scalars == nullptr) {  // compiled or loaded once per process ("scalars:<name>": fastnorm/_ops.py)
+    scalars = reinterpret_cast<void (*)(double, int64_t, int64_t)>(resolve_entry("scalars:" + u.spec->name, 0));
+    const_cast<Spec*>(u.spec)->scalars.store(scalars, std::memory_order_release);
   }
+  scalars(step, reinterpret_cast<int64_t>(u.host.data()), reinterpret_cast<int64_t>(out.data()));
+  return {out[0], out[1]};
 }
 
 // step += 1 on a host counter (float32 arithmetic rounded once for float32 counters, as torch's); the new value
@@ -102,7 +105,7 @@ Tables tables_of(const Update& u, const Tensor& like, const std::vector<int64_t>
     note_stream(found->second, like);
     return found->second;
   }
-  TORCH_CHECK(!capturing, "fastnorm::", u.name, ": the first step of these parameters is being captured in a CUDA "
+  TORCH_CHECK(!capturing, "fastnorm::", u.spec->name, "_: the first step of these parameters is being captured in a CUDA "
               "graph; run one step before capturing (it uploads the group's address tables)");
   if (tables->size() >= kMaxTables) {  // parameters that keep moving: forget the tables no graph holds
     for (auto it = tables->begin(); it != tables->end();) it = it->second.captured ? std::next(it) : tables->erase(it);
@@ -122,15 +125,6 @@ Tables tables_of(const Update& u, const Tensor& like, const std::vector<int64_t>
   return tables->emplace(std::move(key), std::move(made)).first->second;
 }
 
-cuda::Kernel kernel_of(Entry family) {
-  switch (family) {
-    case Entry::kSgd: return cuda::Kernel::kSgd;
-    case Entry::kAdagrad: return cuda::Kernel::kAdagrad;
-    case Entry::kRmsprop: return cuda::Kernel::kRmsprop;
-    default: return cuda::Kernel::kAdam;
-  }
-}
-
 }  // namespace
 
 void step_cuda(const Update& u, int storage, const Tensor& like, const std::vector<int64_t>& addrs,
@@ -138,15 +132,15 @@ void step_cuda(const Update& u, int storage, const Tensor& like, const std::vect
                const std::vector<bool>& fresh, int64_t seed) {
   c10::OptionalDeviceGuard guard(like.device());
   const int64_t t = static_cast<int64_t>(numels.size());
-  const bool sgd = u.family == Entry::kSgd;
+  const bool counts = u.spec->counts_steps;
   const bool capturing = cuda::capturing(like);
-  TORCH_CHECK(!capturing || sgd, "fastnorm::", u.name, ": a CUDA graph cannot capture this step: its step counters "
+  TORCH_CHECK(!capturing || !counts, "fastnorm::", u.spec->name, "_: a CUDA graph cannot capture this step: its step counters "
               "are CPU tensors (torch's optimizers without capturable=True), whose values a graph would freeze");
-  // 1. per-tensor scalars (SGD: s0 != 0 where the momentum buffer is new this step)
+  // 1. per-tensor scalars (without step counters: s0 != 0 where a cloned buffer is new this step)
   std::vector<std::pair<double, double>> keys(t);
   std::map<double, std::pair<double, double>> by_step;
   for (int64_t i = 0; i < t; ++i) {
-    if (sgd) {
+    if (!counts) {
       keys[i] = {fresh[i] ? 1.0 : 0.0, 0.0};
       continue;
     }
@@ -178,12 +172,11 @@ void step_cuda(const Update& u, int storage, const Tensor& like, const std::vect
     std::vector<Arg> args{Arg(address(tb.addrs)), Arg(n), Arg(address(tb.chunks)), Arg(tb.k),
                           Arg::real(scalars.first, f64), Arg::real(scalars.second, f64)};
     for (double c : u.constants) args.push_back(Arg::real(c, f64));
-    args.push_back(Arg(u.flags[0]));
-    if (u.family != Entry::kAdagrad) args.push_back(Arg(u.flags[1]));  // Adagrad's kernel takes one flag
+    for (bool flag : u.flags) args.push_back(Arg(flag));
     for (bool use : u.uses) args.push_back(Arg(use));
     args.push_back(Arg(seed));
     const cuda::Dim3 grid{std::max<int64_t>(1, std::min(tb.k, geometry.optimizer_max_blocks))};
-    cuda::launch(kernel_of(u.family), storage, like, grid, {geometry.block}, args);
+    cuda::launch(u.spec->cuda_kernel, storage, like, grid, {geometry.block}, args);
   }
 }
 

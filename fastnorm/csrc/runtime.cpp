@@ -19,10 +19,10 @@
 namespace fastnorm {
 namespace {
 
-constexpr const char* kFamilies[] = {"forward_train", "forward_eval", "backward",         "stats",
-                                     "sgd",           "adagrad",      "rmsprop",          "adam",
-                                     "row_norm_forward", "row_norm_backward", "group_norm_forward",
-                                     "group_norm_backward"};
+constexpr const char* kFamilies[] = {"forward_train",      "forward_eval",      "backward",
+                                     "stats",              "row_norm_forward",  "row_norm_backward",
+                                     "group_norm_forward", "group_norm_backward"};
+static_assert(sizeof(kFamilies) / sizeof(kFamilies[0]) == static_cast<int>(Entry::kCount));
 constexpr int kStorages = 5;
 
 std::array<std::atomic<void*>, static_cast<int>(Entry::kCount) * kStorages> entries{};
@@ -111,6 +111,13 @@ void* entry(Entry family, int storage) {
   return fn;
 }
 
+void* resolve_entry(const std::string& family, int storage) {
+  TORCH_CHECK(storage >= 0 && storage < kStorages, "fastnorm: no kernel storage ", storage);
+  TORCH_CHECK(resolver != nullptr, "fastnorm's C++ ops are not configured (fastnorm._ops.load() configures them)");
+  py::gil_scoped_acquire gil;
+  return reinterpret_cast<void*>((*resolver)(family, storage).cast<int64_t>());
+}
+
 int storage_of(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return kFloat32;
@@ -193,6 +200,11 @@ at::Tensor pooled_empty(const at::Tensor& x, at::IntArrayRef strides) {
 
 }  // namespace fastnorm
 
+namespace fastnorm {  // optim.cpp
+void define_optimizer(const std::string& name, const std::string& schema, int buffers, bool counts_steps,
+                      int clone_first, int options, int constants, int flags, const std::string& cuda_signature);
+}  // namespace fastnorm
+
 namespace fastnorm {  // cuda_launch.cpp
 void cuda_configure(py::object resolve, py::object geometry);
 void cuda_set_hook(py::object run);
@@ -224,6 +236,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     if (fastnorm::resolver == nullptr) fastnorm::resolver = new py::object(std::move(resolve));
   });
   m.def("set_tunables", &set_tunables);
+  m.def("define_optimizer", &fastnorm::define_optimizer,
+        "defines torch.ops.fastnorm.<name>_ from an optimizer description (fastnorm/_ops.py, once per description): "
+        "(name, schema, buffers, counts_steps, clone_first, options, constants, flags, cuda_signature)");
   m.def("pool_configure", [](int64_t min_bytes, int64_t max_bytes) {
     fastnorm::pool->configure(static_cast<size_t>(min_bytes), static_cast<size_t>(std::max<int64_t>(0, max_bytes)));
   });

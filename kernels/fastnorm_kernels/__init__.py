@@ -15,7 +15,9 @@ BatchNorm: ``batch_norm_forward_train``, ``batch_norm_forward_eval``, ``batch_no
 LayerNorm and RMSNorm (rows of an (M, D) array): ``layer_norm_forward``, ``layer_norm_backward``,
 ``rms_norm_forward``, ``rms_norm_backward``. GroupNorm ((N, C, S) arrays): ``group_norm_forward``,
 ``group_norm_backward``.
-Optimizers: ``sgd_step``, ``adagrad_step``, ``rmsprop_step``, ``adam_step``.
+Optimizers: ``<name>_step`` for every description in
+:data:`fastnorm_kernels.formulas.optim.OPTIMIZERS` (``sgd_step``, ``adagrad_step``, ``rmsprop_step``,
+``adam_step``, ...).
 
 Nothing here imports torch; the PyTorch face is the :mod:`fastnorm` package.
 """
@@ -25,22 +27,21 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from .formulas.optim import OPTIMIZERS
+
 OPS = {
     "batch_norm": ("batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward", "batch_norm_stats"),
     "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
     "rms_norm": ("rms_norm_forward", "rms_norm_backward"),
     "group_norm": ("group_norm_forward", "group_norm_backward"),
-    "sgd": ("sgd_step",),
-    "adagrad": ("adagrad_step",),
-    "rmsprop": ("rmsprop_step",),
-    "adam": ("adam_step",),
+    **{name: (f"{name}_step",) for name in OPTIMIZERS},
 }
 #: Every backend's public functions, per module (the compiled backends add the optimizers' table
 #: entry points, ``<op>_step_table``, which fastnorm's optimizers prefer when present).
 BATCH_NORM_API = OPS["batch_norm"]
 LAYER_NORM_API = (*OPS["layer_norm"], *OPS["rms_norm"])
 GROUP_NORM_API = OPS["group_norm"]
-OPTIMIZER_API = ("sgd_step", "adagrad_step", "rmsprop_step", "adam_step")
+OPTIMIZER_API = tuple(f"{name}_step" for name in OPTIMIZERS)
 TABLE_API = tuple(f"{name}_table" for name in OPTIMIZER_API)
 
 PACKAGES = {

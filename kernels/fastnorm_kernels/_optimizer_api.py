@@ -1,9 +1,10 @@
-"""The optimizer entry points of the compiled backends, written once.
+"""The optimizer entry points of the compiled backends, written once for every description.
 
-kernels/fastnorm_kernels/numba_cpu and kernels/fastnorm_kernels/numba_cuda expose the same two APIs per optimizer:
+kernels/fastnorm_kernels/numba_cpu and kernels/fastnorm_kernels/numba_cuda expose the same two APIs per optimizer
+(kernels/fastnorm_kernels/formulas/optim.py, ``OPTIMIZERS``), installed by :meth:`OptimizerAPI.install`:
 
 * ``<op>_step_table(addrs, numels, dtype, step_addrs, step_f64, *, options)`` (SGD:
-  ``first_step`` instead of the steps): the tensors of a group as an int64 (5, T) table of data
+  ``first_step`` instead of the steps; Lion: neither): the tensors of a group as an int64 (5, T) table of data
   addresses, rows param, grad and three state buffers (an unused row repeats the gradient row),
   plus the addresses of the step counters, which are advanced by one. fastnorm's optimizers call
   these, with addresses read straight from torch tensors.
@@ -11,32 +12,31 @@ kernels/fastnorm_kernels/numba_cpu and kernels/fastnorm_kernels/numba_cuda expos
   backend shares (kernels/fastnorm_kernels/reference/optim.py documents it), built on the table one.
 
 What they have in common is here: checking a table, turning a group's options into the
-kernel's arguments (``constants`` in the tensors' dtype, ``flags``, the float64 ``host`` values
-of the step scalars; their meaning is in kernels/fastnorm_kernels/formulas/optim.py) and building tables from
-arrays. Each backend supplies ``run(op, addrs, numels, dtype, step_addrs, step_f64, first_step,
-host, constants, flags, uses)``, which launches its kernel for ``op`` (``constants``: an array in
-``dtype``; ``first_step`` is None except for SGD, ``step_addrs`` None for SGD; ``uses``: which
-of the three buffer rows exist), ``address(array)`` and ``is_dense(array)`` (and ``step_address(array)`` where the step
-counters live elsewhere than the tensors: the cuda backend keeps them in host memory).
+kernel's arguments (``Optimizer.pack``: ``constants`` in the tensors' dtype, ``flags``, the
+float64 ``host`` values of the step scalars) and building tables from arrays. Each backend
+supplies ``run(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants,
+flags, uses)``, which launches its kernel for ``op`` (``constants``: an array in ``dtype``;
+``first_step`` is None where the optimizer counts steps, else per tensor whether a buffer cloned
+on its first step is new; ``step_addrs`` None where it counts none; ``uses``: which of the three
+buffer rows exist), ``address(array)`` and ``is_dense(array)`` (and ``step_address(array)`` where
+the step counters live elsewhere than the tensors: the cuda backend keeps them in host memory).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
 
 from ._bits import BFLOAT16, is_half
+from .formulas.optim import OPTIMIZERS
 
 ROWS = 5  # param, grad, three state buffers
 
 
 def _name(dtype) -> str:
     return "bfloat16 (uint16 bits)" if np.dtype(dtype) == BFLOAT16 else str(np.dtype(dtype))
-
-
-def _sign(maximize: bool) -> float:
-    return -1.0 if maximize else 1.0
 
 
 class OptimizerAPI:
@@ -89,71 +89,55 @@ class OptimizerAPI:
                 raise ValueError("steps must be one-element float32 (or all float64) arrays, one per tensor")
         return addrs, numels, dtype, np.array([self._step_address(s) for s in steps], np.int64), step_f64
 
-    # -- tables ---------------------------------------------------------------------------------
+    # -- the entry points, per description ---------------------------------------------------
 
-    def sgd_step_table(self, addrs, numels, dtype, first_step, *, lr, weight_decay, momentum, dampening, nesterov,
-                       maximize, rounding_seed=None):  # fmt: skip
-        """SGD; buffer row 0: momentum_buffer (momentum != 0). ``first_step``: (T,) flags, true
-        where a momentum buffer is new this step (it becomes the gradient, as torch clones it)."""
-        self._run("sgd", addrs, numels, dtype, None, False, first_step, (),
-                  (_sign(maximize), lr, weight_decay, momentum, 1.0 - dampening),
-                  (weight_decay != 0, nesterov), (momentum != 0, False, False), rounding_seed)  # fmt: skip
-
-    def adagrad_step_table(self, addrs, numels, dtype, step_addrs, step_f64, *, lr, lr_decay, weight_decay, eps,
-                           maximize, rounding_seed=None):  # fmt: skip
-        """Adagrad; buffer row 0: sum. clr = lr / (1 + (step - 1) * lr_decay) from each new step."""
-        self._run("adagrad", addrs, numels, dtype, step_addrs, step_f64, None, (lr, lr_decay),
-                  (_sign(maximize), weight_decay, eps), (weight_decay != 0,), (True, False, False),
+    def step_table(self, name, addrs, numels, dtype, *args, rounding_seed=None, **options):
+        """Optimizer ``name``'s update of a table: ``args`` are ``(step_addrs, step_f64)`` where
+        it counts steps, ``(first_step,)`` where a buffer is cloned on its first step (true where
+        it is new this step), else nothing."""
+        d = OPTIMIZERS[name]
+        missing = [o.name for o in d.options if o.name not in options and o.default is None]
+        if missing:
+            raise TypeError(f"{name}_step_table() missing keyword arguments: {', '.join(missing)}")
+        options = {o.name: options.get(o.name, o.default) for o in d.options}
+        constants, flags, uses, host = d.pack(options)
+        if d.counts_steps:
+            step_addrs, step_f64 = args
+            first_step = None
+        else:
+            step_addrs, step_f64 = None, False
+            first_step = args[0] if d.clone_first is not None else [False] * len(tuple(numels))
+        self._run(name, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses,
                   rounding_seed)  # fmt: skip
-
-    def rmsprop_step_table(self, addrs, numels, dtype, step_addrs, step_f64, *, lr, alpha, eps, weight_decay,
-                           momentum, centered, maximize, rounding_seed=None):  # fmt: skip
-        """RMSprop; buffer rows: square_avg, grad_avg (centered), momentum_buffer (momentum > 0)."""
-        self._run("rmsprop", addrs, numels, dtype, step_addrs, step_f64, None, (),
-                  (_sign(maximize), weight_decay, alpha, 1.0 - alpha, eps, lr, momentum),
-                  (weight_decay != 0, 1.0 - alpha < 0.5), (True, centered, momentum > 0), rounding_seed)  # fmt: skip
-
-    def adam_step_table(self, addrs, numels, dtype, step_addrs, step_f64, *, lr, beta1, beta2, eps, weight_decay,
-                        decoupled_weight_decay, amsgrad, maximize, rounding_seed=None):  # fmt: skip
-        """Adam/AdamW; buffer rows: exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad); the bias
-        corrections come from each new step, in float64."""
-        decay = 1.0 - lr * weight_decay if decoupled_weight_decay else 1.0
-        self._run("adam", addrs, numels, dtype, step_addrs, step_f64, None, (lr, beta1, beta2),
-                  (_sign(maximize), decay, weight_decay, 1.0 - beta1, beta1, beta2, 1.0 - beta2, eps),
-                  (weight_decay != 0 and not decoupled_weight_decay, 1.0 - beta1 < 0.5),
-                  (True, True, amsgrad), rounding_seed)  # fmt: skip
-
-    # -- lists of arrays ------------------------------------------------------------------------
 
     @staticmethod
     def _rows(params, grads, *buffers):
         """The five table rows: an absent buffer (None) repeats the gradient row."""
-        return [params, grads, *(grads if b is None else b for b in buffers)]
+        rows = [params, grads, *(grads if b is None else b for b in buffers)]
+        return rows + [grads] * (ROWS - len(rows))
 
-    def sgd_step(self, params, grads, momentum_buffers, first_step, *, lr, weight_decay, momentum, dampening,
-                 nesterov, maximize, rounding_seed=None):  # fmt: skip
+    def step(self, name, params, grads, *lists, **options):
+        """Optimizer ``name``'s update of lists of arrays: ``lists`` are its buffer lists (None
+        where a buffer does not exist), then the step counters where it counts steps, or the
+        first-step flags where a buffer is cloned on its first step."""
+        d = OPTIMIZERS[name]
         if not params:
             return
-        rows = self._rows(params, grads, momentum_buffers if momentum != 0 else None, None, None)
-        addrs, numels, dtype, _, _ = self._table_of(rows, [])
-        flags = [bool(f) for f in first_step] if momentum != 0 else [False] * len(params)
-        self.sgd_step_table(addrs, numels, dtype, flags, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                            dampening=dampening, nesterov=nesterov, maximize=maximize,
-                            rounding_seed=rounding_seed)  # fmt: skip
+        n = len(d.buffers)
+        buffers, extra = lists[:n], lists[n:]
+        uses = d.pack({o.name: options.get(o.name, o.default) for o in d.options})[2]
+        rows = self._rows(params, grads, *(b if use else None for b, use in zip(buffers, uses)))
+        addrs, numels, dtype, step_addrs, step_f64 = self._table_of(rows, extra[0] if d.counts_steps else [])
+        if d.counts_steps:
+            args = (step_addrs, step_f64)
+        elif d.clone_first is not None:
+            args = ([bool(f) for f in extra[0]] if uses[d.clone_first] else [False] * len(params),)
+        else:
+            args = ()
+        self.step_table(name, addrs, numels, dtype, *args, **options)
 
-    def adagrad_step(self, params, grads, state_sums, steps, **options):
-        if params:
-            self.adagrad_step_table(
-                *self._table_of(self._rows(params, grads, state_sums, None, None), steps), **options
-            )
-
-    def rmsprop_step(self, params, grads, square_avgs, grad_avgs, momentum_buffers, steps, **options):
-        if params:
-            rows = self._rows(params, grads, square_avgs, grad_avgs if options["centered"] else None,
-                              momentum_buffers if options["momentum"] > 0 else None)  # fmt: skip
-            self.rmsprop_step_table(*self._table_of(rows, steps), **options)
-
-    def adam_step(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **options):
-        if params:
-            rows = self._rows(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if options["amsgrad"] else None)
-            self.adam_step_table(*self._table_of(rows, steps), **options)
+    def install(self, namespace: dict) -> None:
+        """``<name>_step`` and ``<name>_step_table`` of every optimizer into a backend module."""
+        for name in OPTIMIZERS:
+            namespace[f"{name}_step"] = functools.partial(self.step, name)
+            namespace[f"{name}_step_table"] = functools.partial(self.step_table, name)

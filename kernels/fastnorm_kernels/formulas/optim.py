@@ -1,28 +1,32 @@
-"""Per-element optimizer updates and per-tensor step scalars ("Deep Learning from Scratch" 6.1).
+"""Per-element optimizer updates and their descriptions ("Deep Learning from Scratch" 6.1).
 
-Every update has one signature, so that one loop per backend drives them all:
-
-    update(p, g, b0, b1, b2, k, s0, s1, flags, use0, use1, use2) -> (p, b0, b1, b2)
-
-``p`` and ``g`` are one element of the parameter and its gradient, ``b0..b2`` the same element
-of up to three state buffers, ``k`` a tuple of per-group constants in the compute dtype,
-``s0, s1`` per-tensor scalars (see ``*_tensor_scalars``) and ``flags`` a tuple of per-group
-booleans that only change arithmetic. ``use0..use2`` say which buffers exist (momentum on,
-centered, amsgrad): the loops pass them as constants, one loop version per combination, so
-that these branches are decided at compile time (a buffer branch left for LLVM, such as
-amsgrad's NaN-propagating max, stopped the CPU loop from vectorising). An unused buffer is
-neither read nor written: its row may alias another array. The formulas and their order of
-operations are torch.optim's (kernels/fastnorm_kernels/reference/optim.py spells them out), including ATen's
+Each optimizer is here once: its element update, a plain function on scalars whose parameters are
+named (``p``, ``g``, its state buffers by their ``state_dict`` keys, ``has_<buffer>`` where a
+buffer may be absent, and the constants, flags and per-tensor scalars its description names), and
+its :class:`~fastnorm_kernels._description.Optimizer` record in :data:`OPTIMIZERS`, from which the
+kernel tables, the C++ op and the Python class follow (kernels/fastnorm_kernels/_description.py
+says how). Constants arrive in the compute dtype (float32 for 16-bit storage); flags and the
+``has_*`` values are decided per launch, so the loops compile one version per combination of
+buffers. An absent buffer is neither read nor written. The formulas and their order of operations
+are torch.optim's (kernels/fastnorm_kernels/reference/optim.py spells them out), including ATen's
 two-sided ``lerp``.
 
-``*_tensor_scalars(step, host) -> (s0, s1)``: the step-dependent scalars of one tensor,
-computed in float64 from its step count after the increment (``host``: float64 group values).
-``update_element`` is the loops' body: it reads, updates and writes one element.
+``*_tensor_scalars(step, host) -> (s0, s1)``: the step-dependent scalars of one tensor, computed
+in float64 from its step count after the increment (``host``: float64 option values).
+``update_element`` is the loops' body: it reads, updates and writes one element through the
+positional adapter of an update (``Optimizer.element_source``).
+
+Adding an optimizer: its update and record here, its readable NumPy version in
+kernels/fastnorm_kernels/reference/optim.py; every compiled backend, the C++ op and the class in
+fastnorm/optim.py derive from the record.
 """
 
 from __future__ import annotations
 
 import math
+
+from .._description import Buffer, Option, sign
+from .._description import Optimizer as _Optimizer
 
 
 def update_element(update, p, g, b0, b1, b2, i, k, s0, s1, flags, use0, use1, use2):
@@ -67,35 +71,29 @@ def no_tensor_scalars(step, host):
 
 
 # -- SGD: momentum, Nesterov, dampening, weight decay --------------------------------------------
-# k = (sign, lr, weight_decay, momentum, 1 - dampening); flags = (has_weight_decay, nesterov);
-# b0 = momentum_buffer (use0: momentum != 0); s0 != 0 where the buffer is new this step (torch
-# clones d into it).
 
 
-def sgd(p, g, buf, unused1, unused2, k, fresh, unused_s1, flags, momentum_on, use1, use2):
-    sign, lr, weight_decay, momentum, one_minus_dampening = k
-    has_weight_decay, nesterov = flags
+def sgd(p, g, momentum_buffer, has_momentum_buffer, sign, lr, weight_decay, momentum, one_minus_dampening,
+        has_weight_decay, nesterov, fresh):  # fmt: skip
+    """``fresh`` != 0 where the momentum buffer is new this step (torch clones d into it)."""
     d = g * sign
     if has_weight_decay:
         d = d + weight_decay * p
-    if momentum_on:
-        buf = d if fresh != 0 else buf * momentum + one_minus_dampening * d
-        d = d + momentum * buf if nesterov else buf
-    return p - lr * d, buf, unused1, unused2
+    if has_momentum_buffer:
+        momentum_buffer = d if fresh != 0 else momentum_buffer * momentum + one_minus_dampening * d
+        d = d + momentum * momentum_buffer if nesterov else momentum_buffer
+    return p - lr * d, momentum_buffer
 
 
 # -- AdaGrad ------------------------------------------------------------------------------------
-# k = (sign, weight_decay, eps); flags = (has_weight_decay,); b0 = sum; s0 = clr.
 
 
-def adagrad(p, g, state_sum, unused1, unused2, k, clr, unused_s1, flags, use0, use1, use2):
-    sign, weight_decay, eps = k
-    (has_weight_decay,) = flags
+def adagrad(p, g, sum, sign, weight_decay, eps, has_weight_decay, clr):  # noqa: A002 - torch's state key
     g = g * sign
     if has_weight_decay:
         g = g + weight_decay * p
-    state_sum = state_sum + g * g
-    return p - clr * (g / (math.sqrt(state_sum) + eps)), state_sum, unused1, unused2
+    sum = sum + g * g  # noqa: A001
+    return p - clr * (g / (math.sqrt(sum) + eps)), sum
 
 
 def adagrad_tensor_scalars(step, host):
@@ -105,19 +103,15 @@ def adagrad_tensor_scalars(step, host):
 
 
 # -- RMSprop ------------------------------------------------------------------------------------
-# k = (sign, weight_decay, alpha, 1 - alpha, eps, lr, momentum); flags = (has_weight_decay,
-# lerp_from_start); b0 = square_avg, b1 = grad_avg (use1: centered), b2 = momentum_buffer (use2:
-# momentum > 0).
 
 
-def rmsprop(p, g, square_avg, grad_avg, buf, k, unused_s0, unused_s1, flags, use0, centered, momentum_on):
-    sign, weight_decay, alpha, one_minus_alpha, eps, lr, momentum = k
-    has_weight_decay, lerp_from_start = flags
+def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, has_grad_avg, has_momentum_buffer, sign, weight_decay,
+            alpha, one_minus_alpha, eps, lr, momentum, has_weight_decay, lerp_from_start):  # fmt: skip
     g = g * sign
     if has_weight_decay:
         g = g + weight_decay * p
     square_avg = square_avg * alpha + one_minus_alpha * g * g
-    if centered:
+    if has_grad_avg:  # centered
         # ATen's lerp(grad_avg, g, 1 - alpha): from the start if the weight < 0.5, else from the end
         if lerp_from_start:
             grad_avg = grad_avg + one_minus_alpha * (g - grad_avg)
@@ -126,23 +120,21 @@ def rmsprop(p, g, square_avg, grad_avg, buf, k, unused_s0, unused_s1, flags, use
         avg = math.sqrt(square_avg - grad_avg * grad_avg) + eps
     else:
         avg = math.sqrt(square_avg) + eps
-    if momentum_on:
-        buf = buf * momentum + g / avg
-        p = p - lr * buf
+    if has_momentum_buffer:
+        momentum_buffer = momentum_buffer * momentum + g / avg
+        p = p - lr * momentum_buffer
     else:
         p = p - lr * (g / avg)
-    return p, square_avg, grad_avg, buf
+    return p, square_avg, grad_avg, momentum_buffer
 
 
 # -- Adam and AdamW -----------------------------------------------------------------------------
-# k = (sign, decay, weight_decay, 1 - beta1, beta1, beta2, 1 - beta2, eps), decay = 1 - lr*wd for
-# AdamW (decoupled) and 1 for Adam; flags = (coupled_weight_decay, lerp_from_start); b0 = exp_avg,
-# b1 = exp_avg_sq, b2 = max_exp_avg_sq (use2: amsgrad); s0 = step_size, s1 = sqrt(bias_correction2).
 
 
-def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, k, step_size, bias_correction2_sqrt, flags, use0, use1, amsgrad):
-    sign, decay, weight_decay, one_minus_beta1, beta1, beta2, one_minus_beta2, eps = k
-    coupled_weight_decay, lerp_from_start = flags
+def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, has_max_exp_avg_sq, sign, decay, weight_decay, one_minus_beta1,
+         beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, lerp_from_start, step_size,
+         bias_correction2_sqrt):  # fmt: skip
+    """decay = 1 - lr*wd for AdamW (decoupled), 1 for Adam (whose weight decay is coupled)."""
     p = p * decay
     g = g * sign
     if coupled_weight_decay:
@@ -153,7 +145,7 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, k, step_size, bias_correctio
         exp_avg = g - (g - exp_avg) * beta1
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * g * g
     second = exp_avg_sq
-    if amsgrad:
+    if has_max_exp_avg_sq:  # amsgrad
         if exp_avg_sq > max_exp_avg_sq or exp_avg_sq != exp_avg_sq:  # torch.maximum propagates NaN
             max_exp_avg_sq = exp_avg_sq
         second = max_exp_avg_sq
@@ -165,3 +157,127 @@ def adam_tensor_scalars(step, host):
     """host = (lr, beta1, beta2): step_size = lr / (1 - beta1^t), sqrt(1 - beta2^t)."""
     lr, beta1, beta2 = host[0], host[1], host[2]
     return lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
+
+
+# -- the descriptions ---------------------------------------------------------------------------
+
+_MAXIMIZE = Option("maximize", bool)
+
+
+def _has_weight_decay(weight_decay):
+    return weight_decay != 0
+
+
+OPTIMIZERS = {
+    d.name: d
+    for d in (
+        _Optimizer(
+            name="sgd",
+            update=sgd,
+            buffers=(
+                Buffer("momentum_buffer", "momentum_buffers", when=lambda momentum: momentum != 0, clone_first=True),
+            ),  # fmt: skip
+            options=(
+                Option("lr"),
+                Option("weight_decay"),
+                Option("momentum"),
+                Option("dampening"),
+                Option("nesterov", bool),
+                _MAXIMIZE,
+            ),  # fmt: skip
+            constants=dict(
+                sign=sign,
+                lr=None,
+                weight_decay=None,
+                momentum=None,
+                one_minus_dampening=lambda dampening: 1.0 - dampening,
+            ),  # fmt: skip
+            flags=dict(has_weight_decay=_has_weight_decay, nesterov=None),
+            counts_steps=False,
+            scalars=("fresh",),
+            # torch's single add_ per parameter is ahead at every size without momentum
+            # (fastnorm/_dispatch.py has the measurements, and the threshold with momentum)
+            auto_cpu_min_numel=math.inf,
+            auto_cuda_min_numel=math.inf,
+        ),
+        _Optimizer(
+            name="adagrad",
+            update=adagrad,
+            buffers=(Buffer("sum", "state_sums"),),
+            options=(Option("lr"), Option("lr_decay"), Option("weight_decay"), Option("eps"), _MAXIMIZE),
+            constants=dict(sign=sign, weight_decay=None, eps=None),
+            flags=dict(has_weight_decay=_has_weight_decay),
+            scalars=("clr",),
+            step_scalars=adagrad_tensor_scalars,
+            host=("lr", "lr_decay"),
+        ),
+        _Optimizer(
+            name="rmsprop",
+            update=rmsprop,
+            buffers=(
+                Buffer("square_avg", "square_avgs"),
+                Buffer("grad_avg", "grad_avgs", when=lambda centered: centered),
+                Buffer("momentum_buffer", "momentum_buffers", when=lambda momentum: momentum > 0),
+            ),  # fmt: skip
+            options=(
+                Option("lr"),
+                Option("alpha"),
+                Option("eps"),
+                Option("weight_decay"),
+                Option("momentum"),
+                Option("centered", bool),
+                _MAXIMIZE,
+            ),  # fmt: skip
+            constants=dict(
+                sign=sign,
+                weight_decay=None,
+                alpha=None,
+                one_minus_alpha=lambda alpha: 1.0 - alpha,
+                eps=None,
+                lr=None,
+                momentum=None,
+            ),  # fmt: skip
+            flags=dict(has_weight_decay=_has_weight_decay, lerp_from_start=lambda alpha: 1.0 - alpha < 0.5),
+        ),
+        _Optimizer(
+            name="adam",
+            update=adam,
+            buffers=(
+                Buffer("exp_avg", "exp_avgs"),
+                Buffer("exp_avg_sq", "exp_avg_sqs"),
+                Buffer("max_exp_avg_sq", "max_exp_avg_sqs", when=lambda amsgrad: amsgrad),
+            ),  # fmt: skip
+            options=(
+                Option("lr"),
+                Option("beta1"),
+                Option("beta2"),
+                Option("weight_decay"),
+                Option("eps"),
+                Option("amsgrad", bool),
+                _MAXIMIZE,
+                Option("decoupled_weight_decay", bool, False),
+            ),  # fmt: skip
+            constants=dict(
+                sign=sign,
+                decay=lambda lr, weight_decay, decoupled_weight_decay: (
+                    1.0 - lr * weight_decay if decoupled_weight_decay else 1.0
+                ),
+                weight_decay=None,
+                one_minus_beta1=lambda beta1: 1.0 - beta1,
+                beta1=None,
+                beta2=None,
+                one_minus_beta2=lambda beta2: 1.0 - beta2,
+                eps=None,
+            ),
+            flags=dict(
+                coupled_weight_decay=lambda weight_decay, decoupled_weight_decay: (
+                    weight_decay != 0 and not decoupled_weight_decay
+                ),
+                lerp_from_start=lambda beta1: 1.0 - beta1 < 0.5,
+            ),
+            scalars=("step_size", "bias_correction2_sqrt"),
+            step_scalars=adam_tensor_scalars,
+            host=("lr", "beta1", "beta2"),
+        ),
+    )
+}

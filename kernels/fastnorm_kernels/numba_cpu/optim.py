@@ -31,6 +31,7 @@ written in the loop version that runs.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import numba
 import numpy as np
@@ -45,6 +46,7 @@ from .._pointer import pointer_intrinsic
 from .._validate import FLOAT_DTYPES
 from ..formulas import compiled
 from ..formulas import optim as formulas
+from ..formulas.optim import OPTIMIZERS
 from ._bits import load_bf16, load_f16, row_key, store_bf16, store_bf16_stochastic, store_f16  # noqa: F401
 
 __all__ = [*OPTIMIZER_API, *TABLE_API, "OPTIMIZER_DTYPES"]
@@ -188,118 +190,100 @@ def _table_update16(update, tensor_scalars, n_constants, has1, has2, load, store
                             False, keys)  # fmt: skip
 
 
-# -- one compiled kernel per optimizer: the loop above around the formula ----------------------
+# -- one compiled kernel per (optimizer, storage): the loop above around the formula -------------
 # "contract": fused multiply-adds, as ATen's vectorised add(alpha=...) uses (vec::fmadd); with it
 # the numba SGD stays bit-identical to torch's default through 400 MNIST training steps.
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", nogil=True, fastmath={"contract"})
-
-
-@njit(**_FLAGS)
-def _sgd(addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses):
-    _table_update(_FORMULAS.sgd, _FORMULAS.no_tensor_scalars, 5, False, False,
-                  addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses)  # fmt: skip
-
-
-@njit(**_FLAGS)
-def _adagrad(addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses):
-    _table_update(_FORMULAS.adagrad, _FORMULAS.adagrad_tensor_scalars, 3, False, False,
-                  addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses)  # fmt: skip
-
-
-@njit(**_FLAGS)
-def _rmsprop(addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses):
-    _table_update(_FORMULAS.rmsprop, _FORMULAS.no_tensor_scalars, 7, True, True,
-                  addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses)  # fmt: skip
-
-
-@njit(**_FLAGS)
-def _adam(addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses):
-    _table_update(_FORMULAS.adam, _FORMULAS.adam_tensor_scalars, 8, True, True,
-                  addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses)  # fmt: skip
-
-
-# -- the same for 16-bit storage: one kernel per optimizer and storage, compiled when first used --
-# (bfloat16 round-to-nearest, bfloat16 stochastic rounding, float16)
-_ARGS16 = "addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses, seed"
-_OPTIMIZERS16 = {  # op: (update, tensor scalars, number of constants, has buffer 1, has buffer 2)
-    "sgd": ("sgd", "no_tensor_scalars", 5, False, False),
-    "adagrad": ("adagrad", "adagrad_tensor_scalars", 3, False, False),
-    "rmsprop": ("rmsprop", "no_tensor_scalars", 7, True, True),
-    "adam": ("adam", "adam_tensor_scalars", 8, True, True),
-}
+_ARGS = "addrs, chunks, steps, step_f64, advance, host, scalars, constants, flags, uses"
+#: 16-bit storages: kernel suffix -> (load, store) (bfloat16 round-to-nearest, bfloat16 stochastic
+#: rounding, float16); compiled when first used
 _STORAGES16 = {"bf16": ("load_bf16", "store_bf16"), "bf16_sr": ("load_bf16", "store_bf16_stochastic"),
                "f16": ("load_f16", "store_f16")}  # fmt: skip
 
 
-def _define16() -> dict:
-    """One top-level kernel per (optimizer, storage), named ``_<op>_<storage>``: written out as
-    source (each needs its own name for Numba's on-disk cache and its own compile-time functions;
-    a closure would share one cache entry)."""
+def _exec(source: str, name: str, namespace: dict):
+    exec(compile(source, __file__, "exec"), namespace)  # noqa: S102 - text generated from the descriptions
+    return namespace[name]
+
+
+def _define() -> dict:
+    """Per description (kernels/fastnorm_kernels/formulas/optim.py): the element adapter
+    ``_element_<op>`` and one top-level kernel per storage, ``_<op>`` and ``_<op>_<suffix>``,
+    written out as source (each needs its own name for Numba's on-disk cache and its own
+    compile-time functions; a closure would share one cache entry)."""
     kernels = {}
-    for op, (update, scalars, n, has1, has2) in _OPTIMIZERS16.items():
+    for op, d in OPTIMIZERS.items():
+        element = f"_element_{op}"
+        globals()[element] = njit(inline="always")(
+            _exec(d.element_source(element, f"_FORMULAS.{d.update.__name__}"), element, globals())
+        )
+        scalars = d.step_scalars.__name__ if d.step_scalars is not None else "no_tensor_scalars"
+        common = f"{element}, _FORMULAS.{scalars}, {len(d.constants)}, {len(d.buffers) > 1}, {len(d.buffers) > 2}"
+        name = f"_{op}"
+        source = f"def {name}({_ARGS}):\n    _table_update({common}, {_ARGS})\n"
+        kernels[(op, None)] = globals()[name] = njit(**_FLAGS)(_exec(source, name, globals()))
         for storage, (load, store) in _STORAGES16.items():
             name = f"_{op}_{storage}"
-            source = (f"def {name}({_ARGS16}):\n"
-                      f"    _table_update16(_FORMULAS.{update}, _FORMULAS.{scalars}, {n}, {has1}, {has2}, "
-                      f"{load}, {store}, {_ARGS16})\n")  # fmt: skip
-            exec(compile(source, __file__, "exec"), globals())  # noqa: S102 - fixed text, no input
-            kernels[(op, storage)] = globals()[name] = njit(**_FLAGS)(globals()[name])
+            source = f"def {name}({_ARGS}, seed):\n    _table_update16({common}, {load}, {store}, {_ARGS}, seed)\n"
+            kernels[(op, storage)] = globals()[name] = njit(**_FLAGS)(_exec(source, name, globals()))
     return kernels
 
 
-_KERNELS16 = _define16()
+_KERNELS = _define()
 
 
 # -- launching (the entry points themselves are kernels/fastnorm_kernels/_optimizer_api.py) -----------------------
 
-_KERNELS = {"sgd": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop, "adam": _adam}
 _NO_STEPS = np.zeros(0, np.int64)
 
 
 def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses,
             seed=None) -> None:  # fmt: skip
     half = is_half(dtype)
-    # per-tensor scalars: filled from the steps, or SGD's first-step flags; float32 for 16-bit storage
+    # per-tensor scalars: filled from the steps, or the first-step flags; float32 for 16-bit storage
     scalars = np.zeros((len(numels), 2), np.float32 if half else dtype)
     if first_step is not None:
         scalars[:, 0] = np.asarray(first_step, bool)
     steps = _NO_STEPS if first_step is not None else step_addrs
     args = (addrs, chunk_table(numels), steps, step_f64, first_step is None, host, scalars, constants, flags, uses)
     if not half:
-        _KERNELS[op](*args)
+        _KERNELS[(op, None)](*args)
         return
     storage = "f16" if np.dtype(dtype) == FLOAT16 else "bf16" if seed is None else "bf16_sr"
-    _KERNELS16[(op, storage)](*args, np.uint32(0 if seed is None else seed))
+    _KERNELS[(op, storage)](*args, np.uint32(0 if seed is None else seed))
 
 
 _API = OptimizerAPI("numba", OPTIMIZER_DTYPES, _launch, lambda a: a.ctypes.data,
                     lambda a: isinstance(a, np.ndarray) and a.flags.c_contiguous)  # fmt: skip
-sgd_step, adagrad_step, rmsprop_step, adam_step = _API.sgd_step, _API.adagrad_step, _API.rmsprop_step, _API.adam_step
-sgd_step_table, adagrad_step_table = _API.sgd_step_table, _API.adagrad_step_table
-rmsprop_step_table, adam_step_table = _API.rmsprop_step_table, _API.adam_step_table
+_API.install(globals())
 
 
-# -- C entry points: one C function per (optimizer, storage), for fastnorm's C++ ops --------------
-# fastnorm/csrc/optim.cpp builds the tables (addresses, chunks, per-tensor scalars, constants in
-# the compute dtype, kernels/fastnorm_kernels/_optimizer_api.py's flags and uses) and calls these through their
-# addresses. Every one has the same C signature:
+# -- C entry points, for fastnorm's C++ ops (fastnorm/csrc/optim.cpp) -----------------------------
+# Per (optimizer, storage) one C function that runs the kernel on tables the C++ op built
+# (addresses, chunks, per-tensor scalars, constants in the compute dtype); every one has the same
+# C signature:
 #   void step(int64 addrs, T, chunks, K, steps, step_f64, advance, double host0, host1, host2,
-#             int64 scalars, constants, flag0, flag1, use0, use1, use2, seed)
-# addrs: (5, T) int64; chunks: (K, 3) int64; steps: (T,) int64 step counter addresses (0 for SGD);
-# scalars: (T, 2) and constants: (N_CONSTANTS[op],) in the compute dtype (float32 for 16-bit
-# storage); flags: the op's N_FLAGS[op] flags (the rest ignored); seed: the stochastic rounding
-# seed (storage "bfloat16_sr" only).
+#             int64 scalars, constants, flag_bits, use_bits, seed)
+# addrs: (5, T) int64; chunks: (K, 3) int64; steps: (T,) int64 step counter addresses (0 where
+# the optimizer counts no steps); scalars: (T, 2) and constants: the description's constants in
+# the compute dtype (float32 for 16-bit storage); flag_bits, use_bits: bit i is flag / buffer row
+# i; seed: the stochastic rounding seed (storage "bfloat16_sr" only).
+# Per optimizer also a packer, void pack(int64 options, int64 out): the op's options (float64, in
+# schema order, booleans 0/1) -> constants, flags, uses and host values (float64, in that order:
+# Optimizer.pack compiled), and for the CUDA ops the step scalars, void scalars(double step,
+# int64 host, int64 out): out[0:2] from the new step count and the three host values.
 
-#: storage -> (the kernels' pointer type of the storage and of the compute dtype, 16-bit kernel suffix)
+#: storage -> (the kernels' pointer type of the compute dtype, 16-bit kernel suffix)
 C_STORAGES = {"float32": ("np.float32(0)", None), "float64": ("np.float64(0)", None),
               "bfloat16": ("np.float32(0)", "bf16"), "float16": ("np.float32(0)", "f16"),
               "bfloat16_sr": ("np.float32(0)", "bf16_sr")}  # fmt: skip
-#: per optimizer: how many flags and constants its kernel takes (kernels/fastnorm_kernels/_optimizer_api.py)
-N_FLAGS = {"sgd": 2, "adagrad": 1, "rmsprop": 2, "adam": 2}
-N_CONSTANTS = {"sgd": 5, "adagrad": 3, "rmsprop": 7, "adam": 8}
 _I64, _F64 = types.int64, types.float64
-_C_STEP = types.void(*[_I64] * 7, _F64, _F64, _F64, *[_I64] * 8)
-_C_STEP_ARGS = "addrs, t, chunks, k, steps, step_f64, advance, h0, h1, h2, scalars, constants, f0, f1, u0, u1, u2, seed"
+_C_STEP = types.void(*[_I64] * 7, _F64, _F64, _F64, *[_I64] * 5)
+_C_STEP_ARGS = (
+    "addrs, t, chunks, k, steps, step_f64, advance, h0, h1, h2, scalars, constants, flag_bits, use_bits, seed"
+)
+_C_PACK = types.void(_I64, _I64)
+_C_SCALARS = types.void(_F64, _I64, _I64)
 
 
 @njit(inline="always")
@@ -312,16 +296,20 @@ def _vector_at(addr, like, n):
     return numba.carray(_pointer(addr, like), n)
 
 
+def _bits(name: str, n: int) -> str:
+    return "(" + "".join(f"({name} >> {i}) & 1 != 0, " for i in range(n)) + ")"
+
+
 @functools.cache
 def _c_function(op: str, storage: str):
     """The Python source of the C entry point of (op, storage), written out with a name of its own
     (``_c_<op>_<storage>``), so that Numba's on-disk cache keys each apart."""
-    if op not in N_FLAGS or storage not in C_STORAGES:
+    if op not in OPTIMIZERS or storage not in C_STORAGES:
         raise ValueError(f"no C entry point for optimizer {op!r} and storage {storage!r}")
+    d = OPTIMIZERS[op]
     compute, suffix = C_STORAGES[storage]
     if storage == "float64":
         compute = "np.float64(0)"
-    flags = ", ".join(f"f{i} != 0" for i in range(N_FLAGS[op])) + ","
     kernel = f"_{op}" if suffix is None else f"_{op}_{suffix}"
     seed = "" if suffix is None else ", np.uint32(seed)"
     fn = f"_c_{op}_{storage}"
@@ -329,21 +317,19 @@ def _c_function(op: str, storage: str):
         f"def {fn}({_C_STEP_ARGS}):\n"
         f"    {kernel}(_table_at(addrs, np.int64(0), 5, t), _table_at(chunks, np.int64(0), k, 3),\n"
         f"        _vector_at(steps, np.int64(0), t if steps != 0 else 0), step_f64 != 0, advance != 0, (h0, h1, h2),\n"
-        f"        _table_at(scalars, {compute}, t, 2), _vector_at(constants, {compute}, {N_CONSTANTS[op]}),\n"
-        f"        ({flags}), (u0 != 0, u1 != 0, u2 != 0){seed})\n"
+        f"        _table_at(scalars, {compute}, t, 2), _vector_at(constants, {compute}, {len(d.constants)}),\n"
+        f"        {_bits('flag_bits', d.n_flags)}, {_bits('use_bits', 3)}{seed})\n"
     )
-    namespace = dict(globals())
-    exec(compile(source, __file__, "exec"), namespace)  # noqa: S102 - fixed text, no input
-    function = namespace[fn]
+    function = _exec(source, fn, dict(globals()))
     function.__module__ = __name__
     return function
 
 
 @functools.cache
 def c_entry_point(op: str, storage: str):
-    """The C function of optimizer ``op`` ("sgd", "adagrad", "rmsprop", "adam") for ``storage`` (a
-    key of C_STORAGES): a ``numba.cfunc`` (callers take its ``.address``), compiled on the first
-    call (~5-60 s) or loaded from Numba's on-disk cache (:func:`c_entry_point_cached`)."""
+    """The C function of optimizer ``op`` (a key of OPTIMIZERS) for ``storage`` (a key of
+    C_STORAGES): a ``numba.cfunc`` (callers take its ``.address``), compiled on the first call
+    (~5-60 s) or loaded from Numba's on-disk cache (:func:`c_entry_point_cached`)."""
     function = _c_function(op, storage)
     numba.get_num_threads()  # the threading layer before a cached parallel C function (batchnorm.py)
     return numba.cfunc(_C_STEP, cache=True, nogil=True)(function)
@@ -354,3 +340,49 @@ def c_entry_point_cached(op: str, storage: str) -> bool | None:
     from ._jit import cached
 
     return cached(_c_function(op, storage))
+
+
+def _value(name, fn, options: dict, index: dict, namespace: dict) -> str:
+    """The packer's expression of a derived value: the option itself, or ``fn`` of options
+    (compiled into ``namespace``)."""
+
+    def arg(a):
+        return f"(o[{index[a]}] != 0)" if options[a].kind is bool else f"o[{index[a]}]"
+
+    if fn is None:
+        return arg(name)
+    helper = f"_derived{len(namespace)}"
+    namespace[helper] = njit(inline="always")(fn)
+    return f"{helper}({', '.join(arg(a) for a in inspect.signature(fn).parameters)})"
+
+
+@functools.cache
+def c_pack(op: str):
+    """The packer of optimizer ``op`` (a ``numba.cfunc``; see above), compiled on first use (~1 s)
+    or loaded from Numba's on-disk cache."""
+    d = OPTIMIZERS[op]
+    options = {o.name: o for o in d.options}
+    index = {o.name: i for i, o in enumerate(d.options)}
+    namespace = dict(globals())
+    values = [_value(n, fn, options, index, namespace) for n, fn in d.constants.items()]
+    values += [_value(n, fn, options, index, namespace) for n, fn in d.flags.items()] or ["False"]
+    values += ["True" if b.when is None else _value(b.key, b.when, options, index, namespace) for b in d.buffers]
+    values += ["False"] * (3 - len(d.buffers))
+    values += [f"o[{index[h]}]" for h in d.host] + ["0.0"] * (3 - len(d.host))
+    body = "".join(f"    out[{i}] = 1.0 * ({v})\n" for i, v in enumerate(values))
+    source = (f"def _pack_{op}(options, out_addr):\n"
+              f"    o = _vector_at(options, np.float64(0), {len(d.options)})\n"
+              f"    out = _vector_at(out_addr, np.float64(0), {len(values)})\n{body}")  # fmt: skip
+    return numba.cfunc(_C_PACK, cache=True, nogil=True)(_exec(source, f"_pack_{op}", namespace))
+
+
+@functools.cache
+def c_scalars(op: str):
+    """The step scalars of optimizer ``op`` for the CUDA ops (a ``numba.cfunc``; see above)."""
+    d = OPTIMIZERS[op]
+    scalars = d.step_scalars.__name__ if d.step_scalars is not None else "no_tensor_scalars"
+    source = (f"def _scalars_{op}(step, host_addr, out_addr):\n"
+              f"    h = _vector_at(host_addr, np.float64(0), 3)\n"
+              f"    out = _vector_at(out_addr, np.float64(0), 2)\n"
+              f"    out[0], out[1] = _FORMULAS.{scalars}(step, (h[0], h[1], h[2]))\n")  # fmt: skip
+    return numba.cfunc(_C_SCALARS, cache=True, nogil=True)(_exec(source, f"_scalars_{op}", dict(globals())))

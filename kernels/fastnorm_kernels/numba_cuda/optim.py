@@ -29,6 +29,7 @@ from .._bits import FLOAT16, HALF_DTYPES, is_half
 from .._optimizer_api import OptimizerAPI
 from ..formulas import compiled
 from ..formulas import optim as formulas
+from ..formulas.optim import OPTIMIZERS
 from ._bits import load_bf16, load_f16, row_key, store_bf16, store_bf16_stochastic, store_f16  # noqa: F401
 from ._device import BLOCK, SIMULATOR, address, host_address, stream, view
 
@@ -139,58 +140,39 @@ def _table_update16(update, load, store, addrs_addr, T, chunks_addr, K, s0, s1, 
         k += cuda.gridDim.x
 
 
-@_jit
-def _sgd(addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed):  # seed: unused (16-bit only)
-    _table_update(_FORMULAS.sgd, addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses)
-
-
-@_jit
-def _adagrad(addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed):  # seed: unused (16-bit only)
-    _table_update(_FORMULAS.adagrad, addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses)
-
-
-@_jit
-def _rmsprop(addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed):  # seed: unused (16-bit only)
-    _table_update(_FORMULAS.rmsprop, addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses)
-
-
-@_jit
-def _adam(addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed):  # seed: unused (16-bit only)
-    _table_update(_FORMULAS.adam, addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses)
-
-
-# -- the same for 16-bit storage: one kernel per optimizer and storage, compiled when first used --
+# -- one kernel per (optimizer, storage), from its description ----------------------------------
 _STORAGES16 = {"bf16": ("load_bf16", "store_bf16"), "bf16_sr": ("load_bf16", "store_bf16_stochastic"),
                "f16": ("load_f16", "store_f16")}  # fmt: skip
-_ARGS16 = "addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed"
+_ARGS = "addrs_addr, T, chunks_addr, K, s0, s1, constants, flags, uses, seed"  # seed: 16-bit storage only
 
 
-def _define16() -> dict:
-    """One kernel per (optimizer, storage), named ``_<op>_<storage>``: written out as source, each
-    with its own name (Numba's on-disk cache) and compile-time functions (see the CPU module)."""
+def _exec(source: str, name: str):
+    exec(compile(source, __file__, "exec"), globals())  # noqa: S102 - text generated from the descriptions
+    return globals()[name]
+
+
+def _define() -> dict:
+    """Per description (kernels/fastnorm_kernels/formulas/optim.py): its element adapter and one
+    kernel per storage, ``_<op>`` and ``_<op>_<suffix>``, written out as source, each with its own
+    name (Numba's on-disk cache) and compile-time functions (see the CPU module)."""
     kernels = {}
-    for op in ("sgd", "adagrad", "rmsprop", "adam"):
+    for op, d in OPTIMIZERS.items():
+        element = f"_element_{op}"
+        globals()[element] = _inline(_exec(d.element_source(element, f"_FORMULAS.{d.update.__name__}"), element))
+        name = f"_{op}"
+        source = f"def {name}({_ARGS}):\n    _table_update({element}, {_ARGS.removesuffix(', seed')})\n"
+        kernels[(op, None)] = globals()[name] = _jit(_exec(source, name))
         for storage, (load, store) in _STORAGES16.items():
             name = f"_{op}_{storage}"
-            source = (f"def {name}({_ARGS16}):\n"
-                      f"    _table_update16(_FORMULAS.{op}, {load}, {store}, {_ARGS16})\n")  # fmt: skip
-            exec(compile(source, __file__, "exec"), globals())  # noqa: S102 - fixed text, no input
-            kernels[(op, storage)] = globals()[name] = _jit(globals()[name])
+            source = f"def {name}({_ARGS}):\n    _table_update16({element}, {load}, {store}, {_ARGS})\n"
+            kernels[(op, storage)] = globals()[name] = _jit(_exec(source, name))
     return kernels
 
 
-_KERNELS16 = _define16()
+_KERNELS = _define()
 
 
 # -- launching (the entry points themselves are kernels/fastnorm_kernels/_optimizer_api.py) -----------------------
-
-# op: (update kernel, the host function giving a tensor's step scalars)
-_KERNELS = {
-    "sgd": (_sgd, None),
-    "adagrad": (_adagrad, formulas.adagrad_tensor_scalars),
-    "rmsprop": (_rmsprop, formulas.no_tensor_scalars),
-    "adam": (_adam, formulas.adam_tensor_scalars),
-}
 
 
 def _advance_host_steps(step_addrs, step_f64: bool) -> list[float]:
@@ -207,15 +189,16 @@ def _advance_host_steps(step_addrs, step_f64: bool) -> list[float]:
 
 def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, constants, flags, uses,
             seed=None) -> None:  # fmt: skip
-    kernel, tensor_scalars = _KERNELS[op]
+    kernel = _KERNELS[(op, None)]
     if is_half(dtype):  # 16-bit storage: float32 scalars, the storage's kernel
         storage = "f16" if np.dtype(dtype) == FLOAT16 else "bf16" if seed is None else "bf16_sr"
-        kernel, dtype = _KERNELS16[(op, storage)], np.dtype(np.float32)
+        kernel, dtype = _KERNELS[(op, storage)], np.dtype(np.float32)
     if first_step is None:
         steps = _advance_host_steps(step_addrs, step_f64)
         cache: dict = {}
+        tensor_scalars = OPTIMIZERS[op].tensor_scalars
         keys = [cache.get(s) or cache.setdefault(s, tensor_scalars(s, host)) for s in steps]
-    else:  # SGD: s0 != 0 where the momentum buffer is new this step
+    else:  # s0 != 0 where a buffer cloned on its first step is new (SGD's momentum)
         keys = [(1.0 if fresh else 0.0, 0.0) for fresh in first_step]
     groups: dict = {}
     for i, key in enumerate(keys):
@@ -236,6 +219,4 @@ def _launch(op, addrs, numels, dtype, step_addrs, step_f64, first_step, host, co
 
 
 _API = OptimizerAPI("cuda", OPTIMIZER_DTYPES, _launch, address, lambda a: True, host_address)
-sgd_step, adagrad_step, rmsprop_step, adam_step = _API.sgd_step, _API.adagrad_step, _API.rmsprop_step, _API.adam_step
-sgd_step_table, adagrad_step_table = _API.sgd_step_table, _API.adagrad_step_table
-rmsprop_step_table, adam_step_table = _API.rmsprop_step_table, _API.adam_step_table
+_API.install(globals())
