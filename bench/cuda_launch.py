@@ -157,11 +157,11 @@ def _adam_step(provider: str):
         return opt.step
 
     def python_launch():  # the Python launcher (kernels/fastnorm_kernels/numba_cuda/optim.py) for this step
-        saved, optim._cuda_op = optim._cuda_op, lambda backend, tensors: False
+        saved, optim._kernels._cuda_op = optim._kernels._cuda_op, lambda backend, tensors: False
         try:
             opt.step()
         finally:
-            optim._cuda_op = saved
+            optim._kernels._cuda_op = saved
 
     return python_launch
 

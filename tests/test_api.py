@@ -108,9 +108,9 @@ AUTO_OPTIMIZER_CASES = [
 def test_auto_optimizer_runs_the_faster_backend(monkeypatch, name, options, numel, expected):
     monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
     launches = []
-    launch = fastnorm.optim._launch
+    launch = fastnorm.optim._kernels._launch
     monkeypatch.setattr(
-        fastnorm.optim, "_launch", lambda backend, *a: launches.append(backend.name) or launch(backend, *a)
+        fastnorm.optim._kernels, "_launch", lambda backend, *a: launches.append(backend.name) or launch(backend, *a)
     )
     params = [torch.randn(numel - numel // 3, requires_grad=True), torch.randn(numel // 3, requires_grad=True)]
     twins = [p.detach().clone().requires_grad_() for p in params]
@@ -587,7 +587,7 @@ def test_auto_on_a_gpu_never_launches_through_the_unvalidated_cpp_cuda_path(monk
         chosen = _dispatch.resolve(backend, "adam", gpu, big)
         assert chosen.name == "cuda"
         allowed = _dispatch.cpp_cuda_allowed(backend)
-        return optim._cuda_op(chosen, [[on_gpu]]), functional._cuda_op("cuda", on_gpu, allowed)
+        return optim._kernels._cuda_op(chosen, [[on_gpu]]), functional._cuda_op("cuda", on_gpu, allowed)
 
     assert _dispatch.CPP_CUDA_VALIDATED is False
     assert launches("auto") == (False, False)  # the Python launchers gpu.md measured

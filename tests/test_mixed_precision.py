@@ -431,8 +431,10 @@ def test_options_survive_deepcopy_and_pickling():
 def test_auto_runs_numba_on_16_bit_parameters(monkeypatch, dtype):
     monkeypatch.delenv("FASTNORM_BACKEND", raising=False)
     launches = []
-    launch = fopt._launch
-    monkeypatch.setattr(fopt, "_launch", lambda backend, *a: launches.append(backend.name) or launch(backend, *a))
+    launch = fopt._kernels._launch
+    monkeypatch.setattr(
+        fopt._kernels, "_launch", lambda backend, *a: launches.append(backend.name) or launch(backend, *a)
+    )
     p = torch.randn(5000).to(dtype).requires_grad_()
     opt = fastnorm.optim.Adam([p], lr=1e-3)
     p.grad = torch.randn_like(p)
@@ -443,8 +445,8 @@ def test_auto_runs_numba_on_16_bit_parameters(monkeypatch, dtype):
 def test_a_backend_without_the_dtype_is_refused_by_name_and_skipped_by_auto(monkeypatch):
     """(The rule for any backend whose kernels lack a dtype: the reference made to lack bfloat16.)"""
     monkeypatch.setattr(fastnorm_kernels.reference, "OPTIMIZER_DTYPES", fastnorm_kernels.reference.OPTIMIZER_DTYPES[:2])
-    assert "reference" not in fopt._dtype_backends(torch.bfloat16, "adam")
-    assert fopt._dtype_backends(torch.bfloat16, "adam")[-1] == "torch"
+    assert "reference" not in fopt._kernels._dtype_backends(torch.bfloat16, "adam")
+    assert fopt._kernels._dtype_backends(torch.bfloat16, "adam")[-1] == "torch"
     p = torch.ones(3, dtype=torch.bfloat16, requires_grad=True)
     p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match=r"does not update torch.bfloat16 parameters.*backends that do: numba, torch"):

@@ -231,8 +231,8 @@ def optimizer_ops(launches, monkeypatch):
             self[op] = lambda *args, **kwargs: fn.redispatch(CUDA, *args, **kwargs)
             return self[op]
 
-    monkeypatch.setattr(optim, "_cuda_op", lambda backend, tensors: backend.name == "cuda")
-    monkeypatch.setattr(optim, "_OPS", Redispatch())
+    monkeypatch.setattr(optim._kernels, "_cuda_op", lambda backend, tensors: backend.name == "cuda")
+    monkeypatch.setattr(optim._kernels, "_OPS", Redispatch())
     return launches
 
 
@@ -271,7 +271,7 @@ def test_optimizers_through_the_cpp_ops_follow_torch_and_the_python_launcher(opt
     # the Python launcher (kernels/fastnorm_kernels/numba_cuda/optim.py): the same kernels and tables, the same bits
     from fastnorm import optim
 
-    monkeypatch.setattr(optim, "_cuda_op", lambda backend, tensors: False)
+    monkeypatch.setattr(optim._kernels, "_cuda_op", lambda backend, tensors: False)
     optimizer_ops.clear()
     _, _, theirs, their_params = _lockstep(name, options, torch.float64, None)
     assert not optimizer_ops, "the Python launcher ran"
@@ -290,7 +290,7 @@ def test_16_bit_optimizers_through_the_cpp_ops_as_the_python_launcher(optimizer_
 
     _, _, ours, our_params = _lockstep(name, options, torch.bfloat16, optimizer_ops, steps=3)
     assert optimizer_ops, "the C++ ops launched"
-    monkeypatch.setattr(optim, "_cuda_op", lambda backend, tensors: False)
+    monkeypatch.setattr(optim._kernels, "_cuda_op", lambda backend, tensors: False)
     _, _, theirs, their_params = _lockstep(name, options, torch.bfloat16, None, steps=3)
     for b, c in zip(our_params, their_params):
         assert torch.equal(b, c), f"{name}: the C++ and Python launches differ"
