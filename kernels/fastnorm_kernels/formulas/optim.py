@@ -159,6 +159,25 @@ def adam_tensor_scalars(step, host):
     return lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
 
 
+# -- Lion ---------------------------------------------------------------------------------------
+
+
+def lion(p, g, exp_avg, sign, decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): the sign of an
+    interpolation of momentum and gradient, decoupled weight decay (decay = 1 - lr*weight_decay)."""
+    g = g * sign
+    c = exp_avg * beta1 + one_minus_beta1 * g
+    if c > 0:
+        step = lr
+    elif c < 0:
+        step = -lr
+    else:  # torch.sign: 0 at 0, NaN at NaN
+        step = c * lr
+    p = p * decay - step
+    exp_avg = exp_avg * beta2 + one_minus_beta2 * g
+    return p, exp_avg
+
+
 # -- the descriptions ---------------------------------------------------------------------------
 
 _MAXIMIZE = Option("maximize", bool)
@@ -278,6 +297,52 @@ OPTIMIZERS = {
             scalars=("step_size", "bias_correction2_sqrt"),
             step_scalars=adam_tensor_scalars,
             host=("lr", "beta1", "beta2"),
+        ),
+        _Optimizer(
+            name="lion",
+            update=lion,
+            buffers=(Buffer("exp_avg", "exp_avgs"),),
+            options=(Option("lr"), Option("beta1"), Option("beta2"), Option("weight_decay"), _MAXIMIZE),
+            constants=dict(
+                sign=sign,
+                decay=lambda lr, weight_decay: 1.0 - lr * weight_decay,
+                lr=None,
+                beta1=None,
+                one_minus_beta1=lambda beta1: 1.0 - beta1,
+                beta2=None,
+                one_minus_beta2=lambda beta2: 1.0 - beta2,
+            ),  # fmt: skip
+            counts_steps=False,
+            class_name="Lion",
+            defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
+            auto_cuda_min_numel=0,
+            doc=r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): signed updates.
+
+    .. math::
+        c = \beta_1 m + (1-\beta_1) g;\quad
+        \theta \leftarrow \theta - \gamma\,(\operatorname{sign}(c) + \lambda\theta);\quad
+        m \leftarrow \beta_2 m + (1-\beta_2) g
+
+    torch.optim has no Lion: its state (``exp_avg`` per parameter, no step counter) is fastnorm's,
+    and bitsandbytes' 32-bit ``Lion`` is the oracle its tests compare with. Every update moves
+    each weight by exactly ``lr`` (plus decay), so Lion wants a learning rate 3-10x smaller than
+    AdamW's and a weight decay 3-10x larger.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (default 1e-4).
+        betas: (beta1, beta2): the interpolation for the sign and the momentum's decay
+            (default (0.9, 0.99)).
+        weight_decay: decoupled weight decay, ``theta *= 1 - lr*weight_decay`` (default 0).
+        maximize: maximize the objective (default False).
+        backend: ``"auto"`` (numba on CPU, cuda on GPU), ``"numba"``, ``"cuda"``, ``"reference"``.
+        master_weights, stochastic_rounding: as fastnorm's other optimizers (16-bit parameters).
+
+    Shape: any parameter shapes; the state is one buffer of the parameter's shape.
+
+    Example:
+        >>> opt = Lion(model.parameters(), lr=3e-4, weight_decay=0.1)
+""",
         ),
     )
 }

@@ -16,6 +16,8 @@ same order of operations, so that a fastnorm optimizer and a torch one stay in l
             p -= step_size * m / (sqrt(v or vmax) / sqrt(bc2) + eps),
             step_size = lr / (1 - beta1**t),  bc2 = 1 - beta2**t   (eps added after the division:
             the book folds the bias correction into lr and adds eps to sqrt(v) instead)
+* Lion:     c = beta1*m + (1-beta1)*g;  p *= 1 - lr*wd;  p -= lr*sign(c);  m = beta2*m + (1-beta2)*g
+            (Chen et al. 2023; torch.optim has none: bitsandbytes' order of operations)
 * maximize negates the gradient first.
 
 Adagrad, RMSprop and Adam count steps per tensor, as torch does: ``steps`` holds each tensor's
@@ -242,3 +244,25 @@ def adam_step(
         else:
             denom = np.sqrt(v) / bias_correction2_sqrt + eps
         p += -step_size * (m / denom)
+
+
+@_storage("params", "exp_avgs")
+@_quiet
+def lion_step(
+    params: Arrays,
+    grads: Arrays,
+    exp_avgs: Arrays,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    for p, g, m in zip(params, grads, exp_avgs):
+        g = -g if maximize else g
+        p *= 1 - lr * weight_decay  # decoupled, before the signed step (the paper's, bitsandbytes')
+        c = beta1 * m + (1 - beta1) * g
+        p -= lr * np.sign(c)
+        m *= beta2
+        m += (1 - beta2) * g
