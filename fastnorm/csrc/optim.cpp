@@ -50,7 +50,7 @@ void run(const Update& u, TensorList params, TensorList grads, const std::array<
   const int64_t t = static_cast<int64_t>(params.size());
   if (t == 0) return;
   const Spec& spec = *u.spec;
-  const std::string name = spec.name + "_";
+  const std::string& name = spec.op;
   const bool counts = spec.counts_steps;
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == t, "fastnorm::", name, ": ", t, " params but ", grads.size(),
               " grads");
@@ -152,7 +152,7 @@ void run(const Update& u, TensorList params, TensorList grads, const std::array<
       slot.store(fn, std::memory_order_release);
     }
     int64_t flag_bits = 0, use_bits = 0;
-    for (size_t i = 0; i < u.flags.size(); ++i) flag_bits |= int64_t(u.flags[i]) << i;
+    for (int i = 0; i < spec.flags; ++i) flag_bits |= int64_t(u.flags[i]) << i;
     for (int i = 0; i < 3; ++i) use_bits |= int64_t(u.uses[i]) << i;
     auto kernel = reinterpret_cast<Step>(fn);
     without_gil([&] {
@@ -172,15 +172,22 @@ void run(const Update& u, TensorList params, TensorList grads, const std::array<
 
 // -- one boxed kernel per dispatch key, for every optimizer's op ---------------------------------
 
+// "fastnorm::adam_" -> its description (never freed). Written only by define_optimizer, which
+// fastnorm/_ops.py calls while the extension loads, each entry before its op exists: calls of an
+// op read its entry without a lock.
 std::mutex specs_mutex;
-auto* specs = new std::map<std::string, Spec*>();  // "fastnorm::adam_" -> its description (never freed)
+auto* specs = new std::map<std::string, Spec*>();
 
 const Spec& spec_of(const c10::OperatorHandle& op) {
-  const auto& name = op.schema().name();
-  std::lock_guard<std::mutex> lock(specs_mutex);
-  auto found = specs->find(name);
-  TORCH_CHECK(found != specs->end(), name, ": no optimizer description registered for this op");
-  return *found->second;
+  thread_local const c10::FunctionSchema* last_schema = nullptr;  // the op called last on this thread
+  thread_local const Spec* last_spec = nullptr;
+  const c10::FunctionSchema& schema = op.schema();
+  if (&schema == last_schema) return *last_spec;
+  auto found = specs->find(schema.name());
+  TORCH_CHECK(found != specs->end(), schema.name(), ": no optimizer description registered for this op");
+  last_schema = &schema;
+  last_spec = found->second;
+  return *last_spec;
 }
 
 // CPU and CUDA: the op's arguments in schema order (params, grads, buffer lists, [state_steps],
@@ -197,7 +204,7 @@ void step_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   for (int i = 0; i < spec.buffers; ++i) buffers[i] = args[a++].toTensorVector();
   std::vector<Tensor> steps;
   if (spec.counts_steps) steps = args[a++].toTensorVector();
-  std::vector<double> options(spec.options);
+  std::array<double, kMaxPacked> options{};
   for (int i = 0; i < spec.options; ++i, ++a) {
     options[i] = args[a].isBool() ? (args[a].toBool() ? 1.0 : 0.0) : args[a].toDouble();
   }
@@ -210,7 +217,7 @@ void step_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   Update u;
   u.spec = &spec;
   u.on_cuda = OnCuda;
-  std::vector<double> packed(spec.constants + spec.flags + 6);
+  std::array<double, kMaxPacked> packed{};
   auto pack = spec.pack.load(std::memory_order_acquire);
   if (pack == nullptr) {  // compiled or loaded once per process ("pack:<name>": fastnorm/_ops.py)
     pack = reinterpret_cast<void (*)(int64_t, int64_t)>(resolve_entry("pack:" + spec.name, 0));
@@ -218,7 +225,7 @@ void step_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   }
   pack(reinterpret_cast<int64_t>(options.data()), reinterpret_cast<int64_t>(packed.data()));
   u.constants.assign(packed.begin(), packed.begin() + spec.constants);
-  for (int i = 0; i < spec.flags; ++i) u.flags.push_back(packed[spec.constants + i] != 0.0);
+  for (int i = 0; i < spec.flags; ++i) u.flags[i] = packed[spec.constants + i] != 0.0;
   for (int i = 0; i < 3; ++i) u.uses[i] = packed[spec.constants + spec.flags + i] != 0.0;
   for (int i = 0; i < 3; ++i) u.host[i] = packed[spec.constants + spec.flags + 3 + i];
   run(u, params, grads, buffers, steps, first_step, seed);
@@ -233,18 +240,17 @@ void meta_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 // lists) move, as torch's own fused updates move them (an autograd graph that saved a parameter
 // raises torch's in-place error)
 void view_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  const auto& arguments = op.schema().arguments();
-  auto args = torch::jit::last(*stack, arguments.size());
-  std::vector<Tensor> written;
-  for (size_t i = 0; i < arguments.size(); ++i) {
-    const auto* alias = arguments[i].alias_info();
-    if (alias != nullptr && alias->isWrite()) {
-      for (const auto& t : args[i].toTensorVector()) written.push_back(t);
-    }
-  }
+  const Spec& spec = spec_of(op);
+  auto args = torch::jit::last(*stack, op.schema().arguments().size());
+  // the written lists: params, the buffer lists and the step counters (arguments 0, 2, 3, ...)
+  std::array<c10::List<Tensor>, 5> written;
+  const int n = 1 + spec.buffers + (spec.counts_steps ? 1 : 0);
+  for (int i = 0; i < n; ++i) written[i] = args[i == 0 ? 0 : i + 1].toTensorList();
   op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
-  for (const auto& t : written) {
-    if (t.defined()) torch::autograd::increment_version(t);
+  for (int i = 0; i < n; ++i) {
+    for (const Tensor& t : written[i]) {
+      if (t.defined()) torch::autograd::increment_version(t);
+    }
   }
 }
 
@@ -266,7 +272,10 @@ void define_optimizer(const std::string& name, const std::string& schema, int bu
     std::lock_guard<std::mutex> lock(specs_mutex);
     if (specs->count(op)) return;
     auto* spec = new Spec();
+    TORCH_CHECK(options <= kMaxPacked && constants + flags + 6 <= kMaxPacked && flags <= kMaxFlags, "fastnorm: ",
+                name, ": too many options, constants or flags for the optimizer ops");
     spec->name = name;
+    spec->op = name + "_";
     spec->buffers = buffers;
     spec->counts_steps = counts_steps;
     spec->clone_first = clone_first;

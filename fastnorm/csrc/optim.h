@@ -20,8 +20,12 @@ using at::TensorList;
 // One optimizer as kernels/fastnorm_kernels/formulas/optim.py describes it, handed over by
 // fastnorm/_ops.py when the extension loads (define_optimizer). Nothing here is per optimizer:
 // the op's schema, its argument packing (a compiled Optimizer.pack) and its kernels come with it.
+constexpr int kMaxPacked = 64;  // options, and packed values (constants, flags, uses, host), of one optimizer
+constexpr int kMaxFlags = 8;
+
 struct Spec {
   std::string name;          // "adam": the op fastnorm::adam_, the kernels' family
+  std::string op;            // "adam_"
   int buffers = 0;           // state buffer lists after params and grads
   bool counts_steps = false;  // a state_steps list follows the buffers (advanced by the kernels)
   int clone_first = -1;      // the buffer cloned on its first step (the op's first_step flags), or -1
@@ -40,7 +44,7 @@ struct Update {
   bool on_cuda = false;                       // the op's CUDA kernel (optim_cuda.cpp launches)
   std::array<double, 3> host{0.0, 0.0, 0.0};  // float64 option values the step scalars need
   std::vector<double> constants;              // in the compute dtype, rounded once
-  std::vector<bool> flags;
+  std::array<bool, kMaxFlags> flags{};
   std::array<bool, 3> uses{false, false, false};  // which buffer rows exist
 };
 

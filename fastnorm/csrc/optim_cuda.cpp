@@ -172,7 +172,7 @@ void step_cuda(const Update& u, int storage, const Tensor& like, const std::vect
     std::vector<Arg> args{Arg(address(tb.addrs)), Arg(n), Arg(address(tb.chunks)), Arg(tb.k),
                           Arg::real(scalars.first, f64), Arg::real(scalars.second, f64)};
     for (double c : u.constants) args.push_back(Arg::real(c, f64));
-    for (bool flag : u.flags) args.push_back(Arg(flag));
+    for (int i = 0; i < u.spec->flags; ++i) args.push_back(Arg(u.flags[i]));
     for (bool use : u.uses) args.push_back(Arg(use));
     args.push_back(Arg(seed));
     const cuda::Dim3 grid{std::max<int64_t>(1, std::min(tb.k, geometry.optimizer_max_blocks))};

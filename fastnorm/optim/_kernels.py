@@ -124,12 +124,15 @@ def _launch(backend: Backend, d, part: _Part, tensors: list[list[torch.Tensor]],
             copies = {id(t): c for t, c in staged}
             tensors = [[copies.get(id(t), t) for t in row] for row in tensors]
     n = len(d.buffers)
-    cloned = d.clone_first is not None and part.buffers[d.clone_first] is not None
     if through_op:  # the C++ op (fastnorm/csrc/optim.cpp; on a GPU, optim_cuda.cpp launches)
         buffers = [[] if row is None else tensors[2 + i] for i, row in enumerate(part.buffers[:n])]
-        extra = {"first_step": part.first_step if cloned else []} if d.clone_first is not None else {}
-        steps = [part.steps] if d.counts_steps else []
-        _OPS[d.name](tensors[0], tensors[1], *buffers, *steps, **options, **extra)
+        if d.counts_steps:
+            _OPS[d.name](tensors[0], tensors[1], *buffers, part.steps, **options)
+        elif d.clone_first is not None:
+            cloned = part.buffers[d.clone_first] is not None
+            _OPS[d.name](tensors[0], tensors[1], *buffers, **options, first_step=part.first_step if cloned else [])
+        else:
+            _OPS[d.name](tensors[0], tensors[1], *buffers, **options)
     elif (table := getattr(backend.kernels, f"{d.name}_step_table", None)) is not None:
         if addrs is None:
             addrs = np.array([[t.data_ptr() for t in row] for row in tensors], np.int64)

@@ -91,8 +91,12 @@ class Optimizer:
     auto_cpu_min_numel: float = 0
     auto_cuda_min_numel: float = 100_000_000
     doc: str = ""
+    clone_first: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
+        # the index of the buffer cloned on its first step, or None (read every step: computed once)
+        cloned = [i for i, b in enumerate(self.buffers) if b.clone_first]
+        object.__setattr__(self, "clone_first", cloned[0] if cloned else None)
         if not 1 <= len(self.buffers) <= MAX_BUFFERS:
             raise ValueError(f"{self.name}: 1 to {MAX_BUFFERS} state buffers, got {len(self.buffers)}")
         if len(self.scalars) > N_SCALARS or len(self.host) > 3:
@@ -114,12 +118,6 @@ class Optimizer:
             raise ValueError(f"{self.name}'s update takes {sorted(unknown)}, which its description does not define")
 
     # -- what the kernels take ------------------------------------------------------------------
-
-    @property
-    def clone_first(self) -> int | None:
-        """The index of the buffer cloned on its first step, or None."""
-        found = [i for i, b in enumerate(self.buffers) if b.clone_first]
-        return found[0] if found else None
 
     @property
     def n_flags(self) -> int:
