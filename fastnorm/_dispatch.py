@@ -168,9 +168,15 @@ _TORCH_DTYPES = {
 }
 
 
+#: the optimizers torch.optim lacks (those whose description derives a class): no torch backend
+TORCH_LACKS = frozenset(d.name for d in OPTIMIZERS.values() if d.class_name)
+
+
 def _implements(name: str, op: str) -> bool:
     module, why = _load(name)
-    return why is None and (module is None or fastnorm_kernels.implements(module, op))
+    if module is None and why is None:  # torch
+        return op not in TORCH_LACKS
+    return why is None and fastnorm_kernels.implements(module, op)
 
 
 def backends(op: str | None = None) -> list[str]:
@@ -182,7 +188,7 @@ def backends(op: str | None = None) -> list[str]:
 def _unavailable(name: str, op: str, source: str) -> ValueError:
     _, why = _load(name)
     if why is None:
-        why = f"it has no {op} kernels yet"
+        why = f"torch has no {op}" if name == "torch" else f"it has no {op} kernels yet"
     return ValueError(
         f"backend {name!r}{source} is not available for {op}: {why}. Available here: {', '.join(backends(op))}."
     )
@@ -393,6 +399,11 @@ def _resolve(
         if usable and dtype in KERNEL_DTYPES and not has_dtype(preferred, op, dtype):
             usable = False  # "auto" never refuses a dtype torch supports
         backend = preferred if usable else "torch"
+        if backend == "torch" and op in TORCH_LACKS:  # no torch to fall back on: fastnorm's slower backends
+            ours = [b for b in ("numba", "reference") if device.type == "cpu" and _implements(b, op)]
+            if not ours:
+                raise ValueError(f"{op}: torch has none, and no fastnorm backend runs it on {device.type} here")
+            backend = ours[0]
     elif not _implements(backend, op):
         raise _unavailable(backend, op, source)
     elif dtype in KERNEL_DTYPES and not has_dtype(backend, op, dtype):

@@ -61,6 +61,7 @@ def _demo_side_by_side(args: argparse.Namespace) -> int:
 BENCH_FILES = {
     "batchnorm": "test_bench_batchnorm.py",
     "optim": "test_bench_optim.py",
+    "lion": "test_bench_lion.py",
     "norms": "test_bench_norms.py",
     "e2e": "test_bench_e2e.py",
     "roofline": "test_bench_roofline.py",

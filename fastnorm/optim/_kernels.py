@@ -49,9 +49,9 @@ def resolve_backend(self, group: dict, params: list[torch.Tensor]) -> Backend:
         )
     if chosen.is_torch and not precision:
         return chosen
-    unsupported = _unsupported(params, chosen, self._op)
+    unsupported = _unsupported(params, chosen, self._op, torch_has=self._torch_cls is not None)
     if unsupported:
-        if self.backend == AUTO and not precision:
+        if self.backend == AUTO and not precision and self._torch_cls is not None:
             return TORCH  # "auto" never refuses what torch supports
         if precision and chosen.is_torch:
             raise ValueError(f"{name}: master_weights / stochastic_rounding need fastnorm's kernels, and none "
@@ -77,14 +77,17 @@ def check_gradients(self, params: list[torch.Tensor], backend: Backend) -> None:
             )
 
 
-def _unsupported(params: list[torch.Tensor], chosen: Backend, op: str):
-    """(exception type, why) if ``chosen``'s kernels cannot update these parameters, else None."""
+def _unsupported(params: list[torch.Tensor], chosen: Backend, op: str, torch_has: bool = True):
+    """(exception type, why) if ``chosen``'s kernels cannot update these parameters, else None
+    (``torch_has``: torch.optim has this optimizer, a way out to suggest)."""
     for p in params:
         g = p.grad
         if g.is_sparse or p.is_sparse:
-            return RuntimeError, "does not support sparse gradients; use dense gradients or backend='torch'"
+            way_out = " or backend='torch'" if torch_has else " (no backend updates sparse gradients)"
+            return RuntimeError, f"does not support sparse gradients; use dense gradients{way_out}"
         if p.is_complex():
-            return TypeError, f"does not support complex parameters ({p.dtype}); use backend='torch'"
+            way_out = "; use backend='torch'" if torch_has else "; view it as real (torch.view_as_real) first"
+            return TypeError, f"does not support complex parameters ({p.dtype}){way_out}"
         dtype = KERNEL_DTYPES.get(p.dtype)
         if chosen.is_torch or dtype is None or dtype not in chosen.kernels.OPTIMIZER_DTYPES:
             return ValueError, (
