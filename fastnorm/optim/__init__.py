@@ -11,6 +11,17 @@ for any group a fastnorm kernel cannot take (sparse or complex gradients, a dtyp
 lack, torch-only options) or that torch updates faster (on CPU: plain SGD, SGD with momentum under
 50K elements; ``fastnorm._dispatch.AUTO_CPU_MIN_NUMEL``), torch's own ``step`` runs.
 
+An optimizer torch lacks (``Lion``) is a class derived from its description: its constructor
+takes the description's defaults (checked as torch checks them), its state is created by fastnorm
+(each buffer that exists under the group's options, zeros of the parameter's dtype and layout, a
+``step`` tensor where it counts steps), and where the others would hand a group to torch (sparse
+or complex gradients, ``backend="torch"``) it raises a clear error instead.
+
+Modules: ``_base`` (``_KernelOptimizer``: the step), ``_plan`` (state gathering, the plan and its
+checks), ``_kernels`` (the backend choice and the kernel call), ``_precision`` (master weights,
+stochastic rounding), ``_compat`` (hooks, pickling, ``state_dict`` extras, torch's own step, the
+step ``torch.compile`` traces).
+
 One update path: a per-group plan
 ---------------------------------
 At the MNIST MLP's size an update is ~100 µs of arithmetic, so gathering a group's state through
