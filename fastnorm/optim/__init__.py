@@ -71,7 +71,6 @@ class SGD(_KernelOptimizer, torch.optim.SGD):
 
     _op = "sgd"
     _torch_cls = torch.optim.SGD
-    _state_lists = ("momentum_buffer",)
 
     @with_backend_signature(torch.optim.SGD, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
@@ -93,7 +92,6 @@ class Adagrad(_KernelOptimizer, torch.optim.Adagrad):
 
     _op = "adagrad"
     _torch_cls = torch.optim.Adagrad
-    _state_lists = ("sum", "step")
 
     @with_backend_signature(torch.optim.Adagrad, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
@@ -115,7 +113,6 @@ class RMSprop(_KernelOptimizer, torch.optim.RMSprop):
 
     _op = "rmsprop"
     _torch_cls = torch.optim.RMSprop
-    _state_lists = ("square_avg", "momentum_buffer", "grad_avg", "step")
 
     @with_backend_signature(torch.optim.RMSprop, precision_options=True)
     def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
@@ -126,7 +123,6 @@ class _AdamUpdate:
     """What Adam and AdamW share (AdamW: ``decoupled_weight_decay``)."""
 
     _op = "adam"
-    _state_lists = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
 
 
 class Adam(_AdamUpdate, _KernelOptimizer, torch.optim.Adam):
@@ -187,7 +183,7 @@ def _derived_class(d) -> type:
     """The ``torch.optim.Optimizer`` of description ``d`` (an optimizer torch lacks): its
     constructor takes ``d.defaults`` in order (the first positional after ``params``, the
     booleans keyword-only), checked as torch checks them, plus ``backend``, ``master_weights``
-    and ``stochastic_rounding``; its state is fastnorm's (:meth:`_KernelOptimizer._gather`)."""
+    and ``stochastic_rounding``; its state is created as the others' (``Planner._gather``)."""
     kw, positional = inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
     parameters = [inspect.Parameter("self", positional), inspect.Parameter("params", positional)]
     for name, default in d.defaults.items():

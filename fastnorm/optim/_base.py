@@ -51,13 +51,12 @@ class _KernelOptimizer(TorchCompat, Precision, Planner):
     A subclass names its description (``_op``, a key of
     ``fastnorm_kernels.formulas.optim.OPTIMIZERS``), from which its table rows (the state
     buffers), the options that decide which buffers exist and the kernels' keyword arguments
-    follow. A torch twin (``_torch_cls``) also names the lists its ``_init_group`` fills after
-    params and grads (``_state_lists``, in that function's argument order).
+    follow, and the state it creates (``Planner._gather``). A torch twin (``_torch_cls``) runs
+    torch's own step where fastnorm's kernels do not.
     """
 
     _op: str  # key of OPTIMIZERS
     _torch_cls: type[torch.optim.Optimizer] | None = None
-    _state_lists: tuple[str, ...] = ()
     _option_defaults: dict = {}  # kernel options a group may lack (AdamW: decoupled_weight_decay)
     backend: str
 
@@ -69,9 +68,12 @@ class _KernelOptimizer(TorchCompat, Precision, Planner):
         cls._table_rows = tuple(b.key for b in d.buffers)
         structural = [a for b in d.buffers if b.when is not None for a in _parameters(b.when)]
         cls._plan_options = (*dict.fromkeys(structural), *_TORCH_ONLY_OPTIONS)
-        if cls._torch_cls is None:
-            cls._state_lists = (*cls._table_rows, *(("step",) if d.counts_steps else ()))
+        cls._state_lists = (*cls._table_rows, *(("step",) if d.counts_steps else ()))
         cls._kernel_options = _options_function(d, cls._option_defaults)
+
+    def _empty_lists(self) -> dict:
+        """The state lists :meth:`_gather` fills: one per buffer key, and ``"step"``."""
+        return {name: [] for name in self._state_lists}
 
     def _kernel_options(self, group: dict) -> dict:
         """The op's keyword options from a parameter group (``betas`` gives beta1 and beta2);

@@ -164,7 +164,7 @@ class TorchCompat:
         run torch's own update, traced as torch's is."""
         torch_groups = []
         for group in self.param_groups:
-            lists = {name: [] for name in self._state_lists}
+            lists = self._empty_lists()
             params, grads = [], []
             if not self._traceable(group):
                 torch_groups.append(group)

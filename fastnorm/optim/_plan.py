@@ -66,32 +66,40 @@ class Planner:
     """Builds, checks and revalidates plans (a mixin of ``_KernelOptimizer``)."""
 
     def _gather(self, group: dict, params: list, grads: list, lists: dict) -> None:
-        """The group's parameters with gradients, their gradients and state lists (``lists``: name ->
-        list, filled in place), state created where it is missing: torch's ``_init_group`` for a torch
-        twin (its state, keys and errors exactly), else from the description: each buffer that
-        exists under the group's options as zeros of its parameter's dtype and layout (a buffer
-        cloned on its first step: None until then, as torch's SGD keeps it), and a step counter
-        (``torch.tensor(0.0)`` of torch's scalar dtype) where the optimizer counts steps."""
-        if self._torch_cls is not None:  # called as self._init_group: torch.compile knows it by that name
-            self._init_group(group, params, grads, *lists.values())
-            return
+        """The group's parameters with gradients, their gradients and state lists (``lists``: buffer
+        key or ``"step"`` -> list, filled in place), creating state from the description as torch's
+        ``_init_group`` creates it: a parameter's state is made when it has none (its step counter,
+        ``torch.tensor(0.0)`` of torch's scalar dtype, and each buffer that exists under the group's
+        options, zeros or a constructor default's value of the parameter's dtype and layout, in the
+        description's key order), and read afterwards: a buffer an option asks for that the state
+        lacks raises torch's KeyError. A buffer cloned on its first step stays None until then
+        (torch's SGD), and a parameter whose optimizer keeps no state is not given an entry."""
         d = self._description
         uses = d.pack(self._kernel_options(group))[2]
+        keeps_state = d.counts_steps or any(uses)
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
+            if p.grad.is_sparse and self._torch_cls is None:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             params.append(p)
             grads.append(p.grad)
+            if not keeps_state:
+                continue
             state = self.state[p]
-            if d.counts_steps and "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=_torch_optimizer._get_scalar_dtype())
+            if len(state) == 0:
+                for key in d.state_keys:
+                    if key == "step":
+                        state["step"] = torch.tensor(0.0, dtype=_torch_optimizer._get_scalar_dtype())
+                        continue
+                    i = d.buffer_index[key]
+                    b = d.buffers[i]
+                    if uses[i] and not b.clone_first:
+                        fill = 0.0 if b.initial is None else self.defaults[b.initial]
+                        state[key] = torch.full_like(p, fill, memory_format=torch.preserve_format)
             for b, use in zip(d.buffers, uses):
-                if use and b.key not in state and not b.clone_first:
-                    state[b.key] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if use:
-                    lists[b.key].append(state.get(b.key))
+                    lists[b.key].append(state.get(b.key) if b.clone_first else state[b.key])
             if d.counts_steps:
                 lists["step"].append(state["step"])
 
@@ -125,11 +133,11 @@ class Planner:
         if backend.is_torch:
             return _Plan(self.state, options, params, [], [], [], backend)
         _kernels.check_gradients(self, params, backend)
-        lists = {name: [] for name in self._state_lists}
+        lists = self._empty_lists()
         got, grads = [], []
         self._gather(group, got, grads, lists)
         if self.master_weights and self._make_masters(params):  # new float32 state: gather it again
-            lists = {name: [] for name in self._state_lists}
+            lists = self._empty_lists()
             got, grads = [], []
             self._gather(group, got, grads, lists)
         master = [self.master_weights and p.dtype in _HALF for p in params]

@@ -48,12 +48,14 @@ class Buffer:
     whether the buffer exists; None: always. ``clone_first``: on the step that creates it the
     buffer takes the update's value rather than starting from zeros (torch's SGD clones the
     gradient into a new momentum buffer): the kernels are told which tensors' buffers are new
-    (per-tensor scalar 0, the op's ``first_step`` flags)."""
+    (per-tensor scalar 0, the op's ``first_step`` flags). ``initial``: the constructor default whose
+    value fills a new buffer (torch's Adagrad: ``initial_accumulator_value``); None: zeros."""
 
     key: str
     lists: str
     when: Callable | None = None
     clone_first: bool = False
+    initial: str | None = None  # a constructor default filling a new buffer (else zeros)
 
 
 def _arguments(fn: Callable) -> tuple[str, ...]:
@@ -73,7 +75,9 @@ class Optimizer:
     optimizer torch lacks, the class fastnorm.optim derives (its constructor's options in order,
     with defaults; ``betas`` stands for beta1 and beta2) and its docstring;
     auto_cpu_min_numel / auto_cuda_min_numel: below these many elements a group, ``"auto"`` runs
-    torch's update (``math.inf``: always torch's; an optimizer torch lacks takes 0).
+    torch's update (``math.inf``: always torch's; an optimizer torch lacks takes 0);
+    state_keys: the order a new state's keys are created in (torch's; default: step, then the
+    buffers).
     """
 
     name: str
@@ -91,12 +95,21 @@ class Optimizer:
     auto_cpu_min_numel: float = 0
     auto_cuda_min_numel: float = 100_000_000
     doc: str = ""
+    state_keys: tuple[str, ...] = ()
     clone_first: int | None = field(init=False, default=None)
+    buffer_index: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         # the index of the buffer cloned on its first step, or None (read every step: computed once)
         cloned = [i for i, b in enumerate(self.buffers) if b.clone_first]
         object.__setattr__(self, "clone_first", cloned[0] if cloned else None)
+        object.__setattr__(self, "buffer_index", {b.key: i for i, b in enumerate(self.buffers)})
+        if not self.state_keys:  # the order a new state's keys are made in: step, then the buffers
+            keys = (*(("step",) if self.counts_steps else ()), *(b.key for b in self.buffers))
+            object.__setattr__(self, "state_keys", keys)
+        expected = {*(("step",) if self.counts_steps else ()), *(b.key for b in self.buffers)}
+        if set(self.state_keys) != expected:
+            raise ValueError(f"{self.name}: state_keys must be step (where it counts steps) and the buffers' keys")
         if not 1 <= len(self.buffers) <= MAX_BUFFERS:
             raise ValueError(f"{self.name}: 1 to {MAX_BUFFERS} state buffers, got {len(self.buffers)}")
         if len(self.scalars) > N_SCALARS or len(self.host) > 3:

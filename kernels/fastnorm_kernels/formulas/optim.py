@@ -222,7 +222,7 @@ OPTIMIZERS = {
         _Optimizer(
             name="adagrad",
             update=adagrad,
-            buffers=(Buffer("sum", "state_sums"),),
+            buffers=(Buffer("sum", "state_sums", initial="initial_accumulator_value"),),
             options=(Option("lr"), Option("lr_decay"), Option("weight_decay"), Option("eps"), _MAXIMIZE),
             constants=dict(sign=sign, weight_decay=None, eps=None),
             flags=dict(has_weight_decay=_has_weight_decay),
@@ -257,6 +257,7 @@ OPTIMIZERS = {
                 momentum=None,
             ),  # fmt: skip
             flags=dict(has_weight_decay=_has_weight_decay, lerp_from_start=lambda alpha: 1.0 - alpha < 0.5),
+            state_keys=("step", "square_avg", "momentum_buffer", "grad_avg"),  # torch's order
         ),
         _Optimizer(
             name="adam",
