@@ -24,6 +24,7 @@ Derived values are functions of options named by their parameters (``lambda lr, 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,7 +59,10 @@ class Buffer:
     initial: str | None = None  # a constructor default filling a new buffer (else zeros)
 
 
+@functools.cache
 def _arguments(fn: Callable) -> tuple[str, ...]:
+    """A function's parameter names (cached: Optimizer.pack reads them on every step of the
+    Python launchers, and inspect.signature costs ~10 µs a call)."""
     return tuple(inspect.signature(fn).parameters)
 
 
