@@ -12,6 +12,7 @@ import torch
 import fastnorm
 import fastnorm_kernels
 from fastnorm import _dispatch, _ops
+from fastnorm.optim._eightbit import Optimizer8bit
 from fastnorm_kernels import numba_cpu, reference
 from fastnorm_kernels._description import Buffer, Optimizer, Option
 from fastnorm_kernels.formulas.optim import OPTIMIZERS
@@ -44,7 +45,7 @@ def test_every_layer_takes_its_optimizers_from_the_descriptions(name):
 def test_the_class_follows_the_description(name):
     d = OPTIMIZERS[name]
     classes = [getattr(fastnorm.optim, c) for c in fastnorm.optim.__all__]
-    ours = [c for c in classes if c._op == name]
+    ours = [c for c in classes if c._op == name and not issubclass(c, Optimizer8bit)]
     assert ours, f"no class in fastnorm.optim runs {name}"
     for cls in ours:
         assert cls._table_rows == tuple(b.key for b in d.buffers)
@@ -53,6 +54,25 @@ def test_the_class_follows_the_description(name):
             opt = cls([torch.zeros(3, requires_grad=True)])
             assert {k: opt.defaults[k] for k in d.defaults} == d.defaults
             assert "torch" not in fastnorm.backends(name)
+
+
+@pytest.mark.parametrize("name", [n for n, d in OPTIMIZERS.items() if d.eight_bit])
+def test_the_8bit_classes_follow_the_description(name):
+    """Each EightBit entry is a class of fastnorm.optim with bitsandbytes' name and defaults, its
+    kernels exist for every parameter storage, and its fixed options are passed to the update."""
+    from fastnorm_kernels.numba_cpu import optim8
+
+    d = OPTIMIZERS[name]
+    for spec in d.eight_bit:
+        cls = getattr(fastnorm.optim, spec.class_name)
+        assert issubclass(cls, Optimizer8bit) and cls._op == name and spec.class_name in fastnorm.optim.__all__
+        opt = cls([torch.zeros(3, requires_grad=True)])
+        got = {k: opt.defaults[k] for k in spec.defaults}
+        assert got == {k: tuple(v) if k == "betas" else v for k, v in spec.defaults.items()}
+        options = opt._kernel_options(opt.param_groups[0])
+        assert set(options) == {o.name for o in d.options}
+        assert all(options[k] == v for k, v in spec.fixed.items())
+        assert {(name, dt) for dt in optim8.PARAM_DTYPES} <= set(optim8._KERNELS)
 
 
 def test_the_packer_compiled_for_the_ops_packs_as_the_description():

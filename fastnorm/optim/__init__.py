@@ -213,3 +213,9 @@ for _d in OPTIMIZERS.values():
     if _d.class_name and _d.class_name not in __all__:
         globals()[_d.class_name] = _derived_class(_d)
         __all__.append(_d.class_name)
+
+# -- 8-bit state: bitsandbytes' classes, derived from the descriptions' EightBit entries ---------------
+from ._eightbit import CLASSES as _EIGHT_BIT  # noqa: E402
+
+globals().update(_EIGHT_BIT)
+__all__ += list(_EIGHT_BIT)

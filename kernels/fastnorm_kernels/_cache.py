@@ -4,7 +4,8 @@ Numba's cache (``cache=True``) revalidates a compiled kernel against the timesta
 that defines it, not of the functions it inlines from other modules; the kernels inline (paths
 in this package) formulas/*.py, _description.py (the generated adapters), _pointer.py, the
 16-bit conversions (_bits.py, _conversions.py,
-*/_bits.py) and the CPU prefetch (numba_cpu/_prefetch.py).
+*/_bits.py), the CPU prefetch (numba_cpu/_prefetch.py) and the 8-bit state's table cells
+(quant8.py).
 :func:`drop_if_stale` keeps a hash of those sources next to a backend's cache files and deletes
 the cache files when the hash changes, so an edited formula is never run from a stale compiled
 kernel. (Installed read-only, or with a
@@ -18,7 +19,7 @@ from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent
 _SOURCES = sorted([*(_ROOT / "formulas").glob("*.py"), _ROOT / "_pointer.py", _ROOT / "_bits.py",
-                   _ROOT / "_description.py", _ROOT / "_conversions.py",
+                   _ROOT / "_description.py", _ROOT / "_conversions.py", _ROOT / "quant8.py",
                    *_ROOT.glob("*/_bits.py"), _ROOT / "numba_cpu" / "_prefetch.py"])  # fmt: skip
 
 

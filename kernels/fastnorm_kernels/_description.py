@@ -57,6 +57,24 @@ class Buffer:
     when: Callable | None = None
     clone_first: bool = False
     initial: str | None = None  # a constructor default filling a new buffer (else zeros)
+    nonnegative: bool = False  # never negative (a second moment): 8-bit state uses the unsigned map
+
+
+@dataclass(frozen=True)
+class EightBit:
+    """A class of the optimizer with 8-bit blockwise state (kernels/fastnorm_kernels/quant8.py),
+    bitsandbytes' twin of the same name: ``class_name``, ``bnb_name`` (bitsandbytes' optimizer
+    name), the constructor's defaults (its options in order; ``betas`` stands for beta1 and
+    beta2; ``eps`` may be absent from the update and is kept for bitsandbytes' param groups),
+    ``fixed``: the description's options the class does not offer, with their values, and its
+    docstring. Its first one or two buffers are quantized (signed map, or unsigned where the
+    buffer is ``nonnegative``)."""
+
+    class_name: str
+    bnb_name: str
+    defaults: dict
+    fixed: dict = field(default_factory=dict)
+    doc: str = ""
 
 
 @functools.cache
@@ -81,7 +99,7 @@ class Optimizer:
     auto_cpu_min_numel / auto_cuda_min_numel: below these many elements a group, ``"auto"`` runs
     torch's update (``math.inf``: always torch's; an optimizer torch lacks takes 0);
     state_keys: the order a new state's keys are created in (torch's; default: step, then the
-    buffers).
+    buffers); eight_bit: its classes with 8-bit state (:class:`EightBit`).
     """
 
     name: str
@@ -100,6 +118,7 @@ class Optimizer:
     auto_cuda_min_numel: float = 100_000_000
     doc: str = ""
     state_keys: tuple[str, ...] = ()
+    eight_bit: tuple[EightBit, ...] = ()
     clone_first: int | None = field(init=False, default=None)
     buffer_index: dict = field(init=False, default_factory=dict)
 

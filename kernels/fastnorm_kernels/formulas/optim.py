@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from .._description import Buffer, Option, sign
+from .._description import Buffer, EightBit, Option, sign
 from .._description import Optimizer as _Optimizer
 
 
@@ -182,6 +182,69 @@ def lion(p, g, exp_avg, sign, decay, lr, beta1, one_minus_beta1, beta2, one_minu
 
 _MAXIMIZE = Option("maximize", bool)
 
+# bitsandbytes' 8-bit Adam decays weights decoupled (as AdamW) in both classes; no amsgrad
+_ADAM8_FIXED = dict(amsgrad=False, maximize=False, decoupled_weight_decay=True)
+_ADAM8_DOC = r"""Adam with 8-bit blockwise state (Dettmers et al. 2022), bitsandbytes' ``{name}``.
+
+    The moments are stored as one uint8 code per value and one float32 absmax per block of 256
+    (kernels/fastnorm_kernels/quant8.py: bitsandbytes' dynamic maps, signed for ``m``, unsigned
+    for ``v``, nearest code); each step dequantizes, runs AdamW's update and quantizes again in
+    one pass per block:
+
+    .. math::
+        \theta \leftarrow \theta(1 - \gamma\lambda);\quad
+        m \leftarrow \beta_1 m + (1-\beta_1) g;\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2;\quad
+        \theta \leftarrow \theta - \frac{{\gamma}}{{1-\beta_1^t}}\,
+        \frac{{m}}{{\sqrt{{v}}/\sqrt{{1-\beta_2^t}} + \epsilon}}
+
+    State: 2 bytes per parameter plus 8 per block (torch's Adam: 8). Weight decay is decoupled
+    in Adam8bit too, as in bitsandbytes. Tensors with fewer than ``min_8bit_size`` values keep
+    float32 state. ``state_dict()`` is bitsandbytes' format (``state1``/``state2`` codes,
+    ``absmax1``/``absmax2``, ``qmap1``/``qmap2``, an integer ``step``): checkpoints load in
+    either library; a 32-bit torch Adam/AdamW checkpoint loads too (its moments quantized).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (default 1e-3).
+        betas: (beta1, beta2) (default (0.9, 0.999)).
+        eps: added to the denominator (default 1e-8).
+        weight_decay: decoupled weight decay (default {wd}).
+        min_8bit_size: tensors with fewer values keep float32 state (default 4096).
+        backend: ``"auto"`` (numba on CPU, cuda on GPU), ``"numba"``, ``"cuda"``, ``"reference"``.
+        amsgrad, optim_bits, args, is_paged: bitsandbytes' arguments, accepted at their defaults.
+
+    Shape: any parameter shapes (float32, bfloat16 or float16); per tensor of ``n`` values the
+    state is two uint8 tensors of its shape and two float32 tensors of ``ceil(n / 256)``.
+
+    Example:
+        >>> opt = {name}(model.parameters(), lr=1e-3)  # was bnb.optim.{name}
+"""
+_LION8_DOC = r"""Lion with 8-bit blockwise state, bitsandbytes' ``Lion8bit``.
+
+    .. math::
+        c = \beta_1 m + (1-\beta_1) g;\quad
+        \theta \leftarrow \theta(1-\gamma\lambda) - \gamma\operatorname{sign}(c);\quad
+        m \leftarrow \beta_2 m + (1-\beta_2) g
+
+    The momentum is stored as uint8 codes of the signed dynamic map and one float32 absmax per
+    block of 256 (kernels/fastnorm_kernels/quant8.py), updated in one pass per block: 1 byte of
+    state per parameter (32-bit Lion: 4). ``state_dict()`` is bitsandbytes' format.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (default 1e-4).
+        betas: (beta1, beta2) (default (0.9, 0.99)).
+        weight_decay: decoupled weight decay (default 0).
+        min_8bit_size: tensors with fewer values keep float32 state (default 4096).
+        backend: ``"auto"``, ``"numba"``, ``"cuda"``, ``"reference"``.
+        optim_bits, args, is_paged: bitsandbytes' arguments, accepted at their defaults.
+
+    Shape: any parameter shapes (float32, bfloat16 or float16).
+
+    Example:
+        >>> opt = Lion8bit(model.parameters(), lr=1e-4, weight_decay=0.1)
+"""
+
 
 def _has_weight_decay(weight_decay):
     return weight_decay != 0
@@ -222,7 +285,7 @@ OPTIMIZERS = {
         _Optimizer(
             name="adagrad",
             update=adagrad,
-            buffers=(Buffer("sum", "state_sums", initial="initial_accumulator_value"),),
+            buffers=(Buffer("sum", "state_sums", initial="initial_accumulator_value", nonnegative=True),),
             options=(Option("lr"), Option("lr_decay"), Option("weight_decay"), Option("eps"), _MAXIMIZE),
             constants=dict(sign=sign, weight_decay=None, eps=None),
             flags=dict(has_weight_decay=_has_weight_decay),
@@ -234,7 +297,7 @@ OPTIMIZERS = {
             name="rmsprop",
             update=rmsprop,
             buffers=(
-                Buffer("square_avg", "square_avgs"),
+                Buffer("square_avg", "square_avgs", nonnegative=True),
                 Buffer("grad_avg", "grad_avgs", when=lambda centered: centered),
                 Buffer("momentum_buffer", "momentum_buffers", when=lambda momentum: momentum > 0),
             ),  # fmt: skip
@@ -264,8 +327,8 @@ OPTIMIZERS = {
             update=adam,
             buffers=(
                 Buffer("exp_avg", "exp_avgs"),
-                Buffer("exp_avg_sq", "exp_avg_sqs"),
-                Buffer("max_exp_avg_sq", "max_exp_avg_sqs", when=lambda amsgrad: amsgrad),
+                Buffer("exp_avg_sq", "exp_avg_sqs", nonnegative=True),
+                Buffer("max_exp_avg_sq", "max_exp_avg_sqs", when=lambda amsgrad: amsgrad, nonnegative=True),
             ),  # fmt: skip
             options=(
                 Option("lr"),
@@ -298,6 +361,22 @@ OPTIMIZERS = {
             scalars=("step_size", "bias_correction2_sqrt"),
             step_scalars=adam_tensor_scalars,
             host=("lr", "beta1", "beta2"),
+            eight_bit=(
+                EightBit(
+                    "Adam8bit",
+                    "adam",
+                    dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+                    _ADAM8_FIXED,
+                    doc=_ADAM8_DOC.format(name="Adam8bit", wd=0),
+                ),
+                EightBit(
+                    "AdamW8bit",
+                    "adam",
+                    dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2),
+                    _ADAM8_FIXED,
+                    doc=_ADAM8_DOC.format(name="AdamW8bit", wd=0.01),
+                ),
+            ),  # fmt: skip
         ),
         _Optimizer(
             name="lion",
@@ -317,6 +396,15 @@ OPTIMIZERS = {
             class_name="Lion",
             defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
             auto_cuda_min_numel=0,
+            eight_bit=(
+                EightBit(
+                    "Lion8bit",
+                    "lion",
+                    dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0),
+                    dict(maximize=False),
+                    doc=_LION8_DOC,
+                ),
+            ),  # fmt: skip
             doc=r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): signed updates.
 
     .. math::

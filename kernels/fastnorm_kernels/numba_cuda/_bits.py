@@ -49,6 +49,14 @@ if SIMULATOR:
     def load_f16(u):
         return np.float32(np.array([u], np.uint16).view(np.float16)[0])
 
+    def f32_bits(x):
+        """The bit pattern of a float32 (uint32)."""
+        return np.array([x], np.float32).view(np.uint32)[0]
+
+    def f32_of_bits(u):
+        """The float32 of a bit pattern."""
+        return np.array([u], np.uint32).view(np.float32)[0]
+
     def store_f16(x, key, e):
         return np.array([np.float16(x)], np.float16).view(np.uint16)[0]
 
@@ -93,6 +101,14 @@ else:
     @_device
     def load_f16(u):
         return _f32_from_half(u)
+
+    @_device
+    def f32_bits(x):
+        return _bits_from_f32(x)
+
+    @_device
+    def f32_of_bits(u):
+        return _f32_from_bits(u)
 
     @_device
     def store_f16(x, key, e):

@@ -236,7 +236,7 @@ def is_usable() -> bool:
 if SIMULATOR:
     _CTYPES = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double,
                np.dtype(np.uint16): ctypes.c_uint16, np.dtype(np.int16): ctypes.c_int16,
-               np.dtype(np.int64): ctypes.c_int64}  # fmt: skip
+               np.dtype(np.int64): ctypes.c_int64, np.dtype(np.uint8): ctypes.c_uint8}  # fmt: skip
 
     def view(addr, n, like):
         """The n elements at ``addr``, typed like the scalar ``like`` (a NumPy view)."""
