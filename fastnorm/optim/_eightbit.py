@@ -189,8 +189,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads fastnorm's or bitsandbytes' 8-bit checkpoints (wrapped or not), and 32-bit ones of
         torch's Adam/AdamW or fastnorm's Lion (``exp_avg`` / ``exp_avg_sq``: quantized here where
-        the parameter has ``min_8bit_size`` values)."""
-        state_dict = copy.copy(state_dict)
+        the parameter has ``min_8bit_size`` values). Deep-copied first, as bitsandbytes does: the
+        loaded state never shares memory with the checkpoint's."""
+        state_dict = copy.deepcopy(state_dict)
         saved = [g["params"] for g in state_dict["param_groups"]]
         ours = [g["params"] for g in self.param_groups]
         by_id = dict(zip(chain.from_iterable(saved), chain.from_iterable(ours))) if len(saved) == len(ours) else {}
