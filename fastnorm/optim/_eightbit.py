@@ -7,7 +7,9 @@ decoupled). The state is bitsandbytes' format (kernels/fastnorm_kernels/quant8.p
 replacing ``bnb.optim.AdamW8bit`` by ``fastnorm.optim.AdamW8bit`` is a one-word change and a
 checkpoint moves between the two:
 
-* per parameter ``step`` (int), ``state1`` / ``state2`` (uint8 codes of the parameter's shape),
+* per parameter ``step`` (a CPU float32 tensor, as torch's optimizers keep it, so that a compiled
+  step does not specialise on it; an int in ``state_dict()``, as bitsandbytes'), ``state1`` /
+  ``state2`` (uint8 codes of the parameter's shape),
   ``absmax1`` / ``absmax2`` (float32, one per block of 256) and ``qmap1`` / ``qmap2`` (the
   signed and unsigned dynamic maps); a parameter with fewer than ``min_8bit_size`` values keeps
   ``state1`` / ``state2`` in float32 and no maps;
@@ -22,6 +24,7 @@ kernels/fastnorm_kernels/numba_cpu/optim8.py); ``backend="reference"`` runs the 
 from __future__ import annotations
 
 import copy
+import ctypes
 import inspect
 import warnings
 from itertools import chain
@@ -64,6 +67,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.min_8bit_size = int(min_8bit_size)
         self._maps: dict = {}
         super().__init__(params, options)
+        for group in self.param_groups:  # made here, not while torch.compile traces a first step
+            for p in group["params"]:
+                self._maps_on(p.device)
 
     # -- options -------------------------------------------------------------------------------
 
@@ -94,7 +100,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
-        state["step"] = 0
+        state["step"] = torch.tensor(0.0)  # as torch's (a CPU float32 tensor); an int in state_dict()
         quantized = p.numel() >= self.min_8bit_size
         maps = self._maps_on(p.device) if quantized else None
         for i in range(1, self._n_state + 1):
@@ -169,9 +175,14 @@ class Optimizer8bit(torch.optim.Optimizer):
                 parts.setdefault((p.dtype, p.device), []).append(p)
             for (_, device), part in parts.items():
                 states = [self._state_of(p) for p in part]
-                for state in states:
-                    state["step"] += 1
-                _run(self._backend_for(device), self._op, part, states, self._n_state, options)
+                lists = _lists(part, states, self._n_state)
+                steps = [state["step"] for state in states]  # advanced by the step
+                backend = self._backend_for(device)
+                if torch.compiler.is_compiling():  # one opaque op in the graph
+                    values = [float(options[o.name]) for o in OPTIMIZERS[self._op].options]
+                    torch.ops.fastnorm.step_8bit_(self._op, backend, *lists, steps, values)
+                else:
+                    _run(backend, self._op, *lists, steps, options)
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -181,6 +192,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         out = super().state_dict()
         out["state"] = {k: dict(v) for k, v in out["state"].items()}
         for state in out["state"].values():
+            if isinstance(state.get("step"), torch.Tensor):  # bitsandbytes keeps an int
+                state["step"] = int(state["step"].item())
             wrapped = {k: state.pop(k) for k in _QUANT_KEYS if k in state}
             if wrapped:
                 state[_WRAPPED] = wrapped
@@ -210,14 +223,14 @@ class Optimizer8bit(torch.optim.Optimizer):
                 p = by_id[key]
                 for k, v in values.items():
                     self.state[p][k] = v.to(p.device)
-                if isinstance(self.state[p].get("step"), torch.Tensor):
-                    self.state[p]["step"] = int(self.state[p]["step"].item())
+                step = self.state[p].get("step", 0)
+                self.state[p]["step"] = torch.tensor(float(step.item() if isinstance(step, torch.Tensor) else step))
 
     def _from_32bit(self, value: dict, p: torch.Tensor) -> dict:
         """A torch-format 32-bit state (``step``, ``exp_avg``, ``exp_avg_sq``) in this format."""
         keys = ["exp_avg", "exp_avg_sq"][: self._n_state]
         step = value.get("step", 0)
-        out = {"step": int(step.item()) if isinstance(step, torch.Tensor) else int(step)}
+        out = {"step": torch.tensor(float(step.item() if isinstance(step, torch.Tensor) else step))}
         quantized = p.numel() >= self.min_8bit_size
         d = OPTIMIZERS[self._op]
         for i, key in enumerate(keys, start=1):
@@ -237,51 +250,87 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.__dict__.setdefault("_maps", {})
 
 
-def _run(backend: str, op: str, params: list, states: list[dict], n_state: int, options: dict) -> None:
-    """One kernel call for parameters of one dtype and device (their states' steps advanced)."""
+def _lists(params: list, states: list[dict], n_state: int) -> tuple[list, ...]:
+    """(params, grads, states, absmaxes) of one kernel call: the state lists per buffer (two, the
+    second empty for one-state optimizers), an absmax list entry empty where the state is float32."""
+    empty = torch.empty(0)
+    rows = [[s[f"state{i}"] for s in states] if i <= n_state else [] for i in (1, 2)]
+    absmax = [[s.get(f"absmax{i}", empty) for s in states] if i <= n_state else [] for i in (1, 2)]
+    return params, [p.grad for p in params], rows[0], rows[1], absmax[0], absmax[1]
+
+
+def _advance(steps: list[torch.Tensor]) -> list[float]:
+    """step += 1 in each counter (a CPU float32 or float64 scalar tensor, as torch's); the new counts."""
+    out = []
+    for t in steps:
+        if t.device.type != "cpu" or t.numel() != 1 or t.dtype not in (torch.float32, torch.float64):
+            raise RuntimeError(f"a step counter must be a one-value float CPU tensor, got {t.dtype} on {t.device}")
+        counter = (ctypes.c_double if t.dtype == torch.float64 else ctypes.c_float).from_address(t.data_ptr())
+        counter.value = counter.value + 1.0
+        out.append(float(counter.value))
+    return out
+
+
+def _run(backend: str, op: str, params: list, grads: list, state1: list, state2: list, absmax1: list,
+         absmax2: list, step_counters: list[torch.Tensor], options: dict) -> None:  # fmt: skip
+    """One kernel call for parameters of one dtype and device; advances their step counters."""
     d = OPTIMIZERS[op]
-    grads = [p.grad for p in params]
+    steps = _advance(step_counters)
+    n_state = 2 if state2 else 1
+    states = [state1, state2][:n_state]
+    absmaxes = [[a if a.numel() else None for a in row] for row in (absmax1, absmax2)[:n_state]]
     staged = [(p, p.contiguous()) for p in params if not p.is_contiguous()]
     copies = {id(p): c for p, c in staged}
     data = [copies.get(id(p), p) for p in params]
     grads = [g.contiguous() for g in grads]
     if backend == "reference":
-        view = CpuArrays.view
         from fastnorm_kernels.reference.optim8 import step_8bit
 
-        step_8bit(op, [view(p) for p in data], [view(g) for g in grads],
-                  [[view(s[f"state{i}"]) for s in states] for i in range(1, n_state + 1)],
-                  [[view(s[f"absmax{i}"]) if f"absmax{i}" in s else None for s in states]
-                   for i in range(1, n_state + 1)],
-                  [s["step"] for s in states], options)  # fmt: skip
+        view = CpuArrays.view
+        step_8bit(op, [view(p) for p in data], [view(g) for g in grads], [[view(s) for s in row] for row in states],
+                  [[None if a is None else view(a) for a in row] for row in absmaxes], steps, options)  # fmt: skip
     else:
         constants, flags, uses, host = d.pack(options)
         scalars = np.zeros((len(params), 2), np.float32)
         cache: dict = {}
-        for t, s in enumerate(states):
-            step = s["step"]
+        for t, step in enumerate(steps):
             if step not in cache:
                 cache[step] = d.tensor_scalars(float(step), host)
             scalars[t] = cache[step]
         addrs = np.zeros((6, len(params)), np.int64)
-        quantized = np.zeros(len(params), np.bool_)
-        for t, (p, g, s) in enumerate(zip(data, grads, states)):
+        quantized = np.array([a is not None for a in absmaxes[0]], np.bool_)
+        for t, (p, g) in enumerate(zip(data, grads)):
             addrs[0, t], addrs[1, t] = p.data_ptr(), g.data_ptr()
-            quantized[t] = "absmax1" in s
-            for i in range(n_state):
-                addrs[2 + 2 * i, t] = s[f"state{i + 1}"].data_ptr()
-                addrs[3 + 2 * i, t] = s[f"absmax{i + 1}"].data_ptr() if quantized[t] else 0
-            for i in range(n_state, 2):  # an absent buffer's rows repeat the gradient's, never touched
-                addrs[2 + 2 * i, t] = addrs[3 + 2 * i, t] = g.data_ptr()
+            for i in range(2):  # an absent buffer's rows repeat the gradient's, never touched
+                addrs[2 + 2 * i, t] = states[i][t].data_ptr() if i < n_state else g.data_ptr()
+                a = absmaxes[i][t] if i < n_state else None
+                addrs[3 + 2 * i, t] = a.data_ptr() if a is not None else g.data_ptr()
         numels = tuple(p.numel() for p in params)
-        dtype = _STORAGE[params[0].dtype]
         if backend == "numba":
             from fastnorm_kernels.numba_cpu.optim8 import step_8bit_table
         else:
             from fastnorm_kernels.numba_cuda.optim8 import step_8bit_table
-        step_8bit_table(op, addrs, numels, dtype, quantized, scalars, constants, flags, uses)
+        step_8bit_table(op, addrs, numels, _STORAGE[params[0].dtype], quantized, scalars, constants, flags, uses)
     for p, c in staged:
         p.copy_(c)
+
+
+@torch.library.custom_op(
+    "fastnorm::step_8bit_", mutates_args=("params", "state1", "state2", "absmax1", "absmax2", "steps")
+)
+def _step_8bit_op(op: str, backend: str, params: list[torch.Tensor], grads: list[torch.Tensor],
+                  state1: list[torch.Tensor], state2: list[torch.Tensor], absmax1: list[torch.Tensor],
+                  absmax2: list[torch.Tensor], steps: list[torch.Tensor], options: list[float]) -> None:  # fmt: skip
+    """The 8-bit step as one op, for torch.compile (options: the description's, in its order)."""
+    names = [o.name for o in OPTIMIZERS[op].options]
+    kinds = {o.name: o.kind for o in OPTIMIZERS[op].options}
+    values = {n: (bool(v) if kinds[n] is bool else v) for n, v in zip(names, options)}
+    _run(backend, op, params, grads, state1, state2, absmax1, absmax2, steps, values)
+
+
+@_step_8bit_op.register_fake
+def _(op, backend, params, grads, state1, state2, absmax1, absmax2, steps, options) -> None:
+    return None
 
 
 def _check_option(cls: str, name: str, value) -> None:
