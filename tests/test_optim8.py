@@ -102,13 +102,16 @@ def test_table_gives_the_nearest_code(signed):
     bits = x.view(np.uint32).astype(np.int64)
     index = (bits >> 31) * quant8.CELLS + quant8.cells(bits & 0x7FFFFFFF)
     got = (base[index].astype(np.int64) + (x > bound[index])) % 256
-    expected = np.searchsorted(mids, x, side="left")
+    expected = np.searchsorted(quant8.thresholds(signed), x, side="left")
     assert np.array_equal(got, expected)
     # nearest: no neighbour is closer (in float64, up to the rounding of the float32 midpoints)
     x64, code64 = x.astype(np.float64), code.astype(np.float64)
     slack = 2.0**-22 * np.abs(x64) + 1e-30
+    floor = (x > 0) & (x < quant8.midpoints(code)[0]) & (not signed)  # the unsigned map's smallest code
+    assert np.all(got[floor] == 1)
     for neighbour in (np.clip(got + 1, 0, 255), np.clip(got - 1, 0, 255)):
-        assert np.all(np.abs(code64[got] - x64) <= np.abs(code64[neighbour] - x64) + slack)
+        closer = np.abs(code64[got] - x64) <= np.abs(code64[neighbour] - x64) + slack
+        assert np.all(closer | floor)
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -13,9 +13,11 @@ unsigned one, which spends the sign bit on twice the fractions::
 
 ``nearest`` is ``bucketize(x, midpoints)`` with ``midpoints = (map[:-1] + map[1:]) / 2`` in float32
 (a value on a midpoint takes the lower code): the readable definition, which the reference
-backend runs. The kernels find the same code in two loads: the sign and the float32 bits of
-``|x|`` (its exponent and top :data:`MANTISSA_BITS` mantissa bits) index a cell of a table built
-here, and every cell holds at most one midpoint, so ``code = base[cell] + (x > bound[cell])``.
+backend runs; one exception, in the unsigned map a positive value is never coded 0 (it takes
+the smallest positive code: :func:`thresholds` says why). The kernels find the same code in two
+loads: the sign and the float32 bits of ``|x|`` (its exponent and top :data:`MANTISSA_BITS`
+mantissa bits) index a cell of a table built here, and every cell holds at most one threshold,
+so ``code = base[cell] + (x > bound[cell])``.
 bitsandbytes' own CPU quantizer (a binary search) agrees with the nearest code for 99.85% of
 normal values (signed map) and 99.7% (unsigned); it differs by one code, near midpoints.
 
@@ -84,9 +86,29 @@ def midpoints(code: np.ndarray) -> np.ndarray:
     return ((code[:-1] + code[1:]) / np.float32(2.0)).astype(np.float32)
 
 
+@functools.cache
+def thresholds(signed: bool) -> np.ndarray:
+    """The boundaries between the codes of a map: its midpoints, except that for the unsigned map
+    (second moments) the one between 0 and the smallest positive code is 0 itself, so that a
+    positive value is never coded as 0. Coded as nearest, a second moment below 1.6e-7 of its
+    block's absmax would become exactly 0 while its first moment (signed map: 2.7e-7 of a larger
+    absmax) does not, and Adam's step m / (sqrt(v) + eps) would be m / eps: steps of thousands of
+    learning rates on weights whose gradients are tiny next to their block's largest (a BatchNorm
+    MLP's background pixels). With the smallest code instead, sqrt(v) stays within a factor of the
+    true one."""
+    bounds = midpoints(dynamic_map(signed))
+    if not signed:
+        bounds = bounds.copy()
+        bounds[0] = 0.0
+    bounds.flags.writeable = False
+    return bounds
+
+
 def nearest(code: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """uint8 index of the code nearest each float32 value of ``x`` (ties: the lower code)."""
-    return np.searchsorted(midpoints(code), x, side="left").astype(np.uint8)
+    """uint8 index of the code nearest each float32 value of ``x`` (ties: the lower code), a
+    positive value never 0 in the unsigned map (:func:`thresholds`)."""
+    signed = bool(code[0] < 0)
+    return np.searchsorted(thresholds(signed), x, side="left").astype(np.uint8)
 
 
 @functools.cache
@@ -100,7 +122,7 @@ def lookup_table(signed: bool) -> tuple[np.ndarray, np.ndarray]:
     midpoint inside it (+inf where there is none); for x < 0 it is that midpoint negated with
     ``base`` one lower (-inf where there is none), which turns "|x| at or beyond the midpoint:
     one code lower" into the same comparison."""
-    bounds = midpoints(dynamic_map(signed)).astype(np.float64)
+    bounds = thresholds(signed).astype(np.float64)
     base = np.zeros(2 * CELLS, np.int64)
     bound = np.zeros(2 * CELLS, np.float32)
     for c in range(CELLS):
