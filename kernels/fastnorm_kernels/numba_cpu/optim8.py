@@ -103,35 +103,42 @@ def _quantize(work, x, cells, qwork, table, bound, q, amax, m):
 
 
 @njit(inline="always")
-def _blocks(element, load, store, p, g, q0, a0, q1, a1, lo, n, k, s0, s1, flags, use1, work, qwork, bounds):
-    """The chunk's blocks with 8-bit state: dequantize, update, absmax, quantize."""
+def _block(element, load, store, p, g, q0, a0, q1, a1, blk, m, k, s0, s1, flags, use1, work, cells, qwork, bounds):
+    """One block of m values (p, g, q0, q1 start at it): dequantize, update, absmax, quantize."""
     like = k[0]
+    _dequantize(q0, work, _X0, _MAP0, a0[blk], m)
+    if use1:
+        _dequantize(q1, work, _X1, _MAP1, a1[blk], m)
+    # the absmax as the largest bit pattern of |value| (an integer maximum, which vectorises;
+    # a NaN's pattern is above infinity's, so a NaN makes the absmax NaN)
+    amax0, amax1 = np.uint32(0), np.uint32(0)
+    for i in range(m):
+        x1 = work[_X1 + i] if use1 else like
+        y, v0, v1, _ = element(load(p[i]), load(g[i]), work[_X0 + i], x1, like, k, s0, s1, flags, True, use1, False)
+        p[i] = store(y, np.uint32(0), np.uint32(0))
+        work[_X0 + i] = v0
+        amax0 = max(amax0, _bits_from_f32(v0) & np.uint32(0x7FFFFFFF))
+        if use1:
+            work[_X1 + i] = v1
+            amax1 = max(amax1, _bits_from_f32(v1) & np.uint32(0x7FFFFFFF))
+    a0[blk] = _f32_from_bits(amax0)
+    _quantize(work, _X0, cells, qwork, _BASE0, bounds[0], q0, a0[blk], m)
+    if use1:
+        a1[blk] = _f32_from_bits(amax1)
+        _quantize(work, _X1, cells, qwork, _BASE1, bounds[1], q1, a1[blk], m)
+
+
+@njit(inline="always")
+def _blocks(element, load, store, p, g, q0, a0, q1, a1, lo, n, k, s0, s1, flags, use1, work, qwork, bounds):
+    """The chunk's blocks with 8-bit state; full blocks with a constant trip count."""
     cells = np.empty(BLOCK, np.int32)
-    for b in range(0, n, BLOCK):
-        m = min(BLOCK, n - b)
-        blk = (lo + b) // BLOCK
-        _dequantize(q0[b:], work, _X0, _MAP0, a0[blk], m)
-        if use1:
-            _dequantize(q1[b:], work, _X1, _MAP1, a1[blk], m)
-        # the absmax as the largest bit pattern of |value| (an integer maximum, which vectorises;
-        # a NaN's pattern is above infinity's, so a NaN makes the absmax NaN)
-        amax0, amax1 = np.uint32(0), np.uint32(0)
-        for i in range(m):
-            e = b + i
-            x1 = work[_X1 + i] if use1 else like
-            y, v0, v1, _ = element(load(p[e]), load(g[e]), work[_X0 + i], x1, like, k, s0, s1, flags, True, use1,
-                                   False)  # fmt: skip
-            p[e] = store(y, np.uint32(0), np.uint32(0))
-            work[_X0 + i] = v0
-            amax0 = max(amax0, _bits_from_f32(v0) & np.uint32(0x7FFFFFFF))
-            if use1:
-                work[_X1 + i] = v1
-                amax1 = max(amax1, _bits_from_f32(v1) & np.uint32(0x7FFFFFFF))
-        a0[blk] = _f32_from_bits(amax0)
-        _quantize(work, _X0, cells, qwork, _BASE0, bounds[0], q0[b:], a0[blk], m)
-        if use1:
-            a1[blk] = _f32_from_bits(amax1)
-            _quantize(work, _X1, cells, qwork, _BASE1, bounds[1], q1[b:], a1[blk], m)
+    full = n - n % BLOCK
+    for b in range(0, full, BLOCK):
+        _block(element, load, store, p[b:], g[b:], q0[b:], a0, q1[b:], a1, (lo + b) // BLOCK, BLOCK, k, s0, s1, flags,
+               use1, work, cells, qwork, bounds)  # fmt: skip
+    if full < n:
+        _block(element, load, store, p[full:], g[full:], q0[full:], a0, q1[full:], a1, (lo + full) // BLOCK,
+               n - full, k, s0, s1, flags, use1, work, cells, qwork, bounds)  # fmt: skip
 
 
 @njit(inline="always")
