@@ -62,6 +62,7 @@ BENCH_FILES = {
     "batchnorm": "test_bench_batchnorm.py",
     "optim": "test_bench_optim.py",
     "lion": "test_bench_lion.py",
+    "optim8": "test_bench_optim8.py",
     "norms": "test_bench_norms.py",
     "e2e": "test_bench_e2e.py",
     "roofline": "test_bench_roofline.py",
