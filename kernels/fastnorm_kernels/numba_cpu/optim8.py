@@ -71,44 +71,58 @@ def _store32(x, key, e):
 
 
 # Scratch per chunk (L1): ``work`` float32 [x0 | x1 | map 0 | map 1] (BLOCK each) and ``qwork``
-# uint8 [codes out | base table 0 | base table 1]. The code tables sit in the arrays the lookup
+# uint8 [codes out 0 | codes out 1 | base table 0 | base table 1]. The code tables sit in the arrays the lookup
 # loops write, on purpose: a lookup then may alias the loop's stores, so LLVM keeps those loops
 # scalar. Vectorised, they become AVX-512 gathers, which this CPU's microcode makes ~3x slower than
 # scalar loads (measured: bench/results/optimizers.md). The update loop between them vectorises.
 _X0, _X1, _MAP0, _MAP1 = 0, BLOCK, 2 * BLOCK, 3 * BLOCK
-_BASE0, _BASE1 = BLOCK, BLOCK + 2 * quant8.CELLS
+_OUT1, _BASE0, _BASE1 = BLOCK, 2 * BLOCK, 2 * BLOCK + 2 * quant8.CELLS
 
 
 @njit(inline="always")
-def _dequantize(q, work, out, table, scale, m):
+def _dequantize(q0, q1, work, scale0, scale1, m, use1):
+    """work[x0], work[x1] = the blocks' values: table loads from ``work`` itself (kept scalar)."""
     for i in range(m):
-        work[out + i] = work[table + q[i]] * scale
+        work[_X0 + i] = work[_MAP0 + q0[i]] * scale0
+        if use1:
+            work[_X1 + i] = work[_MAP1 + q1[i]] * scale1
 
 
 @njit(inline="always")
-def _quantize(work, x, cells, qwork, table, bound, q, amax, m):
-    """q[0:m] = nearest codes of work[x:x+m] / amax (quant8.lookup_table; amax 0: all zeros):
-    the scaled values and their cells in a vectorised pass, the table loads in a scalar one."""
-    scale = amax if amax != 0 else np.float32(1)
+def _quantize(work, cells, qwork, bounds, q0, q1, amax0, amax1, m, use1):
+    """q0, q1 [0:m] = nearest codes of work[x0], work[x1] over their absmax (quant8.lookup_table;
+    an absmax of 0: all zeros): the scaled values and their cells in a vectorised pass, the table
+    loads in a scalar one."""
+    scale0 = amax0 if amax0 != 0 else np.float32(1)
+    scale1 = amax1 if amax1 != 0 else np.float32(1)
     for i in range(m):
-        y = work[x + i] / scale
-        u = np.int64(_bits_from_f32(y))
-        work[x + i] = y
-        cells[i] = np.int32((u >> 31) * quant8.CELLS + _cell(u & 0x7FFFFFFF))
+        y0 = work[_X0 + i] / scale0
+        u0 = np.int64(_bits_from_f32(y0))
+        work[_X0 + i] = y0
+        cells[i] = np.int32((u0 >> 31) * quant8.CELLS + _cell(u0 & 0x7FFFFFFF))
+        if use1:
+            y1 = work[_X1 + i] / scale1
+            u1 = np.int64(_bits_from_f32(y1))
+            work[_X1 + i] = y1
+            cells[BLOCK + i] = np.int32((u1 >> 31) * quant8.CELLS + _cell(u1 & 0x7FFFFFFF))
+    b0, b1 = bounds[0], bounds[1]
     for i in range(m):
-        c = cells[i]
-        qwork[i] = np.uint8(qwork[table + c] + (work[x + i] > bound[c]))
+        c0 = cells[i]
+        qwork[i] = np.uint8(qwork[_BASE0 + c0] + (work[_X0 + i] > b0[c0]))
+        if use1:
+            c1 = cells[BLOCK + i]
+            qwork[_OUT1 + i] = np.uint8(qwork[_BASE1 + c1] + (work[_X1 + i] > b1[c1]))
     for i in range(m):
-        q[i] = qwork[i]
+        q0[i] = qwork[i]
+        if use1:
+            q1[i] = qwork[_OUT1 + i]
 
 
 @njit(inline="always")
 def _block(element, load, store, p, g, q0, a0, q1, a1, blk, m, k, s0, s1, flags, use1, work, cells, qwork, bounds):
     """One block of m values (p, g, q0, q1 start at it): dequantize, update, absmax, quantize."""
     like = k[0]
-    _dequantize(q0, work, _X0, _MAP0, a0[blk], m)
-    if use1:
-        _dequantize(q1, work, _X1, _MAP1, a1[blk], m)
+    _dequantize(q0, q1, work, a0[blk], a1[blk] if use1 else np.float32(0), m, use1)
     # the absmax as the largest bit pattern of |value| (an integer maximum, which vectorises;
     # a NaN's pattern is above infinity's, so a NaN makes the absmax NaN)
     amax0, amax1 = np.uint32(0), np.uint32(0)
@@ -122,16 +136,15 @@ def _block(element, load, store, p, g, q0, a0, q1, a1, blk, m, k, s0, s1, flags,
             work[_X1 + i] = v1
             amax1 = max(amax1, _bits_from_f32(v1) & np.uint32(0x7FFFFFFF))
     a0[blk] = _f32_from_bits(amax0)
-    _quantize(work, _X0, cells, qwork, _BASE0, bounds[0], q0, a0[blk], m)
     if use1:
         a1[blk] = _f32_from_bits(amax1)
-        _quantize(work, _X1, cells, qwork, _BASE1, bounds[1], q1, a1[blk], m)
+    _quantize(work, cells, qwork, bounds, q0, q1, a0[blk], a1[blk] if use1 else np.float32(0), m, use1)
 
 
 @njit(inline="always")
 def _blocks(element, load, store, p, g, q0, a0, q1, a1, lo, n, k, s0, s1, flags, use1, work, qwork, bounds):
     """The chunk's blocks with 8-bit state; full blocks with a constant trip count."""
-    cells = np.empty(BLOCK, np.int32)
+    cells = np.empty(2 * BLOCK, np.int32)
     full = n - n % BLOCK
     for b in range(0, full, BLOCK):
         _block(element, load, store, p[b:], g[b:], q0[b:], a0, q1[b:], a1, (lo + b) // BLOCK, BLOCK, k, s0, s1, flags,
@@ -169,8 +182,8 @@ def _table_update8(element, n_constants, load, store, like_p, addrs, chunks, qua
             work = np.empty(4 * BLOCK, np.float32)
             work[_MAP0 : _MAP0 + BLOCK] = codes[0]
             work[_MAP1 : _MAP1 + BLOCK] = codes[1]
-            qwork = np.empty(BLOCK + 4 * quant8.CELLS, np.uint8)
-            qwork[BLOCK:] = bases
+            qwork = np.empty(2 * BLOCK + 4 * quant8.CELLS, np.uint8)
+            qwork[2 * BLOCK :] = bases
             nb = (hi + BLOCK - 1) // BLOCK
             q0 = _elements(addrs[2, t], lo, hi, u8)
             a0 = _elements(addrs[3, t], 0, nb, f32)
