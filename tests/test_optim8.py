@@ -525,3 +525,49 @@ def test_a_compiled_step_is_one_op_and_the_eager_bits():
     r = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULTS "))[8:])
     assert r["params"] and r["state"] and r["breaks"] == 0 and r["nodes"] == ["fastnorm.step_8bit_"], r
     assert r["graphs"] <= 2, r
+
+
+# -- stochastic rounding of bfloat16 parameters --------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit"])
+def test_stochastic_rounding_follows_the_reference(name):
+    """The same random bits on both backends (kernels/fastnorm_kernels/_bits.py's generator, row
+    0 of each tensor, a seed per launch from torch.initial_seed()): parameters within one bfloat16
+    ulp where the float32 values differ by a rounding, equal elsewhere."""
+    values = _params(torch.bfloat16)
+    runs = {}
+    for backend in BACKENDS:
+        torch.manual_seed(5)
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        opt = getattr(fastnorm.optim, name)(params, lr=1e-3, backend=backend, stochastic_rounding=True)
+        for step in range(3):
+            for p, g in zip(params, _grads(values, step)):
+                p.grad = g
+            opt.step()
+        runs[backend] = params
+    for p, q in zip(runs["numba"], runs["reference"]):
+        gap = (p.float() - q.float()).abs()
+        assert (gap <= 2.0**-7 * q.float().abs() + 1e-30).all()
+        assert (gap == 0).float().mean() > 0.99
+
+
+def test_stochastic_rounding_keeps_updates_below_an_ulp():
+    """Lion moves each weight by lr a step: 1e-4 is 1/80 of a bfloat16 ulp at 1.0. Rounded to
+    nearest the weights never move; rounded stochastically they move by lr a step on average."""
+    start = torch.ones(8192, dtype=torch.bfloat16)
+    moved = {}
+    for rounding in (False, True):
+        p = torch.nn.Parameter(start.clone())
+        opt = fastnorm.optim.Lion8bit([p], lr=1e-4, stochastic_rounding=rounding)
+        for _ in range(50):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        moved[rounding] = (1.0 - p.float()).mean().item()
+    assert moved[False] == 0.0
+    assert abs(moved[True] - 50 * 1e-4) < 0.1 * 50 * 1e-4, moved
+
+
+def test_stochastic_rounding_needs_bfloat16():
+    with pytest.raises(ValueError, match="bfloat16"):
+        fastnorm.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(3))], stochastic_rounding=True)

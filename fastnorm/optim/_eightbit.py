@@ -38,6 +38,7 @@ from fastnorm_kernels.formulas.optim import OPTIMIZERS
 from .. import _dispatch
 from .._arrays import CpuArrays
 from .._dispatch import AUTO
+from ._precision import Precision
 
 _WRAPPED = "__bnb_optimizer_quant_state__"  # bitsandbytes' key for the wrapped quantization state
 _QUANT_KEYS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2")
@@ -57,7 +58,8 @@ class Optimizer8bit(torch.optim.Optimizer):
     _op: str
     _spec = None
 
-    def __init__(self, params, options: dict, *, min_8bit_size: int, backend: str, is_paged: bool) -> None:
+    def __init__(self, params, options: dict, *, min_8bit_size: int, backend: str, is_paged: bool,
+                 stochastic_rounding: bool = False) -> None:  # fmt: skip
         if backend not in _BACKENDS:
             raise ValueError(f"{type(self).__name__}: backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
         if is_paged:
@@ -65,8 +67,14 @@ class Optimizer8bit(torch.optim.Optimizer):
                           "ordinary memory here", stacklevel=3)  # fmt: skip
         self.backend = backend
         self.min_8bit_size = int(min_8bit_size)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self._rounding_calls = 0
         self._maps: dict = {}
         super().__init__(params, options)
+        if self.stochastic_rounding and not any(p.dtype == torch.bfloat16 for g in self.param_groups
+                                                for p in g["params"]):  # fmt: skip
+            raise ValueError(f"{type(self).__name__}: stochastic_rounding=True applies to bfloat16 parameters; "
+                             "convert the model first (model.bfloat16()) or leave it off")  # fmt: skip
         for group in self.param_groups:  # made here, not while torch.compile traces a first step
             for p in group["params"]:
                 self._maps_on(p.device)
@@ -178,11 +186,17 @@ class Optimizer8bit(torch.optim.Optimizer):
                 lists = _lists(part, states, self._n_state)
                 steps = [state["step"] for state in states]  # advanced by the step
                 backend = self._backend_for(device)
+                seed = None
+                if self.stochastic_rounding and part[0].dtype == torch.bfloat16:
+                    seed = Precision._next_seed(self)
                 if torch.compiler.is_compiling():  # one opaque op in the graph
+                    if seed is not None:
+                        raise RuntimeError(f"{type(self).__name__}: stochastic_rounding draws a new seed each step "
+                                           "on the host; run the step eagerly")  # fmt: skip
                     values = [float(options[o.name]) for o in OPTIMIZERS[self._op].options]
-                    torch.ops.fastnorm.step_8bit_(self._op, backend, *lists, steps, values)
+                    torch.ops.fastnorm.step_8bit_(self._op, backend, *lists, steps, values, seed)
                 else:
-                    _run(backend, self._op, *lists, steps, options)
+                    _run(backend, self._op, *lists, steps, options, seed)
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -248,6 +262,8 @@ class Optimizer8bit(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_maps", {})
+        self.__dict__.setdefault("_rounding_calls", 0)
+        self.__dict__.setdefault("stochastic_rounding", False)
 
 
 def _lists(params: list, states: list[dict], n_state: int) -> tuple[list, ...]:
@@ -272,7 +288,8 @@ def _advance(steps: list[torch.Tensor]) -> list[float]:
 
 
 def _run(backend: str, op: str, params: list, grads: list, state1: list, state2: list, absmax1: list,
-         absmax2: list, step_counters: list[torch.Tensor], options: dict) -> None:  # fmt: skip
+         absmax2: list, step_counters: list[torch.Tensor], options: dict,
+         rounding_seed: int | None = None) -> None:  # fmt: skip
     """One kernel call for parameters of one dtype and device; advances their step counters."""
     d = OPTIMIZERS[op]
     steps = _advance(step_counters)
@@ -288,7 +305,8 @@ def _run(backend: str, op: str, params: list, grads: list, state1: list, state2:
 
         view = CpuArrays.view
         step_8bit(op, [view(p) for p in data], [view(g) for g in grads], [[view(s) for s in row] for row in states],
-                  [[None if a is None else view(a) for a in row] for row in absmaxes], steps, options)  # fmt: skip
+                  [[None if a is None else view(a) for a in row] for row in absmaxes], steps, options,
+                  rounding_seed)  # fmt: skip
     else:
         constants, flags, uses, host = d.pack(options)
         scalars = np.zeros((len(params), 2), np.float32)
@@ -310,7 +328,8 @@ def _run(backend: str, op: str, params: list, grads: list, state1: list, state2:
             from fastnorm_kernels.numba_cpu.optim8 import step_8bit_table
         else:
             from fastnorm_kernels.numba_cuda.optim8 import step_8bit_table
-        step_8bit_table(op, addrs, numels, _STORAGE[params[0].dtype], quantized, scalars, constants, flags, uses)
+        step_8bit_table(op, addrs, numels, _STORAGE[params[0].dtype], quantized, scalars, constants, flags, uses,
+                        rounding_seed)  # fmt: skip
     for p, c in staged:
         p.copy_(c)
 
@@ -320,16 +339,17 @@ def _run(backend: str, op: str, params: list, grads: list, state1: list, state2:
 )
 def _step_8bit_op(op: str, backend: str, params: list[torch.Tensor], grads: list[torch.Tensor],
                   state1: list[torch.Tensor], state2: list[torch.Tensor], absmax1: list[torch.Tensor],
-                  absmax2: list[torch.Tensor], steps: list[torch.Tensor], options: list[float]) -> None:  # fmt: skip
+                  absmax2: list[torch.Tensor], steps: list[torch.Tensor], options: list[float],
+                  rounding_seed: int | None) -> None:  # fmt: skip
     """The 8-bit step as one op, for torch.compile (options: the description's, in its order)."""
     names = [o.name for o in OPTIMIZERS[op].options]
     kinds = {o.name: o.kind for o in OPTIMIZERS[op].options}
     values = {n: (bool(v) if kinds[n] is bool else v) for n, v in zip(names, options)}
-    _run(backend, op, params, grads, state1, state2, absmax1, absmax2, steps, values)
+    _run(backend, op, params, grads, state1, state2, absmax1, absmax2, steps, values, rounding_seed)
 
 
 @_step_8bit_op.register_fake
-def _(op, backend, params, grads, state1, state2, absmax1, absmax2, steps, options) -> None:
+def _(op, backend, params, grads, state1, state2, absmax1, absmax2, steps, options, rounding_seed) -> None:
     return None
 
 
@@ -358,7 +378,8 @@ def eight_bit_class(op: str, spec) -> type:
                    inspect.Parameter("args", positional, default=None),
                    inspect.Parameter("min_8bit_size", positional, default=4096),
                    inspect.Parameter("is_paged", positional, default=False),
-                   inspect.Parameter("backend", kw, default=AUTO)]  # fmt: skip
+                   inspect.Parameter("backend", kw, default=AUTO),
+                   inspect.Parameter("stochastic_rounding", kw, default=False)]  # fmt: skip
     signature = inspect.Signature(parameters)
     name = spec.class_name
 
@@ -380,7 +401,7 @@ def eight_bit_class(op: str, spec) -> type:
         if spec.bnb_name == "adam":
             options.update(alpha=0.0, t_alpha=None, t_beta3=None)
         Optimizer8bit.__init__(self, params, options, min_8bit_size=min_8bit_size, backend=a["backend"],
-                               is_paged=a["is_paged"])  # fmt: skip
+                               is_paged=a["is_paged"], stochastic_rounding=a["stochastic_rounding"])  # fmt: skip
 
     __init__.__signature__ = signature
     return type(name, (Optimizer8bit,), {"__init__": __init__, "__doc__": spec.doc, "__module__": "fastnorm.optim",

@@ -16,19 +16,23 @@ pytestmark = pytest.mark.usefixtures("cuda_backend_on_cpu")
 
 
 # two states and one, every parameter storage (the simulator runs each GPU thread as a Python thread)
-CASES = [("AdamW8bit", torch.float32), ("Lion8bit", torch.float32), ("Adam8bit", torch.bfloat16),
-         ("Lion8bit", torch.float16)]  # fmt: skip
+# (the last: bfloat16 rounded stochastically, the generator's bits the same on both backends)
+CASES = [("AdamW8bit", torch.float32, False), ("Lion8bit", torch.float32, False),
+         ("Adam8bit", torch.bfloat16, False), ("Lion8bit", torch.float16, False),
+         ("AdamW8bit", torch.bfloat16, True)]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "dtype"), CASES)
-def test_cuda_kernel_equals_the_reference(name, dtype):
+@pytest.mark.parametrize(("name", "dtype", "rounding"), CASES)
+def test_cuda_kernel_equals_the_reference(name, dtype, rounding):
     torch.manual_seed(0)
     values = [torch.randn(2 * 256 + 5).to(dtype), torch.randn(7, 3).to(dtype)]
     grads = [[torch.randn(v.shape).to(dtype) for v in values] for _ in range(3)]
     runs = []
     for backend in ("cuda", "reference"):
+        torch.manual_seed(7)  # the stochastic rounding seeds
         params = [torch.nn.Parameter(v.clone()) for v in values]
-        opt = getattr(fastnorm.optim, name)(params, lr=1e-2, weight_decay=0.1, min_8bit_size=256, backend=backend)
+        opt = getattr(fastnorm.optim, name)(params, lr=1e-2, weight_decay=0.1, min_8bit_size=256, backend=backend,
+                                            stochastic_rounding=rounding)  # fmt: skip
         for step in range(3):
             for p, g in zip(params, grads[step]):
                 p.grad = g.clone()

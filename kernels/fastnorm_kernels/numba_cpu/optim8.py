@@ -39,7 +39,16 @@ from .. import quant8
 from .._pointer import pointer_intrinsic
 from ..formulas.optim import OPTIMIZERS
 from . import optim as _optim  # noqa: F401 - the generated kernels call its element adapters
-from ._bits import _bits_from_f32, _f32_from_bits, load_bf16, load_f16, store_bf16, store_bf16_stochastic, store_f16  # noqa: F401
+from ._bits import (  # noqa: F401 - in the kernels' text
+    _bits_from_f32,
+    _f32_from_bits,
+    load_bf16,
+    load_f16,
+    row_key,
+    store_bf16,
+    store_bf16_stochastic,
+    store_f16,
+)
 
 __all__ = ["step_8bit_table", "EIGHT_BIT_OPS", "PARAM_DTYPES"]
 
@@ -119,8 +128,10 @@ def _quantize(work, cells, qwork, bounds, q0, q1, amax0, amax1, m, use1):
 
 
 @njit(inline="always")
-def _block(element, load, store, p, g, q0, a0, q1, a1, blk, m, k, s0, s1, flags, use1, work, cells, qwork, bounds):
-    """One block of m values (p, g, q0, q1 start at it): dequantize, update, absmax, quantize."""
+def _block(element, load, store, p, g, q0, a0, q1, a1, blk, m, k, s0, s1, flags, use1, work, cells, qwork, bounds,
+           key, e0):  # fmt: skip
+    """One block of m values (p, g, q0, q1 start at it, element e0 of its tensor): dequantize,
+    update, absmax, quantize; ``key``: the parameter row's stochastic rounding key."""
     like = k[0]
     _dequantize(q0, q1, work, a0[blk], a1[blk] if use1 else np.float32(0), m, use1)
     # the absmax as the largest bit pattern of |value| (an integer maximum, which vectorises;
@@ -129,7 +140,7 @@ def _block(element, load, store, p, g, q0, a0, q1, a1, blk, m, k, s0, s1, flags,
     for i in range(m):
         x1 = work[_X1 + i] if use1 else like
         y, v0, v1, _ = element(load(p[i]), load(g[i]), work[_X0 + i], x1, like, k, s0, s1, flags, True, use1, False)
-        p[i] = store(y, np.uint32(0), np.uint32(0))
+        p[i] = store(y, key, e0 + np.uint32(i))
         work[_X0 + i] = v0
         amax0 = max(amax0, _bits_from_f32(v0) & np.uint32(0x7FFFFFFF))
         if use1:
@@ -142,26 +153,28 @@ def _block(element, load, store, p, g, q0, a0, q1, a1, blk, m, k, s0, s1, flags,
 
 
 @njit(inline="always")
-def _blocks(element, load, store, p, g, q0, a0, q1, a1, lo, n, k, s0, s1, flags, use1, work, qwork, bounds):
+def _blocks(element, load, store, p, g, q0, a0, q1, a1, lo, n, k, s0, s1, flags, use1, work, qwork, bounds, key):
     """The chunk's blocks with 8-bit state; full blocks with a constant trip count."""
     cells = np.empty(2 * BLOCK, np.int32)
     full = n - n % BLOCK
     for b in range(0, full, BLOCK):
         _block(element, load, store, p[b:], g[b:], q0[b:], a0, q1[b:], a1, (lo + b) // BLOCK, BLOCK, k, s0, s1, flags,
-               use1, work, cells, qwork, bounds)  # fmt: skip
+               use1, work, cells, qwork, bounds, key, np.uint32((lo + b) & 0xFFFFFFFF))  # fmt: skip
     if full < n:
         _block(element, load, store, p[full:], g[full:], q0[full:], a0, q1[full:], a1, (lo + full) // BLOCK,
-               n - full, k, s0, s1, flags, use1, work, cells, qwork, bounds)  # fmt: skip
+               n - full, k, s0, s1, flags, use1, work, cells, qwork, bounds, key,
+               np.uint32((lo + full) & 0xFFFFFFFF))  # fmt: skip
 
 
 @njit(inline="always")
-def _plain(element, load, store, p, g, b0, b1, n, k, s0, s1, flags, use1):
+def _plain(element, load, store, p, g, b0, b1, n, k, s0, s1, flags, use1, key, lo):
     """Elements with float32 state (tensors below min_8bit_size)."""
     like = k[0]
+    base = np.uint32(lo & 0xFFFFFFFF)
     for e in range(n):
         x1 = b1[e] if use1 else like
         y, v0, v1, _ = element(load(p[e]), load(g[e]), b0[e], x1, like, k, s0, s1, flags, True, use1, False)
-        p[e] = store(y, np.uint32(0), np.uint32(0))
+        p[e] = store(y, key, base + np.uint32(e))
         b0[e] = v0
         if use1:
             b1[e] = v1
@@ -169,7 +182,7 @@ def _plain(element, load, store, p, g, b0, b1, n, k, s0, s1, flags, use1):
 
 @njit(inline="always")
 def _table_update8(element, n_constants, load, store, like_p, addrs, chunks, quantized, scalars, constant_array,
-                   flags, uses, codes, bases, bounds):  # fmt: skip
+                   flags, uses, codes, bases, bounds, seed):  # fmt: skip
     k = to_fixed_tuple(constant_array, n_constants)
     use1 = uses[1]
     f32, u8 = np.float32(0), np.uint8(0)
@@ -178,6 +191,7 @@ def _table_update8(element, n_constants, load, store, like_p, addrs, chunks, qua
         n, s0, s1 = hi - lo, scalars[t, 0], scalars[t, 1]
         p = _elements(addrs[0, t], lo, hi, like_p)
         g = _elements(addrs[1, t], lo, hi, like_p)
+        key = row_key(seed, np.uint32(t), np.uint32(0))
         if quantized[t]:
             work = np.empty(4 * BLOCK, np.float32)
             work[_MAP0 : _MAP0 + BLOCK] = codes[0]
@@ -190,24 +204,27 @@ def _table_update8(element, n_constants, load, store, like_p, addrs, chunks, qua
             q1 = _elements(addrs[4, t], lo, hi, u8)
             a1 = _elements(addrs[5, t], 0, nb, f32)
             if use1:
-                _blocks(element, load, store, p, g, q0, a0, q1, a1, lo, n, k, s0, s1, flags, True, work, qwork, bounds)
+                _blocks(element, load, store, p, g, q0, a0, q1, a1, lo, n, k, s0, s1, flags, True, work, qwork, bounds,
+                        key)  # fmt: skip
             else:
                 _blocks(element, load, store, p, g, q0, a0, q1, a1, lo, n, k, s0, s1, flags, False, work, qwork,
-                        bounds)  # fmt: skip
+                        bounds, key)  # fmt: skip
         else:
             b0 = _elements(addrs[2, t], lo, hi, f32)
             b1 = _elements(addrs[4, t], lo, hi, f32)
             if use1:
-                _plain(element, load, store, p, g, b0, b1, n, k, s0, s1, flags, True)
+                _plain(element, load, store, p, g, b0, b1, n, k, s0, s1, flags, True, key, lo)
             else:
-                _plain(element, load, store, p, g, b0, b1, n, k, s0, s1, flags, False)
+                _plain(element, load, store, p, g, b0, b1, n, k, s0, s1, flags, False, key, lo)
 
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", nogil=True, fastmath={"contract"})
-_ARGS = "addrs, chunks, quantized, scalars, constants, flags, uses, codes, bases, bounds"
-#: parameter storage -> (kernel suffix, load, store, a value of the storage's element type)
+_ARGS = "addrs, chunks, quantized, scalars, constants, flags, uses, codes, bases, bounds, seed"
+#: parameter storage (a dtype, or "bfloat16_sr": bfloat16 rounded stochastically) -> (kernel
+#: suffix, load, store, a value of the storage's element type)
 _STORAGES = {np.dtype(np.float32): ("f32", "_load32", "_store32", "np.float32(0)"),
              np.dtype(np.uint16): ("bf16", "load_bf16", "store_bf16", "np.uint16(0)"),
+             "bfloat16_sr": ("bf16_sr", "load_bf16", "store_bf16_stochastic", "np.uint16(0)"),
              np.dtype(np.float16): ("f16", "load_f16", "store_f16", "np.uint16(0)")}  # fmt: skip
 
 
@@ -250,12 +267,18 @@ def chunk_table(numels: tuple[int, ...]) -> np.ndarray:
 
 
 def step_8bit_table(op: str, addrs: np.ndarray, numels: tuple[int, ...], dtype, quantized: np.ndarray,
-                    scalars: np.ndarray, constants: tuple, flags: tuple, uses: tuple) -> None:  # fmt: skip
+                    scalars: np.ndarray, constants: tuple, flags: tuple, uses: tuple,
+                    rounding_seed: int | None = None) -> None:  # fmt: skip
     """One update of a group's tensors (see the module docstring); ``constants``, ``flags`` and
-    ``uses`` as ``Optimizer.pack`` returns them, ``scalars`` (T, 2) float32."""
-    kernel = _KERNELS.get((op, np.dtype(dtype)))
+    ``uses`` as ``Optimizer.pack`` returns them, ``scalars`` (T, 2) float32; ``rounding_seed``:
+    bfloat16 parameters rounded stochastically (kernels/fastnorm_kernels/_bits.py's generator,
+    row 0 of each tensor)."""
+    if rounding_seed is not None and np.dtype(dtype) != np.dtype(np.uint16):
+        raise ValueError(f"stochastic rounding (rounding_seed) applies to bfloat16 parameters, got {np.dtype(dtype)}")
+    kernel = _KERNELS.get((op, "bfloat16_sr" if rounding_seed is not None else np.dtype(dtype)))
     if kernel is None:
         raise TypeError(f"8-bit {op} updates float32, float16 or bfloat16 parameters, got {np.dtype(dtype)}")
     codes, bases, bounds = _tables(op)
+    seed = np.uint32((rounding_seed or 0) & 0xFFFFFFFF)
     kernel(addrs, chunk_table(tuple(numels)), quantized, scalars, np.array(constants, np.float32),
-           tuple(flags), tuple(uses[:2]), codes, bases, bounds)  # fmt: skip
+           tuple(flags), tuple(uses[:2]), codes, bases, bounds, seed)  # fmt: skip

@@ -23,7 +23,7 @@ from numba import cuda
 from .. import quant8
 from ..formulas.optim import OPTIMIZERS
 from . import optim as _optim  # noqa: F401 - the generated kernels call its element adapters
-from ._bits import f32_bits, f32_of_bits, load_bf16, load_f16, store_bf16, store_f16  # noqa: F401
+from ._bits import f32_bits, f32_of_bits, load_bf16, load_f16, row_key, store_bf16, store_bf16_stochastic, store_f16  # noqa: F401
 from ._device import SIMULATOR, address, stream, view
 
 __all__ = ["step_8bit_table", "PARAM_DTYPES"]
@@ -69,7 +69,7 @@ def _block_max(shared, tid):
 
 @_inline
 def _update8(element, load, store, like_p, addrs_addr, T, blocks_addr, K, scalars_addr, quantized_addr, constants,
-             flags, use1, codes_addr, bases_addr, bounds_addr):  # fmt: skip
+             flags, use1, codes_addr, bases_addr, bounds_addr, seed):  # fmt: skip
     like = constants[0]
     f32, u8 = np.float32(0), np.uint8(0)
     addrs = view(addrs_addr, 6 * T, np.int64(0))
@@ -90,6 +90,8 @@ def _update8(element, load, store, like_p, addrs_addr, T, blocks_addr, K, scalar
         active = i < hi
         p = view(addrs[t], hi, like_p)
         g = view(addrs[T + t], hi, like_p)
+        key = row_key(seed, np.uint32(t), np.uint32(0))
+        e = np.uint32(i & 0xFFFFFFFF)
         if quantized[t] != 0:
             blk = lo // QBLOCK
             q0 = view(addrs[2 * T + t], hi, u8)
@@ -104,7 +106,7 @@ def _update8(element, load, store, like_p, addrs_addr, T, blocks_addr, K, scalar
                 x1 = codes[QBLOCK + np.int64(q1[i])] * scale1 if use1 else like
                 y, v0, v1, _ = element(load(p[i]), load(g[i]), x0, x1, like, constants, s0, s1, flags, True, use1,
                                        False)  # fmt: skip
-                p[i] = store(y, np.uint32(0), np.uint32(0))
+                p[i] = store(y, key, e)
             max0[tid] = f32_bits(v0) & np.uint32(0x7FFFFFFF) if active else np.uint32(0)
             max1[tid] = f32_bits(v1) & np.uint32(0x7FFFFFFF) if active and use1 else np.uint32(0)
             _block_max(max0, tid)
@@ -126,7 +128,7 @@ def _update8(element, load, store, like_p, addrs_addr, T, blocks_addr, K, scalar
             x1 = b1[i] if use1 else like
             y, v0, v1, _ = element(load(p[i]), load(g[i]), b0[i], x1, like, constants, s0, s1, flags, True, use1,
                                    False)  # fmt: skip
-            p[i] = store(y, np.uint32(0), np.uint32(0))
+            p[i] = store(y, key, e)
             b0[i] = v0
             if use1:
                 b1[i] = v1
@@ -134,9 +136,12 @@ def _update8(element, load, store, like_p, addrs_addr, T, blocks_addr, K, scalar
         k += cuda.gridDim.x
 
 
-_ARGS = "addrs_addr, T, blocks_addr, K, scalars_addr, quantized_addr, constants, flags, use1, codes, bases, bounds"
+_ARGS = (
+    "addrs_addr, T, blocks_addr, K, scalars_addr, quantized_addr, constants, flags, use1, codes, bases, bounds, seed"
+)
 _STORAGES = {np.dtype(np.float32): ("f32", "_load32", "_store32", "np.float32(0)"),
              np.dtype(np.uint16): ("bf16", "load_bf16", "store_bf16", "np.uint16(0)"),
+             "bfloat16_sr": ("bf16_sr", "load_bf16", "store_bf16_stochastic", "np.uint16(0)"),
              np.dtype(np.float16): ("f16", "load_f16", "store_f16", "np.uint16(0)")}  # fmt: skip
 
 
@@ -175,9 +180,12 @@ def _block_table(numels: tuple[int, ...]) -> np.ndarray:
 
 
 def step_8bit_table(op: str, addrs: np.ndarray, numels: tuple[int, ...], dtype, quantized: np.ndarray,
-                    scalars: np.ndarray, constants: tuple, flags: tuple, uses: tuple) -> None:  # fmt: skip
+                    scalars: np.ndarray, constants: tuple, flags: tuple, uses: tuple,
+                    rounding_seed: int | None = None) -> None:  # fmt: skip
     """As the CPU's (kernels/fastnorm_kernels/numba_cpu/optim8.py); addresses are device memory."""
-    kernel = _KERNELS.get((op, np.dtype(dtype)))
+    if rounding_seed is not None and np.dtype(dtype) != np.dtype(np.uint16):
+        raise ValueError(f"stochastic rounding (rounding_seed) applies to bfloat16 parameters, got {np.dtype(dtype)}")
+    kernel = _KERNELS.get((op, "bfloat16_sr" if rounding_seed is not None else np.dtype(dtype)))
     if kernel is None:
         raise TypeError(f"8-bit {op} updates float32, float16 or bfloat16 parameters, got {np.dtype(dtype)}")
     st = stream()
@@ -190,6 +198,6 @@ def step_8bit_table(op: str, addrs: np.ndarray, numels: tuple[int, ...], dtype, 
     kernel[max(1, min(k, MAX_BLOCKS)), QBLOCK, st](
         address(device[0]), len(numels), address(device[1]), k, address(device[2]), address(device[3]),
         tuple(np.float32(c) for c in constants), tuple(flags), bool(uses[1]), address(codes), address(bases),
-        address(bounds),
+        address(bounds), np.uint32((rounding_seed or 0) & 0xFFFFFFFF),
     )  # fmt: skip
     st.synchronize()  # the uploaded tables must outlive the kernel

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .. import quant8
-from .._bits import HALF_DTYPES, round_into, widen
+from .._bits import BFLOAT16, HALF_DTYPES, random16_array, round_into, widen
 from ..formulas.optim import OPTIMIZERS
 from . import optim as _optim
 
@@ -26,13 +26,16 @@ PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))
 
 def step_8bit(op: str, params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
               states: Sequence[Sequence[np.ndarray]], absmaxes: Sequence[Sequence[np.ndarray | None]],
-              steps: Sequence[int], options: dict) -> None:  # fmt: skip
+              steps: Sequence[int], options: dict, rounding_seed: int | None = None) -> None:  # fmt: skip
     """One update of optimizer ``op`` (a description with ``eight_bit`` classes), in place.
 
     states[b][t]: buffer ``b`` of tensor ``t`` (uint8 codes, or float32 state); absmaxes[b][t]:
     its float32 absmax per block, None where the state is float32; steps[t]: the tensor's step
-    count after this step; options: every option of the description."""
+    count after this step; options: every option of the description; rounding_seed: bfloat16
+    parameters rounded stochastically (row 0 of tensor t: kernels/fastnorm_kernels/_bits.py)."""
     d = OPTIMIZERS[op]
+    if rounding_seed is not None and any(np.dtype(p.dtype) != BFLOAT16 for p in params):
+        raise ValueError("stochastic rounding (rounding_seed) applies to bfloat16 parameters")
     for p in params:
         if np.dtype(p.dtype) not in PARAM_DTYPES:
             raise TypeError(f"8-bit {op} updates float32, float16 or bfloat16 parameters, got {p.dtype}")
@@ -55,4 +58,5 @@ def step_8bit(op: str, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]
             if absmaxes[b][t] is not None:
                 states[b][t][...], absmaxes[b][t][...] = quant8.quantize(values[b], code)
         if dtype in HALF_DTYPES:
-            round_into(p, p32, dtype, None)
+            bits = None if rounding_seed is None else random16_array(rounding_seed, t, 0, p32.size)
+            round_into(p, p32, dtype, bits)
