@@ -571,3 +571,50 @@ def test_stochastic_rounding_keeps_updates_below_an_ulp():
 def test_stochastic_rounding_needs_bfloat16():
     with pytest.raises(ValueError, match="bfloat16"):
         fastnorm.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(3))], stochastic_rounding=True)
+
+
+# -- float32 master weights of 16-bit parameters -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_master_weights_step_as_float32_parameters(name, dtype):
+    """With master_weights=True a 16-bit model steps exactly as its float32 twin (same float32
+    values, gradients widened from 16 bits) and each 16-bit parameter is its master rounded to
+    nearest; the master is float32 in state_dict and loads back as float32."""
+    values = _params(dtype)
+    half = [torch.nn.Parameter(v.clone()) for v in values]
+    full = [torch.nn.Parameter(v.float()) for v in values]
+    opt = getattr(fastnorm.optim, name)(half, lr=1e-3, master_weights=True)
+    ref = getattr(fastnorm.optim, name)(full, lr=1e-3)
+    for step in range(3):
+        for p, q, g in zip(half, full, _grads(values, step)):
+            p.grad, q.grad = g.clone(), g.float()
+        opt.step()
+        ref.step()
+    for p, q in zip(half, full):
+        master = opt.state[p]["master_param"]
+        assert master.dtype == torch.float32 and torch.equal(master, q)
+        assert torch.equal(p, q.to(dtype))
+    other = getattr(fastnorm.optim, name)([torch.nn.Parameter(p.detach().clone()) for p in half], master_weights=True)
+    other.load_state_dict(opt.state_dict())
+    assert all(s["master_param"].dtype == torch.float32 for s in other.state.values())
+
+
+def test_master_weights_restart_from_an_outside_write():
+    p = torch.nn.Parameter(torch.randn(5000).bfloat16())
+    opt = fastnorm.optim.AdamW8bit([p], master_weights=True)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    with torch.no_grad():
+        p.fill_(0.5)  # e.g. model.load_state_dict
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.allclose(opt.state[p]["master_param"], torch.full((5000,), 0.5), atol=1e-2)
+
+
+def test_pickle_and_deepcopy_keep_the_settings():
+    p = torch.nn.Parameter(torch.randn(10).bfloat16())
+    opt = fastnorm.optim.AdamW8bit([p], min_8bit_size=7, backend="reference", master_weights=True)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (clone.backend, clone.min_8bit_size, clone.master_weights) == ("reference", 7, True)

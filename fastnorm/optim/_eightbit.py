@@ -38,7 +38,7 @@ from fastnorm_kernels.formulas.optim import OPTIMIZERS
 from .. import _dispatch
 from .._arrays import CpuArrays
 from .._dispatch import AUTO
-from ._precision import Precision
+from ._precision import Precision, _mark, _same_mark
 
 _WRAPPED = "__bnb_optimizer_quant_state__"  # bitsandbytes' key for the wrapped quantization state
 _QUANT_KEYS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2")
@@ -59,7 +59,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     _spec = None
 
     def __init__(self, params, options: dict, *, min_8bit_size: int, backend: str, is_paged: bool,
-                 stochastic_rounding: bool = False) -> None:  # fmt: skip
+                 stochastic_rounding: bool = False, master_weights: bool = False) -> None:  # fmt: skip
         if backend not in _BACKENDS:
             raise ValueError(f"{type(self).__name__}: backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
         if is_paged:
@@ -68,13 +68,21 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.backend = backend
         self.min_8bit_size = int(min_8bit_size)
         self.stochastic_rounding = bool(stochastic_rounding)
+        self.master_weights = bool(master_weights)
         self._rounding_calls = 0
         self._maps: dict = {}
+        self._marks: dict = {}
         super().__init__(params, options)
-        if self.stochastic_rounding and not any(p.dtype == torch.bfloat16 for g in self.param_groups
-                                                for p in g["params"]):  # fmt: skip
-            raise ValueError(f"{type(self).__name__}: stochastic_rounding=True applies to bfloat16 parameters; "
-                             "convert the model first (model.bfloat16()) or leave it off")  # fmt: skip
+        name, dtypes = type(self).__name__, {p.dtype for g in self.param_groups for p in g["params"]}
+        if self.stochastic_rounding and self.master_weights:
+            raise ValueError(f"{name}: master_weights=True and stochastic_rounding=True are alternatives "
+                             "(a float32 master keeps updates below a bfloat16 ulp already); choose one")  # fmt: skip
+        if self.stochastic_rounding and torch.bfloat16 not in dtypes:
+            raise ValueError(f"{name}: stochastic_rounding=True applies to bfloat16 parameters; convert the model "
+                             "first (model.bfloat16()) or leave it off")  # fmt: skip
+        if self.master_weights and not dtypes & {torch.bfloat16, torch.float16}:
+            raise ValueError(f"{name}: master_weights=True applies to bfloat16 and float16 parameters; convert the "
+                             "model first (model.bfloat16()) or leave it off")  # fmt: skip
         for group in self.param_groups:  # made here, not while torch.compile traces a first step
             for p in group["params"]:
                 self._maps_on(p.device)
@@ -189,15 +197,37 @@ class Optimizer8bit(torch.optim.Optimizer):
                 seed = None
                 if self.stochastic_rounding and part[0].dtype == torch.bfloat16:
                     seed = Precision._next_seed(self)
+                masters = self.master_weights and part[0].dtype in (torch.bfloat16, torch.float16)
+                if masters:  # the float32 masters are the kernel's parameters (and the gradients widened)
+                    lists = ([self._master_of(p, state) for p, state in zip(part, states)],
+                             [p.grad.float() for p in part], *lists[2:])  # fmt: skip
                 if torch.compiler.is_compiling():  # one opaque op in the graph
-                    if seed is not None:
-                        raise RuntimeError(f"{type(self).__name__}: stochastic_rounding draws a new seed each step "
-                                           "on the host; run the step eagerly")  # fmt: skip
+                    if seed is not None or masters:
+                        raise RuntimeError(f"{type(self).__name__}: stochastic_rounding and master_weights keep "
+                                           "host state between steps; run the step eagerly")  # fmt: skip
                     values = [float(options[o.name]) for o in OPTIMIZERS[self._op].options]
                     torch.ops.fastnorm.step_8bit_(self._op, backend, *lists, steps, values, seed)
                 else:
                     _run(backend, self._op, *lists, steps, options, seed)
+                if masters:
+                    for p, master in zip(part, lists[0]):
+                        p.copy_(master)  # rounded to nearest even, as master_weights=True does elsewhere
+                        self._marks[p] = _mark(p)
         return loss
+
+    def _master_of(self, p: torch.Tensor, state: dict) -> torch.Tensor:
+        """The float32 master of a 16-bit parameter (``state["master_param"]``), made from it on
+        first use, and restarted from it when the parameter was written from outside since this
+        optimizer last wrote it (``p.copy_``, ``model.load_state_dict``, ``p.data = ...``) and no
+        longer equals the master rounded: the parameter is the truth (fastnorm/optim/_precision.py)."""
+        master = state.get("master_param")
+        if master is None or master.shape != p.shape or master.device != p.device:
+            master = state["master_param"] = p.detach().to(torch.float32, copy=True)
+        else:
+            before = self._marks.get(p)
+            if (before is None or not _same_mark(before, _mark(p))) and not torch.equal(master.to(p.dtype), p):
+                master.copy_(p)
+        return master
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -228,7 +258,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             value.update(value.pop(_WRAPPED, {}))
             if "exp_avg" in value and "state1" not in value and key in by_id:
                 value = self._from_32bit(value, by_id[key])
-            originals[key] = {k: v for k, v in value.items() if k in _QUANT_KEYS}
+            originals[key] = {k: v for k, v in value.items() if k in _QUANT_KEYS or k == "master_param"}
             converted[key] = value
         state_dict["state"] = converted
         super().load_state_dict(state_dict)  # torch's checks, hooks and casts
@@ -259,11 +289,18 @@ class Optimizer8bit(torch.optim.Optimizer):
             out[f"qmap{i}"] = torch.from_numpy(code.copy())
         return out
 
+    def __getstate__(self) -> dict:
+        """torch's, plus this optimizer's own settings (deepcopy and pickle keep them)."""
+        keep = ("backend", "min_8bit_size", "stochastic_rounding", "master_weights", "_rounding_calls")
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in keep}}
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_maps", {})
-        self.__dict__.setdefault("_rounding_calls", 0)
-        self.__dict__.setdefault("stochastic_rounding", False)
+        self.__dict__.setdefault("_marks", {})
+        for key, default in (("backend", AUTO), ("min_8bit_size", 4096), ("stochastic_rounding", False),
+                             ("master_weights", False), ("_rounding_calls", 0)):  # fmt: skip
+            self.__dict__.setdefault(key, default)
 
 
 def _lists(params: list, states: list[dict], n_state: int) -> tuple[list, ...]:
@@ -379,7 +416,8 @@ def eight_bit_class(op: str, spec) -> type:
                    inspect.Parameter("min_8bit_size", positional, default=4096),
                    inspect.Parameter("is_paged", positional, default=False),
                    inspect.Parameter("backend", kw, default=AUTO),
-                   inspect.Parameter("stochastic_rounding", kw, default=False)]  # fmt: skip
+                   inspect.Parameter("stochastic_rounding", kw, default=False),
+                   inspect.Parameter("master_weights", kw, default=False)]  # fmt: skip
     signature = inspect.Signature(parameters)
     name = spec.class_name
 
@@ -401,7 +439,8 @@ def eight_bit_class(op: str, spec) -> type:
         if spec.bnb_name == "adam":
             options.update(alpha=0.0, t_alpha=None, t_beta3=None)
         Optimizer8bit.__init__(self, params, options, min_8bit_size=min_8bit_size, backend=a["backend"],
-                               is_paged=a["is_paged"], stochastic_rounding=a["stochastic_rounding"])  # fmt: skip
+                               is_paged=a["is_paged"], stochastic_rounding=a["stochastic_rounding"],
+                               master_weights=a["master_weights"])  # fmt: skip
 
     __init__.__signature__ = signature
     return type(name, (Optimizer8bit,), {"__init__": __init__, "__doc__": spec.doc, "__module__": "fastnorm.optim",

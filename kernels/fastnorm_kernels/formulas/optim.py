@@ -211,6 +211,8 @@ _ADAM8_DOC = r"""Adam with 8-bit blockwise state (Dettmers et al. 2022), bitsand
         weight_decay: decoupled weight decay (default {wd}).
         min_8bit_size: tensors with fewer values keep float32 state (default 4096).
         backend: ``"auto"`` (numba on CPU, cuda on GPU), ``"numba"``, ``"cuda"``, ``"reference"``.
+        stochastic_rounding, master_weights: for 16-bit parameters, as fastnorm's other optimizers
+            (bfloat16 rounded stochastically; a float32 master in ``state["master_param"]``).
         amsgrad, optim_bits, args, is_paged: bitsandbytes' arguments, accepted at their defaults.
 
     Shape: any parameter shapes (float32, bfloat16 or float16); per tensor of ``n`` values the
@@ -237,6 +239,7 @@ _LION8_DOC = r"""Lion with 8-bit blockwise state, bitsandbytes' ``Lion8bit``.
         weight_decay: decoupled weight decay (default 0).
         min_8bit_size: tensors with fewer values keep float32 state (default 4096).
         backend: ``"auto"``, ``"numba"``, ``"cuda"``, ``"reference"``.
+        stochastic_rounding, master_weights: for 16-bit parameters, as fastnorm's other optimizers.
         optim_bits, args, is_paged: bitsandbytes' arguments, accepted at their defaults.
 
     Shape: any parameter shapes (float32, bfloat16 or float16).
