@@ -1,5 +1,7 @@
 """Drop-in optimizers: ``SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW``, and those torch lacks
-(``Lion``), each described once in kernels/fastnorm_kernels/formulas/optim.py.
+(``Lion``), each described once in kernels/fastnorm_kernels/formulas/optim.py; and bitsandbytes'
+8-bit-state classes ``Adam8bit``, ``AdamW8bit``, ``Lion8bit`` derived from the same descriptions
+(``_eightbit.py``).
 
 Each class subclasses its ``torch.optim`` counterpart, so the constructor (signature, defaults,
 argument checks), ``param_groups``, ``state_dict`` keys, ``zero_grad``, hooks, LR schedulers and
