@@ -106,13 +106,12 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def _maps_on(self, device: torch.device) -> list[torch.Tensor]:
         if device not in self._maps:
-            d = OPTIMIZERS[self._op]
-            self._maps[device] = [_map(not b.nonnegative, device) for b in d.buffers[: self._n_state]]
+            self._maps[device] = [_map(signed, device) for signed in OPTIMIZERS[self._op].eight_bit_maps]
         return self._maps[device]
 
     @property
     def _n_state(self) -> int:
-        return 2 if self._spec.bnb_name == "adam" else 1
+        return len(OPTIMIZERS[self._op].eight_bit_maps)
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -282,7 +281,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             if not quantized:
                 out[f"state{i}"] = x.reshape(p.shape)
                 continue
-            code = quant8.dynamic_map(not d.buffers[i - 1].nonnegative)
+            code = quant8.dynamic_map(d.eight_bit_maps[i - 1])
             q, absmax = quant8.quantize(x.numpy(), code)
             out[f"state{i}"] = torch.from_numpy(q).reshape(p.shape)
             out[f"absmax{i}"] = torch.from_numpy(absmax)

@@ -177,6 +177,12 @@ class Optimizer:
         host = tuple(float(options[n]) for n in self.host)
         return constants, flags, uses, host
 
+    @property
+    def eight_bit_maps(self) -> tuple[bool, ...]:
+        """Whether each quantized buffer of the 8-bit classes (the first one or two) takes the signed
+        map: the unsigned one where the buffer is ``nonnegative``."""
+        return tuple(not b.nonnegative for b in self.buffers[: 2 if len(self.buffers) > 1 else 1])
+
     def tensor_scalars(self, step: float, host) -> tuple[float, float]:
         """The per-tensor scalars from a tensor's new step count (float64; zeros without any)."""
         if self.step_scalars is None:

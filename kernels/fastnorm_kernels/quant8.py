@@ -153,6 +153,18 @@ def lookup_table(signed: bool) -> tuple[np.ndarray, np.ndarray]:
     return base, bound
 
 
+@functools.cache
+def kernel_tables(signed: tuple[bool, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the compiled kernels read for two quantized buffers of the given maps (a second map
+    repeats the first where an optimizer has one buffer): codes (2, 256) float32, bases
+    (2 * 2 * CELLS,) uint8 and bounds (2, 2 * CELLS) float32 (:func:`lookup_table`)."""
+    signed = (*signed, *signed[:1])[:2]
+    codes = np.stack([dynamic_map(s) for s in signed])
+    bases = np.concatenate([lookup_table(s)[0] for s in signed])
+    bounds = np.stack([lookup_table(s)[1] for s in signed])
+    return codes, bases, bounds
+
+
 def cell(bits):
     """The table cell of a float32's bit pattern (an int64, sign bit cleared): row = binade from
     2**-24 (0 below, capped at 1.0's), then the top MANTISSA_BITS mantissa bits. Scalar: the

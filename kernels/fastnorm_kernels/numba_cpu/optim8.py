@@ -27,8 +27,6 @@ Parameters are float32, or bfloat16 / float16 bit patterns computed in float32 a
 
 from __future__ import annotations
 
-import functools
-
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -38,7 +36,7 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 from .. import quant8
 from .._pointer import pointer_intrinsic
 from ..formulas.optim import OPTIMIZERS
-from . import optim as _optim  # noqa: F401 - the generated kernels call its element adapters
+from . import optim as _optim  # the generated kernels call its element adapters
 from ._bits import (  # noqa: F401 - in the kernels' text
     _bits_from_f32,
     _f32_from_bits,
@@ -247,25 +245,6 @@ def _define() -> dict:
 _KERNELS = _define()
 
 
-@functools.cache
-def _tables(op: str):
-    """(codes (2, 256) float32, bases (2 * 2 * CELLS,) uint8, bounds (2, 2 * CELLS) float32) of the
-    optimizer's quantized buffers: the unsigned map for a buffer described as nonnegative."""
-    signed = [not b.nonnegative for b in OPTIMIZERS[op].buffers[:2]]
-    signed += [True] * (2 - len(signed))
-    codes = np.stack([quant8.dynamic_map(s) for s in signed])
-    bases = np.concatenate([quant8.lookup_table(s)[0] for s in signed])
-    bounds = np.stack([quant8.lookup_table(s)[1] for s in signed])
-    return codes, bases, bounds
-
-
-@functools.lru_cache(maxsize=256)
-def chunk_table(numels: tuple[int, ...]) -> np.ndarray:
-    """(K, 3) int64 rows (tensor, start, stop): chunks of CHUNK values (a multiple of the block)."""
-    rows = [(t, lo, min(n, lo + CHUNK)) for t, n in enumerate(numels) for lo in range(0, n, CHUNK)]
-    return np.array(rows, np.int64).reshape(-1, 3)
-
-
 def step_8bit_table(op: str, addrs: np.ndarray, numels: tuple[int, ...], dtype, quantized: np.ndarray,
                     scalars: np.ndarray, constants: tuple, flags: tuple, uses: tuple,
                     rounding_seed: int | None = None) -> None:  # fmt: skip
@@ -278,7 +257,7 @@ def step_8bit_table(op: str, addrs: np.ndarray, numels: tuple[int, ...], dtype, 
     kernel = _KERNELS.get((op, "bfloat16_sr" if rounding_seed is not None else np.dtype(dtype)))
     if kernel is None:
         raise TypeError(f"8-bit {op} updates float32, float16 or bfloat16 parameters, got {np.dtype(dtype)}")
-    codes, bases, bounds = _tables(op)
+    codes, bases, bounds = quant8.kernel_tables(OPTIMIZERS[op].eight_bit_maps)
     seed = np.uint32((rounding_seed or 0) & 0xFFFFFFFF)
-    kernel(addrs, chunk_table(tuple(numels)), quantized, scalars, np.array(constants, np.float32),
+    kernel(addrs, _optim.chunk_table(tuple(numels), CHUNK), quantized, scalars, np.array(constants, np.float32),
            tuple(flags), tuple(uses[:2]), codes, bases, bounds, seed)  # fmt: skip

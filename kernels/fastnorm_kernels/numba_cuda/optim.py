@@ -57,8 +57,8 @@ _DEVICE_TABLES: dict = {}
 
 
 def _device_table(host: np.ndarray):
-    """A device copy of a small int64 table, made once per content (at most 256 kept)."""
-    key = (host.shape, host.tobytes())
+    """A device copy of a small table, made once per content (at most 256 kept)."""
+    key = (host.dtype.str, host.shape, host.tobytes())
     table = _DEVICE_TABLES.get(key)
     if table is None:
         if len(_DEVICE_TABLES) >= 256:

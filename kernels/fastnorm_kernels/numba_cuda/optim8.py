@@ -22,7 +22,7 @@ from numba import cuda
 
 from .. import quant8
 from ..formulas.optim import OPTIMIZERS
-from . import optim as _optim  # noqa: F401 - the generated kernels call its element adapters
+from . import optim as _optim  # its element adapters (in the kernels' text) and device tables
 from ._bits import f32_bits, f32_of_bits, load_bf16, load_f16, row_key, store_bf16, store_bf16_stochastic, store_f16  # noqa: F401
 from ._device import SIMULATOR, address, stream, view
 
@@ -161,22 +161,13 @@ _KERNELS = _define()
 
 
 @functools.cache
-def _tables(op: str):
-    """The maps and nearest-code tables of the optimizer's quantized buffers, on the device."""
-    signed = [not b.nonnegative for b in OPTIMIZERS[op].buffers[:2]]
-    signed += [True] * (2 - len(signed))
+def _tables(op: str) -> list:
+    """quant8.kernel_tables of the optimizer's quantized buffers, on the device (uploaded once)."""
+    codes, bases, bounds = quant8.kernel_tables(OPTIMIZERS[op].eight_bit_maps)
     st = stream()
-    out = [cuda.to_device(np.concatenate([quant8.dynamic_map(s) for s in signed]), stream=st),
-           cuda.to_device(np.concatenate([quant8.lookup_table(s)[0] for s in signed]), stream=st),
-           cuda.to_device(np.concatenate([quant8.lookup_table(s)[1] for s in signed]), stream=st)]  # fmt: skip
+    out = [cuda.to_device(np.ascontiguousarray(t).reshape(-1), stream=st) for t in (codes, bases, bounds)]
     st.synchronize()
     return out
-
-
-@functools.lru_cache(maxsize=64)
-def _block_table(numels: tuple[int, ...]) -> np.ndarray:
-    rows = [(t, lo, min(n, lo + QBLOCK)) for t, n in enumerate(numels) for lo in range(0, n, QBLOCK)]
-    return np.array(rows, np.int64).reshape(-1, 3)
 
 
 def step_8bit_table(op: str, addrs: np.ndarray, numels: tuple[int, ...], dtype, quantized: np.ndarray,
@@ -189,10 +180,11 @@ def step_8bit_table(op: str, addrs: np.ndarray, numels: tuple[int, ...], dtype, 
     if kernel is None:
         raise TypeError(f"8-bit {op} updates float32, float16 or bfloat16 parameters, got {np.dtype(dtype)}")
     st = stream()
-    blocks = _block_table(tuple(numels))
-    host = [np.ascontiguousarray(addrs, np.int64), blocks, np.ascontiguousarray(scalars, np.float32),
-            np.ascontiguousarray(quantized, np.uint8)]  # fmt: skip
-    device = [cuda.to_device(a, stream=st) for a in host]
+    # the tables by content, each uploaded once (numba_cuda/optim.py): no copy or sync per step
+    # once the step counts repeat a scalar row (and the addresses are the same)
+    blocks = _optim._chunk_table_host(tuple(numels), QBLOCK)
+    host = (addrs.astype(np.int64), blocks, scalars.astype(np.float32), quantized.astype(np.uint8))
+    device = [_optim._device_table(np.ascontiguousarray(a)) for a in host]
     codes, bases, bounds = _tables(op)
     k = blocks.shape[0]
     kernel[max(1, min(k, MAX_BLOCKS)), QBLOCK, st](
@@ -200,4 +192,3 @@ def step_8bit_table(op: str, addrs: np.ndarray, numels: tuple[int, ...], dtype, 
         tuple(np.float32(c) for c in constants), tuple(flags), bool(uses[1]), address(codes), address(bases),
         address(bounds), np.uint32((rounding_seed or 0) & 0xFFFFFFFF),
     )  # fmt: skip
-    st.synchronize()  # the uploaded tables must outlive the kernel

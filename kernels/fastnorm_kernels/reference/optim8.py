@@ -40,7 +40,7 @@ def step_8bit(op: str, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]
         if np.dtype(p.dtype) not in PARAM_DTYPES:
             raise TypeError(f"8-bit {op} updates float32, float16 or bfloat16 parameters, got {p.dtype}")
     update = getattr(_optim, f"{op}_step")
-    maps = [quant8.dynamic_map(signed=not b.nonnegative) for b in d.buffers[: len(states)]]
+    maps = [quant8.dynamic_map(signed) for signed in d.eight_bit_maps[: len(states)]]
     for t, (p, g) in enumerate(zip(params, grads)):
         dtype = np.dtype(p.dtype)
         p32 = widen(p, dtype) if dtype in HALF_DTYPES else p
